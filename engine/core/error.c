@@ -28,9 +28,10 @@ idd_status idd_error_status(idd_status st, const char *fmt, ...) {
 }
 
 void idd_error_prefix(const char *ctx) {
-    char tmp[sizeof err_buf];
-    snprintf(tmp, sizeof tmp, "%s: %s", ctx, err_buf);
-    memcpy(err_buf, tmp, sizeof err_buf);
+    char tmp[sizeof err_buf + 256];
+    snprintf(tmp, sizeof tmp, "%.200s: %s", ctx, err_buf);
+    memcpy(err_buf, tmp, sizeof err_buf - 1);
+    err_buf[sizeof err_buf - 1] = 0;
 }
 
 const char *idd_last_error(void) { return err_buf[0] ? err_buf : "unknown error"; }

@@ -1,0 +1,105 @@
+# iddpm — build, test, install. One hand-written Makefile.
+#   make              build ./iddpm (program) and ./iddpm.so (Lua module)
+#   make test         install missing Debian packages (as root) and run every test
+#   make test DEBUG=1 the same with AddressSanitizer + UBSan
+#   make bench        images/second of the training and sampling steps
+#   make demo         train the Fashion-MNIST demo and sample from it
+#   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
+#   make CUDA=1       also build the CUDA backend (needs nvcc)
+
+CC      ?= cc
+PREFIX  ?= /usr/local
+VERSION := 0.1.0
+DEBUG   ?= 0
+CUDA    ?= 0
+
+PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 openblas 2>/dev/null || echo -I/usr/include/lua5.4 -I/usr/include/x86_64-linux-gnu/openblas-pthread)
+PKG_LIBS   := $(shell pkg-config --libs lua5.4 openblas 2>/dev/null || echo -llua5.4 -lopenblas)
+
+WARN    := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wpointer-arith -Wmissing-prototypes -Wno-missing-field-initializers
+ifeq ($(DEBUG),1)
+  BUILD := build/debug
+  SAN   := -fsanitize=address,undefined
+  OPT   := -O0 -g $(SAN) -fno-omit-frame-pointer
+else
+  BUILD := build/release
+  OPT   := -O2 -g -march=x86-64-v3 -mtune=native
+endif
+CFLAGS  := -std=c11 -D_GNU_SOURCE -DIDDPM_VERSION='"$(VERSION)"' -fPIC -fopenmp $(OPT) $(WARN) -Iinclude -Ilua $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+LDLIBS  := $(PKG_LIBS) -lpng -lz -lgif -lreadline -lm
+LDFLAGS := -fopenmp $(SAN)
+
+ENGINE_SRC := $(sort $(shell find engine -name '*.c'))
+BIND_SRC   := $(sort $(filter-out lua/main.c,$(wildcard lua/*.c)))
+LUA_MODS   := $(sort $(shell find lua/iddpm -name '*.lua'))
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/%.o)
+BIND_OBJ   := $(BIND_SRC:%.c=$(BUILD)/%.o) $(BUILD)/embed.o
+MAIN_OBJ   := $(BUILD)/lua/main.o
+CTEST_SRC  := $(sort $(wildcard tests/c/test_*.c))
+CTEST_BIN  := $(CTEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
+CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC),$(wildcard tests/c/*.c)))
+
+DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
+            libreadline-dev lua-filesystem
+
+.PHONY: all test bench demo install uninstall clean deps
+all: iddpm iddpm.so
+
+iddpm: $(MAIN_OBJ) $(BIND_OBJ) $(ENGINE_OBJ)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -Wl,-E
+	@if [ "$(DEBUG)" = 1 ]; then cp $@ $(BUILD)/iddpm; fi
+
+iddpm.so: $(BIND_OBJ) $(ENGINE_OBJ)
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(filter-out -llua5.4,$(LDLIBS))
+
+$(BUILD)/%.o: %.c $(wildcard include/iddpm/*.h) $(wildcard lua/*.h) $(wildcard engine/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+# pure-Lua modules are compiled into the binary and the .so
+$(BUILD)/embed.c: lua/embed.lua $(LUA_MODS)
+	@mkdir -p $(dir $@)
+	lua5.4 lua/embed.lua $@ $(LUA_MODS)
+
+$(BUILD)/embed.o: $(BUILD)/embed.c
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/tests/%: tests/c/%.c $(CTEST_LIB) $(ENGINE_OBJ) tests/c/check.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(CTEST_LIB) $(ENGINE_OBJ) $(LDLIBS)
+
+# Installs what is missing when run as root; otherwise prints the apt-get line.
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "iddpm needs these Debian packages:$$missing"; \
+	    echo "install them with:"; echo "  sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+test: deps
+	@$(MAKE) --no-print-directory all $(CTEST_BIN)
+	@BUILD=$(BUILD) sh tests/run.sh
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	./iddpm run tests/bench.lua $(BENCH_ARGS)
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	sh examples/demo.sh
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/lua/5.4
+	install -m 755 iddpm $(DESTDIR)$(PREFIX)/bin/iddpm
+	install -m 755 iddpm.so $(DESTDIR)$(PREFIX)/lib/lua/5.4/iddpm.so
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/iddpm $(DESTDIR)$(PREFIX)/lib/lua/5.4/iddpm.so
+
+clean:
+	rm -rf build iddpm iddpm.so

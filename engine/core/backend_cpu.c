@@ -1,0 +1,377 @@
+/* backend_cpu.c — the CPU backend: aligned host memory, strided copy/fill, the
+ * generic pointwise and reduction kernels (float32 fast paths, double elsewhere),
+ * batched GEMM through OpenBLAS and the Philox random streams.
+ * Layer kernels (conv, norm, attention) live in engine/ops and are reached from the
+ * op files directly while the CPU is the only backend that has them. */
+#include "iddpm/backend.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rng_philox.h"
+
+#define PAR_MIN 32768   /* below this many elements threads cost more than they give */
+
+static void *cpu_alloc(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (n + 63) & ~(size_t)63)) return NULL;
+    return p;
+}
+static void cpu_free(void *p) { free(p); }
+static idd_status cpu_upload(void *d, const void *s, size_t n) { memcpy(d, s, n); return IDD_OK; }
+
+/* ------------------------------------------------------------ element access */
+
+static inline double load(const void *base, idd_dtype dt, int64_t i) {
+    switch (dt) {
+    case IDD_F32: return ((const float *)base)[i];
+    case IDD_F64: return ((const double *)base)[i];
+    case IDD_I64: return (double)((const int64_t *)base)[i];
+    default: return ((const uint8_t *)base)[i];
+    }
+}
+static inline void store(void *base, idd_dtype dt, int64_t i, double v) {
+    switch (dt) {
+    case IDD_F32: ((float *)base)[i] = (float)v; break;
+    case IDD_F64: ((double *)base)[i] = v; break;
+    case IDD_I64: ((int64_t *)base)[i] = (int64_t)v; break;
+    default: ((uint8_t *)base)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
+    }
+}
+
+/* Iterate over the elements of up to three same-shape tensors: calls fn on runs of
+ * the innermost dim with the element offsets of each operand and its inner stride. */
+typedef struct { int n; const idd_tensor *t[3]; } iter_set;
+typedef void (*run_fn)(void *ud, int64_t len, const int64_t *off, const int64_t *st);
+
+static void iterate(iter_set *s, run_fn fn, void *ud) {
+    const idd_tensor *t0 = s->t[0];
+    int nd = t0->ndim;
+    int64_t len = nd ? t0->shape[nd - 1] : 1;
+    int64_t st[3], off[3];
+    for (int k = 0; k < s->n; k++) st[k] = nd ? s->t[k]->stride[nd - 1] : 0;
+    int64_t outer = 1;
+    for (int d = 0; d < nd - 1; d++) outer *= t0->shape[d];
+    if (len == 0) return;
+    for (int64_t o = 0; o < outer; o++) {
+        int64_t rem = o;
+        for (int k = 0; k < s->n; k++) off[k] = s->t[k]->offset;
+        for (int d = nd - 2; d >= 0; d--) {
+            int64_t i = rem % t0->shape[d];
+            rem /= t0->shape[d];
+            for (int k = 0; k < s->n; k++) off[k] += i * s->t[k]->stride[d];
+        }
+        fn(ud, len, off, st);
+    }
+}
+
+static bool all_contig_f32(int n, const idd_tensor *const *ts) {
+    for (int i = 0; i < n; i++)
+        if (ts[i]->dtype != IDD_F32 || !idd_is_contiguous(ts[i])) return false;
+    return true;
+}
+
+/* ------------------------------------------------------------ copy and fill */
+
+typedef struct { const idd_tensor *dst, *src; } copy_ud;
+static void copy_run(void *ud, int64_t len, const int64_t *off, const int64_t *st) {
+    copy_ud *c = ud;
+    void *d = c->dst->storage->data;
+    const void *s = c->src->storage->data;
+    if (c->dst->dtype == IDD_F32 && c->src->dtype == IDD_F32) {
+        float *dp = (float *)d + off[0];
+        const float *sp = (const float *)s + off[1];
+        for (int64_t i = 0; i < len; i++) dp[i * st[0]] = sp[i * st[1]];
+        return;
+    }
+    for (int64_t i = 0; i < len; i++)
+        store(d, c->dst->dtype, off[0] + i * st[0], load(s, c->src->dtype, off[1] + i * st[1]));
+}
+
+static idd_status cpu_copy(idd_tensor *dst, const idd_tensor *src) {
+    if (dst->dtype == src->dtype && idd_is_contiguous(dst) && idd_is_contiguous(src)) {
+        memmove(idd_data(dst), idd_data(src), (size_t)idd_numel(dst) * idd_dtype_size(dst->dtype));
+        return IDD_OK;
+    }
+    copy_ud c = {dst, src};
+    iter_set s = {2, {dst, src}};
+    iterate(&s, copy_run, &c);
+    return IDD_OK;
+}
+
+typedef struct { const idd_tensor *t; double v; } fill_ud;
+static void fill_run(void *ud, int64_t len, const int64_t *off, const int64_t *st) {
+    fill_ud *f = ud;
+    for (int64_t i = 0; i < len; i++) store(f->t->storage->data, f->t->dtype, off[0] + i * st[0], f->v);
+}
+
+static idd_status cpu_fill(idd_tensor *t, double v) {
+    if (t->dtype == IDD_F32 && idd_is_contiguous(t)) {
+        float *p = idd_data(t), fv = (float)v;
+        int64_t n = idd_numel(t);
+        for (int64_t i = 0; i < n; i++) p[i] = fv;
+        return IDD_OK;
+    }
+    fill_ud f = {t, v};
+    iter_set s = {1, {t}};
+    iterate(&s, fill_run, &f);
+    return IDD_OK;
+}
+
+/* ------------------------------------------------------------ pointwise math */
+
+static inline double bin_apply(idd_binop op, double a, double b) {
+    switch (op) {
+    case IDD_BIN_ADD: return a + b;
+    case IDD_BIN_SUB: return a - b;
+    case IDD_BIN_MUL: return a * b;
+    case IDD_BIN_DIV: return a / b;
+    case IDD_BIN_POW: return pow(a, b);
+    case IDD_BIN_MAX: return a > b || isnan(a) ? a : b;
+    case IDD_BIN_MIN: return a < b || isnan(a) ? a : b;
+    case IDD_BIN_GT: return a > b;
+    case IDD_BIN_LT: return a < b;
+    case IDD_BIN_GE: return a >= b;
+    case IDD_BIN_LE: return a <= b;
+    case IDD_BIN_EQ: return a == b;
+    case IDD_BIN_NE: return a != b;
+    default: return NAN;
+    }
+}
+
+static inline double un_apply(idd_unop op, double x) {
+    switch (op) {
+    case IDD_UN_NEG: return -x;
+    case IDD_UN_EXP: return exp(x);
+    case IDD_UN_LOG: return log(x);
+    case IDD_UN_SQRT: return sqrt(x);
+    case IDD_UN_RSQRT: return 1.0 / sqrt(x);
+    case IDD_UN_TANH: return tanh(x);
+    case IDD_UN_SIGMOID: return 1.0 / (1.0 + exp(-x));
+    case IDD_UN_SILU: return x / (1.0 + exp(-x));
+    case IDD_UN_ABS: return fabs(x);
+    case IDD_UN_SQUARE: return x * x;
+    case IDD_UN_SIN: return sin(x);
+    case IDD_UN_COS: return cos(x);
+    case IDD_UN_RECIP: return 1.0 / x;
+    case IDD_UN_FLOOR: return floor(x);
+    case IDD_UN_SIGN: return (x > 0) - (x < 0);
+    default: return NAN;
+    }
+}
+
+/* float32 contiguous fast path for the common binary ops */
+static void bin_f32(idd_binop op, int64_t n, float *o, const float *a, const float *b) {
+    switch (op) {
+    case IDD_BIN_ADD:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] + b[i];
+        break;
+    case IDD_BIN_SUB:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] - b[i];
+        break;
+    case IDD_BIN_MUL:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] * b[i];
+        break;
+    case IDD_BIN_DIV:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] / b[i];
+        break;
+    default:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = (float)bin_apply(op, a[i], b[i]);
+    }
+}
+
+typedef struct { idd_binop op; const idd_tensor *o, *a, *b; } bin_ud;
+static void bin_run(void *ud, int64_t len, const int64_t *off, const int64_t *st) {
+    bin_ud *u = ud;
+    if (u->o->dtype == IDD_F32 && u->a->dtype == IDD_F32 && u->b->dtype == IDD_F32) {
+        float *o = (float *)u->o->storage->data + off[0];
+        const float *a = (const float *)u->a->storage->data + off[1];
+        const float *b = (const float *)u->b->storage->data + off[2];
+        if (st[0] == 1 && st[1] == 1 && st[2] == 1) { bin_f32(u->op, len, o, a, b); return; }
+        for (int64_t i = 0; i < len; i++) o[i * st[0]] = (float)bin_apply(u->op, a[i * st[1]], b[i * st[2]]);
+        return;
+    }
+    for (int64_t i = 0; i < len; i++) {
+        double a = load(u->a->storage->data, u->a->dtype, off[1] + i * st[1]);
+        double b = load(u->b->storage->data, u->b->dtype, off[2] + i * st[2]);
+        store(u->o->storage->data, u->o->dtype, off[0] + i * st[0], bin_apply(u->op, a, b));
+    }
+}
+
+static idd_status cpu_binary(idd_binop op, idd_tensor *out, const idd_tensor *a, const idd_tensor *b) {
+    const idd_tensor *ts[3] = {out, a, b};
+    if (all_contig_f32(3, ts)) {
+        bin_f32(op, idd_numel(out), idd_data(out), idd_data(a), idd_data(b));
+        return IDD_OK;
+    }
+    bin_ud u = {op, out, a, b};
+    iter_set s = {3, {out, a, b}};
+    iterate(&s, bin_run, &u);
+    return IDD_OK;
+}
+
+typedef struct { idd_unop op; const idd_tensor *o, *a; double lo, hi; int kind; } un_ud;
+static inline double un_kind(const un_ud *u, double x) {
+    if (u->kind == 0) return un_apply(u->op, x);
+    if (u->kind == 1) return x < u->lo ? u->lo : x > u->hi ? u->hi : x;   /* clamp */
+    return x * u->lo + u->hi;                                              /* affine */
+}
+static void un_run(void *ud, int64_t len, const int64_t *off, const int64_t *st) {
+    un_ud *u = ud;
+    if (u->o->dtype == IDD_F32 && u->a->dtype == IDD_F32) {
+        float *o = (float *)u->o->storage->data + off[0];
+        const float *a = (const float *)u->a->storage->data + off[1];
+        for (int64_t i = 0; i < len; i++) o[i * st[0]] = (float)un_kind(u, a[i * st[1]]);
+        return;
+    }
+    for (int64_t i = 0; i < len; i++)
+        store(u->o->storage->data, u->o->dtype, off[0] + i * st[0],
+              un_kind(u, load(u->a->storage->data, u->a->dtype, off[1] + i * st[1])));
+}
+
+static idd_status un_common(un_ud *u) {
+    const idd_tensor *ts[2] = {u->o, u->a};
+    if (all_contig_f32(2, ts)) {
+        float *o = idd_data(u->o);
+        const float *a = idd_data(u->a);
+        int64_t n = idd_numel(u->o);
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = (float)un_kind(u, a[i]);
+        return IDD_OK;
+    }
+    iter_set s = {2, {u->o, u->a}};
+    iterate(&s, un_run, u);
+    return IDD_OK;
+}
+
+static idd_status cpu_unary(idd_unop op, idd_tensor *out, const idd_tensor *a) {
+    un_ud u = {op, out, a, 0, 0, 0};
+    return un_common(&u);
+}
+static idd_status cpu_clamp(idd_tensor *out, const idd_tensor *a, double lo, double hi) {
+    un_ud u = {0, out, a, lo, hi, 1};
+    return un_common(&u);
+}
+static idd_status cpu_affine(idd_tensor *out, const idd_tensor *a, double s, double b) {
+    un_ud u = {0, out, a, s, b, 2};
+    return un_common(&u);
+}
+
+/* ------------------------------------------------------------ reductions */
+
+/* a is viewed as (outer, R, inner) around dim; accumulation in double */
+static idd_status cpu_reduce(idd_redop op, idd_tensor *out, idd_tensor *idx, const idd_tensor *a, int dim) {
+    int64_t outer = 1, R = a->ndim ? a->shape[dim] : 1, inner = 1;
+    for (int d = 0; d < dim; d++) outer *= a->shape[d];
+    for (int d = dim + 1; d < a->ndim; d++) inner *= a->shape[d];
+    const void *ap = a->storage->data;
+    int64_t total = outer * inner;
+    #pragma omp parallel for if (total * R > PAR_MIN)
+    for (int64_t oi = 0; oi < total; oi++) {
+        int64_t o = oi / inner, in = oi % inner;
+        /* element (o, r, in) -> storage offset via a's strides */
+        int64_t base = a->offset, rem = o;
+        for (int d = dim - 1; d >= 0; d--) { base += (rem % a->shape[d]) * a->stride[d]; rem /= a->shape[d]; }
+        rem = in;
+        for (int d = a->ndim - 1; d > dim; d--) { base += (rem % a->shape[d]) * a->stride[d]; rem /= a->shape[d]; }
+        int64_t rs = a->ndim ? a->stride[dim] : 0;
+        double acc = 0, best = 0;
+        int64_t arg = 0;
+        if (op == IDD_RED_SUM) {
+            for (int64_t r = 0; r < R; r++) acc += load(ap, a->dtype, base + r * rs);
+        } else {
+            best = R ? load(ap, a->dtype, base) : (op == IDD_RED_LOGSUMEXP ? -INFINITY : NAN);
+            for (int64_t r = 1; r < R; r++) {
+                double v = load(ap, a->dtype, base + r * rs);
+                bool better = op == IDD_RED_MIN ? v < best : v > best;
+                if (better || isnan(v)) { best = v; arg = r; if (isnan(v)) break; }
+            }
+            acc = best;
+            if (op == IDD_RED_LOGSUMEXP && isfinite(best)) {
+                double s = 0;
+                for (int64_t r = 0; r < R; r++) s += exp(load(ap, a->dtype, base + r * rs) - best);
+                acc = best + log(s);
+            }
+        }
+        store(out->storage->data, out->dtype, out->offset + oi, acc);
+        if (idx) ((int64_t *)idx->storage->data)[idx->offset + oi] = arg;
+    }
+    return IDD_OK;
+}
+
+/* ------------------------------------------------------------ batched GEMM */
+
+static idd_status cpu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *b, bool ta, bool tb,
+                          double alpha, double beta) {
+    int nd = c->ndim;
+    int64_t M = c->shape[nd - 2], N = c->shape[nd - 1];
+    int64_t K = ta ? a->shape[a->ndim - 2] : a->shape[a->ndim - 1];
+    int64_t batch = idd_numel(c) / ((M * N) != 0 ? M * N : 1);
+    int64_t lda = a->shape[a->ndim - 1], ldb = b->shape[b->ndim - 1];
+    int64_t sa = a->shape[a->ndim - 1] * a->shape[a->ndim - 2], sb = b->shape[b->ndim - 1] * b->shape[b->ndim - 2];
+    if (idd_numel(a) == sa) sa = 0;   /* a single matrix shared over the batch */
+    if (idd_numel(b) == sb) sb = 0;
+    for (int64_t i = 0; i < batch; i++) {
+        if (c->dtype == IDD_F32)
+            cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N,
+                        (int)K, (float)alpha, (const float *)idd_data(a) + i * sa, (int)lda,
+                        (const float *)idd_data(b) + i * sb, (int)ldb, (float)beta, (float *)idd_data(c) + i * M * N,
+                        (int)N);
+        else
+            cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N,
+                        (int)K, alpha, (const double *)idd_data(a) + i * sa, (int)lda,
+                        (const double *)idd_data(b) + i * sb, (int)ldb, beta, (double *)idd_data(c) + i * M * N,
+                        (int)N);
+    }
+    return IDD_OK;
+}
+
+/* ------------------------------------------------------------ random */
+
+static idd_status cpu_rand(idd_tensor *t, uint64_t seed, uint64_t stream, uint64_t offset, bool normal) {
+    int64_t n = idd_numel(t);
+    void *p = idd_data(t);   /* t is freshly made: contiguous */
+    #pragma omp parallel for if (n > PAR_MIN)
+    for (int64_t j = 0; j < (n + 1) / 2; j++) {
+        double v[2];
+        if (normal) idd_philox_normal2(seed, stream, offset + (uint64_t)j, v);
+        else idd_philox_uniform2(seed, stream, offset + (uint64_t)j, v);
+        store(p, t->dtype, 2 * j, v[0]);
+        if (2 * j + 1 < n) store(p, t->dtype, 2 * j + 1, v[1]);
+    }
+    return IDD_OK;
+}
+static idd_status cpu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, true); }
+static idd_status cpu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, false); }
+
+/* ------------------------------------------------------------ registry */
+
+static const idd_backend cpu_backend = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .copy = cpu_copy,
+    .upload = cpu_upload,
+    .download = cpu_upload,
+    .fill = cpu_fill,
+    .binary = cpu_binary,
+    .unary = cpu_unary,
+    .clamp = cpu_clamp,
+    .affine = cpu_affine,
+    .reduce = cpu_reduce,
+    .bmm = cpu_bmm,
+    .rand_normal = cpu_rand_normal,
+    .rand_uniform = cpu_rand_uniform,
+};
+
+static const idd_backend *backends[IDD_NDEVICES] = {&cpu_backend};
+
+const idd_backend *idd_backend_get(idd_device dev) { return (unsigned)dev < IDD_NDEVICES ? backends[dev] : NULL; }
+void idd_backend_register(idd_device dev, const idd_backend *b) { if ((unsigned)dev < IDD_NDEVICES) backends[dev] = b; }

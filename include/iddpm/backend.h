@@ -1,0 +1,57 @@
+/* iddpm/backend.h — the device dispatch table.
+ *
+ * Every op reaches memory and compute only through the backend of its tensors'
+ * device: idd_backend_of(t)->fn(...). The CPU backend (engine/core/backend_cpu.c) is
+ * always present; a CUDA backend registers itself with idd_backend_register() and
+ * implements the same table on device pointers, so callers never change. Entries a
+ * backend leaves NULL fail with "op not implemented on <device>". */
+#ifndef IDDPM_BACKEND_H
+#define IDDPM_BACKEND_H
+
+#include "iddpm/tensor.h"
+
+typedef enum {
+    IDD_BIN_ADD, IDD_BIN_SUB, IDD_BIN_MUL, IDD_BIN_DIV, IDD_BIN_POW, IDD_BIN_MAX, IDD_BIN_MIN,
+    IDD_BIN_GT, IDD_BIN_LT, IDD_BIN_GE, IDD_BIN_LE, IDD_BIN_EQ, IDD_BIN_NE, IDD_BIN_COUNT
+} idd_binop;
+
+typedef enum {
+    IDD_UN_NEG, IDD_UN_EXP, IDD_UN_LOG, IDD_UN_SQRT, IDD_UN_RSQRT, IDD_UN_TANH,
+    IDD_UN_SIGMOID, IDD_UN_SILU, IDD_UN_ABS, IDD_UN_SQUARE, IDD_UN_SIN, IDD_UN_COS,
+    IDD_UN_RECIP, IDD_UN_FLOOR, IDD_UN_SIGN, IDD_UN_COUNT
+} idd_unop;
+
+typedef enum { IDD_RED_SUM, IDD_RED_MAX, IDD_RED_MIN, IDD_RED_LOGSUMEXP, IDD_RED_COUNT } idd_redop;
+
+typedef struct idd_backend {
+    const char *name;
+    void *(*alloc)(size_t nbytes);
+    void (*free)(void *p);
+    /* dst[i] = src[i] for same-shape tensors of any strides/dtypes (src may be a
+     * broadcast view). Cross-device copies go through upload/download. */
+    idd_status (*copy)(idd_tensor *dst, const idd_tensor *src);
+    idd_status (*upload)(void *dst_dev, const void *src_host, size_t nbytes);
+    idd_status (*download)(void *dst_host, const void *src_dev, size_t nbytes);
+    idd_status (*fill)(idd_tensor *t, double v);
+    /* out = a op b, a and b already expanded (broadcast views) to out's shape */
+    idd_status (*binary)(idd_binop op, idd_tensor *out, const idd_tensor *a, const idd_tensor *b);
+    /* out = op(a) */
+    idd_status (*unary)(idd_unop op, idd_tensor *out, const idd_tensor *a);
+    /* out = clamp(a, lo, hi), out = a*s + b (affine) */
+    idd_status (*clamp)(idd_tensor *out, const idd_tensor *a, double lo, double hi);
+    idd_status (*affine)(idd_tensor *out, const idd_tensor *a, double s, double b);
+    /* reduce a over dim into out (out has a's shape with size 1 at dim); idx: argmax (I64) or NULL */
+    idd_status (*reduce)(idd_redop op, idd_tensor *out, idd_tensor *idx, const idd_tensor *a, int dim);
+    /* C[b] = alpha * op(A[b]) op(B[b]) + beta * C[b], contiguous float tensors (B,M,K)(B,K,N)(B,M,N) */
+    idd_status (*bmm)(idd_tensor *c, const idd_tensor *a, const idd_tensor *b, bool ta, bool tb,
+                      double alpha, double beta);
+    /* random numbers: counter-based (Philox), element i uses counter (stream, offset + i/2) */
+    idd_status (*rand_normal)(idd_tensor *t, uint64_t seed, uint64_t stream, uint64_t offset);
+    idd_status (*rand_uniform)(idd_tensor *t, uint64_t seed, uint64_t stream, uint64_t offset);
+} idd_backend;
+
+const idd_backend *idd_backend_get(idd_device dev);         /* NULL if not available */
+static inline const idd_backend *idd_backend_of(const idd_tensor *t) { return idd_backend_get(t->device); }
+void idd_backend_register(idd_device dev, const idd_backend *b);
+
+#endif
