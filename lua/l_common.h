@@ -31,5 +31,6 @@ int lt_shape(lua_State *L, int idx, int64_t *shape);
 idd_dtype lt_optdtype(lua_State *L, int idx, idd_dtype def);
 
 void lt_open_ops(lua_State *L, int methods_idx, int module_idx);
+void lt_open_autograd(lua_State *L, int module_idx);
 
 #endif

@@ -1,6 +1,7 @@
 /* l_tensor.c — the Tensor userdata: construction, lifetime (GC pressure, free,
  * <close>), facts, views, conversions, autograd fields. Math methods are in
  * l_ops.c. Module table: iddpm.tensor. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,6 +35,7 @@ int lt_push(lua_State *L, idd_tensor *t) {
 
 idd_tensor *lt_test(lua_State *L, int idx) {
     idd_tensor **box = luaL_testudata(L, idx, IDD_TENSOR_MT);
+    if (box && !*box) luaL_argerror(L, idx, "tensor was freed");
     return box ? *box : NULL;
 }
 
@@ -167,20 +169,29 @@ static int t_full(lua_State *L) {
     return lt_push(L, t);
 }
 
+/* T.arange([start,] stop [, step] [, dtype]) — int64 when the bounds are integers */
 static int t_arange(lua_State *L) {
-    double a = luaL_checknumber(L, 1), b, s = luaL_optnumber(L, 3, 1);
-    if (lua_isnoneornil(L, 2)) { b = a; a = 0; } else b = luaL_checknumber(L, 2);
+    double v[3] = {0, 0, 1};
+    int nnum = 0, allint = 1;
+    while (nnum < 3 && lua_type(L, nnum + 1) == LUA_TNUMBER) {
+        allint = allint && lua_isinteger(L, nnum + 1);
+        v[nnum] = lua_tonumber(L, nnum + 1);
+        nnum++;
+    }
+    luaL_argcheck(L, nnum >= 1, 1, "arange: expected a number");
+    double a = nnum == 1 ? 0 : v[0], b = nnum == 1 ? v[0] : v[1], s = nnum == 3 ? v[2] : 1;
     luaL_argcheck(L, s != 0, 3, "step must not be 0");
-    int64_t n = (int64_t)((b - a) / s + 0.999999999);
+    int64_t n = (int64_t)ceil((b - a) / s);
     if (n < 0) n = 0;
-    idd_dtype dt = lt_optdtype(L, 4, (lua_isinteger(L, 1) && (lua_isnoneornil(L, 2) || lua_isinteger(L, 2))) ? IDD_I64 : IDD_F32);
+    idd_dtype dt = lt_optdtype(L, nnum + 1, allint ? IDD_I64 : IDD_F32);
     idd_tensor *t = idd_tensor_new(dt, IDD_CPU, 1, &n);
     if (!t) return lt_error(L);
     for (int64_t i = 0; i < n; i++) {
-        double v = a + s * (double)i;
-        if (dt == IDD_I64) ((int64_t *)idd_data(t))[i] = (int64_t)v;
-        else if (dt == IDD_F64) ((double *)idd_data(t))[i] = v;
-        else ((float *)idd_data(t))[i] = (float)v;
+        double x = a + s * (double)i;
+        if (dt == IDD_I64) ((int64_t *)idd_data(t))[i] = (int64_t)x;
+        else if (dt == IDD_F64) ((double *)idd_data(t))[i] = x;
+        else if (dt == IDD_U8) ((uint8_t *)idd_data(t))[i] = (uint8_t)x;
+        else ((float *)idd_data(t))[i] = (float)x;
     }
     return lt_push(L, t);
 }
@@ -214,9 +225,10 @@ static int t_randint(lua_State *L) {
 
 /* T.generator(seed [, stream]) : an independent counter-based stream */
 static int t_generator(lua_State *L) {
+    uint64_t seed = (uint64_t)luaL_checkinteger(L, 1), stream = (uint64_t)luaL_optinteger(L, 2, 0);
     idd_generator *g = lua_newuserdatauv(L, sizeof *g, 0);
-    g->seed = (uint64_t)luaL_checkinteger(L, 1);
-    g->stream = (uint64_t)luaL_optinteger(L, 2, 0);
+    g->seed = seed;
+    g->stream = stream;
     g->offset = 0;
     luaL_setmetatable(L, "iddpm.Generator");
     return 1;
@@ -537,6 +549,7 @@ int luaopen_iddpm_tensor(lua_State *L) {
     int meth = lua_gettop(L);
     luaL_setfuncs(L, methods, 0);
     lt_open_ops(L, meth, mod);                 /* math methods + metamethods */
+    lt_open_autograd(L, mod);                  /* T.gradcheck */
     luaL_newmetatable(L, IDD_TENSOR_MT);
     lua_pushvalue(L, meth);
     lua_pushcclosure(L, t_index, 1);
