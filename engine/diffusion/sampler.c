@@ -69,7 +69,7 @@ int idd_sampler_warmed_up(const idd_timestep_sampler *sp) {
 idd_status idd_sampler_weights(const idd_timestep_sampler *sp, double *w) {
     if (!sp || !w) return idd_error("schedule_sampler.weights: sampler or output is missing (NULL)");
     int64_t T = sp->T;
-    if (!idd_sampler_warmed_up(sp)) {
+    if (!sp->lsm || !idd_sampler_warmed_up(sp)) {
         for (int64_t t = 0; t < T; t++) w[t] = 1.0;
         return IDD_OK;
     }
