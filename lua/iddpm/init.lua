@@ -1,7 +1,19 @@
 -- iddpm/init.lua — the pure-Lua half of the iddpm module: called with the module
--- table made in C (lua/l_iddpm.c), it adds the conveniences and sub-modules.
+-- table made in C (lua/l_iddpm.c), it adds the conveniences and the Lua sub-modules.
+-- Sub-modules load on first use (iddpm.nn, iddpm.diffusion, ...), so `require "iddpm"`
+-- stays fast and a module can require "iddpm.tensor" without a cycle.
 return function(iddpm)
   local T = iddpm.tensor
   iddpm.no_grad = T.no_grad
   iddpm.manual_seed = T.manual_seed
+  local lazy = {nn = "iddpm.nn", diffusion = "iddpm.diffusion", optim = "iddpm.optim",
+                data = "iddpm.data", train = "iddpm.train", sample = "iddpm.sample",
+                metrics = "iddpm.metrics", image = "iddpm.image", recipe = "iddpm.recipe"}
+  setmetatable(iddpm, {__index = function(t, k)
+    local name = lazy[k]
+    if not name then return nil end
+    local m = require(name)
+    rawset(t, k, m)
+    return m
+  end})
 end

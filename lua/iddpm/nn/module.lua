@@ -6,7 +6,7 @@
 -- exactly as improved-diffusion's state_dict does. forward(...) is also __call.
 -- Errors raised inside a child are re-raised with the child's path in front:
 -- "output_blocks.4.0.in_layers.2: conv2d: input (2,512,8,8) has 512 channels, ...".
-local T = require("iddpm").tensor
+local T = require "iddpm.tensor"
 
 local nn = {}
 
