@@ -193,11 +193,12 @@ idd_status idd_cifar10_read(const char *path, idd_array *images, idd_array *labe
     for (size_t i = 0; i < n; i++) {
         const unsigned char *rec = buf + i * CIFAR_REC;
         if (rec[0] > 9) {
+            st = idd_error("%s: cifar10: record %zu has label %d, not 0..9 (a CIFAR-100 file? those "
+                           "have 2 label bytes)", path, i, rec[0]);
             free(buf);
             idd_array_clear(images);
             idd_array_clear(labels);
-            return idd_error("%s: cifar10: record %zu has label %d, not 0..9 (a CIFAR-100 file? those "
-                             "have 2 label bytes)", path, i, rec[0]);
+            return st;
         }
         ((int64_t *)labels->data)[i] = rec[0];
         memcpy((unsigned char *)images->data + i * 3072, rec + 1, 3072);

@@ -145,7 +145,7 @@ static idd_status parse_entry(const char *name, const idd_json *v, uint64_t data
         return idd_error("tensor '%s': data_offsets [%llu, %llu]: begin > end", name,
                          (unsigned long long)e->begin, (unsigned long long)e->end);
     if (overflow || numel * e->dt->size != e->end - e->begin)
-        return idd_error("tensor '%s': data_offsets [%llu, %llu] do not match shape %s %s (%llu bytes)",
+        return idd_error("tensor '%s' data_offsets [%llu, %llu] do not match shape %s %s (%llu bytes)",
                          name, (unsigned long long)e->begin, (unsigned long long)e->end, s,
                          e->dt->name, overflow ? 0ull : (unsigned long long)(numel * e->dt->size));
     if (e->end > data_len)
