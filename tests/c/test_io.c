@@ -244,6 +244,28 @@ static void test_safetensors(void) {
         if (len == 100) expect_err("st: 100-byte file says header bigger than file", st, "file is truncated: header says");
     }
     check_report(trunc_ok, "st: every truncation length is rejected with the file named", detail);
+    /* random byte corruption of the header (fixed seed): accepted or rejected, never a crash
+     * (meaningful under -fsanitize=address,undefined or valgrind) */
+    unsigned seed = 12345u, nok = 0, nerr = 0;
+    printf("# st fuzz seed %u\n", seed);
+    unsigned char *fz = malloc(n);
+    for (int it = 0; it < 3000; it++) {
+        memcpy(fz, raw, n);
+        for (int k = 0; k < 1 + it % 4; k++) {
+            seed = seed * 1103515245u + 12345u;
+            size_t pos = (seed >> 8) % (8 + hl);
+            seed = seed * 1103515245u + 12345u;
+            fz[pos] = (unsigned char)(seed >> 16);
+        }
+        write_bytes(tp, fz, n);
+        f = NULL;
+        if (idd_st_read(tp, &f) == IDD_OK) nok++, idd_st_free(f);
+        else nerr++;
+    }
+    free(fz);
+    snprintf(detail, sizeof detail, "%u accepted, %u rejected", nok, nerr);
+    check_report(nok + nerr == 3000 && nerr > 2000, "st: 3000 randomly corrupted headers handled", detail);
+    printf("# %s\n", detail);
     /* trailing garbage */
     unsigned char *longer = malloc(n + 3);
     memcpy(longer, raw, n);
