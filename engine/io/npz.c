@@ -331,14 +331,16 @@ static idd_status inflate_member(FILE *fp, uint64_t csize, unsigned char *out, u
     z_stream zs;
     memset(&zs, 0, sizeof zs);
     if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) return idd_error_status(IDD_ENOMEM, "member '%s': zlib init failed", name);
-    unsigned char in[1 << 16];
+    enum { IN_CHUNK = 1 << 16 };
+    unsigned char *in = malloc(IN_CHUNK); /* heap: keep worker-thread stacks small */
+    if (!in) { inflateEnd(&zs); return idd_error_status(IDD_ENOMEM, "member '%s': out of memory", name); }
     uint64_t left = csize, produced = 0;
     int rc = Z_OK;
     while (rc != Z_STREAM_END) {
         if (zs.avail_in == 0) {
             if (left == 0) break;
-            size_t k = left < sizeof in ? (size_t)left : sizeof in;
-            if (fread(in, 1, k, fp) != k) { inflateEnd(&zs); return idd_error_status(IDD_EIO, "member '%s': read error", name); }
+            size_t k = left < IN_CHUNK ? (size_t)left : IN_CHUNK;
+            if (fread(in, 1, k, fp) != k) { inflateEnd(&zs); free(in); return idd_error_status(IDD_EIO, "member '%s': read error", name); }
             left -= k;
             zs.next_in = in;
             zs.avail_in = (uInt)k;
@@ -349,7 +351,7 @@ static idd_status inflate_member(FILE *fp, uint64_t csize, unsigned char *out, u
             zs.next_out = &extra;
             zs.avail_out = 1;
             rc = inflate(&zs, Z_NO_FLUSH);
-            if (zs.avail_out == 0) { inflateEnd(&zs); return idd_error("member '%s': inflates to more than %llu bytes", name, (unsigned long long)usize); }
+            if (zs.avail_out == 0) { inflateEnd(&zs); free(in); return idd_error("member '%s': inflates to more than %llu bytes", name, (unsigned long long)usize); }
         } else {
             uInt chunk = room > (1u << 30) ? (1u << 30) : (uInt)room;
             zs.next_out = out + produced;
@@ -358,12 +360,15 @@ static idd_status inflate_member(FILE *fp, uint64_t csize, unsigned char *out, u
             produced += chunk - zs.avail_out;
         }
         if (rc != Z_OK && rc != Z_STREAM_END && rc != Z_BUF_ERROR) {
+            idd_status st = idd_error("member '%s': corrupt deflate data (%s)", name, zs.msg ? zs.msg : "zlib error");
             inflateEnd(&zs);
-            return idd_error("member '%s': corrupt deflate data (%s)", name, zs.msg ? zs.msg : "zlib error");
+            free(in);
+            return st;
         }
         if (rc == Z_BUF_ERROR && zs.avail_in == 0 && left == 0) break;
     }
     inflateEnd(&zs);
+    free(in);
     if (rc != Z_STREAM_END || produced != usize)
         return idd_error("member '%s': deflate stream ended early (%llu of %llu bytes; truncated?)", name,
                          (unsigned long long)produced, (unsigned long long)usize);
@@ -371,15 +376,19 @@ static idd_status inflate_member(FILE *fp, uint64_t csize, unsigned char *out, u
 }
 
 static idd_status npz_body(FILE *fp, uint64_t fsize, idd_npz *z) {
-    unsigned char tail[65557];
-    size_t tn = fsize < sizeof tail ? (size_t)fsize : sizeof tail;
-    if (tn < 22 || !read_at(fp, fsize - tn, tail, tn)) return idd_error("not a zip file (too short)");
+    enum { TAIL = 65557 }; /* EOCD (22) + the longest comment */
+    size_t tn = fsize < TAIL ? (size_t)fsize : TAIL;
+    if (tn < 22) return idd_error("not a zip file (too short)");
+    unsigned char *tail = malloc(tn);
+    if (!tail) return idd_error_status(IDD_ENOMEM, "out of memory");
+    if (!read_at(fp, fsize - tn, tail, tn)) { free(tail); return idd_error_status(IDD_EIO, "read error"); }
     long eo = -1;
     for (long i = (long)tn - 22; i >= 0; i--)
         if (rd32(tail + i) == 0x06054b50) { eo = i; break; }
-    if (eo < 0) return idd_error("not a zip file or truncated (no end-of-central-directory record)");
+    if (eo < 0) { free(tail); return idd_error("not a zip file or truncated (no end-of-central-directory record)"); }
     const unsigned char *e = tail + eo;
     uint64_t nent = rd16(e + 10), cdsize = rd32(e + 12), cdoff = rd32(e + 16);
+    free(tail);
     uint64_t eocd_pos = fsize - tn + (uint64_t)eo;
     if (nent == 0xffff || cdsize == 0xffffffffu || cdoff == 0xffffffffu) {
         unsigned char loc[20], z64[56];
