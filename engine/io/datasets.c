@@ -78,7 +78,7 @@ idd_status idd_idx_read(const char *path, idd_array *out) {
         char s[128];
         free(buf);
         st = idd_error("%s: idx: file is truncated: dims %s need %zu data bytes, got %lld", path,
-                       idd_shape_str(s, sizeof s, nd, out->shape), raw, (long long)r);
+                       idd_shape_str_n(nd, out->shape, s, sizeof s), raw, (long long)r);
         goto done;
     }
     unsigned char extra;

@@ -26,17 +26,6 @@ int64_t idd_array_numel(const idd_array *a) {
     return n;
 }
 
-char *idd_shape_str(char *buf, size_t cap, int ndim, const int64_t *shape) {
-    size_t k = 0;
-    if (cap == 0) return buf;
-    buf[0] = 0;
-    k += (size_t)snprintf(buf + k, cap - k, "(");
-    for (int i = 0; i < ndim && k < cap; i++)
-        k += (size_t)snprintf(buf + k, cap - k, i ? ",%lld" : "%lld", (long long)shape[i]);
-    if (k < cap) snprintf(buf + k, cap - k, ")");
-    return buf;
-}
-
 int64_t io_check_array(const char *what, const idd_array *a) {
     const char *nm = a->name ? a->name : "?";
     if ((unsigned)a->dtype >= IDD_NDTYPES) {
@@ -63,7 +52,7 @@ int64_t io_check_array(const char *what, const idd_array *a) {
     if (a->nbytes != want) {
         char s[128];
         idd_error("%s: array '%s': nbytes %zu does not match shape %s %s (%zu bytes)", what, nm,
-                  a->nbytes, idd_shape_str(s, sizeof s, a->ndim, a->shape),
+                  a->nbytes, idd_shape_str_n(a->ndim, a->shape, s, sizeof s),
                   idd_dtype_name(a->dtype), want);
         return -1;
     }

@@ -231,7 +231,7 @@ static idd_status npy_from_buffer(const char *what, unsigned char *buf, size_t l
     if (have != need) {
         free(buf);
         return idd_error("%s: data is %zu bytes but shape %s '%s' needs %zu%s", what, have,
-                         idd_shape_str(s, sizeof s, info.ndim, info.shape), info.descr, need,
+                         idd_shape_str_n(info.ndim, info.shape, s, sizeof s), info.descr, need,
                          have < need ? " (truncated)" : "");
     }
     out->nbytes = (size_t)numel * idd_dtype_size(dt);

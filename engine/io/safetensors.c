@@ -140,7 +140,7 @@ static idd_status parse_entry(const char *name, const idd_json *v, uint64_t data
         !get_u64(&off->items[1], &e->end))
         return idd_error("tensor '%s': \"data_offsets\" must be [begin, end], non-negative integers", name);
     char s[160];
-    idd_shape_str(s, sizeof s, e->ndim, e->shape);
+    idd_shape_str_n(e->ndim, e->shape, s, sizeof s);
     if (e->begin > e->end)
         return idd_error("tensor '%s': data_offsets [%llu, %llu]: begin > end", name,
                          (unsigned long long)e->begin, (unsigned long long)e->end);

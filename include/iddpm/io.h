@@ -29,6 +29,7 @@
 #include <stdint.h>
 
 #include "iddpm/core.h"
+#include "iddpm/tensor.h"
 
 /* ---------------------------------------------------------------------------------- */
 /* A named, contiguous, C-order host array. Used by safetensors, npy/npz and datasets. */
@@ -45,8 +46,7 @@ typedef struct {
 void idd_array_clear(idd_array *a);
 /* Element count prod(shape) (1 for ndim 0). */
 int64_t idd_array_numel(const idd_array *a);
-/* Write "(2,3,16,16)" into buf (always NUL-terminated). Returns buf. */
-char *idd_shape_str(char *buf, size_t cap, int ndim, const int64_t *shape);
+/* Shapes print with idd_shape_str_n() from tensor.h. */
 
 /* A string -> string map (safetensors __metadata__). Keys are unique. */
 typedef struct {
