@@ -352,7 +352,9 @@ static int m_tostring(lua_State *L) {
     if (t->device == IDD_CPU && n <= 8) {
         luaL_addstring(&b, " {");
         for (int64_t i = 0; i < n; i++) {
-            lua_pushfstring(L, i ? ", %f" : "%f", idd_get_flat(t, i));
+            double v = idd_get_flat(t, i);
+            if (t->dtype == IDD_I64 || t->dtype == IDD_U8) lua_pushfstring(L, i ? ", %I" : "%I", (lua_Integer)v);
+            else lua_pushfstring(L, i ? ", %f" : "%f", v);
             luaL_addvalue(&b);
         }
         luaL_addstring(&b, "}");
