@@ -82,8 +82,7 @@ static void message(const char *msg) {
 /* Print the error on top of the stack (if status is an error) and pop it. */
 static int report(lua_State *L, int status) {
     if (status != LUA_OK) {
-        const char *msg = lua_tostring(L, -1);
-        message(msg ? msg : "(error object is not a string)");
+        message(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)");
         lua_pop(L, 1);
     }
     return status;
@@ -241,6 +240,69 @@ static int on_readline_signal(void) {
     return 0;
 }
 
+/* Tab completion of globals and dotted fields ("iddpm.ver" -> "iddpm.version"), with
+ * raw accesses only (no metamethods run), following __index tables. */
+static char **completions;
+static int ncompletions;
+
+static void add_keys(lua_State *L, int t, const char *prefix, size_t plen, const char *tail) {
+    for (int depth = 0; depth < 4 && lua_type(L, t) == LUA_TTABLE; depth++) {
+        lua_pushnil(L);
+        while (lua_next(L, t)) {
+            lua_pop(L, 1);
+            if (lua_type(L, -1) != LUA_TSTRING) continue;
+            const char *k = lua_tostring(L, -1);
+            if (strncmp(k, tail, strlen(tail)) != 0 || ncompletions >= 4096) continue;
+            char **c = realloc(completions, (ncompletions + 1) * sizeof *c), *m;
+            if (c) completions = c;
+            if (!c || !(m = malloc(plen + strlen(k) + 1))) continue;
+            memcpy(m, prefix, plen);
+            strcpy(m + plen, k);
+            completions[ncompletions++] = m;
+        }
+        if (!lua_getmetatable(L, t)) break; /* then look through __index */
+        lua_pushliteral(L, "__index");
+        lua_rawget(L, -2);
+        lua_replace(L, t);
+        lua_pop(L, 1);
+    }
+}
+
+static char *complete_next(const char *text, int state) {
+    static int next;
+    if (state == 0) {
+        lua_State *L = globalL;
+        int top = lua_gettop(L);
+        const char *last = text, *p = text; /* last: after the final '.' or ':' */
+        for (const char *q = text; *q; q++)
+            if (*q == '.' || *q == ':') last = q + 1;
+        lua_pushglobaltable(L);
+        while (p < last && lua_type(L, -1) == LUA_TTABLE) { /* walk "a.b." */
+            size_t n = strcspn(p, ".:");
+            lua_pushlstring(L, p, n);
+            lua_rawget(L, -2);
+            lua_remove(L, -2);
+            p += n + 1;
+        }
+        ncompletions = next = 0;
+        if (lua_type(L, -1) == LUA_TTABLE)
+            add_keys(L, lua_gettop(L), text, (size_t)(last - text), last);
+        lua_settop(L, top);
+    }
+    if (next < ncompletions) return completions[next++]; /* readline frees it */
+    free(completions);
+    completions = NULL;
+    ncompletions = 0;
+    return NULL;
+}
+
+static char **complete(const char *text, int start, int end) {
+    (void)start, (void)end;
+    rl_attempted_completion_over = 1; /* no file names */
+    rl_completion_append_character = '\0';
+    return rl_completion_matches(text, complete_next);
+}
+
 static const char *get_prompt(lua_State *L, int first) {
     lua_getglobal(L, first ? "_PROMPT" : "_PROMPT2");
     const char *p = lua_tostring(L, -1);
@@ -374,6 +436,8 @@ static void repl(lua_State *L) {
         rl_readline_name = "iddpm";
         rl_catch_signals = 0; /* Ctrl-C is ours; see on_readline_signal */
         rl_signal_event_hook = on_readline_signal;
+        rl_attempted_completion_function = complete;
+        rl_basic_word_break_characters = " \t\n\"'`@$><=;|&{}()[],+-*/%^~#";
         history_open();
         printf("iddpm %s (%s)  Ctrl-C interrupts, Ctrl-D exits, help: iddpm --help\n",
                IDDPM_VERSION, LUA_RELEASE);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # repl_test.sh — drive the iddpm REPL through tmux the way a person uses it: results,
-# multi-line input, readline editing, Ctrl-C during a Lua loop and during a C loop,
+# multi-line input, readline editing, Tab completion, Ctrl-C during a Lua loop and
+# during a C loop,
 # Ctrl-C at the prompt, Ctrl-D, and the history file (saved, recalled, capped).
 #
 #   tests/repl_test.sh path/to/iddpm
@@ -104,6 +105,13 @@ T send-keys -t repl C-a C-d C-d
 T send-keys -t repl -l 'print'
 T send-keys -t repl Enter
 check "readline editing (Ctrl-A, delete, insert)" eval 'wait_for "^readline-edit$" && wait_prompt'
+
+T send-keys -t repl -l 'string.fo'
+T send-keys -t repl Tab
+sleep 0.3
+T send-keys -t repl -l '("%d-%s", 7, "tab")'
+T send-keys -t repl Enter
+check "Tab completes a field (string.fo -> string.format)" eval 'wait_for "^7-tab$" && wait_prompt'
 
 check "a runtime error is reported and the REPL goes on" \
     eval 'type_line "error(\"oops-1\")" && wait_for "oops-1$" && wait_prompt && run_expect "3*11" "^33$"'
