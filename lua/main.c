@@ -1,6 +1,6 @@
 /* main.c — the `iddpm` program: Lua 5.4 with the iddpm engine preloaded.
  *
- *   iddpm                        REPL (readline editing, history, values printed)
+ *   iddpm                        REPL (readline, Tab completion, history, values printed)
  *   iddpm run FILE.lua [args]    run a script (`iddpm FILE.lua [args]` does the same)
  *   iddpm -e CODE [-e ...] [-i]  run code, then exit (or open the REPL with -i)
  *   iddpm sample|train [args]    run the embedded recipe iddpm.cli.sample / .train

@@ -70,21 +70,25 @@ wait_prompt() { wait_last '^> ?$' "${1:-5}"; }
 type_line() { T send-keys -t repl -l "$1" && T send-keys -t repl Enter; }
 # run_expect INPUT ERE: type a line, then expect a result line and a fresh prompt.
 run_expect() { type_line "$1" && wait_for "$2" && wait_prompt; }
+# The pane runs iddpm, then writes its exit status to $STATUS (tmux's own
+# pane_dead_status is not reliable across versions).
+STATUS=$TMP/status
 start_repl() {
     T kill-server 2>/dev/null
+    rm -f "$STATUS"
     T -f /dev/null new-session -d -s repl -x 150 -y 50 \
-        "env HOME='$TMP' IDDPM_HISTORY='$HIST' '$BIN'" \; set-option -t repl remain-on-exit on
+        "env HOME='$TMP' IDDPM_HISTORY='$HIST' '$BIN'; echo \$? >'$STATUS'"
 }
-pane_dead() { [ "$(T display-message -p -t repl '#{pane_dead}')" = 1 ]; }
+exited() { [ -s "$STATUS" ]; }
 wait_exit() {
     local i
     for ((i = 0; i < 100; i++)); do
-        pane_dead && [ "$(T display-message -p -t repl '#{pane_dead_status}')" = 0 ] && return 0
+        exited && break
         sleep 0.05
     done
-    return 1
+    exited && [ "$(cat "$STATUS")" = 0 ]
 }
-still_running() { sleep 0.7 && ! last_line | grep -Eq '^> ?$' && ! pane_dead; }
+still_running() { sleep 0.7 && ! last_line | grep -Eq '^> ?$' && ! exited; }
 
 # ---- session 1 ----------------------------------------------------------------------
 start_repl
