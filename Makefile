@@ -40,7 +40,7 @@ CTEST_BIN  := $(CTEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC),$(wildcard tests/c/*.c)))
 
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
-            libreadline-dev lua-filesystem
+            libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
 
 .PHONY: all test bench demo install uninstall clean deps
 all: iddpm iddpm.so
@@ -62,7 +62,7 @@ $(BUILD)/embed.c: lua/embed.lua $(LUA_MODS)
 	lua5.4 lua/embed.lua $@ $(LUA_MODS)
 
 $(BUILD)/embed.o: $(BUILD)/embed.c
-	$(CC) $(CFLAGS) -c -o $@ $<
+	$(CC) $(CFLAGS) -Wno-missing-prototypes -c -o $@ $<
 
 $(BUILD)/tests/%: tests/c/%.c $(CTEST_LIB) $(ENGINE_OBJ) tests/c/check.h
 	@mkdir -p $(dir $@)

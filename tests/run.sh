@@ -29,7 +29,7 @@ for t in tests/lua/test_*.lua; do
 done
 for t in tests/*_test.sh; do
     [ -f "$t" ] || continue
-    case "$t" in *"${TESTS:-}"*) run_one "$(basename "$t")" sh "$t" "$IDDPM" ;; esac
+    case "$t" in *"${TESTS:-}"*) run_one "$(basename "$t")" bash "$t" "$IDDPM" ;; esac
 done
 rm -f "$LOG"
 echo "$pass passed, $fail failed"
