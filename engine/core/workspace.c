@@ -39,6 +39,12 @@ void idd_workspace_release(void) {
     }
 }
 
+void idd_workspace_release_all(void) {
+#pragma omp parallel
+    idd_workspace_release();
+    idd_workspace_release();
+}
+
 size_t idd_workspace_bytes(void) {
     size_t total = 0;
     for (int i = 0; i < IDD_WORKSPACE_SLOTS; i++) total += ws[i].cap;

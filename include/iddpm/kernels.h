@@ -21,11 +21,13 @@
  *  - Functions return IDD_OK, IDD_ERR on bad sizes (message names the kernel and sizes,
  *    see core.h), or IDD_ENOMEM if scratch memory cannot be had.
  *
- * Threads: GEMMs go to OpenBLAS (one large multithreaded sgemm per op or per chunk,
- * never called from inside an OpenMP region); the loops around them (im2col, col2im,
- * norms, softmax, resampling) use OpenMP. OpenMP regions and OpenBLAS calls therefore
- * never overlap. Set both to the core count (OMP_NUM_THREADS / omp_set_num_threads and
- * openblas_set_num_threads).
+ * Threads: loops use OpenMP (omp_get_max_threads() threads). GEMMs go to OpenBLAS,
+ * either multithreaded from outside any OpenMP region, or single-threaded from inside
+ * one (conv2d's per-sample schedule switches OpenBLAS to 1 thread for the call and
+ * restores it). No kernel runs multithreaded OpenBLAS inside an OpenMP region, so
+ * threads never oversubscribe. Set both to the core count (omp_set_num_threads and
+ * openblas_set_num_threads). Kernels must not be called from inside a parallel region
+ * of the caller's own (they would then run single-threaded but correct).
  *
  * Scratch: kernels take scratch memory from idd_workspace_get(), a grow-only buffer per
  * calling thread (no malloc per call once warm, no locking; each thread that calls a
@@ -40,17 +42,21 @@
 /* ---- workspace (engine/core/workspace.c) -------------------------------------------- */
 
 /* Number of independent scratch slots per thread. Slots let one kernel hold several
- * scratch buffers at once. Kernels in this header use slots 0..2; callers outside the
- * kernels may use slot 3 (and must not hold it across a kernel call that uses it). */
-#define IDD_WORKSPACE_SLOTS 4
+ * scratch buffers at once. Kernels in this header use slots 0..3 (of the calling thread
+ * and of OpenMP worker threads); code outside the kernels may use slot 4 and must not
+ * hold it across a kernel call that uses it. */
+#define IDD_WORKSPACE_SLOTS 5
 
 /* A 64-byte aligned buffer of at least nbytes for this thread and slot. Grow-only: a
  * larger request reallocates (old contents are lost), a smaller one reuses. Returns
  * NULL if the slot is out of range or memory cannot be had. The pointer stays valid
  * until the next larger request on the same slot or idd_workspace_release(). */
 void *idd_workspace_get(int slot, size_t nbytes);
-/* Free all of the calling thread's slots (e.g. after training, before sampling). */
+/* Free all of the calling thread's slots. */
 void idd_workspace_release(void);
+/* Free the slots of the calling thread and of every OpenMP worker thread (runs a
+ * parallel region; call from outside any parallel region, e.g. after training). */
+void idd_workspace_release_all(void);
 /* Bytes currently held by the calling thread's slots. */
 size_t idd_workspace_bytes(void);
 
@@ -80,9 +86,15 @@ idd_status idd_conv2d_backward_f32(float *dx,          /* (N,C,H,W) or NULL */
                                    int N, int C, int H, int W, int O, int KH, int KW,
                                    int stride, int pad);
 
-/* Tuning knob: the convolution folds this many output columns (samples x Ho*Wo) into
- * one GEMM (rounded to whole samples, at least one sample). 0 restores the default. */
+/* Schedules (see conv2d.c): when N >= the OpenMP thread count, samples are spread over
+ * OpenMP threads with OpenBLAS temporarily set to 1 thread (restored before return);
+ * otherwise samples are folded into one multithreaded sgemm per chunk of about
+ * target_cols output columns. Not safe to call from two host threads at once in the
+ * per-sample schedule (openblas_set_num_threads is global).
+ * Tuning knobs, for benchmarks and tests: target_cols (0 restores the default 4096) and
+ * mode 0 auto, 1 always chunked, 2 always per-sample (if more than one thread). */
 void idd_conv2d_set_target_cols(long cols);
+void idd_conv2d_set_mode(int mode);
 
 /* ---- group norm + scale-shift + SiLU (engine/ops/norm.c) -------------------------- */
 

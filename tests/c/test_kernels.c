@@ -463,12 +463,15 @@ int main(int argc, char **argv) {
     rng_state = seed;
     printf("# test_kernels seed %llu\n", (unsigned long long)seed);
 
-    /* conv: each shape under three batch-folding settings: one sample per GEMM, several
-     * with a partial last chunk, and the default */
-    long cols[3] = {1, 50, 0};
-    for (int k = 0; k < 3; k++) {
+    /* conv: each shape under every schedule: chunked with one sample per GEMM, chunked
+     * with several samples and a partial last chunk, chunked at the default size,
+     * per-sample over OpenMP threads, and automatic */
+    long cols[5] = {1, 50, 0, 0, 0};
+    int modes[5] = {1, 1, 1, 2, 0};
+    for (int k = 0; k < 5; k++) {
         idd_conv2d_set_target_cols(cols[k]);
-        printf("# conv2d target_cols %ld\n", cols[k]);
+        idd_conv2d_set_mode(modes[k]);
+        printf("# conv2d mode %d target_cols %ld\n", modes[k], cols[k]);
         test_conv(2, 3, 7, 6, 4, 3, 1, 1, 1, 1);   /* 3x3 pad 1, odd sizes */
         test_conv(3, 2, 7, 7, 3, 3, 2, 1, 1, 1);   /* stride 2 (downsample), odd input */
         test_conv(2, 3, 6, 5, 2, 3, 1, 0, 0, 1);   /* pad 0, no bias */
@@ -480,6 +483,7 @@ int main(int argc, char **argv) {
         test_conv(3, 32, 8, 8, 16, 1, 1, 0, 1, 0);
     }
     idd_conv2d_set_target_cols(0);
+    idd_conv2d_set_mode(0);
     test_conv_errors();
 
     test_gn(2, 6, 5, 3, 1, 0, 0);   /* plain GN */
