@@ -8,7 +8,8 @@
  *   dw (O,K) += D . col^T ;  dcol (K,P) = w^T . D ; dx += col2im(dcol) ;  db += sums of D
  *
  * Two schedules (measured on 2 cores, tests/c/bench_kernels.c):
- *  - per-sample (default when N >= OpenMP threads): OpenMP over samples, nb = 1, each
+ *  - per-sample (default when N >= OpenMP threads): OpenMP over samples (nb = 1, or a
+ *    few samples when Ho*Wo < PER_THREAD_COLS, at least one chunk per thread), each
  *    thread runs single-threaded sgemm on its own scratch (thread-local workspace);
  *    dw goes to a private partial per thread (workspace slot 3), summed at the end.
  *    OpenBLAS is switched to 1 thread for the duration of the call and restored after,
@@ -263,6 +264,17 @@ static int use_per_sample(int N) {
     return nt > 1 && N >= nt && !omp_in_parallel();
 }
 
+/* per-sample schedule on tiny images (4x4, 8x8): fold a few samples per thread so each
+ * single-threaded sgemm has at least PER_THREAD_COLS columns, while keeping at least
+ * one chunk per thread */
+#define PER_THREAD_COLS 256
+static int per_thread_chunk(const conv_shape *s) {
+    long nb = (PER_THREAD_COLS + s->HoWo - 1) / s->HoWo;
+    long cap = s->N / omp_get_max_threads();
+    if (nb > cap) nb = cap;
+    return nb < 1 ? 1 : (int)nb;
+}
+
 static idd_status nomem(const char *fn, const conv_shape *s) {
     return idd_error_status(IDD_ENOMEM, "%s: out of memory for scratch, input (%d,%d,%d,%d), "
                             "weight (%d,%d,%d,%d)",
@@ -276,12 +288,12 @@ idd_status idd_conv2d_forward_f32(float *out, const float *x, const float *w, co
     idd_status st = conv_check("conv2d_forward", &s, N, C, H, W, O, KH, KW, stride, pad);
     if (st) return st;
     if (use_per_sample(N)) {
-        int failed = 0;
+        int failed = 0, nb = per_thread_chunk(&s), nch = (N + nb - 1) / nb;
         int blas_threads = openblas_get_num_threads();
         openblas_set_num_threads(1);
 #pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++)
-            if (fwd_chunk(out, x, w, b, n, 1, &s, 0)) {
+        for (int ch = 0; ch < nch; ch++)
+            if (fwd_chunk(out, x, w, b, ch * nb, ch * nb + nb <= N ? nb : N - ch * nb, &s, 0)) {
 #pragma omp atomic write
                 failed = 1;
             }
@@ -326,6 +338,7 @@ idd_status idd_conv2d_backward_f32(float *dx, float *dw, float *db, const float 
         const size_t nw = (size_t)O * s.K;
         float *parts[256];
         int failed = 0, nt = omp_get_max_threads();
+        int nb = per_thread_chunk(&s), nch = (N + nb - 1) / nb;
         if (nt > 256) nt = 256;
         int blas_threads = openblas_get_num_threads();
         openblas_set_num_threads(1);
@@ -343,8 +356,10 @@ idd_status idd_conv2d_backward_f32(float *dx, float *dw, float *db, const float 
             }
             parts[t] = mydw;
 #pragma omp for schedule(static)
-            for (int n = 0; n < N; n++)
-                if (!(dw && !mydw) && bwd_chunk(dx, mydw, dout, x, w, n, 1, &s, 0)) {
+            for (int ch = 0; ch < nch; ch++)
+                if (!(dw && !mydw) &&
+                    bwd_chunk(dx, mydw, dout, x, w, ch * nb, ch * nb + nb <= N ? nb : N - ch * nb,
+                              &s, 0)) {
 #pragma omp atomic write
                     failed = 1;
                 }

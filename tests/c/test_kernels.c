@@ -479,6 +479,7 @@ int main(int argc, char **argv) {
         test_conv(2, 3, 4, 4, 2, 1, 2, 0, 1, 1);   /* 1x1 stride 2 (im2col path) */
         test_conv(2, 2, 5, 6, 3, 2, 2, 0, 1, 1);   /* 2x2 stride 2, odd width */
         test_conv(1, 1, 3, 3, 1, 3, 1, 2, 1, 1);   /* pad 2 > kernel reach */
+        test_conv(5, 2, 3, 3, 2, 3, 1, 1, 1, 1);   /* tiny image: chunks of 2,2,1 samples */
         test_conv(5, 16, 4, 4, 24, 3, 1, 1, 1, 0); /* forward only, bigger */
         test_conv(3, 32, 8, 8, 16, 1, 1, 0, 1, 0);
     }
