@@ -1,0 +1,124 @@
+/* attention.c — the QKV attention core of the official AttentionBlock
+ * (QKVAttentionLegacy), forward and backward.
+ *
+ * qkv (B, 3C, T) is viewed as (B*H, 3*ch, T) with ch = C/H: head h of sample b owns
+ * rows [h*3ch, (h+1)*3ch) of sample b, of which the first ch rows are q, the next ch k
+ * and the last ch v (the "legacy" layout). With s = ch^(-1/4), applied to q and to k,
+ * i.e. s^2 = 1/sqrt(ch) on their product:
+ *   logits (T,T) = s^2 * q^T k          sgemm  M=T N=T K=ch
+ *   weight       = softmax over the last axis (float32, max-subtracted), saved
+ *   a (ch,T)     = v . weight^T         sgemm  M=ch N=T K=T
+ * and a is written to out[b, h*ch .. (h+1)*ch).
+ *
+ * Backward, per (b,h), with da = dout[b, h*ch ..] (ch,T):
+ *   dv      += da . weight               (ch,T)
+ *   dweight  = da^T . v                  (T,T)   scratch (workspace slot 0)
+ *   dlogits  = weight * (dweight - rowsum(dweight * weight))
+ *   dq      += s^2 * k . dlogits^T       (ch,T)
+ *   dk      += s^2 * q . dlogits         (ch,T)
+ * The (b,h) loop is serial: each sgemm is threaded by OpenBLAS, and the softmax rows
+ * between them are spread over OpenMP threads (never both at once). */
+#include "iddpm/kernels.h"
+
+#include <cblas.h>
+#include <math.h>
+
+static idd_status attn_check(const char *fn, int B, int C, int T, int H) {
+    if (B <= 0 || C <= 0 || T <= 0 || H <= 0)
+        return idd_error("%s: bad sizes: qkv (%d,%d,%d), %d heads", fn, B, 3 * C, T, H);
+    if (C % H)
+        return idd_error("%s: %d heads do not divide %d channels (qkv (%d,%d,%d))", fn, H, C, B,
+                         3 * C, T);
+    return IDD_OK;
+}
+
+/* in-place softmax of each row of w (T,T), float32 with the row max subtracted */
+static void softmax_rows(float *w, int T) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int t = 0; t < T; t++) {
+        float *row = w + (size_t)t * T;
+        float mx = row[0];
+        for (int j = 1; j < T; j++) mx = row[j] > mx ? row[j] : mx;
+        float sum = 0;
+        for (int j = 0; j < T; j++) {
+            row[j] = expf(row[j] - mx);
+            sum += row[j];
+        }
+        float inv = 1.0f / sum;
+        for (int j = 0; j < T; j++) row[j] *= inv;
+    }
+}
+
+/* dw (T,T) <- w * (dw - rowsum(dw * w)), the softmax backward, in place */
+static void softmax_backward_rows(float *dw, const float *w, int T) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int t = 0; t < T; t++) {
+        float *d = dw + (size_t)t * T;
+        const float *p = w + (size_t)t * T;
+        float dot = 0;
+        for (int j = 0; j < T; j++) dot += d[j] * p[j];
+        for (int j = 0; j < T; j++) d[j] = p[j] * (d[j] - dot);
+    }
+}
+
+idd_status idd_attention_forward_f32(float *out, float *weight, const float *qkv, int B, int C,
+                                     int T, int H) {
+    idd_status st = attn_check("attention_forward", B, C, T, H);
+    if (st) return st;
+    const int ch = C / H;
+    const float s2 = (float)(1.0 / sqrt((double)ch));
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < H; h++) {
+            const float *q = qkv + ((size_t)b * 3 * C + (size_t)h * 3 * ch) * T;
+            const float *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
+            float *w = weight + ((size_t)b * H + h) * T * T;
+            float *a = out + ((size_t)b * C + (size_t)h * ch) * T;
+            /* w (T,T) = s2 * q^T (T,ch) . k (ch,T) */
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, T, ch, s2, q, T, k, T, 0.0f,
+                        w, T);
+            softmax_rows(w, T);
+            /* a (ch,T) = v (ch,T) . w^T (T,T) */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch, T, T, 1.0f, v, T, w, T, 0.0f,
+                        a, T);
+        }
+    }
+    return IDD_OK;
+}
+
+idd_status idd_attention_backward_f32(float *dqkv, const float *dout, const float *weight,
+                                      const float *qkv, int B, int C, int T, int H) {
+    idd_status st = attn_check("attention_backward", B, C, T, H);
+    if (st) return st;
+    if (!dqkv) return IDD_OK;
+    const int ch = C / H;
+    const float s2 = (float)(1.0 / sqrt((double)ch));
+    float *dw = idd_workspace_get(0, sizeof(float) * (size_t)T * T);
+    if (!dw)
+        return idd_error_status(IDD_ENOMEM, "attention_backward: out of memory for (%d,%d) "
+                                "scratch", T, T);
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < H; h++) {
+            const size_t qoff = ((size_t)b * 3 * C + (size_t)h * 3 * ch) * T;
+            const float *q = qkv + qoff;
+            const float *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
+            float *dq = dqkv + qoff;
+            float *dk = dq + (size_t)ch * T, *dv = dk + (size_t)ch * T;
+            const float *w = weight + ((size_t)b * H + h) * T * T;
+            const float *da = dout + ((size_t)b * C + (size_t)h * ch) * T;
+            /* dv (ch,T) += da (ch,T) . w (T,T) */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, ch, T, T, 1.0f, da, T, w, T,
+                        1.0f, dv, T);
+            /* dw (T,T) = da^T (T,ch) . v (ch,T) */
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, T, ch, 1.0f, da, T, v, T, 0.0f,
+                        dw, T);
+            softmax_backward_rows(dw, w, T);
+            /* dq (ch,T) += s2 * k (ch,T) . dlogits^T (T,T) */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch, T, T, s2, k, T, dw, T, 1.0f,
+                        dq, T);
+            /* dk (ch,T) += s2 * q (ch,T) . dlogits (T,T) */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, ch, T, T, s2, q, T, dw, T, 1.0f,
+                        dk, T);
+        }
+    }
+    return IDD_OK;
+}
