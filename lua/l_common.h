@@ -32,5 +32,6 @@ idd_dtype lt_optdtype(lua_State *L, int idx, idd_dtype def);
 
 void lt_open_ops(lua_State *L, int methods_idx, int module_idx);
 void lt_open_autograd(lua_State *L, int module_idx);
+void lt_open_nn(lua_State *L, int module_idx);
 
 #endif

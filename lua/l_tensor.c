@@ -552,6 +552,7 @@ int luaopen_iddpm_tensor(lua_State *L) {
     luaL_setfuncs(L, methods, 0);
     lt_open_ops(L, meth, mod);                 /* math methods + metamethods */
     lt_open_autograd(L, mod);                  /* T.gradcheck */
+    lt_open_nn(L, mod);                        /* T.conv2d, T.group_norm, ... */
     luaL_newmetatable(L, IDD_TENSOR_MT);
     lua_pushvalue(L, meth);
     lua_pushcclosure(L, t_index, 1);

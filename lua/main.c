@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <readline/history.h>
@@ -583,7 +584,25 @@ static int pmain(lua_State *L) {
     return 1;
 }
 
+/* OpenBLAS picks its kernels when the library loads. Under some hypervisors the CPU
+ * model is hidden and it falls back to generic "Prescott" code (about 5x slower
+ * sgemm). If so, and the CPU has AVX-512 or AVX2, restart once with
+ * OPENBLAS_CORETYPE set. A user's own OPENBLAS_CORETYPE is always respected. */
+char *openblas_get_corename(void);
+static void tune_openblas(char **argv) {
+    if (getenv("OPENBLAS_CORETYPE") || getenv("IDDPM_NO_REEXEC")) return;
+    const char *core = openblas_get_corename();
+    if (!core || strcasecmp(core, "prescott") != 0) return;
+    __builtin_cpu_init();
+    const char *want = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : NULL;
+    if (!want) return;
+    setenv("OPENBLAS_CORETYPE", want, 1);
+    setenv("IDDPM_NO_REEXEC", "1", 1);
+    execv("/proc/self/exe", argv);   /* on failure, carry on with the slow kernels */
+}
+
 int main(int argc, char **argv) {
+    tune_openblas(argv);
     lua_State *L = luaL_newstate();
     if (L == NULL) {
         fprintf(stderr, "iddpm: cannot create the Lua state: not enough memory\n");

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "iddpm/kernels.h"
 #include "rng_philox.h"
 
 #define PAR_MIN 32768   /* below this many elements threads cost more than they give */
@@ -351,6 +352,34 @@ static idd_status cpu_rand(idd_tensor *t, uint64_t seed, uint64_t stream, uint64
 static idd_status cpu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, true); }
 static idd_status cpu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, false); }
 
+/* ------------------------------------------------------------ dropout */
+
+/* element i keeps when the i-th uniform of the stream is >= p (two per counter) */
+static idd_status cpu_dropout_forward(float *out, const float *x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                      uint64_t offset) {
+    float scale = 1.0f / (1.0f - p);
+    #pragma omp parallel for if (n > PAR_MIN)
+    for (int64_t j = 0; j < (n + 1) / 2; j++) {
+        double u[2];
+        idd_philox_uniform2(seed, stream, offset + (uint64_t)j, u);
+        for (int k = 0; k < 2 && 2 * j + k < n; k++) out[2 * j + k] = u[k] >= p ? x[2 * j + k] * scale : 0.0f;
+    }
+    return IDD_OK;
+}
+
+static idd_status cpu_dropout_backward(float *dx, const float *dout, int64_t n, float p, uint64_t seed,
+                                       uint64_t stream, uint64_t offset) {
+    float scale = 1.0f / (1.0f - p);
+    #pragma omp parallel for if (n > PAR_MIN)
+    for (int64_t j = 0; j < (n + 1) / 2; j++) {
+        double u[2];
+        idd_philox_uniform2(seed, stream, offset + (uint64_t)j, u);
+        for (int k = 0; k < 2 && 2 * j + k < n; k++)
+            if (u[k] >= p) dx[2 * j + k] += dout[2 * j + k] * scale;
+    }
+    return IDD_OK;
+}
+
 /* ------------------------------------------------------------ registry */
 
 static const idd_backend cpu_backend = {
@@ -369,6 +398,19 @@ static const idd_backend cpu_backend = {
     .bmm = cpu_bmm,
     .rand_normal = cpu_rand_normal,
     .rand_uniform = cpu_rand_uniform,
+    .conv2d_forward = idd_conv2d_forward_f32,
+    .conv2d_backward = idd_conv2d_backward_f32,
+    .groupnorm_forward = idd_groupnorm_forward_f32,
+    .groupnorm_backward = idd_groupnorm_backward_f32,
+    .attention_forward = idd_attention_forward_f32,
+    .attention_backward = idd_attention_backward_f32,
+    .upsample2x_forward = idd_upsample2x_forward_f32,
+    .upsample2x_backward = idd_upsample2x_backward_f32,
+    .avgpool2x_forward = idd_avgpool2x_forward_f32,
+    .avgpool2x_backward = idd_avgpool2x_backward_f32,
+    .timestep_embedding = idd_timestep_embedding_f32,
+    .dropout_forward = cpu_dropout_forward,
+    .dropout_backward = cpu_dropout_backward,
 };
 
 static const idd_backend *backends[IDD_NDEVICES] = {&cpu_backend};

@@ -48,6 +48,35 @@ typedef struct idd_backend {
     /* random numbers: counter-based (Philox), element i uses counter (stream, offset + i/2) */
     idd_status (*rand_normal)(idd_tensor *t, uint64_t seed, uint64_t stream, uint64_t offset);
     idd_status (*rand_uniform)(idd_tensor *t, uint64_t seed, uint64_t stream, uint64_t offset);
+
+    /* ---- UNet layer kernels on raw contiguous float32 device buffers; signatures and
+     * conventions as in kernels.h (outputs first; backward accumulates; NULL grads
+     * are skipped). The CPU entries are the idd_*_f32 functions of engine/ops. */
+    idd_status (*conv2d_forward)(float *out, const float *x, const float *w, const float *b, int N, int C, int H,
+                                 int W, int O, int KH, int KW, int stride, int pad);
+    idd_status (*conv2d_backward)(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                                  int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad);
+    idd_status (*groupnorm_forward)(float *out, float *mean, float *rstd, const float *x, const float *gamma,
+                                    const float *beta, const float *scale, const float *shift, int N, int C, int HW,
+                                    int G, float eps, int silu);
+    idd_status (*groupnorm_backward)(float *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                     const float *dout, const float *mean, const float *rstd, const float *x,
+                                     const float *gamma, const float *beta, const float *scale, const float *shift,
+                                     int N, int C, int HW, int G, int silu);
+    idd_status (*attention_forward)(float *out, float *weight, const float *qkv, int B, int C, int T, int H);
+    idd_status (*attention_backward)(float *dqkv, const float *dout, const float *weight, const float *qkv, int B,
+                                     int C, int T, int H);
+    idd_status (*upsample2x_forward)(float *out, const float *x, int N, int C, int H, int W);
+    idd_status (*upsample2x_backward)(float *dx, const float *dout, int N, int C, int H, int W);
+    idd_status (*avgpool2x_forward)(float *out, const float *x, int N, int C, int H, int W);
+    idd_status (*avgpool2x_backward)(float *dx, const float *dout, int N, int C, int H, int W);
+    idd_status (*timestep_embedding)(float *out, const float *t, int N, int dim, float max_period);
+    /* dropout: out = keep ? x/(1-p) : 0 with keep = philox_uniform(seed, stream, offset + i/2) >= p;
+     * the backward regenerates the same mask (dx += keep ? dout/(1-p) : 0) */
+    idd_status (*dropout_forward)(float *out, const float *x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                  uint64_t offset);
+    idd_status (*dropout_backward)(float *dx, const float *dout, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                   uint64_t offset);
 } idd_backend;
 
 const idd_backend *idd_backend_get(idd_device dev);         /* NULL if not available */

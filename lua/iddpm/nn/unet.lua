@@ -179,6 +179,7 @@ function UNet.new(cfg)
   for _, r in ipairs(c.attention_resolutions) do attn_ds[c.image_size // r] = true end
 
   local input_blocks = self:add("input_blocks", nn.Sequential.new())
+  self.input_blocks = input_blocks
   input_blocks:add(0, TimestepBlock.new{nn.Conv2d.new(c.in_channels, mc, 3)})
   local chans, ch, ds = {mc}, mc, 1
   for level, mult in ipairs(c.channel_mult) do
@@ -200,6 +201,7 @@ function UNet.new(cfg)
     AttentionBlock.new(ch, c.num_heads),
     ResBlock.new(ch, emb, c.dropout, {use_scale_shift_norm = c.use_scale_shift_norm})})
   local output_blocks = self:add("output_blocks", nn.Sequential.new())
+  self.output_blocks = output_blocks
   for level = #c.channel_mult, 1, -1 do
     local mult = c.channel_mult[level]
     for i = 0, c.num_res_blocks do

@@ -1,0 +1,279 @@
+/* layers.c — the UNet layer ops as differentiable tensor ops: conv2d, group norm with
+ * scale-shift and SiLU, QKV attention, nearest upsample, average pool, timestep
+ * embedding, dropout. Each forward is followed by its backward; both dispatch to the
+ * backend's kernels (kernels.h on the CPU). Dim letters: N batch, C/O channels, H W
+ * spatial, G groups, T positions, B batch of attention. */
+#include "iddpm/nn.h"
+
+#include <string.h>
+
+/* contiguous float32 copy-or-reference of t (NULL stays NULL) */
+static idd_tensor *cf32(idd_tensor *t) {
+    if (!t) return NULL;
+    if (t->dtype == IDD_F32) return idd_contiguous(t);
+    return idd_to_dtype(t, IDD_F32);
+}
+
+static float *fp(idd_tensor *t) { return t ? (float *)idd_data(t) : NULL; }
+
+static idd_tensor *zeros_like_shape(idd_tensor *t) {
+    return t ? idd_tensor_zeros(IDD_F32, t->device, t->ndim, t->shape) : NULL;
+}
+
+static idd_status no_kernel(const char *op, idd_device dev) {
+    return idd_error("%s: not implemented on %s", op, idd_device_name(dev));
+}
+
+// ---------------------------------------------------------------- conv2d
+
+/* saved: x, w (contiguous f32); ip: stride, pad */
+static idd_status conv2d_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *x = n->saved[0], *w = n->saved[1], *gc = cf32(g);
+    if (!gc) return IDD_ERR;
+    idd_tensor *dx = n->needs[0] ? zeros_like_shape(x) : NULL;
+    idd_tensor *dw = n->needs[1] ? zeros_like_shape(w) : NULL;
+    idd_tensor *db = n->n_in > 2 && n->needs[2] ? idd_tensor_zeros(IDD_F32, w->device, 1, w->shape) : NULL;
+    idd_status st = idd_backend_of(x)->conv2d_backward(fp(dx), fp(dw), fp(db), fp(gc), fp(x), fp(w), (int)x->shape[0],
+                                                       (int)x->shape[1], (int)x->shape[2], (int)x->shape[3],
+                                                       (int)w->shape[0], (int)w->shape[2], (int)w->shape[3],
+                                                       (int)n->ip[0], (int)n->ip[1]);
+    idd_tensor_release(gc);
+    gin[0] = dx; gin[1] = dw; gin[2] = db;
+    return st;
+}
+
+idd_tensor *idd_conv2d(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad) {
+    char sx[96], sw[96], sb[96];
+    if (x->ndim != 4 || w->ndim != 4) {
+        idd_error("conv2d: expected input (N,C,H,W) and weight (O,C,KH,KW), got %s and %s", idd_shape_str(x, sx, 96),
+                  idd_shape_str(w, sw, 96));
+        return NULL;
+    }
+    if (x->shape[1] != w->shape[1]) {
+        idd_error("conv2d: input %s has %lld channels, weight %s expects %lld", idd_shape_str(x, sx, 96),
+                  (long long)x->shape[1], idd_shape_str(w, sw, 96), (long long)w->shape[1]);
+        return NULL;
+    }
+    if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) {
+        idd_error("conv2d: bias %s does not match weight %s", idd_shape_str(b, sb, 96), idd_shape_str(w, sw, 96));
+        return NULL;
+    }
+    if (stride < 1 || pad < 0) { idd_error("conv2d: stride %d / padding %d out of range", stride, pad); return NULL; }
+    int64_t Ho = (x->shape[2] + 2 * pad - w->shape[2]) / stride + 1, Wo = (x->shape[3] + 2 * pad - w->shape[3]) / stride + 1;
+    if (x->shape[2] + 2 * pad < w->shape[2] || x->shape[3] + 2 * pad < w->shape[3]) {
+        idd_error("conv2d: kernel %s larger than padded input %s", idd_shape_str(w, sw, 96), idd_shape_str(x, sx, 96));
+        return NULL;
+    }
+    const idd_backend *be = idd_backend_of(x);
+    if (!be->conv2d_forward) { no_kernel("conv2d", x->device); return NULL; }
+    idd_tensor *xc = cf32(x), *wc = xc ? cf32(w) : NULL, *bc = wc ? cf32(b) : NULL;
+    int64_t shape[4] = {x->shape[0], w->shape[0], Ho, Wo};
+    idd_tensor *out = wc && (bc || !b) ? idd_tensor_new(IDD_F32, x->device, 4, shape) : NULL;
+    idd_status st = out ? be->conv2d_forward(fp(out), fp(xc), fp(wc), fp(bc), (int)x->shape[0], (int)x->shape[1],
+                                             (int)x->shape[2], (int)x->shape[3], (int)w->shape[0], (int)w->shape[2],
+                                             (int)w->shape[3], stride, pad)
+                        : IDD_ERR;
+    if (st == IDD_OK) {
+        idd_tensor *ins[3] = {x, w, b};
+        idd_node *n = idd_record("conv2d", conv2d_backward, out, b ? 3 : 2, ins);
+        if (n) { idd_node_save(n, xc); idd_node_save(n, wc); n->ip[0] = stride; n->ip[1] = pad; }
+    } else {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    idd_tensor_release(xc); idd_tensor_release(wc); idd_tensor_release(bc);
+    return out;
+}
+
+// ---------------------------------------------------------------- group norm
+
+/* saved: x, mean, rstd, gamma, beta, scale, shift (NULL kept as absent via ip flags) */
+static idd_status group_norm_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *x = n->saved[0], *mean = n->saved[1], *rstd = n->saved[2];
+    idd_tensor *sv[4] = {NULL, NULL, NULL, NULL};   /* gamma, beta, scale, shift */
+    for (int k = 0, j = 3; k < 4; k++) if (n->ip[2 + k]) sv[k] = n->saved[j++];
+    idd_tensor *gc = cf32(g);
+    if (!gc) return IDD_ERR;
+    int N = (int)x->shape[0], C = (int)x->shape[1], HW = (int)(idd_numel(x) / ((int64_t)N * C));
+    idd_tensor *dx = n->needs[0] ? zeros_like_shape(n->in[0]) : NULL;
+    idd_tensor *d[4] = {NULL, NULL, NULL, NULL};
+    for (int k = 0; k < 4; k++) if (n->needs[1 + k] && sv[k]) d[k] = zeros_like_shape(sv[k]);
+    idd_status st = idd_backend_of(x)->groupnorm_backward(fp(dx), fp(d[0]), fp(d[1]), fp(d[2]), fp(d[3]), fp(gc),
+                                                          fp(mean), fp(rstd), fp(x), fp(sv[0]), fp(sv[1]), fp(sv[2]),
+                                                          fp(sv[3]), N, C, HW, (int)n->ip[0], (int)n->ip[1]);
+    idd_tensor_release(gc);
+    gin[0] = dx;
+    for (int k = 0; k < 4; k++) gin[1 + k] = d[k];
+    return st;
+}
+
+idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_tensor *beta, idd_tensor *scale,
+                           idd_tensor *shift, bool silu, double eps) {
+    char sx[96], so[96];
+    if (x->ndim < 2) { idd_error("group_norm: input %s needs (N,C,...)", idd_shape_str(x, sx, 96)); return NULL; }
+    int64_t N = x->shape[0], C = x->shape[1];
+    if (groups < 1 || C % groups) {
+        idd_error("group_norm: %lld channels of %s are not divisible into %d groups", (long long)C, idd_shape_str(x, sx, 96), groups);
+        return NULL;
+    }
+    idd_tensor *vec[2] = {gamma, beta};
+    for (int k = 0; k < 2; k++)
+        if (vec[k] && idd_numel(vec[k]) != C) {
+            idd_error("group_norm: %s %s does not match %lld channels of input %s", k ? "bias" : "weight",
+                      idd_shape_str(vec[k], so, 96), (long long)C, idd_shape_str(x, sx, 96));
+            return NULL;
+        }
+    idd_tensor *ss[2] = {scale, shift};
+    for (int k = 0; k < 2; k++)
+        if (ss[k] && (idd_numel(ss[k]) != N * C || ss[k]->shape[0] != N)) {
+            idd_error("group_norm: %s %s must be (N,C) = (%lld,%lld) for input %s", k ? "shift" : "scale",
+                      idd_shape_str(ss[k], so, 96), (long long)N, (long long)C, idd_shape_str(x, sx, 96));
+            return NULL;
+        }
+    const idd_backend *be = idd_backend_of(x);
+    if (!be->groupnorm_forward) { no_kernel("group_norm", x->device); return NULL; }
+    idd_tensor *xc = cf32(x), *gc = cf32(gamma), *bc = cf32(beta), *sc = cf32(scale), *hc = cf32(shift);
+    int64_t ng[2] = {N, groups};
+    idd_tensor *out = xc ? idd_tensor_new(IDD_F32, x->device, x->ndim, x->shape) : NULL;
+    idd_tensor *mean = idd_tensor_new(IDD_F32, x->device, 2, ng), *rstd = idd_tensor_new(IDD_F32, x->device, 2, ng);
+    idd_status st = out && mean && rstd && (gc || !gamma) && (bc || !beta) && (sc || !scale) && (hc || !shift)
+                        ? be->groupnorm_forward(fp(out), fp(mean), fp(rstd), fp(xc), fp(gc), fp(bc), fp(sc), fp(hc),
+                                                (int)N, (int)C, (int)(idd_numel(x) / (N * C)), groups, (float)eps, silu)
+                        : IDD_ERR;
+    if (st == IDD_OK) {
+        idd_tensor *ins[5] = {x, gamma, beta, scale, shift};
+        idd_node *n = idd_record("group_norm", group_norm_backward, out, 5, ins);
+        if (n) {
+            idd_node_save(n, xc); idd_node_save(n, mean); idd_node_save(n, rstd);
+            idd_tensor *opt[4] = {gc, bc, sc, hc};
+            for (int k = 0; k < 4; k++) { n->ip[2 + k] = opt[k] != NULL; if (opt[k]) idd_node_save(n, opt[k]); }
+            n->ip[0] = groups;
+            n->ip[1] = silu;
+        }
+    } else {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    idd_tensor_release(xc); idd_tensor_release(gc); idd_tensor_release(bc); idd_tensor_release(sc);
+    idd_tensor_release(hc); idd_tensor_release(mean); idd_tensor_release(rstd);
+    return out;
+}
+
+// ---------------------------------------------------------------- attention
+
+/* saved: qkv, weight; ip: heads */
+static idd_status attention_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *qkv = n->saved[0], *w = n->saved[1], *gc = cf32(g);
+    if (!gc) return IDD_ERR;
+    idd_tensor *dq = zeros_like_shape(qkv);
+    int B = (int)qkv->shape[0], C = (int)qkv->shape[1] / 3, T = (int)qkv->shape[2];
+    idd_status st = dq ? idd_backend_of(qkv)->attention_backward(fp(dq), fp(gc), fp(w), fp(qkv), B, C, T, (int)n->ip[0])
+                       : IDD_ERR;
+    idd_tensor_release(gc);
+    gin[0] = dq;
+    return st;
+}
+
+idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
+    char sq[96];
+    if (qkv->ndim != 3 || qkv->shape[1] % 3 || heads < 1 || (qkv->shape[1] / 3) % heads) {
+        idd_error("qkv_attention: qkv %s must be (B, 3C, T) with C divisible by %d heads", idd_shape_str(qkv, sq, 96), heads);
+        return NULL;
+    }
+    const idd_backend *be = idd_backend_of(qkv);
+    if (!be->attention_forward) { no_kernel("qkv_attention", qkv->device); return NULL; }
+    int64_t B = qkv->shape[0], C = qkv->shape[1] / 3, T = qkv->shape[2];
+    int64_t oshape[3] = {B, C, T}, wshape[3] = {B * heads, T, T};
+    idd_tensor *qc = cf32(qkv), *out = idd_tensor_new(IDD_F32, qkv->device, 3, oshape);
+    idd_tensor *w = idd_tensor_new(IDD_F32, qkv->device, 3, wshape);
+    idd_status st = qc && out && w ? be->attention_forward(fp(out), fp(w), fp(qc), (int)B, (int)C, (int)T, heads) : IDD_ERR;
+    if (st == IDD_OK) {
+        idd_node *n = idd_record("qkv_attention", attention_backward, out, 1, &qkv);
+        if (n) { idd_node_save(n, qc); idd_node_save(n, w); n->ip[0] = heads; }
+    } else {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    idd_tensor_release(qc);
+    idd_tensor_release(w);
+    return out;
+}
+
+// ---------------------------------------------------------------- resampling
+
+/* ip[0]: 1 = upsample, 0 = avgpool; the input's shape comes from the node's input */
+static idd_status resample_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *x = n->in[0], *gc = cf32(g), *dx = zeros_like_shape(x);
+    const idd_backend *be = idd_backend_of(x);
+    int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
+    idd_status st = gc && dx ? (n->ip[0] ? be->upsample2x_backward(fp(dx), fp(gc), N, C, H, W)
+                                         : be->avgpool2x_backward(fp(dx), fp(gc), N, C, H, W))
+                             : IDD_ERR;
+    idd_tensor_release(gc);
+    gin[0] = dx;
+    return st;
+}
+
+static idd_tensor *resample(idd_tensor *x, bool up) {
+    char sx[96];
+    const char *name = up ? "upsample_nearest" : "avg_pool2d";
+    if (x->ndim != 4) { idd_error("%s: input %s must be (N,C,H,W)", name, idd_shape_str(x, sx, 96)); return NULL; }
+    const idd_backend *be = idd_backend_of(x);
+    if (!(up ? be->upsample2x_forward : be->avgpool2x_forward)) { no_kernel(name, x->device); return NULL; }
+    int64_t shape[4] = {x->shape[0], x->shape[1], up ? 2 * x->shape[2] : x->shape[2] / 2, up ? 2 * x->shape[3] : x->shape[3] / 2};
+    idd_tensor *xc = cf32(x), *out = idd_tensor_new(IDD_F32, x->device, 4, shape);
+    int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
+    idd_status st = xc && out ? (up ? be->upsample2x_forward(fp(out), fp(xc), N, C, H, W)
+                                    : be->avgpool2x_forward(fp(out), fp(xc), N, C, H, W))
+                              : IDD_ERR;
+    idd_tensor_release(xc);
+    if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    idd_node *n = idd_record(name, resample_backward, out, 1, &x);
+    if (n) n->ip[0] = up;
+    return out;
+}
+
+idd_tensor *idd_upsample_nearest2x(idd_tensor *x) { return resample(x, true); }
+idd_tensor *idd_avg_pool2x(idd_tensor *x) { return resample(x, false); }
+
+// ---------------------------------------------------------------- timestep embedding
+
+idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period) {
+    char st_[96];
+    if (t->ndim != 1 || dim < 1) { idd_error("timestep_embedding: t %s must be (N) and dim >= 1", idd_shape_str(t, st_, 96)); return NULL; }
+    const idd_backend *be = idd_backend_of(t);
+    int64_t shape[2] = {t->shape[0], dim};
+    idd_tensor *tc = cf32(t), *out = idd_tensor_new(IDD_F32, t->device, 2, shape);
+    idd_status st = tc && out ? be->timestep_embedding(fp(out), fp(tc), (int)t->shape[0], dim, (float)max_period) : IDD_ERR;
+    idd_tensor_release(tc);
+    if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    return out;
+}
+
+// ---------------------------------------------------------------- dropout
+
+/* p[0] = p; ip: seed, stream, offset of the mask */
+static idd_status dropout_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *gc = cf32(g), *dx = zeros_like_shape(n->in[0]);
+    idd_status st = gc && dx ? idd_backend_of(dx)->dropout_backward(fp(dx), fp(gc), idd_numel(dx), (float)n->p[0],
+                                                                    (uint64_t)n->ip[0], (uint64_t)n->ip[1], (uint64_t)n->ip[2])
+                             : IDD_ERR;
+    idd_tensor_release(gc);
+    gin[0] = dx;
+    return st;
+}
+
+idd_tensor *idd_dropout(idd_tensor *x, double p, idd_generator *g) {
+    if (!(p >= 0 && p < 1)) { idd_error("dropout: p = %g must be in [0, 1)", p); return NULL; }
+    if (!g) g = idd_default_generator();
+    idd_tensor *xc = cf32(x), *out = xc ? idd_tensor_new(IDD_F32, x->device, x->ndim, x->shape) : NULL;
+    int64_t n = idd_numel(x);
+    uint64_t seed = g->seed, stream = g->stream, offset = g->offset;
+    idd_status st = out ? idd_backend_of(x)->dropout_forward(fp(out), fp(xc), n, (float)p, seed, stream, offset) : IDD_ERR;
+    idd_tensor_release(xc);
+    if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    g->offset += (uint64_t)(n + 1) / 2;
+    idd_node *nd = idd_record("dropout", dropout_backward, out, 1, &x);
+    if (nd) { nd->p[0] = p; nd->ip[0] = (int64_t)seed; nd->ip[1] = (int64_t)stream; nd->ip[2] = (int64_t)offset; }
+    return out;
+}

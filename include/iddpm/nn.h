@@ -1,0 +1,34 @@
+/* iddpm/nn.h — differentiable UNet layer ops on tensors (engine/nn/layers.c).
+ *
+ * Each checks shapes (messages name the op and every shape), makes its inputs
+ * contiguous float32, calls the backend's kernel for the tensors' device, and records
+ * a tape node whose backward calls the backend's matching backward kernel. The raw
+ * kernels and their exact maths are documented in kernels.h. Returns a new tensor or
+ * NULL with idd_last_error() set. */
+#ifndef IDDPM_NN_H
+#define IDDPM_NN_H
+
+#include "iddpm/ops.h"
+
+/* x (N,C,H,W), w (O,C,KH,KW), b (O) or NULL -> (N,O,Ho,Wo) */
+idd_tensor *idd_conv2d(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad);
+
+/* x (N,C,...) -> same; gamma/beta (C) or NULL; scale/shift (N,C) or NULL:
+ * y = GN(x)*gamma+beta; y = y*(1+scale)+shift; silu ? y*sigmoid(y) : y */
+idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_tensor *beta, idd_tensor *scale,
+                           idd_tensor *shift, bool silu, double eps);
+
+/* qkv (B,3C,T) in the official legacy head layout -> (B,C,T) */
+idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads);
+
+/* x (N,C,H,W) -> (N,C,2H,2W) nearest; (N,C,H/2,W/2) 2x2 average */
+idd_tensor *idd_upsample_nearest2x(idd_tensor *x);
+idd_tensor *idd_avg_pool2x(idd_tensor *x);
+
+/* t (N) float -> (N,dim): [cos | sin] of t*freq (no gradient) */
+idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period);
+
+/* inverted dropout with a mask drawn from g (advances it); identity if p == 0 */
+idd_tensor *idd_dropout(idd_tensor *x, double p, idd_generator *g);
+
+#endif
