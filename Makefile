@@ -40,7 +40,7 @@ CTEST_BIN  := $(CTEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC),$(wildcard tests/c/*.c)))
 
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
-            libreadline-dev lua-filesystem
+            libreadline-dev lua-filesystem lua-cjson
 
 .PHONY: all test bench demo install uninstall clean deps
 all: iddpm iddpm.so

@@ -9,11 +9,13 @@
 #endif
 
 int luaopen_iddpm_tensor(lua_State *L);
+int luaopen_iddpm_diffusion_core(lua_State *L);
 void idd_embed_preload(lua_State *L);
 
 typedef struct { const char *name; lua_CFunction open; } submodule;
 static const submodule submodules[] = {
     {"tensor", luaopen_iddpm_tensor},
+    {"_diffusion", luaopen_iddpm_diffusion_core},   /* C core of iddpm.diffusion */
     {NULL, NULL},
 };
 

@@ -4,4 +4,5 @@ return function(iddpm)
   local T = iddpm.tensor
   iddpm.no_grad = T.no_grad
   iddpm.manual_seed = T.manual_seed
+  iddpm.diffusion = require("iddpm.diffusion")
 end
