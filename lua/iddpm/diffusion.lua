@@ -91,7 +91,10 @@ end
 
 -- ---------------------------------------------------------------- schedules
 
+local function int(v) return type(v) == "number" and math.tointeger(v) or v end
+
 function D.schedule(name, steps, max_beta)
+  steps = int(steps)
   if math.type(steps) ~= "integer" or steps < 1 then
     error(("D.schedule: T must be an integer >= 1, got %s"):format(tostring(steps)), 2)
   end
@@ -103,6 +106,7 @@ function D.schedule(name, steps, max_beta)
 end
 
 function D.space_timesteps(steps, spec)
+  steps = int(steps)
   if type(spec) == "table" then spec = table.concat(spec, ",") end
   if spec ~= nil and type(spec) ~= "string" then spec = tostring(spec) end
   local ok, res = pcall(C.space_timesteps, steps, spec or "")
@@ -127,11 +131,11 @@ local function opt(cfg, k) if cfg[k] == nil then return DEFAULTS[k] end return c
 function D.new(cfg)
   cfg = cfg or {}
   if type(cfg) ~= "table" then error("D.new: expected a table of options", 2) end
-  local steps = cfg.steps or cfg.diffusion_steps or DEFAULTS.steps
+  local steps = int(cfg.steps or cfg.diffusion_steps or DEFAULTS.steps)
   local betas
   if type(cfg.betas) == "table" then
     betas = cfg.betas
-    if cfg.steps ~= nil and cfg.steps ~= #betas then
+    if cfg.steps ~= nil and int(cfg.steps) ~= #betas then
       error(("D.new: steps = %s but betas has %d entries"):format(tostring(cfg.steps), #betas), 2)
     end
     steps = #betas
@@ -420,7 +424,7 @@ Sampler.__index = Sampler
 
 -- D.sampler("uniform" | "loss-second-moment", diff_or_T)
 function D.sampler(name, diff)
-  local steps = type(diff) == "table" and diff.num_timesteps or diff
+  local steps = int(type(diff) == "table" and diff.num_timesteps or diff)
   if math.type(steps) ~= "integer" then error("D.sampler: second argument must be a diffusion or a number of steps", 2) end
   local ok, c = pcall(C.sampler, name, steps)
   if not ok then error(tostring(c):gsub("^diffusion%.sampler", "D.sampler"), 2) end
