@@ -34,6 +34,16 @@ end
 
 local function shape_str(s) return "(" .. table.concat(s, ",") .. ")" end
 
+-- call a C method; an error comes back naming the Lua API function, at the caller
+local function ccall(fname, f, ...)
+  local r = table.pack(pcall(f, ...))
+  if not r[1] then
+    local msg = tostring(r[2]):gsub("^[^:]*:%d+: ", ""):gsub("^diffusion%.[%w_]+: ", "")
+    error(fname .. ": " .. msg, 3)
+  end
+  return table.unpack(r, 2, r.n)
+end
+
 local function batch_of(x) return x:shape()[1] end
 
 -- t (array, integer or tensor) -> int64 tensor of length B
@@ -81,7 +91,7 @@ local function randn_like(x, gen) return gen and T.randn(x:shape(), gen) or T.ra
 -- call the model and check what it returns
 local function call_model(self, model, fname, xt, t, y)
   if not is_callable(model) then error(fname .. ": model must be a function or a callable object", 3) end
-  local out = model(xt, self._c:model_t(t), y)
+  local out = model(xt, ccall("diff:model_t", self._c.model_t, self._c, t), y)
   if not T.is_tensor(out) then
     error(("%s: model returned a %s, expected a tensor of shape %s%s"):format(fname, type(out),
       shape_str(xt:shape()), self.learned_sigma and " with twice the channels" or ""), 3)
@@ -182,26 +192,26 @@ function Diffusion:q_sample(x0, t, noise, gen)
   check_tensor(x0, "diff:q_sample", "x_start")
   t = to_t(t, batch_of(x0), "diff:q_sample")
   noise = noise or randn_like(x0, gen)
-  return self._c:q_sample(x0, t, check_tensor(noise, "diff:q_sample", "noise"))
+  return ccall("diff:q_sample", self._c.q_sample, self._c, x0, t, check_tensor(noise, "diff:q_sample", "noise"))
 end
 
 function Diffusion:q_mean_variance(x0, t)
   check_tensor(x0, "diff:q_mean_variance", "x_start")
-  return self._c:q_mean_variance(x0, to_t(t, batch_of(x0), "diff:q_mean_variance"))
+  return ccall("diff:q_mean_variance", self._c.q_mean_variance, self._c, x0, to_t(t, batch_of(x0), "diff:q_mean_variance"))
 end
 
 function Diffusion:q_posterior_mean_variance(x0, xt, t)
   check_tensor(x0, "diff:q_posterior_mean_variance", "x_start")
   check_tensor(xt, "diff:q_posterior_mean_variance", "x_t")
-  return self._c:q_posterior(x0, xt, to_t(t, batch_of(x0), "diff:q_posterior_mean_variance"))
+  return ccall("diff:q_posterior_mean_variance", self._c.q_posterior, self._c, x0, xt, to_t(t, batch_of(x0), "diff:q_posterior_mean_variance"))
 end
 
 function Diffusion:predict_xstart_from_eps(xt, t, eps)
-  return self._c:predict_xstart_from_eps(xt, to_t(t, batch_of(xt), "diff:predict_xstart_from_eps"), eps)
+  return ccall("diff:predict_xstart_from_eps", self._c.predict_xstart_from_eps, self._c, xt, to_t(t, batch_of(xt), "diff:predict_xstart_from_eps"), eps)
 end
 
 function Diffusion:predict_eps_from_xstart(xt, t, x0)
-  return self._c:predict_eps_from_xstart(xt, to_t(t, batch_of(xt), "diff:predict_eps_from_xstart"), x0)
+  return ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, to_t(t, batch_of(xt), "diff:predict_eps_from_xstart"), x0)
 end
 
 -- ---------------------------------------------------------------- reverse process
@@ -213,15 +223,14 @@ function Diffusion:p_mean_variance(model, xt, t, opts)
   check_tensor(xt, fname, "x_t")
   t = to_t(t, batch_of(xt), fname)
   local mo = call_model(self, model, fname, xt, t, get_y(opts))
-  local ok, raw = pcall(self._c.pred_xstart_raw, self._c, mo, xt, t)
-  if not ok then error(tostring(raw):gsub("^diffusion%.p_mean_variance", fname), 2) end
+  local raw = ccall(fname, self._c.pred_xstart_raw, self._c, mo, xt, t)
   if opts.denoised_fn then
     raw = opts.denoised_fn(raw)
     check_tensor(raw, fname, "denoised_fn's result")
   end
   local clip = opts.clip_denoised
   if clip == nil then clip = true end
-  local mean, var, logvar, pred = self._c:p_finish(mo, xt, t, raw, clip)
+  local mean, var, logvar, pred = ccall(fname, self._c.p_finish, self._c, mo, xt, t, raw, clip)
   return {mean = mean, variance = var, log_variance = logvar, pred_xstart = pred, model_output = mo}
 end
 
@@ -235,7 +244,7 @@ function Diffusion:p_sample(model, xt, t, opts)
   o._fname = "diff:p_sample"
   local out = self:p_mean_variance(model, xt, t, o)
   local noise = opts.noise or randn_like(xt, opts.generator)
-  return self._c:p_sample_step(out.mean, out.log_variance, noise, t), out.pred_xstart
+  return ccall("diff:p_sample", self._c.p_sample_step, self._c, out.mean, out.log_variance, noise, t), out.pred_xstart
 end
 
 -- -> sample, pred_xstart. opts.eta (default 0)
@@ -248,7 +257,7 @@ function Diffusion:ddim_sample(model, xt, t, opts)
   o._fname = "diff:ddim_sample"
   local out = self:p_mean_variance(model, xt, t, o)
   local noise = opts.noise or randn_like(xt, opts.generator)
-  return self._c:ddim_step(xt, out.pred_xstart, noise, t, opts.eta or 0), out.pred_xstart
+  return ccall("diff:ddim_sample", self._c.ddim_step, self._c, xt, out.pred_xstart, noise, t, opts.eta or 0), out.pred_xstart
 end
 
 -- x_t -> x_{t+1} by the reverse ODE (eta must be 0) -> sample, pred_xstart
@@ -260,7 +269,7 @@ function Diffusion:ddim_reverse_sample(model, xt, t, opts)
   for k, v in pairs(opts) do o[k] = v end
   o._fname = "diff:ddim_reverse_sample"
   local out = self:p_mean_variance(model, xt, t, o)
-  return self._c:ddim_reverse_step(xt, out.pred_xstart, t, opts.eta or 0), out.pred_xstart
+  return ccall("diff:ddim_reverse_sample", self._c.ddim_reverse_step, self._c, xt, out.pred_xstart, t, opts.eta or 0), out.pred_xstart
 end
 
 -- ---------------------------------------------------------------- sampling loops
@@ -355,11 +364,9 @@ function Diffusion:training_losses(model, x0, t, opts)
   t = to_t(t, batch_of(x0), fname)
   local noise = opts.noise or randn_like(x0, opts.generator)
   check_tensor(noise, fname, "opts.noise")
-  local ok, xt = pcall(self._c.q_sample, self._c, x0, t, noise)
-  if not ok then error(tostring(xt):gsub("^diffusion%.q_sample", fname), 2) end
+  local xt = ccall(fname, self._c.q_sample, self._c, x0, t, noise)
   local mo = call_model(self, model, fname, xt, t, get_y(opts))
-  local ok2, loss, mse, vb = pcall(self._c.training_losses, self._c, mo, x0, xt, noise, t)
-  if not ok2 then error(tostring(loss):gsub("^diffusion%.training_losses", fname), 2) end
+  local loss, mse, vb = ccall(fname, self._c.training_losses, self._c, mo, x0, xt, noise, t)
   return {loss = loss, mse = mse, vb = vb}
 end
 
@@ -384,10 +391,10 @@ function Diffusion:calc_bpd_loop(model, x0, opts)
       local step = n - col
       local t = to_t(step, B, fname)
       local noise = randn_like(x0, opts.generator)
-      local xt = self._c:q_sample(x0, t, noise)
+      local xt = ccall("diff:q_sample", self._c.q_sample, self._c, x0, t, noise)
       local mo = call_model(self, model, fname, xt, t, y)
-      local v, pred = self._c:vb_terms_bpd(mo, x0, xt, t, clip)
-      local eps = self._c:predict_eps_from_xstart(xt, t, pred)
+      local v, pred = ccall("diff:calc_bpd_loop", self._c.vb_terms_bpd, self._c, mo, x0, xt, t, clip)
+      local eps = ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, t, pred)
       local cols = {v:totable(), C.mean_flat_sq_diff(pred, x0):totable(), C.mean_flat_sq_diff(eps, noise):totable()}
       for b = 1, B do
         vb[(b - 1) * n + col] = cols[1][b]
@@ -398,7 +405,7 @@ function Diffusion:calc_bpd_loop(model, x0, opts)
       if opts.progress then progress_line(col, n, t0) end
     end
   end)
-  local prior = self._c:prior_bpd(x0)
+  local prior = ccall("diff:calc_bpd_loop", self._c.prior_bpd, self._c, x0)
   local p = prior:totable()
   for b = 1, B do total[b] = total[b] + p[b] end
   return {
@@ -432,24 +439,24 @@ function D.sampler(name, diff)
 end
 
 -- -> t (int64 tensor), weights (float32 tensor: 1 / (T p(t)))
-function Sampler:sample(batch, gen) return self._c:sample(batch, gen) end
+function Sampler:sample(batch, gen) return ccall("sampler:sample", self._c.sample, self._c, batch, gen) end
 
 -- raw per-example losses for the drawn t (tensors or Lua arrays)
 function Sampler:update(t, losses)
   if not T.is_tensor(t) then t = T.from_table(t, {#t}, "int64") end
   if not T.is_tensor(losses) then losses = T.from_table(losses, {#losses}, "float64") end
-  self._c:update(t, losses:detach())
+  ccall("sampler:update", self._c.update, self._c, t, losses:detach())
 end
 
-function Sampler:weights() return self._c:weights() end
-function Sampler:warmed_up() local _, _, w = self._c:info(); return w end
-function Sampler:state() return self._c:state() end
+function Sampler:weights() return ccall("sampler:weights", self._c.weights, self._c) end
+function Sampler:warmed_up() local _, _, w = ccall("sampler:info", self._c.info, self._c); return w end
+function Sampler:state() return ccall("sampler:state", self._c.state, self._c) end
 function Sampler:load_state(s)
   if type(s) ~= "table" then error("sampler:load_state: expected the table from sampler:state()", 2) end
-  if s.name and s.name ~= self._c:info() then
-    error(("sampler:load_state: state of a %s sampler given to a %s sampler"):format(s.name, (self._c:info())), 2)
+  if s.name and s.name ~= ccall("sampler:info", self._c.info, self._c) then
+    error(("sampler:load_state: state of a %s sampler given to a %s sampler"):format(s.name, (ccall("sampler:info", self._c.info, self._c))), 2)
   end
-  self._c:load_state(s)
+  ccall("sampler:load_state", self._c.load_state, self._c, s)
 end
 
 return D
