@@ -322,6 +322,7 @@ function Diffusion:p_sample_loop_progressive(model, shape, opts)
   opts = opts or {}
   local so = sample_opts(opts)
   return progressive(self, model, shape, opts, function(img, i, B)
+    so.noise = opts.step_noise and opts.step_noise(i) or nil
     return self:p_sample(model, img, i, so)
   end, "diff:p_sample_loop")
 end
@@ -330,6 +331,7 @@ function Diffusion:ddim_sample_loop_progressive(model, shape, opts)
   opts = opts or {}
   local so = sample_opts(opts)
   return progressive(self, model, shape, opts, function(img, i, B)
+    so.noise = opts.step_noise and opts.step_noise(i) or nil
     return self:ddim_sample(model, img, i, so)
   end, "diff:ddim_sample_loop")
 end
@@ -343,7 +345,8 @@ local function run_loop(it, opts)
   return final.sample, final
 end
 
--- opts: noise (x_T), clip_denoised, denoised_fn, y, generator, progress, callback(step)
+-- opts: noise (x_T), clip_denoised, denoised_fn, y, generator, progress, callback(step),
+-- step_noise (a function(t) -> the noise tensor for step t, instead of the generator)
 function Diffusion:p_sample_loop(model, shape, opts)
   return (run_loop(self:p_sample_loop_progressive(model, shape, opts), opts))
 end
