@@ -1,0 +1,517 @@
+/* ops.c — the diffusion kernels (gaussian.c, losses.c) at the tensor level: argument
+ * checks with messages naming the op and the shapes, conversion of inputs to contiguous
+ * float32 CPU buffers, output allocation, and the tape nodes of q_sample (w.r.t. x_start
+ * and noise) and training_losses (w.r.t. the model output). See diffusion_ops.h. */
+#include "iddpm/diffusion_ops.h"
+#include "iddpm/autograd.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+// ---------------------------------------------------------------- the refcounted diffusion
+
+idd_diffusion *idd_diffusion_new(idd_schedule *s, idd_diffusion_cfg cfg, int rescale_timesteps) {
+    idd_diffusion *d = calloc(1, sizeof *d);
+    if (!d) { idd_schedule_free(s); idd_error_status(IDD_ENOMEM, "diffusion: out of memory"); return NULL; }
+    d->refcount = 1;
+    d->s = s;
+    d->cfg = cfg;
+    d->rescale_timesteps = rescale_timesteps;
+    return d;
+}
+
+void idd_diffusion_retain(idd_diffusion *d) { d->refcount++; }
+
+void idd_diffusion_release(idd_diffusion *d) {
+    if (!d || --d->refcount > 0) return;
+    idd_schedule_free(d->s);
+    free(d);
+}
+
+// ---------------------------------------------------------------- argument helpers
+
+/* A contiguous float32 CPU version of x (a new reference), or NULL with a message. */
+static idd_tensor *prep(idd_tensor *x, const char *op, const char *arg) {
+    if (!x) { idd_error("%s: %s is missing", op, arg); return NULL; }
+    if (x->dtype != IDD_F32 && x->dtype != IDD_F64) {
+        idd_error("%s: %s must be a float tensor, got %s", op, arg, idd_dtype_name(x->dtype));
+        return NULL;
+    }
+    if (x->device == IDD_CPU && x->dtype == IDD_F32 && idd_is_contiguous(x)) {
+        idd_tensor_retain(x);
+        return x;
+    }
+    idd_tensor *c = x->device == IDD_CPU ? (idd_tensor_retain(x), x) : idd_to_device(x, IDD_CPU);
+    idd_tensor *f = c ? idd_to_dtype(c, IDD_F32) : NULL;
+    idd_tensor_release(c);
+    return f;
+}
+
+/* B, C, HW of an x-like tensor (dim 0, dim 1, the rest) */
+static void geom(const idd_tensor *x, int64_t *B, int64_t *C, int64_t *HW) {
+    *B = x->ndim >= 1 ? x->shape[0] : 1;
+    *C = x->ndim >= 2 ? x->shape[1] : 1;
+    int64_t hw = 1;
+    for (int i = 2; i < x->ndim; i++) hw *= x->shape[i];
+    *HW = hw;
+}
+
+static idd_status need_batch(const idd_tensor *x, const char *op, const char *arg) {
+    char s[96];
+    if (x->ndim < 1)
+        return idd_error("%s: %s must have a batch dim, got shape %s", op, arg, idd_shape_str(x, s, 96));
+    return IDD_OK;
+}
+
+static idd_status same_shape(const idd_tensor *a, const idd_tensor *b, const char *op,
+                             const char *an, const char *bn) {
+    char sa[96], sb[96];
+    if (!idd_same_shape(a, b))
+        return idd_error("%s: %s %s does not match %s %s", op, bn, idd_shape_str(b, sb, 96), an,
+                         idd_shape_str(a, sa, 96));
+    return IDD_OK;
+}
+
+/* t: int64 (B), contiguous CPU, every value in [0, T). A new reference. */
+static idd_tensor *prep_t(idd_diffusion *d, idd_tensor *t, int64_t B, const char *op) {
+    char s[96];
+    if (!t) { idd_error("%s: t is missing", op); return NULL; }
+    if (t->dtype != IDD_I64) { idd_error("%s: t must be an int64 tensor, got %s", op, idd_dtype_name(t->dtype)); return NULL; }
+    if (t->ndim != 1 || t->shape[0] != B) {
+        idd_error("%s: t has shape %s, expected (%lld) (one timestep per example)", op,
+                  idd_shape_str(t, s, 96), (long long)B);
+        return NULL;
+    }
+    idd_tensor *c = (t->device == IDD_CPU && idd_is_contiguous(t)) ? (idd_tensor_retain(t), t)
+                                                                   : idd_to_device(t, IDD_CPU);
+    if (c && idd_check_timesteps(d->s, idd_data(c), B, op) != IDD_OK) { idd_tensor_release(c); return NULL; }
+    return c;
+}
+
+static idd_tensor *new_like(const idd_tensor *x) { return idd_tensor_new(IDD_F32, IDD_CPU, x->ndim, x->shape); }
+static idd_tensor *new_b(int64_t B) { return idd_tensor_new(IDD_F32, IDD_CPU, 1, &B); }
+static float *F(idd_tensor *t) { return t ? (float *)idd_data(t) : NULL; }
+static const int64_t *I(idd_tensor *t) { return (const int64_t *)idd_data(t); }
+
+static void drop(int n, idd_tensor **ts) {
+    for (int i = 0; i < n; i++) { idd_tensor_release(ts[i]); ts[i] = NULL; }
+}
+
+/* per-sample double values broadcast over the n elements of each example */
+static void fill_bcast(idd_tensor *out, const double *v, int64_t B, int64_t n) {
+    float *o = F(out);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < n; i++) o[b * n + i] = (float)v[b];
+}
+
+// ---------------------------------------------------------------- model_t, q_sample
+
+idd_tensor *idd_diff_model_t(idd_diffusion *d, idd_tensor *t) {
+    if (!t || t->ndim != 1) { idd_error("diffusion.model_t: t must be a 1-D int64 tensor"); return NULL; }
+    idd_tensor *tc = prep_t(d, t, t->shape[0], "diffusion.model_t");
+    if (!tc) return NULL;
+    idd_tensor *out = new_b(t->shape[0]);
+    if (out && idd_schedule_model_t(d->s, I(tc), t->shape[0], d->rescale_timesteps, F(out)) != IDD_OK) {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    idd_tensor_release(tc);
+    return out;
+}
+
+typedef struct { int64_t B; double coef[]; } qs_ctx;   /* sqrt_abar[B], sqrt_1m_abar[B] */
+
+static idd_status q_sample_backward(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
+    qs_ctx *c = n->ctx;
+    idd_tensor *g = prep(dout, "q_sample backward", "dout");
+    if (!g) return IDD_ERR;
+    int64_t B = c->B, m = idd_numel(g) / (B ? B : 1);
+    for (int k = 0; k < 2; k++) {
+        if (!n->needs[k]) continue;
+        idd_tensor *o = new_like(g);
+        if (!o) { idd_tensor_release(g); return IDD_ERR; }
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < m; i++) F(o)[b * m + i] = (float)(c->coef[k * B + b] * F(g)[b * m + i]);
+        gin[k] = o;
+    }
+    idd_tensor_release(g);
+    return IDD_OK;
+}
+
+idd_tensor *idd_diff_q_sample(idd_diffusion *d, idd_tensor *x0, idd_tensor *t, idd_tensor *noise) {
+    const char *op = "diffusion.q_sample";
+    int64_t B, C, HW;
+    if (!x0 || !noise) { idd_error("%s: %s is missing", op, x0 ? "noise" : "x_start"); return NULL; }
+    if (need_batch(x0, op, "x_start") || same_shape(x0, noise, op, "x_start", "noise")) return NULL;
+    geom(x0, &B, &C, &HW);
+    idd_tensor *a[3] = {prep(x0, op, "x_start"), prep(noise, op, "noise"), NULL};
+    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *out = a[2] ? new_like(x0) : NULL;
+    if (out && idd_q_sample(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out)) != IDD_OK) {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    if (out) {
+        idd_tensor *ins[2] = {x0, noise};
+        idd_node *nd = idd_record("diffusion.q_sample", q_sample_backward, out, 2, ins);
+        if (nd) {
+            qs_ctx *c = malloc(sizeof *c + sizeof(double) * 2 * (size_t)B);
+            if (c) {
+                c->B = B;
+                for (int64_t b = 0; b < B; b++) {
+                    c->coef[b] = d->s->sqrt_alphas_cumprod[I(a[2])[b]];
+                    c->coef[B + b] = d->s->sqrt_one_minus_alphas_cumprod[I(a[2])[b]];
+                }
+            }
+            nd->ctx = c;
+            nd->free_ctx = free;
+        }
+    }
+    drop(3, a);
+    return out;
+}
+
+idd_status idd_diff_q_mean_variance(idd_diffusion *d, idd_tensor *x0, idd_tensor *t,
+                                    idd_tensor **mean, idd_tensor **var, idd_tensor **logvar) {
+    const char *op = "diffusion.q_mean_variance";
+    int64_t B, C, HW;
+    if (!x0) return idd_error("%s: x_start is missing", op);
+    if (need_batch(x0, op, "x_start")) return IDD_ERR;
+    geom(x0, &B, &C, &HW);
+    idd_tensor *a[2] = {prep(x0, op, "x_start"), NULL};
+    a[1] = a[0] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *o[3] = {a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL};
+    double *v = malloc(sizeof(double) * 2 * (size_t)B);
+    idd_status st = (o[0] && o[1] && o[2] && v)
+                        ? idd_q_mean_variance(d->s, F(a[0]), I(a[1]), B, C * HW, F(o[0]), v, v + B)
+                        : IDD_ERR;
+    if (st == IDD_OK) { fill_bcast(o[1], v, B, C * HW); fill_bcast(o[2], v + B, B, C * HW); }
+    free(v);
+    drop(2, a);
+    if (st != IDD_OK) { drop(3, o); return IDD_ERR; }
+    *mean = o[0]; *var = o[1]; *logvar = o[2];
+    return IDD_OK;
+}
+
+idd_status idd_diff_q_posterior(idd_diffusion *d, idd_tensor *x0, idd_tensor *xt, idd_tensor *t,
+                                idd_tensor **mean, idd_tensor **var, idd_tensor **logvar) {
+    const char *op = "diffusion.q_posterior_mean_variance";
+    int64_t B, C, HW;
+    if (!x0 || !xt) return idd_error("%s: %s is missing", op, x0 ? "x_t" : "x_start");
+    if (need_batch(x0, op, "x_start") || same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
+    geom(x0, &B, &C, &HW);
+    idd_tensor *a[3] = {prep(x0, op, "x_start"), prep(xt, op, "x_t"), NULL};
+    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *o[3] = {a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL};
+    double *v = malloc(sizeof(double) * 2 * (size_t)B);
+    idd_status st = (o[0] && o[1] && o[2] && v)
+                        ? idd_q_posterior_mean_variance(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(o[0]), v, v + B)
+                        : IDD_ERR;
+    if (st == IDD_OK) { fill_bcast(o[1], v, B, C * HW); fill_bcast(o[2], v + B, B, C * HW); }
+    free(v);
+    drop(3, a);
+    if (st != IDD_OK) { drop(3, o); return IDD_ERR; }
+    *mean = o[0]; *var = o[1]; *logvar = o[2];
+    return IDD_OK;
+}
+
+static idd_tensor *predict(idd_diffusion *d, idd_tensor *xt, idd_tensor *t, idd_tensor *y, int from_eps) {
+    const char *op = from_eps ? "diffusion.predict_xstart_from_eps" : "diffusion.predict_eps_from_xstart";
+    int64_t B, C, HW;
+    if (!xt || !y) { idd_error("%s: %s is missing", op, xt ? "second input" : "x_t"); return NULL; }
+    if (need_batch(xt, op, "x_t") || same_shape(xt, y, op, "x_t", from_eps ? "eps" : "x_start")) return NULL;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *a[3] = {prep(xt, op, "x_t"), prep(y, op, from_eps ? "eps" : "x_start"), NULL};
+    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *out = a[2] ? new_like(xt) : NULL;
+    idd_status st = !out ? IDD_ERR
+                    : from_eps ? idd_predict_xstart_from_eps(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out))
+                               : idd_predict_eps_from_xstart(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out));
+    if (st != IDD_OK) { idd_tensor_release(out); out = NULL; }
+    drop(3, a);
+    return out;
+}
+idd_tensor *idd_diff_predict_xstart_from_eps(idd_diffusion *d, idd_tensor *xt, idd_tensor *t, idd_tensor *eps) {
+    return predict(d, xt, t, eps, 1);
+}
+idd_tensor *idd_diff_predict_eps_from_xstart(idd_diffusion *d, idd_tensor *xt, idd_tensor *t, idd_tensor *x0) {
+    return predict(d, xt, t, x0, 0);
+}
+
+// ---------------------------------------------------------------- reverse process
+
+/* model_out must be x_t's shape, or with 2C channels when the variance is learned */
+static idd_status check_model_out(idd_diffusion *d, const idd_tensor *mo, const idd_tensor *xt, const char *op) {
+    char sm[96], sx[96];
+    int learned = idd_var_is_learned(d->cfg.var_type);
+    int ok = mo->ndim == xt->ndim && mo->ndim >= 2;
+    for (int i = 0; ok && i < mo->ndim; i++)
+        ok = i == 1 ? mo->shape[1] == (learned ? 2 : 1) * xt->shape[1] : mo->shape[i] == xt->shape[i];
+    if (!ok)
+        return idd_error("%s: model output %s does not match x_t %s (expected %s channels for variance type %s)",
+                         op, idd_shape_str(mo, sm, 96), idd_shape_str(xt, sx, 96), learned ? "2C" : "C",
+                         idd_var_type_name(d->cfg.var_type));
+    return IDD_OK;
+}
+
+idd_tensor *idd_diff_pred_xstart_raw(idd_diffusion *d, idd_tensor *model_out, idd_tensor *xt, idd_tensor *t) {
+    const char *op = "diffusion.p_mean_variance";
+    int64_t B, C, HW;
+    if (!model_out || !xt) { idd_error("%s: %s is missing", op, xt ? "model output" : "x_t"); return NULL; }
+    if (check_model_out(d, model_out, xt, op)) return NULL;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *a[3] = {prep(model_out, op, "model output"), prep(xt, op, "x_t"), NULL};
+    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *out = a[2] ? new_like(xt) : NULL;
+    if (out && idd_p_pred_xstart_raw(d->s, d->cfg, F(a[0]), F(a[1]), I(a[2]), B, C, HW, F(out)) != IDD_OK) {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    drop(3, a);
+    return out;
+}
+
+idd_status idd_diff_p_finish(idd_diffusion *d, idd_tensor *model_out, idd_tensor *xt, idd_tensor *t,
+                             idd_tensor *pred_xstart, int clip, idd_tensor **mean, idd_tensor **var,
+                             idd_tensor **logvar, idd_tensor **pred_out) {
+    const char *op = "diffusion.p_mean_variance";
+    int64_t B, C, HW;
+    if (!model_out || !xt || !pred_xstart) return idd_error("%s: an input is missing", op);
+    if (check_model_out(d, model_out, xt, op) || same_shape(xt, pred_xstart, op, "x_t", "pred_xstart"))
+        return IDD_ERR;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *a[3] = {prep(model_out, op, "model output"), prep(xt, op, "x_t"), NULL};
+    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *p = a[2] ? idd_to_dtype(pred_xstart, IDD_F32) : NULL;   /* always a fresh copy */
+    idd_tensor *pc = p && p->device != IDD_CPU ? idd_to_device(p, IDD_CPU) : (p ? (idd_tensor_retain(p), p) : NULL);
+    idd_tensor_release(p);
+    idd_tensor *o[3] = {NULL, NULL, NULL};
+    idd_tensor **want[3] = {mean, var, logvar};
+    idd_status st = pc ? IDD_OK : IDD_ERR;
+    for (int k = 0; k < 3 && st == IDD_OK; k++)
+        if (want[k] && !(o[k] = new_like(xt))) st = IDD_ERR;
+    if (st == IDD_OK)
+        st = idd_p_finish(d->s, d->cfg, F(a[0]), F(a[1]), I(a[2]), B, C, HW, clip, F(pc), F(o[0]), F(o[1]), F(o[2]));
+    drop(3, a);
+    if (st != IDD_OK) { drop(3, o); idd_tensor_release(pc); return IDD_ERR; }
+    for (int k = 0; k < 3; k++) if (want[k]) *want[k] = o[k];
+    if (pred_out) *pred_out = pc; else idd_tensor_release(pc);
+    return IDD_OK;
+}
+
+idd_tensor *idd_diff_p_sample_step(idd_diffusion *d, idd_tensor *mean, idd_tensor *logvar,
+                                   idd_tensor *noise, idd_tensor *t) {
+    const char *op = "diffusion.p_sample";
+    int64_t B, C, HW;
+    if (!mean || !logvar) { idd_error("%s: mean or log_variance missing", op); return NULL; }
+    if (need_batch(mean, op, "mean") || same_shape(mean, logvar, op, "mean", "log_variance") ||
+        (noise && same_shape(mean, noise, op, "x_t", "noise")))
+        return NULL;
+    geom(mean, &B, &C, &HW);
+    idd_tensor *a[4] = {prep(mean, op, "mean"), prep(logvar, op, "log_variance"), noise ? prep(noise, op, "noise") : NULL, NULL};
+    a[3] = a[0] && a[1] && (!noise || a[2]) ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *out = a[3] ? new_like(mean) : NULL;
+    if (out && idd_p_sample_step(F(a[0]), F(a[1]), F(a[2]), I(a[3]), B, C * HW, F(out)) != IDD_OK) {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    drop(4, a);
+    return out;
+}
+
+static idd_tensor *ddim(idd_diffusion *d, idd_tensor *xt, idd_tensor *px, idd_tensor *noise, idd_tensor *t,
+                        double eta, int reverse) {
+    const char *op = reverse ? "diffusion.ddim_reverse_sample" : "diffusion.ddim_sample";
+    int64_t B, C, HW;
+    if (!xt || !px) { idd_error("%s: x_t or pred_xstart missing", op); return NULL; }
+    if (need_batch(xt, op, "x_t") || same_shape(xt, px, op, "x_t", "pred_xstart") ||
+        (noise && same_shape(xt, noise, op, "x_t", "noise")))
+        return NULL;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *a[4] = {prep(xt, op, "x_t"), prep(px, op, "pred_xstart"), noise ? prep(noise, op, "noise") : NULL, NULL};
+    a[3] = a[0] && a[1] && (!noise || a[2]) ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *out = a[3] ? new_like(xt) : NULL;
+    idd_status st = !out ? IDD_ERR
+                    : reverse ? idd_ddim_reverse_step(d->s, F(a[0]), F(a[1]), I(a[3]), eta, B, C * HW, F(out))
+                              : idd_ddim_step(d->s, F(a[0]), F(a[1]), F(a[2]), I(a[3]), eta, B, C * HW, F(out));
+    if (st != IDD_OK) { idd_tensor_release(out); out = NULL; }
+    drop(4, a);
+    return out;
+}
+idd_tensor *idd_diff_ddim_step(idd_diffusion *d, idd_tensor *xt, idd_tensor *pred_xstart, idd_tensor *noise,
+                               idd_tensor *t, double eta) {
+    return ddim(d, xt, pred_xstart, noise, t, eta, 0);
+}
+idd_tensor *idd_diff_ddim_reverse_step(idd_diffusion *d, idd_tensor *xt, idd_tensor *pred_xstart, idd_tensor *t,
+                                       double eta) {
+    return ddim(d, xt, pred_xstart, NULL, t, eta, 1);
+}
+
+// ---------------------------------------------------------------- losses
+
+/* saved: model_out, x0, xt, noise, t (contiguous float32 / int64 CPU); ctx: the diffusion */
+static idd_status training_losses_backward(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
+    idd_diffusion *d = n->ctx;
+    idd_tensor *mo = n->saved[0], *x0 = n->saved[1], *xt = n->saved[2], *nz = n->saved[3], *t = n->saved[4];
+    int64_t B, C, HW;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *g = prep(dout, "training_losses backward", "dout");
+    double *dl = g ? malloc(sizeof(double) * (size_t)B) : NULL;
+    idd_tensor *gm = dl ? idd_tensor_zeros(IDD_F32, IDD_CPU, mo->ndim, mo->shape) : NULL;
+    idd_status st = gm ? IDD_OK : IDD_ERR;
+    if (st == IDD_OK) {
+        for (int64_t b = 0; b < B; b++) dl[b] = F(g)[b];
+        st = idd_training_losses_backward(d->s, d->cfg, F(mo), F(x0), F(xt), F(nz), I(t), B, C, HW, dl, F(gm));
+    }
+    free(dl);
+    idd_tensor_release(g);
+    if (st != IDD_OK) { idd_tensor_release(gm); return IDD_ERR; }
+    gin[0] = gm;
+    return IDD_OK;
+}
+
+static void release_diffusion(void *p) { idd_diffusion_release(p); }
+
+idd_status idd_diff_training_losses(idd_diffusion *d, idd_tensor *model_out, idd_tensor *x0, idd_tensor *xt,
+                                    idd_tensor *noise, idd_tensor *t, idd_tensor **loss, idd_tensor **mse,
+                                    idd_tensor **vb) {
+    const char *op = "diffusion.training_losses";
+    int64_t B, C, HW;
+    if (!model_out || !x0 || !xt || !noise) return idd_error("%s: an input is missing", op);
+    if (check_model_out(d, model_out, xt, op) || same_shape(x0, xt, op, "x_start", "x_t") ||
+        same_shape(x0, noise, op, "x_start", "noise"))
+        return IDD_ERR;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *a[5] = {prep(model_out, op, "model output"), prep(x0, op, "x_start"), prep(xt, op, "x_t"),
+                        prep(noise, op, "noise"), NULL};
+    a[4] = a[0] && a[1] && a[2] && a[3] ? prep_t(d, t, B, op) : NULL;
+    double *v = a[4] ? malloc(sizeof(double) * 3 * (size_t)B) : NULL;
+    idd_tensor *o[3] = {v ? new_b(B) : NULL, v ? new_b(B) : NULL, v ? new_b(B) : NULL};
+    idd_status st = o[0] && o[1] && o[2]
+                        ? idd_training_losses(d->s, d->cfg, F(a[0]), F(a[1]), F(a[2]), F(a[3]), I(a[4]), B, C, HW,
+                                              v, v + B, v + 2 * B)
+                        : IDD_ERR;
+    if (st == IDD_OK) {
+        for (int k = 0; k < 3; k++)
+            for (int64_t b = 0; b < B; b++) F(o[k])[b] = (float)v[k * B + b];
+        idd_tensor *ins[1] = {model_out};
+        idd_node *nd = idd_record("diffusion.training_losses", training_losses_backward, o[0], 1, ins);
+        if (nd) {
+            for (int k = 0; k < 5; k++) idd_node_save(nd, a[k]);
+            idd_diffusion_retain(d);
+            nd->ctx = d;
+            nd->free_ctx = release_diffusion;
+        }
+    }
+    free(v);
+    drop(5, a);
+    if (st != IDD_OK) { drop(3, o); return IDD_ERR; }
+    *loss = o[0];
+    if (mse) *mse = o[1]; else idd_tensor_release(o[1]);
+    if (vb) *vb = o[2]; else idd_tensor_release(o[2]);
+    return IDD_OK;
+}
+
+idd_status idd_diff_vb_terms_bpd(idd_diffusion *d, idd_tensor *model_out, idd_tensor *x0, idd_tensor *xt,
+                                 idd_tensor *t, int clip, idd_tensor **vb, idd_tensor **pred_xstart) {
+    const char *op = "diffusion.vb_terms_bpd";
+    int64_t B, C, HW;
+    if (!model_out || !x0 || !xt) return idd_error("%s: an input is missing", op);
+    if (check_model_out(d, model_out, xt, op) || same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *a[4] = {prep(model_out, op, "model output"), prep(x0, op, "x_start"), prep(xt, op, "x_t"), NULL};
+    a[3] = a[0] && a[1] && a[2] ? prep_t(d, t, B, op) : NULL;
+    double *v = a[3] ? malloc(sizeof(double) * (size_t)B) : NULL;
+    idd_tensor *o = v ? new_b(B) : NULL, *p = o ? new_like(xt) : NULL;
+    idd_status st = p ? idd_vb_terms_bpd(d->s, d->cfg, F(a[0]), F(a[1]), F(a[2]), I(a[3]), B, C, HW, clip, v, F(p))
+                      : IDD_ERR;
+    if (st == IDD_OK) for (int64_t b = 0; b < B; b++) F(o)[b] = (float)v[b];
+    free(v);
+    drop(4, a);
+    if (st != IDD_OK) { idd_tensor_release(o); idd_tensor_release(p); return IDD_ERR; }
+    *vb = o;
+    if (pred_xstart) *pred_xstart = p; else idd_tensor_release(p);
+    return IDD_OK;
+}
+
+idd_tensor *idd_diff_prior_bpd(idd_diffusion *d, idd_tensor *x0) {
+    const char *op = "diffusion.prior_bpd";
+    int64_t B, C, HW;
+    if (!x0 || need_batch(x0, op, "x_start")) { if (!x0) idd_error("%s: x_start is missing", op); return NULL; }
+    geom(x0, &B, &C, &HW);
+    idd_tensor *a = prep(x0, op, "x_start");
+    double *v = a ? malloc(sizeof(double) * (size_t)B) : NULL;
+    idd_tensor *o = v ? new_b(B) : NULL;
+    if (o && idd_prior_bpd(d->s, F(a), B, C * HW, v) == IDD_OK)
+        for (int64_t b = 0; b < B; b++) F(o)[b] = (float)v[b];
+    else { idd_tensor_release(o); o = NULL; }
+    free(v);
+    idd_tensor_release(a);
+    return o;
+}
+
+idd_tensor *idd_diff_mean_flat_sq_diff(idd_tensor *x, idd_tensor *y) {
+    const char *op = "diffusion.mean_flat_sq_diff";
+    int64_t B, C, HW;
+    if (!x || !y) { idd_error("%s: an input is missing", op); return NULL; }
+    if (need_batch(x, op, "a") || same_shape(x, y, op, "a", "b")) return NULL;
+    geom(x, &B, &C, &HW);
+    idd_tensor *a = prep(x, op, "a"), *b = a ? prep(y, op, "b") : NULL;
+    double *v = b ? malloc(sizeof(double) * (size_t)B) : NULL;
+    idd_tensor *o = v ? new_b(B) : NULL;
+    if (o && idd_mean_flat_sq_diff(F(a), F(b), B, C * HW, v) == IDD_OK)
+        for (int64_t i = 0; i < B; i++) F(o)[i] = (float)v[i];
+    else { idd_tensor_release(o); o = NULL; }
+    free(v);
+    idd_tensor_release(a);
+    idd_tensor_release(b);
+    return o;
+}
+
+// ---------------------------------------------------------------- elementwise losses
+
+/* the first argument with more than one element gives the shape; the others must
+ * match it or hold one element (stride 0) */
+static idd_tensor *elementwise(const char *op, int n, idd_tensor **in, const char *const *names, int kind) {
+    char s0[96], s1[96];
+    const idd_tensor *ref = in[0];
+    for (int i = 0; i < n; i++) {
+        if (!in[i]) { idd_error("%s: %s is missing", op, names[i]); return NULL; }
+        if (idd_numel(in[i]) > 1 && (idd_numel(ref) <= 1)) ref = in[i];
+    }
+    for (int i = 0; i < n; i++)
+        if (idd_numel(in[i]) != 1 && !idd_same_shape(in[i], ref)) {
+            idd_error("%s: %s %s does not match %s (pass a tensor of that shape or a number)", op, names[i],
+                      idd_shape_str(in[i], s0, 96), idd_shape_str(ref, s1, 96));
+            return NULL;
+        }
+    idd_tensor *a[4] = {NULL, NULL, NULL, NULL};
+    int64_t st[4];
+    for (int i = 0; i < n; i++) {
+        a[i] = prep(in[i], op, names[i]);
+        if (!a[i]) { drop(n, a); return NULL; }
+        st[i] = idd_numel(in[i]) == 1 ? 0 : 1;
+    }
+    idd_tensor *out = new_like(ref);
+    int64_t m = idd_numel(ref);
+    idd_status rc = !out ? IDD_ERR
+                    : kind == 0 ? idd_normal_kl(m, F(a[0]), st[0], F(a[1]), st[1], F(a[2]), st[2], F(a[3]), st[3], F(out))
+                                : idd_discretized_gaussian_log_likelihood(m, F(a[0]), st[0], F(a[1]), st[1], F(a[2]),
+                                                                          st[2], F(out));
+    if (rc != IDD_OK) { idd_tensor_release(out); out = NULL; }
+    drop(n, a);
+    return out;
+}
+
+idd_tensor *idd_diff_normal_kl(idd_tensor *m1, idd_tensor *lv1, idd_tensor *m2, idd_tensor *lv2) {
+    idd_tensor *in[4] = {m1, lv1, m2, lv2};
+    static const char *const names[4] = {"mean1", "logvar1", "mean2", "logvar2"};
+    return elementwise("diffusion.normal_kl", 4, in, names, 0);
+}
+
+idd_tensor *idd_diff_dgll(idd_tensor *x, idd_tensor *means, idd_tensor *log_scales) {
+    idd_tensor *in[3] = {x, means, log_scales};
+    static const char *const names[3] = {"x", "means", "log_scales"};
+    return elementwise("diffusion.discretized_gaussian_log_likelihood", 3, in, names, 1);
+}

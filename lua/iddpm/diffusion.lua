@@ -1,0 +1,465 @@
+-- iddpm/diffusion.lua — Improved DDPM's Gaussian diffusion for Lua (DESIGN section 3).
+--
+-- The mathematics is in C (engine/diffusion, bound as iddpm._diffusion by
+-- lua/l_diffusion.c); this module is the official code's API around it:
+--
+--   D.schedule(name | alpha_bar_fn, T)          -> Lua array of betas
+--   D.space_timesteps(T, spec)                  -> Lua array of retained 0-based steps
+--   D.new{steps, noise_schedule, learn_sigma, sigma_small, use_kl, predict_xstart,
+--         rescale_timesteps, rescale_learned_sigmas, timestep_respacing, betas}
+--   diff:q_sample, q_mean_variance, q_posterior_mean_variance, p_mean_variance,
+--        p_sample, ddim_sample, ddim_reverse_sample, training_losses,
+--        p_sample_loop(_progressive), ddim_sample_loop(_progressive), calc_bpd_loop
+--   D.normal_kl, D.discretized_gaussian_log_likelihood, D.sampler(name, diff)
+--
+-- As in the official create_gaussian_diffusion(), every diffusion is "spaced": the
+-- base schedule is always re-derived through respacing (even for ""), and the model
+-- sees timestep_map[t] * 1000 / T_original (rescale_timesteps) or timestep_map[t].
+-- t is a Lua array of 0-based timesteps, one integer (broadcast to the batch), or an
+-- int64 tensor. `model` is any callable (function or table with __call):
+-- model(x_t, t_model, y) -> tensor of x_t's shape (2C channels if learn_sigma).
+-- Noise comes from opts.generator (T.generator(seed)) or the default generator.
+local T = package.loaded["iddpm.tensor"] or require("iddpm").tensor
+local C = package.loaded["iddpm._diffusion"] or require("iddpm")._diffusion
+
+local D = {}
+
+-- ---------------------------------------------------------------- helpers
+
+local function is_callable(f)
+  if type(f) == "function" then return true end
+  local mt = getmetatable(f)
+  return mt ~= nil and type(mt) == "table" and mt.__call ~= nil
+end
+
+local function shape_str(s) return "(" .. table.concat(s, ",") .. ")" end
+
+-- call a C method; an error comes back naming the Lua API function, at the caller
+local function ccall(fname, f, ...)
+  local r = table.pack(pcall(f, ...))
+  if not r[1] then
+    local msg = tostring(r[2]):gsub("^[^:]*:%d+: ", ""):gsub("^diffusion%.[%w_]+: ", "")
+    error(fname .. ": " .. msg, 3)
+  end
+  return table.unpack(r, 2, r.n)
+end
+
+local function batch_of(x) return x:shape()[1] end
+
+-- t (array, integer or tensor) -> int64 tensor of length B
+local function to_t(t, B, fname)
+  if T.is_tensor(t) then
+    if t:dtype() == "int64" then return t end
+    local v = t:totable()
+    for i, x in ipairs(v) do
+      if x ~= math.floor(x) then error(("%s: t[%d] = %s is not an integer timestep"):format(fname, i, x), 3) end
+    end
+    return t:long()
+  elseif math.type(t) == "integer" or (type(t) == "number" and t == math.floor(t)) then
+    local v = {}
+    for i = 1, B do v[i] = math.tointeger(t) end
+    return T.from_table(v, {B}, "int64")
+  elseif type(t) == "table" then
+    for i = 1, #t do
+      if math.type(t[i]) ~= "integer" and not (type(t[i]) == "number" and t[i] == math.floor(t[i])) then
+        error(("%s: t[%d] = %s is not an integer timestep"):format(fname, i, tostring(t[i])), 3)
+      end
+    end
+    if #t == 0 then error(fname .. ": t is empty", 3) end
+    return T.from_table(t, {#t}, "int64")
+  end
+  error(("%s: t must be a Lua array of 0-based timesteps, an integer or an int64 tensor, got %s"):format(fname, type(t)), 3)
+end
+
+local function to_y(y)
+  if y == nil or T.is_tensor(y) then return y end
+  if type(y) == "table" then return T.from_table(y, {#y}, "int64") end
+  return y
+end
+
+local function check_tensor(x, fname, what)
+  if not T.is_tensor(x) then error(("%s: %s must be a tensor, got %s"):format(fname, what, type(x)), 3) end
+  return x
+end
+
+local function get_y(opts)
+  return to_y(opts.y ~= nil and opts.y or (opts.model_kwargs and opts.model_kwargs.y))
+end
+
+local function randn_like(x, gen) return gen and T.randn(x:shape(), gen) or T.randn(x:shape()) end
+
+-- call the model and check what it returns
+local function call_model(self, model, fname, xt, t, y)
+  if not is_callable(model) then error(fname .. ": model must be a function or a callable object", 3) end
+  local out = model(xt, ccall("diff:model_t", self._c.model_t, self._c, t), y)
+  if not T.is_tensor(out) then
+    error(("%s: model returned a %s, expected a tensor of shape %s%s"):format(fname, type(out),
+      shape_str(xt:shape()), self.learned_sigma and " with twice the channels" or ""), 3)
+  end
+  return out
+end
+
+-- ---------------------------------------------------------------- schedules
+
+local function int(v) return type(v) == "number" and math.tointeger(v) or v end
+
+function D.schedule(name, steps, max_beta)
+  steps = int(steps)
+  if math.type(steps) ~= "integer" or steps < 1 then
+    error(("D.schedule: T must be an integer >= 1, got %s"):format(tostring(steps)), 2)
+  end
+  if type(name) == "function" then return C.betas_from_alpha_bar(steps, name, max_beta or 0.999) end
+  if type(name) ~= "string" then error("D.schedule: name must be \"linear\", \"cosine\" or a function alpha_bar(u)", 2) end
+  local ok, res = pcall(C.betas_named, name, steps)
+  if not ok then error("D.schedule: " .. tostring(res), 2) end
+  return res
+end
+
+function D.space_timesteps(steps, spec)
+  steps = int(steps)
+  if type(spec) == "table" then spec = table.concat(spec, ",") end
+  if spec ~= nil and type(spec) ~= "string" then spec = tostring(spec) end
+  local ok, res = pcall(C.space_timesteps, steps, spec or "")
+  if not ok then error("D.space_timesteps: " .. tostring(res), 2) end
+  return res
+end
+
+-- ---------------------------------------------------------------- construction
+
+local Diffusion = {}
+Diffusion.__index = Diffusion
+D.Diffusion = Diffusion
+
+local DEFAULTS = {
+  steps = 1000, noise_schedule = "linear", learn_sigma = false, sigma_small = false, use_kl = false,
+  predict_xstart = false, rescale_timesteps = true, rescale_learned_sigmas = true, timestep_respacing = "",
+}
+D.defaults = DEFAULTS
+
+local function opt(cfg, k) if cfg[k] == nil then return DEFAULTS[k] end return cfg[k] end
+
+function D.new(cfg)
+  cfg = cfg or {}
+  if type(cfg) ~= "table" then error("D.new: expected a table of options", 2) end
+  local steps = int(cfg.steps or cfg.diffusion_steps or DEFAULTS.steps)
+  local betas
+  if type(cfg.betas) == "table" then
+    betas = cfg.betas
+    if cfg.steps ~= nil and int(cfg.steps) ~= #betas then
+      error(("D.new: steps = %s but betas has %d entries"):format(tostring(cfg.steps), #betas), 2)
+    end
+    steps = #betas
+  else
+    if math.type(steps) ~= "integer" or steps < 1 then
+      error(("D.new: steps must be an integer >= 1, got %s"):format(tostring(steps)), 2)
+    end
+    local sched = cfg.betas or opt(cfg, "noise_schedule")
+    local ok, res = pcall(D.schedule, sched, steps)
+    if not ok then error("D.new: noise_schedule: " .. tostring(res):gsub("^D%.schedule: ", ""), 2) end
+    betas = res
+  end
+  local learn_sigma, sigma_small = opt(cfg, "learn_sigma"), opt(cfg, "sigma_small")
+  local mean = cfg.model_mean_type or (opt(cfg, "predict_xstart") and "start_x" or "epsilon")
+  local var = cfg.model_var_type or (learn_sigma and "learned_range" or (sigma_small and "fixed_small" or "fixed_large"))
+  local loss = cfg.loss_type or (opt(cfg, "use_kl") and "rescaled_kl"
+    or (opt(cfg, "rescale_learned_sigmas") and "rescaled_mse" or "mse"))
+  local respacing = opt(cfg, "timestep_respacing")
+  if type(respacing) == "table" then respacing = table.concat(respacing, ",") end
+  if type(respacing) ~= "string" then
+    error("D.new: timestep_respacing must be a string (\"\", \"100\", \"ddim50\", \"10,20\") or a list", 2)
+  end
+  local ok, c = pcall(C.new, betas, respacing, mean, var, loss, opt(cfg, "rescale_timesteps"))
+  if not ok then error(tostring(c):gsub("^diffusion%.new", "D.new"), 2) end
+  local self = setmetatable({_c = c}, Diffusion)
+  local arrays, n, n_orig, map = c:arrays()
+  for k, v in pairs(arrays) do self[k] = v end
+  self.num_timesteps, self.original_num_steps, self.timestep_map = n, n_orig, map
+  self.use_timesteps = map
+  self.model_mean_type, self.model_var_type, self.loss_type, self.learned_sigma = c:config()
+  self.rescale_timesteps = opt(cfg, "rescale_timesteps") and true or false
+  self.timestep_respacing = respacing
+  return self
+end
+
+function Diffusion:__tostring()
+  return ("GaussianDiffusion(T=%d of %d, mean=%s, var=%s, loss=%s)"):format(self.num_timesteps,
+    self.original_num_steps, self.model_mean_type, self.model_var_type, self.loss_type)
+end
+
+-- ---------------------------------------------------------------- forward process
+
+function Diffusion:q_sample(x0, t, noise, gen)
+  check_tensor(x0, "diff:q_sample", "x_start")
+  t = to_t(t, batch_of(x0), "diff:q_sample")
+  noise = noise or randn_like(x0, gen)
+  return ccall("diff:q_sample", self._c.q_sample, self._c, x0, t, check_tensor(noise, "diff:q_sample", "noise"))
+end
+
+function Diffusion:q_mean_variance(x0, t)
+  check_tensor(x0, "diff:q_mean_variance", "x_start")
+  return ccall("diff:q_mean_variance", self._c.q_mean_variance, self._c, x0, to_t(t, batch_of(x0), "diff:q_mean_variance"))
+end
+
+function Diffusion:q_posterior_mean_variance(x0, xt, t)
+  check_tensor(x0, "diff:q_posterior_mean_variance", "x_start")
+  check_tensor(xt, "diff:q_posterior_mean_variance", "x_t")
+  return ccall("diff:q_posterior_mean_variance", self._c.q_posterior, self._c, x0, xt, to_t(t, batch_of(x0), "diff:q_posterior_mean_variance"))
+end
+
+function Diffusion:predict_xstart_from_eps(xt, t, eps)
+  return ccall("diff:predict_xstart_from_eps", self._c.predict_xstart_from_eps, self._c, xt, to_t(t, batch_of(xt), "diff:predict_xstart_from_eps"), eps)
+end
+
+function Diffusion:predict_eps_from_xstart(xt, t, x0)
+  return ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, to_t(t, batch_of(xt), "diff:predict_eps_from_xstart"), x0)
+end
+
+-- ---------------------------------------------------------------- reverse process
+
+-- opts: clip_denoised (default true), denoised_fn, y, model_kwargs
+function Diffusion:p_mean_variance(model, xt, t, opts)
+  opts = opts or {}
+  local fname = opts._fname or "diff:p_mean_variance"
+  check_tensor(xt, fname, "x_t")
+  t = to_t(t, batch_of(xt), fname)
+  local mo = call_model(self, model, fname, xt, t, get_y(opts))
+  local raw = ccall(fname, self._c.pred_xstart_raw, self._c, mo, xt, t)
+  if opts.denoised_fn then
+    raw = opts.denoised_fn(raw)
+    check_tensor(raw, fname, "denoised_fn's result")
+  end
+  local clip = opts.clip_denoised
+  if clip == nil then clip = true end
+  local mean, var, logvar, pred = ccall(fname, self._c.p_finish, self._c, mo, xt, t, raw, clip)
+  return {mean = mean, variance = var, log_variance = logvar, pred_xstart = pred, model_output = mo}
+end
+
+-- -> sample, pred_xstart
+function Diffusion:p_sample(model, xt, t, opts)
+  opts = opts or {}
+  check_tensor(xt, "diff:p_sample", "x_t")
+  t = to_t(t, batch_of(xt), "diff:p_sample")
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o._fname = "diff:p_sample"
+  local out = self:p_mean_variance(model, xt, t, o)
+  local noise = opts.noise or randn_like(xt, opts.generator)
+  return ccall("diff:p_sample", self._c.p_sample_step, self._c, out.mean, out.log_variance, noise, t), out.pred_xstart
+end
+
+-- -> sample, pred_xstart. opts.eta (default 0)
+function Diffusion:ddim_sample(model, xt, t, opts)
+  opts = opts or {}
+  check_tensor(xt, "diff:ddim_sample", "x_t")
+  t = to_t(t, batch_of(xt), "diff:ddim_sample")
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o._fname = "diff:ddim_sample"
+  local out = self:p_mean_variance(model, xt, t, o)
+  local noise = opts.noise or randn_like(xt, opts.generator)
+  return ccall("diff:ddim_sample", self._c.ddim_step, self._c, xt, out.pred_xstart, noise, t, opts.eta or 0), out.pred_xstart
+end
+
+-- x_t -> x_{t+1} by the reverse ODE (eta must be 0) -> sample, pred_xstart
+function Diffusion:ddim_reverse_sample(model, xt, t, opts)
+  opts = opts or {}
+  check_tensor(xt, "diff:ddim_reverse_sample", "x_t")
+  t = to_t(t, batch_of(xt), "diff:ddim_reverse_sample")
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o._fname = "diff:ddim_reverse_sample"
+  local out = self:p_mean_variance(model, xt, t, o)
+  return ccall("diff:ddim_reverse_sample", self._c.ddim_reverse_step, self._c, xt, out.pred_xstart, t, opts.eta or 0), out.pred_xstart
+end
+
+-- ---------------------------------------------------------------- sampling loops
+
+local function progress_line(i, n, t0)
+  local dt = os.clock() - t0
+  io.stderr:write(("\rsampling step %d/%d  %.1fs"):format(i, n, dt))
+  if i == n then io.stderr:write("\n") end
+end
+
+-- An iterator: each call runs one reverse step (under no_grad) and returns
+-- {sample =, pred_xstart =, t =} (t the 0-based step just taken), nil when done.
+local function progressive(self, model, shape, opts, step, fname)
+  opts = opts or {}
+  if type(shape) ~= "table" then
+    if T.is_tensor(opts.noise) then shape = opts.noise:shape()
+    else error(fname .. ": shape must be a table like {N, C, H, W}", 3) end
+  end
+  local img = opts.noise
+  if img == nil then
+    img = opts.generator and T.randn(shape, opts.generator) or T.randn(shape)
+  else
+    check_tensor(img, fname, "opts.noise")
+    local s = img:shape()
+    if shape_str(s) ~= shape_str(shape) then
+      error(("%s: opts.noise has shape %s but shape is %s"):format(fname, shape_str(s), shape_str(shape)), 3)
+    end
+  end
+  local B, i, n, t0 = shape[1], self.num_timesteps - 1, self.num_timesteps, os.clock()
+  return function()
+    if i < 0 then return nil end
+    local prev = T.set_grad_enabled(false)
+    local ok, sample, pred = pcall(step, img, i, B)
+    T.set_grad_enabled(prev)
+    if not ok then error(sample, 2) end
+    img = sample
+    local res = {sample = sample, pred_xstart = pred, t = i}
+    i = i - 1
+    if opts.progress then progress_line(n - i - 1, n, t0) end
+    return res
+  end
+end
+
+local function sample_opts(opts)
+  return {clip_denoised = opts.clip_denoised, denoised_fn = opts.denoised_fn, y = opts.y,
+    model_kwargs = opts.model_kwargs, generator = opts.generator, eta = opts.eta}
+end
+
+function Diffusion:p_sample_loop_progressive(model, shape, opts)
+  opts = opts or {}
+  local so = sample_opts(opts)
+  return progressive(self, model, shape, opts, function(img, i, B)
+    so.noise = opts.step_noise and opts.step_noise(i) or nil
+    return self:p_sample(model, img, i, so)
+  end, "diff:p_sample_loop")
+end
+
+function Diffusion:ddim_sample_loop_progressive(model, shape, opts)
+  opts = opts or {}
+  local so = sample_opts(opts)
+  return progressive(self, model, shape, opts, function(img, i, B)
+    so.noise = opts.step_noise and opts.step_noise(i) or nil
+    return self:ddim_sample(model, img, i, so)
+  end, "diff:ddim_sample_loop")
+end
+
+local function run_loop(it, opts)
+  local final
+  for step in it do
+    if opts and opts.callback then opts.callback(step) end
+    final = step
+  end
+  return final.sample, final
+end
+
+-- opts: noise (x_T), clip_denoised, denoised_fn, y, generator, progress, callback(step),
+-- step_noise (a function(t) -> the noise tensor for step t, instead of the generator)
+function Diffusion:p_sample_loop(model, shape, opts)
+  return (run_loop(self:p_sample_loop_progressive(model, shape, opts), opts))
+end
+
+-- opts as p_sample_loop plus eta (default 0)
+function Diffusion:ddim_sample_loop(model, shape, opts)
+  return (run_loop(self:ddim_sample_loop_progressive(model, shape, opts), opts))
+end
+
+-- ---------------------------------------------------------------- training and evaluation
+
+-- -> {loss =, mse =, vb =} per-example float32 tensors; loss carries the gradient into
+-- the model output (and so into the model's parameters). opts: noise, y, generator.
+function Diffusion:training_losses(model, x0, t, opts)
+  opts = opts or {}
+  local fname = "diff:training_losses"
+  check_tensor(x0, fname, "x_start")
+  t = to_t(t, batch_of(x0), fname)
+  local noise = opts.noise or randn_like(x0, opts.generator)
+  check_tensor(noise, fname, "opts.noise")
+  local xt = ccall(fname, self._c.q_sample, self._c, x0, t, noise)
+  local mo = call_model(self, model, fname, xt, t, get_y(opts))
+  local loss, mse, vb = ccall(fname, self._c.training_losses, self._c, mo, x0, xt, noise, t)
+  return {loss = loss, mse = mse, vb = vb}
+end
+
+-- The variational bound in bits/dim, step by step (official calc_bpd_loop).
+-- -> {total_bpd (B), prior_bpd (B), vb (B,T), xstart_mse (B,T), mse (B,T)}; columns
+-- run from t = T-1 down to 0, as in the official code. opts: clip_denoised (true),
+-- y, generator, progress.
+function Diffusion:calc_bpd_loop(model, x0, opts)
+  opts = opts or {}
+  local fname = "diff:calc_bpd_loop"
+  check_tensor(x0, fname, "x_start")
+  local B, n = batch_of(x0), self.num_timesteps
+  local clip = opts.clip_denoised
+  if clip == nil then clip = true end
+  local y = get_y(opts)
+  local vb, xmse, mse = {}, {}, {}
+  local total = {}
+  for b = 1, B do total[b] = 0 end
+  local t0 = os.clock()
+  T.no_grad(function()
+    for col = 1, n do
+      local step = n - col
+      local t = to_t(step, B, fname)
+      local noise = randn_like(x0, opts.generator)
+      local xt = ccall("diff:q_sample", self._c.q_sample, self._c, x0, t, noise)
+      local mo = call_model(self, model, fname, xt, t, y)
+      local v, pred = ccall("diff:calc_bpd_loop", self._c.vb_terms_bpd, self._c, mo, x0, xt, t, clip)
+      local eps = ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, t, pred)
+      local cols = {v:totable(), C.mean_flat_sq_diff(pred, x0):totable(), C.mean_flat_sq_diff(eps, noise):totable()}
+      for b = 1, B do
+        vb[(b - 1) * n + col] = cols[1][b]
+        xmse[(b - 1) * n + col] = cols[2][b]
+        mse[(b - 1) * n + col] = cols[3][b]
+        total[b] = total[b] + cols[1][b]
+      end
+      if opts.progress then progress_line(col, n, t0) end
+    end
+  end)
+  local prior = ccall("diff:calc_bpd_loop", self._c.prior_bpd, self._c, x0)
+  local p = prior:totable()
+  for b = 1, B do total[b] = total[b] + p[b] end
+  return {
+    total_bpd = T.from_table(total, {B}), prior_bpd = prior,
+    vb = T.from_table(vb, {B, n}), xstart_mse = T.from_table(xmse, {B, n}), mse = T.from_table(mse, {B, n}),
+  }
+end
+
+-- ---------------------------------------------------------------- elementwise losses
+
+function D.normal_kl(mean1, logvar1, mean2, logvar2) return C.normal_kl(mean1, logvar1, mean2, logvar2) end
+
+-- D.discretized_gaussian_log_likelihood(x, means, log_scales) or (x, {means=, log_scales=})
+function D.discretized_gaussian_log_likelihood(x, means, log_scales)
+  if type(means) == "table" and not T.is_tensor(means) then means, log_scales = means.means, means.log_scales end
+  return C.dgll(x, means, log_scales)
+end
+
+-- ---------------------------------------------------------------- timestep samplers
+
+local Sampler = {}
+Sampler.__index = Sampler
+
+-- D.sampler("uniform" | "loss-second-moment", diff_or_T)
+function D.sampler(name, diff)
+  local steps = int(type(diff) == "table" and diff.num_timesteps or diff)
+  if math.type(steps) ~= "integer" then error("D.sampler: second argument must be a diffusion or a number of steps", 2) end
+  local ok, c = pcall(C.sampler, name, steps)
+  if not ok then error(tostring(c):gsub("^diffusion%.sampler", "D.sampler"), 2) end
+  return setmetatable({_c = c, name = name, num_timesteps = steps}, Sampler)
+end
+
+-- -> t (int64 tensor), weights (float32 tensor: 1 / (T p(t)))
+function Sampler:sample(batch, gen) return ccall("sampler:sample", self._c.sample, self._c, batch, gen) end
+
+-- raw per-example losses for the drawn t (tensors or Lua arrays)
+function Sampler:update(t, losses)
+  if not T.is_tensor(t) then t = T.from_table(t, {#t}, "int64") end
+  if not T.is_tensor(losses) then losses = T.from_table(losses, {#losses}, "float64") end
+  ccall("sampler:update", self._c.update, self._c, t, losses:detach())
+end
+
+function Sampler:weights() return ccall("sampler:weights", self._c.weights, self._c) end
+function Sampler:warmed_up() local _, _, w = ccall("sampler:info", self._c.info, self._c); return w end
+function Sampler:state() return ccall("sampler:state", self._c.state, self._c) end
+function Sampler:load_state(s)
+  if type(s) ~= "table" then error("sampler:load_state: expected the table from sampler:state()", 2) end
+  if s.name and s.name ~= ccall("sampler:info", self._c.info, self._c) then
+    error(("sampler:load_state: state of a %s sampler given to a %s sampler"):format(s.name, (ccall("sampler:info", self._c.info, self._c))), 2)
+  end
+  ccall("sampler:load_state", self._c.load_state, self._c, s)
+end
+
+return D
