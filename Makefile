@@ -37,7 +37,7 @@ BIND_OBJ   := $(BIND_SRC:%.c=$(BUILD)/%.o) $(BUILD)/embed.o
 MAIN_OBJ   := $(BUILD)/lua/main.o
 CTEST_SRC  := $(sort $(wildcard tests/c/test_*.c))
 CTEST_BIN  := $(CTEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
-CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC),$(wildcard tests/c/*.c)))
+CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard tests/c/*.c)))
 
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
