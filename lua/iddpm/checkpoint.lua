@@ -1,0 +1,108 @@
+-- iddpm/checkpoint.lua — run-directory checkpoints (DESIGN §5).
+--
+-- One safetensors file per save, RUN/ckpt_<step, 8 digits>.safetensors, holding:
+--   model.<param>            the model's parameters (official names after the prefix)
+--   ema_<rate>.<param>       one EMA copy per rate, e.g. ema_0.9999.input_blocks.0.0.weight
+--   opt.m.<param>, opt.v.<param>   AdamW moments
+--   extra.<name>             anything else a trainer needs back (RNG state, sampler history)
+-- and __metadata__ {format = "iddpm-ckpt-1", step, config (JSON of the resolved config),
+-- ema_rates (JSON list), plus any string the caller adds}. Files are written to a
+-- temporary name and renamed (engine/io), so a crash never damages the previous one.
+local T = require "iddpm.tensor"
+local io_ = require "iddpm.io"
+local lfs_ok, lfs = pcall(require, "lfs")
+
+local C = {}
+C.FORMAT = "iddpm-ckpt-1"
+
+function C.filename(dir, step) return ("%s/ckpt_%08d.safetensors"):format(dir, step) end
+
+-- list {step, path} of the checkpoints in dir, oldest first
+function C.list(dir)
+  local r = {}
+  local names = {}
+  if lfs_ok then
+    local ok, iter, state = pcall(lfs.dir, dir)
+    if ok then for f in iter, state do names[#names + 1] = f end end
+  else
+    local p = io.popen(('ls -1 "%s" 2>/dev/null'):format(dir))
+    if p then for f in p:lines() do names[#names + 1] = f end p:close() end
+  end
+  for _, f in ipairs(names) do
+    local s = f:match("^ckpt_(%d+)%.safetensors$")
+    if s then r[#r + 1] = {step = tonumber(s), path = dir .. "/" .. f} end
+  end
+  table.sort(r, function(a, b) return a.step < b.step end)
+  return r
+end
+
+function C.latest(dir)
+  local l = C.list(dir)
+  return l[#l]
+end
+
+-- parts: {model = module, emas = {{rate=, ema=obj}}, opt = adamw, extra = {name = tensor},
+--         step = n, config = table, meta = {key = string}}
+function C.save(dir, parts)
+  local tensors = {}
+  local names = parts.model:parameter_names()
+  local params = parts.model:named_parameters()
+  for _, n in ipairs(names) do tensors["model." .. n] = params[n] end
+  local rates = {}
+  for _, e in ipairs(parts.emas or {}) do
+    rates[#rates + 1] = e.rate
+    for i, n in ipairs(names) do tensors[("ema_%s.%s"):format(e.rate, n)] = e.ema.shadow[i] end
+  end
+  if parts.opt then
+    for k, v in pairs(parts.opt:state_tensors(names, "opt.")) do tensors[k] = v end
+  end
+  for k, v in pairs(parts.extra or {}) do tensors["extra." .. k] = v end
+  local meta = {format = C.FORMAT, step = tostring(parts.step), config = io_.json_encode(parts.config or {}),
+                ema_rates = io_.json_encode(rates), opt_step = tostring(parts.opt and parts.opt.step_count or 0)}
+  for k, v in pairs(parts.meta or {}) do meta[k] = v end
+  local path = C.filename(dir, parts.step)
+  T.save(path, tensors, meta)
+  return path
+end
+
+-- remove all but the newest `keep` checkpoints
+function C.prune(dir, keep)
+  local l = C.list(dir)
+  for i = 1, #l - keep do os.remove(l[i].path) end
+end
+
+-- read a checkpoint file: returns {tensors, meta, config (table), step, ema_rates}
+function C.read(path)
+  local ok, tensors, meta = pcall(T.load, path)
+  if not ok then error(("checkpoint %s: %s"):format(path, tostring(tensors)), 2) end
+  if meta.format ~= C.FORMAT then
+    error(("%s is not an iddpm checkpoint (no __metadata__ format = %q); convert official .pt files with " ..
+      "tests/ref/convert_official.py"):format(path, C.FORMAT), 2)
+  end
+  return {tensors = tensors, meta = meta, config = io_.json_decode(meta.config or "{}"), step = tonumber(meta.step),
+          ema_rates = io_.json_decode(meta.ema_rates or "[]"), opt_step = tonumber(meta.opt_step or "0")}
+end
+
+-- the tensors under a prefix ("model." or "ema_0.9999."), prefix removed
+function C.subset(tensors, prefix)
+  local r = {}
+  for k, v in pairs(tensors) do
+    if k:sub(1, #prefix) == prefix then r[k:sub(#prefix + 1)] = v end
+  end
+  return r
+end
+
+-- resolve a path that may be a run directory (newest checkpoint) or a file
+function C.resolve(path)
+  local f = io.open(path, "rb")
+  if f then
+    local isdir = not f:read(0) and f:seek("end") == nil
+    f:close()
+    if not isdir and path:match("%.safetensors$") then return path end
+  end
+  local l = C.latest(path)
+  if l then return l.path end
+  error(("no checkpoint found at %s (expected a .safetensors file or a run directory with ckpt_*.safetensors)"):format(path), 2)
+end
+
+return C
