@@ -45,11 +45,20 @@ end
 
 function Module:child(name) return self._children[tostring(name)] end
 
+-- "path: message" (or "path.inner.path: message" when the message already starts with a
+-- module path), dropping the "file.lua:123: " position of errors raised inside modules
+function nn.where(path, err)
+  local msg = tostring(err):gsub("^[^%s:]+%.lua:%d+: ", "")
+  local inner = msg:match("^([%w_]+[%.%w_]*): ")
+  local is_path = inner and (inner:find("^%d") or inner:find("%.") or inner:find("^[%w_]+_blocks") or inner:find("_layers"))
+  return path .. (is_path and "." or ": ") .. msg
+end
+
 -- run child:forward(...) and put the child's path in front of any error
 function Module:call(name, ...)
   local child = self._children[name]
   local ok, a, b = pcall(child.forward, child, ...)
-  if not ok then error(name .. (type(a) == "string" and a:match("^[%w_]+[.:]") and "." or ": ") .. tostring(a), 0) end
+  if not ok then error(nn.where(name, a), 0) end
   return a, b
 end
 

@@ -26,7 +26,7 @@ function ResBlock.new(ch, emb_ch, dropout, opts)
   return self
 end
 
-local function fail(path, err) error(path .. (tostring(err):match("^[%w_]+[.:]") and "." or ": ") .. tostring(err), 0) end
+local function fail(path, err) error(nn.where(path, err), 0) end
 
 -- x (N, ch, H, W), emb (N, emb_ch) -> (N, out, H, W)
 function ResBlock:forward(x, emb)
