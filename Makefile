@@ -42,14 +42,20 @@ CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard test
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
 
-.PHONY: all test bench demo install uninstall clean deps
+.PHONY: all test bench demo install uninstall clean deps iddpm iddpm.so
 all: iddpm iddpm.so
 
-iddpm: $(MAIN_OBJ) $(BIND_OBJ) $(ENGINE_OBJ)
-	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -Wl,-E
-	@if [ "$(DEBUG)" = 1 ]; then cp $@ $(BUILD)/iddpm; fi
+# the binaries are linked per build mode and copied to the top when they differ, so
+# switching between DEBUG=1 and a release build never leaves a stale ./iddpm
+iddpm: $(BUILD)/iddpm
+	@cmp -s $< $@ || cp $< $@
+iddpm.so: $(BUILD)/iddpm.so
+	@cmp -s $< $@ || cp $< $@
 
-iddpm.so: $(BIND_OBJ) $(ENGINE_OBJ)
+$(BUILD)/iddpm: $(MAIN_OBJ) $(BIND_OBJ) $(ENGINE_OBJ)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -Wl,-E
+
+$(BUILD)/iddpm.so: $(BIND_OBJ) $(ENGINE_OBJ)
 	$(CC) $(LDFLAGS) -shared -o $@ $^ $(filter-out -llua5.4,$(LDLIBS))
 
 $(BUILD)/%.o: %.c $(wildcard include/iddpm/*.h) $(wildcard lua/*.h) $(wildcard engine/*/*.h)

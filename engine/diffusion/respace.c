@@ -81,9 +81,10 @@ idd_status idd_space_timesteps(int64_t T, const char *spec, int64_t *out, int64_
                              "\"N\", \"a,b,c\" or \"ddimN\" with integers", (long long)k + 1, spec);
         }
         if (counts[k] < 0) {
+            long long bad = counts[k];
             free(counts);
             return idd_error("space_timesteps: section %lld of \"%s\" asks for %lld steps (< 0)",
-                             (long long)k + 1, spec, counts[k]);
+                             (long long)k + 1, spec, bad);
         }
         p = *e ? e + 1 : e;
     }
