@@ -8,8 +8,11 @@
 --   x, labels = S.generate(model, diff, {num_samples, batch_size, seed, clip_denoised,
 --       labels, sampler, eta, progress, on_batch, record})
 --       x: (N, C, H, W) float in [-1, 1]. Sample i (0-based) draws its x_T and then
---       its per-step noise from T.generator(seed, i): the images do not depend on the
---       batch size. record = {samples = S, frames = K} keeps x_t and pred_x0 of the
+--       its per-step noise from T.generator(seed, i), so the noise does not depend on
+--       the batch size. The images then agree across batch sizes up to the rounding of
+--       the batched kernels (conv2d folds small images of several samples into one
+--       GEMM, ~1e-5); exact = true calls the model one sample at a time and makes them
+--       bit-identical for any batch size (slower: ~3x at 32x32 on 2 cores). record = {samples = S, frames = K} keeps x_t and pred_x0 of the
 --       first S samples at K steps (returned as the third value).
 --   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`)
 --   S.benchmark(model, diff, batch, steps) -> images x steps per second, seconds
@@ -233,6 +236,20 @@ function S.sample_batch(model, diff, first, n, opts)
     rec = {xt = {}, x0 = {}, t = {}}
   end
   local K, j = diff.num_timesteps, 0
+  local net = model
+  if opts.exact and n > 1 then
+    -- one model call per sample: the batched kernels (conv2d folds samples into one
+    -- GEMM whose shape depends on the batch) then cannot change the rounding
+    net = function(x, t, yy)
+      local o
+      for i = 1, n do
+        local oi = model(x:narrow(1, i, 1), t:narrow(1, i, 1), yy and yy:narrow(1, i, 1))
+        if not o then local s = oi:shape(); o = T.empty({n, s[2], s[3], s[4]}) end
+        o:narrow(1, i, 1):copy_(oi)
+      end
+      return o
+    end
+  end
   local loop_opts = {noise = xT, y = y, clip_denoised = opts.clip_denoised ~= false, eta = opts.eta or 0,
     step_noise = function() return batch_noise(gens, chw) end,
     callback = function(step)
@@ -245,8 +262,8 @@ function S.sample_batch(model, diff, first, n, opts)
       if opts.on_step then opts.on_step(j, K) end
     end}
   local x
-  if opts.sampler == "ddim" then x = diff:ddim_sample_loop(model, {n, chw[1], chw[2], chw[3]}, loop_opts)
-  else x = diff:p_sample_loop(model, {n, chw[1], chw[2], chw[3]}, loop_opts) end
+  if opts.sampler == "ddim" then x = diff:ddim_sample_loop(net, {n, chw[1], chw[2], chw[3]}, loop_opts)
+  else x = diff:p_sample_loop(net, {n, chw[1], chw[2], chw[3]}, loop_opts) end
   return x, rec
 end
 
@@ -365,10 +382,11 @@ S.OPTIONS = {
   animate_samples = "samples shown by animate (4)",
   gif_delay = "GIF frame delay in 1/100 s (20)",
   progress = "progress line (true)",
+  exact = "bit-identical images for any batch_size: one model call per sample (false; slower)",
   threads = "engine threads (default: all cores)",
 }
 
-local BOOL = {use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true}
+local BOOL = {exact = true, use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true}
 local INT = {num_samples = true, batch_size = true, seed = true, grid_max = true, frames = true,
   animate_samples = true, gif_delay = true, threads = true}
 
@@ -487,7 +505,8 @@ function S.main(...)
     diff.original_num_steps, diff.timestep_respacing ~= "" and (" (respacing " .. diff.timestep_respacing .. ")") or "",
     N, math.min(B, N), o.seed or 0, tostring(o.clip_denoised ~= false),
     info.sampler == "ddim" and (", eta " .. (o.eta or 0)) or ""))
-  local per_call = S.time_model_call(model, diff, math.min(B, N), 1, labels)
+  local per_call = o.exact and math.min(B, N) * S.time_model_call(model, diff, 1, 1, labels)
+    or S.time_model_call(model, diff, math.min(B, N), 1, labels)
   local nb = (N + B - 1) // B
   print(("expected time: %s (%d batches x %d steps x %.3fs per model call)"):format(
     fmt_time(per_call * nb * K), nb, K, per_call))
@@ -497,7 +516,7 @@ function S.main(...)
   local u8s = {}
   local x, _, rec = S.generate(model, diff, {num_samples = N, batch_size = B, seed = o.seed or 0,
     clip_denoised = o.clip_denoised ~= false, labels = labels, sampler = info.sampler, eta = o.eta or 0,
-    progress = o.progress ~= false, record = rec_opts,
+    exact = o.exact, progress = o.progress ~= false, record = rec_opts,
     on_batch = function(first, xb)
       local u = image.to_uint8(xb)
       u8s[#u8s + 1] = u
