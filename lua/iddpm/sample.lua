@@ -15,6 +15,7 @@
 --       bit-identical for any batch size (slower: ~3x at 32x32 on 2 cores). record = {samples = S, frames = K} keeps x_t and pred_x0 of the
 --       first S samples at K steps (returned as the third value).
 --   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`)
+--   S.save_denoise(dir, record) -> dir/denoise.png, dir/denoise.gif
 --   S.benchmark(model, diff, batch, steps) -> images x steps per second, seconds
 --
 -- Outputs of S.main in out/: sample_<i, 6 digits>.png, grid.png,
@@ -485,6 +486,19 @@ local function denoise_frames(rec)
   return frames, rec.xt[1]:size(1)
 end
 
+-- write dir/denoise.png (strip) and dir/denoise.gif of a record from S.generate
+-- (opts.record); opts.delay in 1/100 s (20), opts.name ("denoise") -> the two paths
+function S.save_denoise(dir, rec, opts)
+  opts = opts or {}
+  local name = opts.name or "denoise"
+  local strip, cols = denoise_strip(rec)
+  local png, gif = ("%s/%s.png"):format(dir, name), ("%s/%s.gif"):format(dir, name)
+  image.save_grid(png, strip, {cols = cols})
+  local frames, rs = denoise_frames(rec)
+  image.save_gif(gif, frames, {cols = rs, delay = opts.delay or 20})
+  return png, gif
+end
+
 function S.main(...)
   local o = S.parse_args(...)
   if not o.ckpt then fail("ckpt= is required (a run directory or a checkpoint file); valid options: " .. valid_list()) end
@@ -533,12 +547,9 @@ function S.main(...)
   image.save_grid(out .. "/grid.png", u:narrow(1, 1, gm))
   local written = {npz, out .. "/grid.png"}
   if rec then
-    local strip, cols = denoise_strip(rec)
-    image.save_grid(out .. "/denoise.png", strip, {cols = cols})
-    local frames, rs = denoise_frames(rec)
-    image.save_gif(out .. "/denoise.gif", frames, {cols = rs, delay = o.gif_delay or 20})
-    written[#written + 1] = out .. "/denoise.png"
-    written[#written + 1] = out .. "/denoise.gif"
+    local png, gif = S.save_denoise(out, rec, {delay = o.gif_delay})
+    written[#written + 1] = png
+    written[#written + 1] = gif
     print(("denoise.png: rows x_t and predicted x_0 of %d samples; columns at timesteps %s"):format(
       rec.xt[1]:size(1), table.concat(rec.t, ",")))
   end
