@@ -2,6 +2,8 @@
  * It holds the C sub-modules (tensor, ...) and then runs the pure-Lua half
  * (lua/iddpm/init.lua, embedded at build time as "iddpm.lua") to add nn, diffusion,
  * optim and the recipe drivers. */
+#include <time.h>
+
 #include "l_common.h"
 
 #ifndef IDDPM_VERSION
@@ -29,6 +31,15 @@ static int l_num_threads(lua_State *L) {
     return 1;
 }
 
+/* iddpm.wall_time() -> seconds (float) of a monotonic wall clock, for progress lines
+ * and ETAs (os.clock is CPU time, summed over threads) */
+static int l_wall_time(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + 1e-9 * (lua_Number)ts.tv_nsec);
+    return 1;
+}
+
 int luaopen_iddpm(lua_State *L);
 int luaopen_iddpm(lua_State *L) {
     idd_embed_preload(L);
@@ -38,6 +49,8 @@ int luaopen_iddpm(lua_State *L) {
     lua_setfield(L, mod, "version");
     lua_pushcfunction(L, l_num_threads);
     lua_setfield(L, mod, "num_threads");
+    lua_pushcfunction(L, l_wall_time);
+    lua_setfield(L, mod, "wall_time");
     for (const submodule *s = submodules; s->name; s++) {
         luaL_requiref(L, lua_pushfstring(L, "iddpm.%s", s->name), s->open, 0);
         lua_setfield(L, mod, s->name);

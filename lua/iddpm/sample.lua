@@ -1,0 +1,565 @@
+-- iddpm/sample.lua — sampling from a checkpoint (docs/iddpm_spec.md §7, issue 6).
+--
+--   local S = require "iddpm.sample"
+--   model, diff, info = S.load(path, {use_ema = true, steps = "250"})
+--       path: a run directory (newest ckpt_*.safetensors) or a checkpoint file; the
+--       model and diffusion settings come from its config; info.weights says which
+--       tensors were loaded ("ema_0.9999" or "model"), info.sampler "ddpm" | "ddim".
+--   x, labels = S.generate(model, diff, {num_samples, batch_size, seed, clip_denoised,
+--       labels, sampler, eta, progress, on_batch, record})
+--       x: (N, C, H, W) float in [-1, 1]. Sample i (0-based) draws its x_T and then
+--       its per-step noise from T.generator(seed, i), so the noise does not depend on
+--       the batch size. The images then agree across batch sizes up to the rounding of
+--       the batched kernels (conv2d folds small images of several samples into one
+--       GEMM, ~1e-5); exact = true calls the model one sample at a time and makes them
+--       bit-identical for any batch size (slower: ~3x at 32x32 on 2 cores). record = {samples = S, frames = K} keeps x_t and pred_x0 of the
+--       first S samples at K steps (returned as the third value).
+--   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`)
+--   S.save_denoise(dir, record) -> dir/denoise.png, dir/denoise.gif
+--   S.benchmark(model, diff, batch, steps) -> images x steps per second, seconds
+--
+-- Outputs of S.main in out/: sample_<i, 6 digits>.png, grid.png,
+-- samples_NxHxWxC.npz (arr_0 uint8 NHWC, arr_1 int64 labels when class-conditional),
+-- settings.json, and with animate=true denoise.png (rows: x_t and pred x_0 of each
+-- recorded sample, columns: steps) and denoise.gif. Every file is written to a
+-- temporary name and renamed.
+local iddpm = require "iddpm"
+local T = iddpm.tensor
+local D = require "iddpm.diffusion"
+local C = require "iddpm.checkpoint"
+local image = require "iddpm.image"
+local io_ = iddpm.io
+local lfs_ok, lfs = pcall(require, "lfs")
+
+local S = {}
+
+local now = iddpm.wall_time or os.clock
+
+local function fail(msg) error(msg, 0) end
+
+local function fmt_time(s)
+  if s ~= s or s == math.huge then return "?" end
+  if s < 60 then return ("%.1fs"):format(s) end
+  if s < 3600 then return ("%dm%02ds"):format(s // 60, math.floor(s % 60)) end
+  return ("%dh%02dm"):format(s // 3600, math.floor(s % 3600 / 60))
+end
+S.fmt_time = fmt_time
+
+-- ---------------------------------------------------------------- files
+
+local function is_dir(p)
+  if lfs_ok then return lfs.attributes(p, "mode") == "directory" end
+  return os.execute(('test -d "%s"'):format(p)) == true
+end
+
+local function exists(p)
+  if lfs_ok then return lfs.attributes(p, "mode") ~= nil end
+  local f = io.open(p, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+local function mkdir_p(p)
+  if is_dir(p) then return end
+  if lfs_ok then
+    local acc = p:sub(1, 1) == "/" and "" or "."
+    for part in p:gmatch("[^/]+") do
+      acc = acc .. "/" .. part
+      if not is_dir(acc) then
+        local ok, err = lfs.mkdir(acc)
+        if not ok and not is_dir(acc) then fail(("cannot create %s: %s"):format(acc, err)) end
+      end
+    end
+  elseif not os.execute(('mkdir -p "%s"'):format(p)) then
+    fail("cannot create directory " .. p)
+  end
+end
+
+local function write_text(path, text)
+  local tmp = path .. ".tmp"
+  local f = assert(io.open(tmp, "wb"))
+  f:write(text)
+  f:close()
+  assert(os.rename(tmp, path))
+end
+
+-- ---------------------------------------------------------------- checkpoints
+
+-- a checkpoint file, or the newest checkpoint of a run directory
+function S.resolve(path)
+  if type(path) ~= "string" or path == "" then fail("ckpt= is required: a run directory or a checkpoint file") end
+  if not exists(path) then fail(("checkpoint %s does not exist"):format(path)) end
+  if is_dir(path) then
+    local l = C.latest(path)
+    if not l then fail(("no checkpoint in %s (expected ckpt_*.safetensors files)"):format(path)) end
+    return l.path
+  end
+  return path
+end
+
+-- flat config (model and diffusion keys) from a checkpoint's config, nested or not
+function S.flat_config(cfg)
+  local r = {}
+  for k, v in pairs(cfg) do if type(v) ~= "table" or #v > 0 then r[k] = v end end
+  for _, sub in ipairs{"model", "diffusion", "unet"} do
+    if type(cfg[sub]) == "table" and #cfg[sub] == 0 then
+      for k, v in pairs(cfg[sub]) do if r[k] == nil then r[k] = v end end
+    end
+  end
+  return r
+end
+
+local UNET_KEYS = {"image_size", "in_channels", "num_channels", "num_res_blocks", "channel_mult",
+  "attention_resolutions", "num_heads", "num_heads_upsample", "dropout", "learn_sigma",
+  "use_scale_shift_norm", "num_classes", "conv_resample", "out_channels"}
+
+function S.unet_config(cfg)
+  local u = {}
+  for _, k in ipairs(UNET_KEYS) do if cfg[k] ~= nil and cfg[k] ~= "" then u[k] = cfg[k] end end
+  if u.num_classes == 0 or u.num_classes == false then u.num_classes = nil end
+  if u.num_classes == nil and cfg.class_cond == true then u.num_classes = 1000 end
+  if u.num_classes then u.num_classes = math.tointeger(u.num_classes) end
+  if not u.image_size then fail("checkpoint config has no image_size: cannot build the model") end
+  return u
+end
+
+-- steps: nil/"" (the checkpoint's timestep_respacing, else every step), a number of
+-- steps, a section list "10,15,20", or "ddimN" (DDIM). -> diffusion, sampler name
+function S.diffusion(cfg, steps, sampler)
+  local T0 = math.tointeger(cfg.diffusion_steps or cfg.steps or 1000)
+  local resp = steps
+  if resp == nil or resp == "" then resp = cfg.timestep_respacing or "" end
+  resp = tostring(resp)
+  if resp == tostring(T0) then resp = "" end
+  local ok, diff = pcall(D.new, {steps = T0, noise_schedule = cfg.noise_schedule or "linear",
+    learn_sigma = cfg.learn_sigma and true or false, sigma_small = cfg.sigma_small and true or false,
+    use_kl = cfg.use_kl and true or false, predict_xstart = cfg.predict_xstart and true or false,
+    rescale_timesteps = cfg.rescale_timesteps ~= false, rescale_learned_sigmas = cfg.rescale_learned_sigmas ~= false,
+    timestep_respacing = resp})
+  if not ok then
+    fail(("steps=%s does not fit this checkpoint (T = %d diffusion steps): %s. Use a number of steps <= %d, "
+      .. "a list like 10,15,20, or ddimN where some integer stride gives N steps"):format(
+      resp, T0, tostring(diff):gsub("^D%.new: ", ""), T0))
+  end
+  sampler = sampler or (resp:match("^ddim") and "ddim" or "ddpm")
+  return diff, sampler
+end
+
+-- -> model, diff, info {path, step, config, weights, rate, sampler, steps}
+function S.load(path, opts)
+  opts = opts or {}
+  local file = S.resolve(path)
+  local ok, ck = pcall(C.read, file)
+  if not ok then fail(tostring(ck):gsub("^[^:]*checkpoint%.lua:%d+: ", "")) end
+  local cfg = S.flat_config(ck.config)
+  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler)
+  local ucfg = S.unet_config(cfg)
+  -- which weights
+  local prefix, rate
+  if opts.use_ema ~= false then
+    local rates = {}
+    for _, r in ipairs(ck.ema_rates or {}) do rates[#rates + 1] = tostring(r) end
+    if #rates == 0 then
+      local seen = {}
+      for k in pairs(ck.tensors) do
+        local r = k:match("^ema_([%d.]-)%.%a")
+        if r and not seen[r] then seen[r] = true; rates[#rates + 1] = r end
+      end
+      table.sort(rates)
+    end
+    local want = opts.ema_rate and tostring(opts.ema_rate)
+    if want then
+      local found = false
+      for _, r in ipairs(rates) do if r == want or tonumber(r) == tonumber(want) then rate = r; found = true end end
+      if not found then fail(("no EMA weights with rate %s in %s (rates: %s)"):format(want, file,
+        #rates > 0 and table.concat(rates, ", ") or "none")) end
+    else
+      for _, r in ipairs(rates) do if tonumber(r) == 0.9999 then rate = r end end
+      rate = rate or rates[#rates]
+    end
+    if rate then prefix = "ema_" .. rate .. "." end
+  end
+  local weights = prefix and prefix:sub(1, -2) or "model"
+  prefix = prefix or "model."
+  local sd = C.subset(ck.tensors, prefix)
+  if next(sd) == nil then fail(("%s has no %s* tensors"):format(file, prefix)) end
+  local ok2, model = pcall(iddpm.nn.unet, ucfg)
+  if not ok2 then fail(("cannot build the model of %s: %s"):format(file, tostring(model))) end
+  local ok3, err = pcall(model.load_state_dict, model, sd)
+  if not ok3 then fail(("%s (%s weights) does not fit its config: %s"):format(file, weights, tostring(err))) end
+  model:eval()
+  local msg = rate and ("using EMA weights (rate %s)"):format(rate)
+    or (opts.use_ema ~= false and "no EMA weights in the checkpoint: using raw model weights" or "using raw model weights")
+  return model, diff, {path = file, step = ck.step, config = cfg, unet = ucfg, weights = weights, rate = rate,
+    sampler = sampler, message = msg}
+end
+
+-- ---------------------------------------------------------------- sampling
+
+local function batch_noise(gens, chw)
+  local x = T.empty({#gens, chw[1], chw[2], chw[3]})
+  local one = {1, chw[1], chw[2], chw[3]}
+  for i, g in ipairs(gens) do x:narrow(1, i, 1):copy_(T.randn(one, g)) end
+  return x
+end
+
+-- the loop indices (0 = first step) at which frames are recorded: K evenly spaced,
+-- first and last included
+function S.frame_steps(nsteps, k)
+  local r, set = {}, {}
+  k = math.max(1, math.min(k, nsteps))
+  for i = 0, k - 1 do
+    local j = k == 1 and nsteps - 1 or math.floor(i * (nsteps - 1) / (k - 1) + 0.5)
+    if not set[j] then set[j] = true; r[#r + 1] = j end
+  end
+  return r, set
+end
+
+-- one batch: samples first .. first+n-1 (0-based global indices)
+-- -> x (n,C,H,W), record {xt = {tensor (S,C,H,W) per frame}, x0 = {...}, t = {timesteps}} or nil
+function S.sample_batch(model, diff, first, n, opts)
+  local cfg = model.config
+  local chw = {cfg.in_channels, cfg.image_size, cfg.image_size}
+  local gens = {}
+  for i = 1, n do gens[i] = T.generator(opts.seed or 0, first + i - 1) end
+  local xT = batch_noise(gens, chw)
+  local y
+  if opts.labels then
+    local l = {}
+    for i = 1, n do l[i] = opts.labels[first + i] end
+    y = T.from_table(l, {n}, "int64")
+  end
+  local rec, rset, rs
+  if opts.record and first == 0 then
+    rs = math.min(opts.record.samples or 4, n)
+    local _
+    _, rset = S.frame_steps(diff.num_timesteps, opts.record.frames or 8)
+    rec = {xt = {}, x0 = {}, t = {}}
+  end
+  local K, j = diff.num_timesteps, 0
+  local net = model
+  if opts.exact and n > 1 then
+    -- one model call per sample: the batched kernels (conv2d folds samples into one
+    -- GEMM whose shape depends on the batch) then cannot change the rounding
+    net = function(x, t, yy)
+      local o
+      for i = 1, n do
+        local oi = model(x:narrow(1, i, 1), t:narrow(1, i, 1), yy and yy:narrow(1, i, 1))
+        if not o then local s = oi:shape(); o = T.empty({n, s[2], s[3], s[4]}) end
+        o:narrow(1, i, 1):copy_(oi)
+      end
+      return o
+    end
+  end
+  local loop_opts = {noise = xT, y = y, clip_denoised = opts.clip_denoised ~= false, eta = opts.eta or 0,
+    step_noise = function() return batch_noise(gens, chw) end,
+    callback = function(step)
+      if rec and rset[j] then
+        rec.xt[#rec.xt + 1] = step.sample:narrow(1, 1, rs):contiguous()
+        rec.x0[#rec.x0 + 1] = step.pred_xstart:narrow(1, 1, rs):contiguous()
+        rec.t[#rec.t + 1] = diff.timestep_map[step.t + 1]
+      end
+      j = j + 1
+      if opts.on_step then opts.on_step(j, K) end
+    end}
+  local x
+  if opts.sampler == "ddim" then x = diff:ddim_sample_loop(net, {n, chw[1], chw[2], chw[3]}, loop_opts)
+  else x = diff:p_sample_loop(net, {n, chw[1], chw[2], chw[3]}, loop_opts) end
+  return x, rec
+end
+
+-- labels: nil, a number (every sample), a Lua array (cycled), or "random" (drawn
+-- from T.generator(seed, 2^40), the same for any batch size)
+function S.make_labels(spec, n, num_classes, seed)
+  if spec == nil then return nil end
+  local l = {}
+  if spec == "random" then
+    local r = T.randint(0, num_classes, {n}, T.generator(seed or 0, 1 << 40)):totable()
+    for i = 1, n do l[i] = math.tointeger(r[i]) end
+    return l
+  end
+  local list = type(spec) == "table" and spec or {spec}
+  for i = 1, n do l[i] = math.tointeger(list[(i - 1) % #list + 1]) end
+  return l
+end
+
+-- -> x (N,C,H,W) float, labels (Lua array or nil), record
+function S.generate(model, diff, opts)
+  opts = opts or {}
+  local N = opts.num_samples or 16
+  local B = math.min(opts.batch_size or 16, N)
+  local xs, rec = {}, nil
+  local K = diff.num_timesteps
+  local nb = (N + B - 1) // B
+  local t0, calls = now(), 0
+  for b = 0, nb - 1 do
+    local first = b * B
+    local n = math.min(B, N - first)
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.on_step = function(j)
+      calls = calls + 1
+      if opts.progress then
+        local dt = now() - t0
+        local rate = calls / math.max(dt, 1e-9)
+        local eta = (nb * K - calls) / rate
+        io.stderr:write(("\r%d/%d images  batch %d/%d step %d/%d  %.2f steps/s  %.1f images x steps/s  ETA %s   ")
+          :format(first, N, b + 1, nb, j, K, rate, rate * B, fmt_time(eta)))
+      end
+    end
+    local x, r = S.sample_batch(model, diff, first, n, o)
+    rec = rec or r
+    xs[#xs + 1] = x
+    if opts.on_batch then opts.on_batch(first, x) end
+  end
+  if opts.progress then
+    local dt = now() - t0
+    io.stderr:write(("\r%d/%d images in %s (%.2f steps/s)%s\n"):format(N, N, fmt_time(dt), calls / math.max(dt, 1e-9), (" "):rep(30)))
+  end
+  local x
+  if #xs == 1 then x = xs[1] else
+    local s = xs[1]:shape()
+    x = T.empty({N, s[2], s[3], s[4]})
+    local at = 1
+    for _, t in ipairs(xs) do x:narrow(1, at, t:size(1)):copy_(t); at = at + t:size(1) end
+  end
+  return x, opts.labels, rec
+end
+
+-- seconds per model call for a batch (one warm-up call, then the mean of `reps`)
+function S.time_model_call(model, diff, batch, reps, y)
+  local cfg = model.config
+  local x = T.randn({batch, cfg.in_channels, cfg.image_size, cfg.image_size}, T.generator(0, 0))
+  local t = {}
+  for i = 1, batch do t[i] = diff.num_timesteps - 1 end
+  local tm = diff._c:model_t(T.from_table(t, {batch}, "int64"))
+  local yt = y and T.from_table((function() local l = {} for i = 1, batch do l[i] = y[(i - 1) % #y + 1] end return l end)(), {batch}, "int64")
+  T.no_grad(function() model(x, tm, yt) end)
+  reps = reps or 1
+  local t0 = now()
+  T.no_grad(function() for _ = 1, reps do model(x, tm, yt) end end)
+  return (now() - t0) / reps
+end
+
+-- images x steps per second of the sampling loop (steps reverse steps on a batch)
+function S.benchmark(model, diff, batch, steps)
+  steps = math.min(steps or 10, diff.num_timesteps)
+  local cfg = model.config
+  local y
+  if cfg.num_classes then y = {} for i = 1, batch do y[i] = (i - 1) % cfg.num_classes end end
+  local gen = T.generator(0, 0)
+  local x = T.randn({batch, cfg.in_channels, cfg.image_size, cfg.image_size}, gen)
+  local yt = y and T.from_table(y, {batch}, "int64")
+  T.no_grad(function() diff:p_sample(model, x, diff.num_timesteps - 1, {y = yt, generator = gen}) end)  -- warm-up
+  local t0 = now()
+  T.no_grad(function()
+    for i = 1, steps do
+      x = diff:p_sample(model, x, diff.num_timesteps - i, {y = yt, generator = gen})
+    end
+  end)
+  local dt = now() - t0
+  return batch * steps / dt, dt
+end
+
+-- ---------------------------------------------------------------- the recipe
+
+S.OPTIONS = {
+  ckpt = "run directory (newest ckpt_*.safetensors) or checkpoint file (required)",
+  num_samples = "number of images (16)",
+  batch_size = "images per model call (16); does not change the images",
+  steps = "sampling steps: all (default: the checkpoint's), a number like 250, sections 10,15,20, or ddim50",
+  sampler = "ddpm | ddim (default: ddim for steps=ddimN, else ddpm)",
+  eta = "DDIM eta (0)",
+  seed = "seed (0); sample i uses stream i",
+  use_ema = "true: EMA weights (default), false: raw model weights",
+  ema_rate = "which EMA rate (default 0.9999 or the only one)",
+  clip_denoised = "clip predicted x_0 to [-1,1] (true)",
+  class = "class-conditional models: K, a list 1,5,7 (cycled) or random",
+  out = "output directory (samples)",
+  grid_max = "images in grid.png (64)",
+  save_each = "one PNG per image (true)",
+  animate = "also write denoise.png and denoise.gif (false)",
+  frames = "steps shown by animate (10)",
+  animate_samples = "samples shown by animate (4)",
+  gif_delay = "GIF frame delay in 1/100 s (20)",
+  progress = "progress line (true)",
+  exact = "bit-identical images for any batch_size: one model call per sample (false; slower)",
+  threads = "engine threads (default: all cores)",
+}
+
+local BOOL = {exact = true, use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true}
+local INT = {num_samples = true, batch_size = true, seed = true, grid_max = true, frames = true,
+  animate_samples = true, gif_delay = true, threads = true}
+
+local function valid_list()
+  local k = {}
+  for n in pairs(S.OPTIONS) do k[#k + 1] = n end
+  table.sort(k)
+  return table.concat(k, ", ")
+end
+
+-- "key=value" strings (or one table) -> options table with types checked
+function S.parse_args(...)
+  local args = {...}
+  local o = {}
+  local function set(k, v)
+    if S.OPTIONS[k] == nil then fail(("unknown option '%s'; valid options: %s"):format(k, valid_list())) end
+    if BOOL[k] then
+      if type(v) ~= "boolean" then
+        local s = tostring(v):lower()
+        if s == "true" or s == "1" or s == "yes" then v = true
+        elseif s == "false" or s == "0" or s == "no" then v = false
+        else fail(("%s=%s: expected true or false"):format(k, tostring(v))) end
+      end
+    elseif INT[k] then
+      local n = math.tointeger(tonumber(v))
+      if not n or n < 0 or ((k == "num_samples" or k == "batch_size" or k == "frames" or k == "animate_samples") and n < 1) then
+        fail(("%s=%s: expected a %s integer"):format(k, tostring(v), (k == "seed" or k == "threads") and "non-negative" or "positive"))
+      end
+      v = n
+    elseif k == "eta" then
+      local n = tonumber(v)
+      if not n or n < 0 then fail(("eta=%s: expected a number >= 0"):format(tostring(v))) end
+      v = n
+    elseif k == "sampler" and v ~= "ddpm" and v ~= "ddim" then
+      fail(("sampler=%s: expected ddpm or ddim"):format(tostring(v)))
+    else
+      v = tostring(v)
+    end
+    o[k] = v
+  end
+  if #args == 1 and type(args[1]) == "table" then
+    for k, v in pairs(args[1]) do set(k, v) end
+  else
+    for _, a in ipairs(args) do
+      local k, v = tostring(a):match("^%-*([%w_]+)=(.*)$")
+      if not k then fail(("bad argument '%s': expected key=value; valid keys: %s"):format(tostring(a), valid_list())) end
+      set(k, v)
+    end
+  end
+  return o
+end
+
+local function parse_class(spec, num_classes)
+  if spec == nil then
+    if num_classes then
+      fail(("this checkpoint is class-conditional (%d classes): give class=K (0..%d), a list class=1,5,7 or class=random")
+        :format(num_classes, num_classes - 1))
+    end
+    return nil
+  end
+  if not num_classes then
+    fail(("class=%s given, but this checkpoint is unconditional (no num_classes in its config)"):format(spec))
+  end
+  if spec == "random" then return "random" end
+  local list = {}
+  for item in spec:gmatch("[^,]+") do
+    local n = math.tointeger(tonumber(item))
+    if not n or n < 0 or n >= num_classes then
+      fail(("class=%s: %s is not a class of this model (0..%d)"):format(spec, item, num_classes - 1))
+    end
+    list[#list + 1] = n
+  end
+  if #list == 0 then fail("class= is empty") end
+  return list
+end
+
+-- rows: for each recorded sample, x_t then pred x_0; columns: recorded steps
+local function denoise_strip(rec)
+  local K, rs = #rec.xt, rec.xt[1]:size(1)
+  local s = rec.xt[1]:shape()
+  local all = T.empty({2 * rs * K, s[2], s[3], s[4]})
+  for i = 1, rs do
+    for k = 1, K do
+      all:narrow(1, (2 * (i - 1)) * K + k, 1):copy_(rec.xt[k]:narrow(1, i, 1))
+      all:narrow(1, (2 * (i - 1) + 1) * K + k, 1):copy_(rec.x0[k]:narrow(1, i, 1))
+    end
+  end
+  return all, K
+end
+
+-- frames of the GIF: row 1 x_t, row 2 pred x_0 of the recorded samples
+local function denoise_frames(rec)
+  local frames = {}
+  for k = 1, #rec.xt do frames[k] = T.cat({rec.xt[k], rec.x0[k]}, 1) end
+  for _ = 1, 5 do frames[#frames + 1] = frames[#rec.xt] end   -- hold the end
+  return frames, rec.xt[1]:size(1)
+end
+
+-- write dir/denoise.png (strip) and dir/denoise.gif of a record from S.generate
+-- (opts.record); opts.delay in 1/100 s (20), opts.name ("denoise") -> the two paths
+function S.save_denoise(dir, rec, opts)
+  opts = opts or {}
+  local name = opts.name or "denoise"
+  local strip, cols = denoise_strip(rec)
+  local png, gif = ("%s/%s.png"):format(dir, name), ("%s/%s.gif"):format(dir, name)
+  image.save_grid(png, strip, {cols = cols})
+  local frames, rs = denoise_frames(rec)
+  image.save_gif(gif, frames, {cols = rs, delay = opts.delay or 20})
+  return png, gif
+end
+
+function S.main(...)
+  local o = S.parse_args(...)
+  if not o.ckpt then fail("ckpt= is required (a run directory or a checkpoint file); valid options: " .. valid_list()) end
+  if o.threads then iddpm.num_threads(o.threads) end
+  local N, B = o.num_samples or 16, o.batch_size or 16
+  local out = o.out or "samples"
+  -- everything that can fail on user input is checked before out/ is created
+  local model, diff, info = S.load(o.ckpt, {use_ema = o.use_ema, steps = o.steps, sampler = o.sampler, ema_rate = o.ema_rate})
+  local nc = info.unet.num_classes
+  local cls = parse_class(o.class, nc)
+  local labels = S.make_labels(cls, N, nc, o.seed)
+  if exists(out) and not is_dir(out) then fail(("out=%s exists and is not a directory"):format(out)) end
+  local cfg = model.config
+  local K = diff.num_timesteps
+  print(("checkpoint %s (step %s): %s"):format(info.path, tostring(info.step), model:describe()))
+  print(info.message)
+  print(("sampler %s, %d of %d steps%s, %d samples, batch %d, seed %d, clip_denoised %s%s"):format(info.sampler, K,
+    diff.original_num_steps, diff.timestep_respacing ~= "" and (" (respacing " .. diff.timestep_respacing .. ")") or "",
+    N, math.min(B, N), o.seed or 0, tostring(o.clip_denoised ~= false),
+    info.sampler == "ddim" and (", eta " .. (o.eta or 0)) or ""))
+  local per_call = o.exact and math.min(B, N) * S.time_model_call(model, diff, 1, 1, labels)
+    or S.time_model_call(model, diff, math.min(B, N), 1, labels)
+  local nb = (N + B - 1) // B
+  print(("expected time: %s (%d batches x %d steps x %.3fs per model call)"):format(
+    fmt_time(per_call * nb * K), nb, K, per_call))
+  mkdir_p(out)
+  local save_each = o.save_each ~= false
+  local rec_opts = o.animate and {samples = o.animate_samples or 4, frames = o.frames or 10} or nil
+  local u8s = {}
+  local x, _, rec = S.generate(model, diff, {num_samples = N, batch_size = B, seed = o.seed or 0,
+    clip_denoised = o.clip_denoised ~= false, labels = labels, sampler = info.sampler, eta = o.eta or 0,
+    exact = o.exact, progress = o.progress ~= false, record = rec_opts,
+    on_batch = function(first, xb)
+      local u = image.to_uint8(xb)
+      u8s[#u8s + 1] = u
+      if save_each then image.save_each(out, u, "sample_", first) end
+    end})
+  local u = image.to_uint8(x)
+  local nhwc = image.nhwc(u)
+  local H, W, Cc = cfg.image_size, cfg.image_size, cfg.in_channels
+  local npz = ("%s/samples_%dx%dx%dx%d.npz"):format(out, N, H, W, Cc)
+  local arrays = {{"arr_0", nhwc}}
+  if labels then arrays[2] = {"arr_1", T.from_table(labels, {N}, "int64")} end
+  io_.npz_write(npz, arrays)
+  local gm = math.min(N, o.grid_max or 64)
+  image.save_grid(out .. "/grid.png", u:narrow(1, 1, gm))
+  local written = {npz, out .. "/grid.png"}
+  if rec then
+    local png, gif = S.save_denoise(out, rec, {delay = o.gif_delay})
+    written[#written + 1] = png
+    written[#written + 1] = gif
+    print(("denoise.png: rows x_t and predicted x_0 of %d samples; columns at timesteps %s"):format(
+      rec.xt[1]:size(1), table.concat(rec.t, ",")))
+  end
+  local settings = {checkpoint = info.path, step = info.step, weights = info.weights, sampler = info.sampler,
+    steps = K, timestep_respacing = diff.timestep_respacing, original_steps = diff.original_num_steps,
+    num_samples = N, batch_size = B, seed = o.seed or 0, clip_denoised = o.clip_denoised ~= false,
+    eta = o.eta or 0, labels = labels, config = info.config}
+  write_text(out .. "/settings.json", io_.json_encode(settings))
+  print(("wrote %s%s"):format(table.concat(written, ", "), save_each and (", and %d sample_*.png"):format(N) or ""))
+  return {out = out, npz = npz, images = u, labels = labels}
+end
+
+return S
