@@ -298,6 +298,110 @@ function M.load_stats(path)
   return mu:double(), sigma:double()
 end
 
+-- ---------------------------------------------------------------- image sources
+
+local function list_dir(dir)
+  local names = {}
+  local ok, lfs = pcall(require, "lfs")
+  if ok then
+    local ok2, iter, st = pcall(lfs.dir, dir)
+    if ok2 then for f in iter, st do names[#names + 1] = f end end
+  else
+    local p = io.popen(('ls -1 "%s" 2>/dev/null'):format(dir))
+    if p then for f in p:lines() do names[#names + 1] = f end p:close() end
+  end
+  table.sort(names)
+  return names
+end
+
+local function is_dir(path)   -- "dir/." opens only when dir is a directory
+  local f = io.open(path .. "/.", "rb")
+  if f then f:close() return true end
+  return false
+end
+
+-- uint8 images (N,C,H,W) from: an .npz (arr_0 NHWC as the standard evaluators write it,
+-- or NCHW), an IDX file (Fashion-MNIST/MNIST images, gzip or raw), a CIFAR-10 binary
+-- batch or a folder holding data_batch_*.bin / test_batch.bin, or a folder of PNGs.
+-- opts.split ("train" | "test") picks CIFAR batches or the IDX file in a folder;
+-- opts.num keeps the first num images.
+function M.read_images(path, opts)
+  opts = opts or {}
+  local x
+  local function nchw(t)
+    local s = t:shape()
+    if #s == 3 then return t:reshape{s[1], 1, s[2], s[3]} end
+    if #s == 4 and (s[4] == 1 or s[4] == 3) and s[2] ~= 1 and s[2] ~= 3 then return t:permute{1, 4, 2, 3}:contiguous() end
+    return t
+  end
+  if path:match("%.npz$") then
+    local z = io_.npz_read(path)
+    x = z.arr_0 or z.images or z.x
+    if not x then error(("iddpm.metrics: %s has no arr_0 array"):format(path), 2) end
+    x = nchw(x)
+  elseif path:match("ubyte") or path:match("%.idx[%d]?") then
+    x = nchw(io_.idx_read(path))
+  elseif path:match("%.bin$") then
+    x = io_.cifar10_read(path)
+  elseif file_exists(path) and not is_dir(path) then
+    error(("iddpm.metrics: cannot tell the format of %s (want .npz, IDX *-ubyte[.gz], CIFAR .bin or a folder)")
+      :format(path), 2)
+  else
+    local names = list_dir(path)
+    if #names == 0 then error(("iddpm.metrics: %s not found or empty"):format(path), 2) end
+    local split = opts.split or "train"
+    local parts = {}
+    for _, f in ipairs(names) do
+      if (split == "train" and f:match("^data_batch_%d+%.bin$")) or (split == "test" and f == "test_batch.bin") then
+        parts[#parts + 1] = io_.cifar10_read(path .. "/" .. f)
+      end
+    end
+    if #parts == 0 then
+      local idx = split == "train" and "train%-images%-idx3%-ubyte" or "t10k%-images%-idx3%-ubyte"
+      for _, f in ipairs(names) do
+        if f:match("^" .. idx) then parts[1] = nchw(io_.idx_read(path .. "/" .. f)); break end
+      end
+    end
+    if #parts == 0 then
+      for _, f in ipairs(names) do
+        if f:lower():match("%.png$") then
+          if opts.num and #parts >= opts.num then break end
+          local im = io_.png_read(path .. "/" .. f)   -- (H,W,C)
+          local s = im:shape()
+          parts[#parts + 1] = im:permute{3, 1, 2}:reshape{1, s[3], s[1], s[2]}
+        end
+      end
+      if #parts == 0 then error(("iddpm.metrics: no images (CIFAR batches, IDX, PNG) in %s"):format(path), 2) end
+      -- gray and RGB PNGs may mix: make all 3-channel if any is
+      local c3 = false
+      for _, p in ipairs(parts) do c3 = c3 or p:shape()[2] == 3 end
+      if c3 then
+        for i, p in ipairs(parts) do
+          if p:shape()[2] == 1 then parts[i] = T.cat({p, p, p}, 2)
+          elseif p:shape()[2] == 4 then parts[i] = p:narrow(2, 1, 3) end
+        end
+      end
+    end
+    x = #parts == 1 and parts[1] or T.cat(parts, 1)
+  end
+  if opts.num and opts.num < x:shape()[1] then x = x:narrow(1, 1, opts.num):contiguous() end
+  return x
+end
+
+-- key=value arguments of a recipe -> table (numbers and booleans converted)
+function M.parse_args(args, defaults)
+  local o = {}
+  for k, v in pairs(defaults or {}) do o[k] = v end
+  for _, a in ipairs(args or {}) do
+    local k, v = a:match("^%-*([%w_]+)=(.*)$")
+    if not k then error(("bad argument %q: expected key=value"):format(a), 0) end
+    if v == "true" then v = true elseif v == "false" then v = false
+    elseif tonumber(v) then v = tonumber(v) end
+    o[k] = v
+  end
+  return o
+end
+
 M.hash_uniform = C.hash_uniform   -- deterministic test values (tests/ref/make_inception_ref.py)
 
 return M
