@@ -1,16 +1,27 @@
 /* l_nn.c — Lua bindings of the UNet layer ops (include/iddpm/nn.h), installed on the
  * tensor module: T.conv2d, T.group_norm, T.qkv_attention, T.upsample_nearest,
  * T.avg_pool2d, T.timestep_embedding, T.dropout. */
+#include "iddpm/kernels.h"
 #include "iddpm/nn.h"
 #include "l_common.h"
 
 static idd_tensor *opt_tensor(lua_State *L, int idx) { return lua_isnoneornil(L, idx) ? NULL : lt_check(L, idx); }
 
-/* T.conv2d(x, w [, b] [, stride=1] [, padding=0]) */
+/* T.conv2d(x, w [, b] [, stride=1] [, padding=0 or {pad_h, pad_w}]) */
 static int l_conv2d(lua_State *L) {
     idd_tensor *x = lt_check(L, 1), *w = lt_check(L, 2), *b = opt_tensor(L, 3);
-    int stride = (int)luaL_optinteger(L, 4, 1), pad = (int)luaL_optinteger(L, 5, 0);
-    return lt_push(L, idd_conv2d(x, w, b, stride, pad));
+    int stride = (int)luaL_optinteger(L, 4, 1), ph, pw;
+    if (lua_istable(L, 5)) {
+        lua_geti(L, 5, 1);
+        lua_geti(L, 5, 2);
+        luaL_argcheck(L, lua_isinteger(L, -2) && lua_isinteger(L, -1), 5, "padding table must be {pad_h, pad_w}");
+        ph = (int)lua_tointeger(L, -2);
+        pw = (int)lua_tointeger(L, -1);
+        lua_pop(L, 2);
+    } else {
+        ph = pw = (int)luaL_optinteger(L, 5, 0);
+    }
+    return lt_push(L, idd_conv2d_hw(x, w, b, stride, ph, pw));
 }
 
 /* T.group_norm(x, groups, weight, bias [, scale, shift, silu=false, eps=1e-5]) */
@@ -32,9 +43,34 @@ static int l_upsample_nearest(lua_State *L) {
     return lt_push(L, idd_upsample_nearest2x(lt_check(L, 1)));
 }
 
+/* T.avg_pool2d(x [, k=2, stride=k, pad=0, count_include_pad=true]): the 2x2 stride-2
+ * case is differentiable; any other window is the forward-only general pool. */
 static int l_avg_pool2d(lua_State *L) {
-    luaL_argcheck(L, luaL_optinteger(L, 2, 2) == 2, 2, "only a 2x2 window with stride 2 is supported");
-    return lt_push(L, idd_avg_pool2x(lt_check(L, 1)));
+    idd_tensor *x = lt_check(L, 1);
+    int k = (int)luaL_optinteger(L, 2, 2), stride = (int)luaL_optinteger(L, 3, k), pad = (int)luaL_optinteger(L, 4, 0);
+    bool cip = lua_isnoneornil(L, 5) ? true : lua_toboolean(L, 5);
+    if (k == 2 && stride == 2 && pad == 0) return lt_push(L, idd_avg_pool2x(x));
+    return lt_push(L, idd_avg_pool2d(x, k, stride, pad, cip));
+}
+
+/* T.max_pool2d(x, k [, stride=k, pad=0]) — forward only */
+static int l_max_pool2d(lua_State *L) {
+    idd_tensor *x = lt_check(L, 1);
+    int k = (int)luaL_checkinteger(L, 2), stride = (int)luaL_optinteger(L, 3, k), pad = (int)luaL_optinteger(L, 4, 0);
+    return lt_push(L, idd_max_pool2d(x, k, stride, pad));
+}
+
+/* T.resize_bilinear(x, {H, W} [, mode = "tf1" | "half_pixel"]) — forward only; uint8 in is fine */
+static int l_resize_bilinear(lua_State *L) {
+    idd_tensor *x = lt_check(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_geti(L, 2, 1);
+    lua_geti(L, 2, 2);
+    int Ho = (int)luaL_checkinteger(L, -2), Wo = (int)luaL_checkinteger(L, -1);
+    lua_pop(L, 2);
+    static const char *const modes[] = {"tf1", "half_pixel", NULL};
+    int mode = luaL_checkoption(L, 3, "tf1", modes) == 0 ? IDD_RESIZE_TF1 : IDD_RESIZE_HALF_PIXEL;
+    return lt_push(L, idd_resize_bilinear(x, Ho, Wo, mode));
 }
 
 /* T.timestep_embedding(t, dim [, max_period=10000]) */
@@ -52,6 +88,7 @@ static int l_dropout(lua_State *L) {
 
 static const luaL_Reg fns[] = {{"conv2d", l_conv2d}, {"group_norm", l_group_norm}, {"qkv_attention", l_qkv_attention},
                                {"upsample_nearest", l_upsample_nearest}, {"avg_pool2d", l_avg_pool2d},
+                               {"max_pool2d", l_max_pool2d}, {"resize_bilinear", l_resize_bilinear},
                                {"timestep_embedding", l_timestep_embedding}, {"dropout", l_dropout}, {NULL, NULL}};
 
 void lt_open_nn(lua_State *L, int mod);

@@ -26,23 +26,34 @@ static idd_status no_kernel(const char *op, idd_device dev) {
 
 // ---------------------------------------------------------------- conv2d
 
-/* saved: x, w (contiguous f32); ip: stride, pad */
+/* saved: x, w (contiguous f32); ip: stride, pad_h, pad_w */
 static idd_status conv2d_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *x = n->saved[0], *w = n->saved[1], *gc = cf32(g);
     if (!gc) return IDD_ERR;
     idd_tensor *dx = n->needs[0] ? zeros_like_shape(x) : NULL;
     idd_tensor *dw = n->needs[1] ? zeros_like_shape(w) : NULL;
     idd_tensor *db = n->n_in > 2 && n->needs[2] ? idd_tensor_zeros(IDD_F32, w->device, 1, w->shape) : NULL;
-    idd_status st = idd_backend_of(x)->conv2d_backward(fp(dx), fp(dw), fp(db), fp(gc), fp(x), fp(w), (int)x->shape[0],
-                                                       (int)x->shape[1], (int)x->shape[2], (int)x->shape[3],
-                                                       (int)w->shape[0], (int)w->shape[2], (int)w->shape[3],
-                                                       (int)n->ip[0], (int)n->ip[1]);
+    const idd_backend *be = idd_backend_of(x);
+    int ph = (int)n->ip[1], pw = (int)n->ip[2];
+    idd_status st;
+    if (be->conv2d_backward_hw)
+        st = be->conv2d_backward_hw(fp(dx), fp(dw), fp(db), fp(gc), fp(x), fp(w), (int)x->shape[0], (int)x->shape[1],
+                                    (int)x->shape[2], (int)x->shape[3], (int)w->shape[0], (int)w->shape[2],
+                                    (int)w->shape[3], (int)n->ip[0], ph, pw);
+    else
+        st = be->conv2d_backward(fp(dx), fp(dw), fp(db), fp(gc), fp(x), fp(w), (int)x->shape[0], (int)x->shape[1],
+                                 (int)x->shape[2], (int)x->shape[3], (int)w->shape[0], (int)w->shape[2],
+                                 (int)w->shape[3], (int)n->ip[0], ph);
     idd_tensor_release(gc);
     gin[0] = dx; gin[1] = dw; gin[2] = db;
     return st;
 }
 
 idd_tensor *idd_conv2d(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad) {
+    return idd_conv2d_hw(x, w, b, stride, pad, pad);
+}
+
+idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad_h, int pad_w) {
     char sx[96], sw[96], sb[96];
     if (x->ndim != 4 || w->ndim != 4) {
         idd_error("conv2d: expected input (N,C,H,W) and weight (O,C,KH,KW), got %s and %s", idd_shape_str(x, sx, 96),
@@ -58,25 +69,35 @@ idd_tensor *idd_conv2d(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, 
         idd_error("conv2d: bias %s does not match weight %s", idd_shape_str(b, sb, 96), idd_shape_str(w, sw, 96));
         return NULL;
     }
-    if (stride < 1 || pad < 0) { idd_error("conv2d: stride %d / padding %d out of range", stride, pad); return NULL; }
-    int64_t Ho = (x->shape[2] + 2 * pad - w->shape[2]) / stride + 1, Wo = (x->shape[3] + 2 * pad - w->shape[3]) / stride + 1;
-    if (x->shape[2] + 2 * pad < w->shape[2] || x->shape[3] + 2 * pad < w->shape[3]) {
+    if (stride < 1 || pad_h < 0 || pad_w < 0) {
+        idd_error("conv2d: stride %d / padding (%d,%d) out of range", stride, pad_h, pad_w);
+        return NULL;
+    }
+    int64_t Ho = (x->shape[2] + 2 * pad_h - w->shape[2]) / stride + 1, Wo = (x->shape[3] + 2 * pad_w - w->shape[3]) / stride + 1;
+    if (x->shape[2] + 2 * pad_h < w->shape[2] || x->shape[3] + 2 * pad_w < w->shape[3]) {
         idd_error("conv2d: kernel %s larger than padded input %s", idd_shape_str(w, sw, 96), idd_shape_str(x, sx, 96));
         return NULL;
     }
     const idd_backend *be = idd_backend_of(x);
-    if (!be->conv2d_forward) { no_kernel("conv2d", x->device); return NULL; }
+    if (!be->conv2d_forward || (pad_h != pad_w && !(be->conv2d_forward_hw && be->conv2d_backward_hw))) {
+        no_kernel(pad_h != pad_w ? "conv2d with pad_h != pad_w" : "conv2d", x->device);
+        return NULL;
+    }
     idd_tensor *xc = cf32(x), *wc = xc ? cf32(w) : NULL, *bc = wc ? cf32(b) : NULL;
     int64_t shape[4] = {x->shape[0], w->shape[0], Ho, Wo};
     idd_tensor *out = wc && (bc || !b) ? idd_tensor_new(IDD_F32, x->device, 4, shape) : NULL;
-    idd_status st = out ? be->conv2d_forward(fp(out), fp(xc), fp(wc), fp(bc), (int)x->shape[0], (int)x->shape[1],
-                                             (int)x->shape[2], (int)x->shape[3], (int)w->shape[0], (int)w->shape[2],
-                                             (int)w->shape[3], stride, pad)
-                        : IDD_ERR;
+    idd_status st = IDD_ERR;
+    if (out && be->conv2d_forward_hw)
+        st = be->conv2d_forward_hw(fp(out), fp(xc), fp(wc), fp(bc), (int)x->shape[0], (int)x->shape[1], (int)x->shape[2],
+                                   (int)x->shape[3], (int)w->shape[0], (int)w->shape[2], (int)w->shape[3], stride, pad_h,
+                                   pad_w);
+    else if (out)
+        st = be->conv2d_forward(fp(out), fp(xc), fp(wc), fp(bc), (int)x->shape[0], (int)x->shape[1], (int)x->shape[2],
+                                (int)x->shape[3], (int)w->shape[0], (int)w->shape[2], (int)w->shape[3], stride, pad_h);
     if (st == IDD_OK) {
         idd_tensor *ins[3] = {x, w, b};
         idd_node *n = idd_record("conv2d", conv2d_backward, out, b ? 3 : 2, ins);
-        if (n) { idd_node_save(n, xc); idd_node_save(n, wc); n->ip[0] = stride; n->ip[1] = pad; }
+        if (n) { idd_node_save(n, xc); idd_node_save(n, wc); n->ip[0] = stride; n->ip[1] = pad_h; n->ip[2] = pad_w; }
     } else {
         idd_tensor_release(out);
         out = NULL;

@@ -42,27 +42,28 @@ int idd_conv2d_out_size(int in, int k, int stride, int pad) {
 }
 
 typedef struct {
-    int N, C, H, W, O, KH, KW, stride, pad, Ho, Wo;
+    int N, C, H, W, O, KH, KW, stride, pad_h, pad_w, Ho, Wo;
     long HoWo, K;
 } conv_shape;
 
 static idd_status conv_check(const char *fn, conv_shape *s, int N, int C, int H, int W, int O,
-                             int KH, int KW, int stride, int pad) {
+                             int KH, int KW, int stride, int pad_h, int pad_w) {
     if (N <= 0 || C <= 0 || H <= 0 || W <= 0 || O <= 0 || KH <= 0 || KW <= 0 || stride <= 0 ||
-        pad < 0)
+        pad_h < 0 || pad_w < 0)
         return idd_error("%s: bad sizes: input (%d,%d,%d,%d), weight (%d,%d,%d,%d), stride %d, "
-                         "pad %d",
-                         fn, N, C, H, W, O, C, KH, KW, stride, pad);
-    int Ho = idd_conv2d_out_size(H, KH, stride, pad), Wo = idd_conv2d_out_size(W, KW, stride, pad);
+                         "pad (%d,%d)",
+                         fn, N, C, H, W, O, C, KH, KW, stride, pad_h, pad_w);
+    int Ho = idd_conv2d_out_size(H, KH, stride, pad_h), Wo = idd_conv2d_out_size(W, KW, stride, pad_w);
     if (Ho <= 0 || Wo <= 0)
-        return idd_error("%s: kernel %dx%d does not fit input %dx%d with pad %d", fn, KH, KW, H, W,
-                         pad);
-    *s = (conv_shape){N, C, H, W, O, KH, KW, stride, pad, Ho, Wo, (long)Ho * Wo, (long)C * KH * KW};
+        return idd_error("%s: kernel %dx%d does not fit input %dx%d with pad (%d,%d)", fn, KH, KW,
+                         H, W, pad_h, pad_w);
+    *s = (conv_shape){N,  C,      H,      W,  O,  KH,           KW,
+                      stride, pad_h, pad_w, Ho, Wo, (long)Ho * Wo, (long)C * KH * KW};
     return IDD_OK;
 }
 
 static int is_pointwise(const conv_shape *s) {
-    return s->KH == 1 && s->KW == 1 && s->stride == 1 && s->pad == 0;
+    return s->KH == 1 && s->KW == 1 && s->stride == 1 && s->pad_h == 0 && s->pad_w == 0;
 }
 
 /* samples per chunk: enough to reach target_cols columns, at least 1 */
@@ -88,17 +89,17 @@ static void valid_range(int k, int in, int out, int stride, int pad, int *lo, in
 static void im2col(float *col, const float *x, int n0, int nb, const conv_shape *s, int par) {
     const long P = (long)nb * s->HoWo;
     const int C = s->C, KH = s->KH, KW = s->KW, H = s->H, W = s->W;
-    const int Ho = s->Ho, Wo = s->Wo, st = s->stride, pad = s->pad;
+    const int Ho = s->Ho, Wo = s->Wo, st = s->stride, ph = s->pad_h, pw_ = s->pad_w;
 #pragma omp parallel for collapse(2) schedule(static) if (par)
     for (int c = 0; c < C; c++) {
         for (int n = 0; n < nb; n++) {
             const float *xp = x + ((size_t)(n0 + n) * C + c) * H * W;
             for (int i = 0; i < KH; i++) {
                 int ylo, yhi;
-                valid_range(i, H, Ho, st, pad, &ylo, &yhi);
+                valid_range(i, H, Ho, st, ph, &ylo, &yhi);
                 for (int j = 0; j < KW; j++) {
                     int xlo, xhi;
-                    valid_range(j, W, Wo, st, pad, &xlo, &xhi);
+                    valid_range(j, W, Wo, st, pw_, &xlo, &xhi);
                     float *row = col + ((size_t)(c * KH + i) * KW + j) * P + (size_t)n * s->HoWo;
                     for (int oy = 0; oy < Ho; oy++) {
                         float *r = row + (size_t)oy * Wo;
@@ -106,7 +107,7 @@ static void im2col(float *col, const float *x, int n0, int nb, const conv_shape 
                             memset(r, 0, sizeof(float) * Wo);
                             continue;
                         }
-                        const float *src = xp + (size_t)(oy * st - pad + i) * W - pad + j;
+                        const float *src = xp + (size_t)(oy * st - ph + i) * W - pw_ + j;
                         for (int ox = 0; ox < xlo; ox++) r[ox] = 0.0f;
                         if (st == 1) {
                             memcpy(r + xlo, src + xlo, sizeof(float) * (xhi - xlo + 1));
@@ -126,22 +127,22 @@ static void col2im_add(float *dx, const float *dcol, int n0, int nb, const conv_
                        int par) {
     const long P = (long)nb * s->HoWo;
     const int C = s->C, KH = s->KH, KW = s->KW, H = s->H, W = s->W;
-    const int Ho = s->Ho, Wo = s->Wo, st = s->stride, pad = s->pad;
+    const int Ho = s->Ho, Wo = s->Wo, st = s->stride, ph = s->pad_h, pw_ = s->pad_w;
 #pragma omp parallel for collapse(2) schedule(static) if (par)
     for (int n = 0; n < nb; n++) {
         for (int c = 0; c < C; c++) {
             float *xp = dx + ((size_t)(n0 + n) * C + c) * H * W;
             for (int i = 0; i < KH; i++) {
                 int ylo, yhi;
-                valid_range(i, H, Ho, st, pad, &ylo, &yhi);
+                valid_range(i, H, Ho, st, ph, &ylo, &yhi);
                 for (int j = 0; j < KW; j++) {
                     int xlo, xhi;
-                    valid_range(j, W, Wo, st, pad, &xlo, &xhi);
+                    valid_range(j, W, Wo, st, pw_, &xlo, &xhi);
                     const float *row =
                         dcol + ((size_t)(c * KH + i) * KW + j) * P + (size_t)n * s->HoWo;
                     for (int oy = ylo; oy <= yhi; oy++) {
                         const float *r = row + (size_t)oy * Wo;
-                        float *dst = xp + (size_t)(oy * st - pad + i) * W - pad + j;
+                        float *dst = xp + (size_t)(oy * st - ph + i) * W - pw_ + j;
                         if (st == 1) {
                             for (int ox = xlo; ox <= xhi; ox++) dst[ox] += r[ox];
                         } else {
@@ -284,8 +285,14 @@ static idd_status nomem(const char *fn, const conv_shape *s) {
 idd_status idd_conv2d_forward_f32(float *out, const float *x, const float *w, const float *b,
                                   int N, int C, int H, int W, int O, int KH, int KW, int stride,
                                   int pad) {
+    return idd_conv2d_forward_hw_f32(out, x, w, b, N, C, H, W, O, KH, KW, stride, pad, pad);
+}
+
+idd_status idd_conv2d_forward_hw_f32(float *out, const float *x, const float *w, const float *b,
+                                     int N, int C, int H, int W, int O, int KH, int KW, int stride,
+                                     int pad_h, int pad_w) {
     conv_shape s;
-    idd_status st = conv_check("conv2d_forward", &s, N, C, H, W, O, KH, KW, stride, pad);
+    idd_status st = conv_check("conv2d_forward", &s, N, C, H, W, O, KH, KW, stride, pad_h, pad_w);
     if (st) return st;
     if (use_per_sample(N)) {
         int failed = 0, nb = per_thread_chunk(&s), nch = (N + nb - 1) / nb;
@@ -311,8 +318,15 @@ idd_status idd_conv2d_forward_f32(float *out, const float *x, const float *w, co
 idd_status idd_conv2d_backward_f32(float *dx, float *dw, float *db, const float *dout,
                                    const float *x, const float *w, int N, int C, int H, int W,
                                    int O, int KH, int KW, int stride, int pad) {
+    return idd_conv2d_backward_hw_f32(dx, dw, db, dout, x, w, N, C, H, W, O, KH, KW, stride, pad,
+                                      pad);
+}
+
+idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const float *dout,
+                                      const float *x, const float *w, int N, int C, int H, int W,
+                                      int O, int KH, int KW, int stride, int pad_h, int pad_w) {
     conv_shape s;
-    idd_status st = conv_check("conv2d_backward", &s, N, C, H, W, O, KH, KW, stride, pad);
+    idd_status st = conv_check("conv2d_backward", &s, N, C, H, W, O, KH, KW, stride, pad_h, pad_w);
     if (st) return st;
     if (dw && !x) return idd_error("conv2d_backward: dw requested but x is NULL");
     if (dx && !w) return idd_error("conv2d_backward: dx requested but w is NULL");

@@ -77,6 +77,18 @@ typedef struct idd_backend {
                                   uint64_t offset);
     idd_status (*dropout_backward)(float *dx, const float *dout, int64_t n, float p, uint64_t seed, uint64_t stream,
                                    uint64_t offset);
+    /* separate H/W zero padding (1x7, 7x1 kernels); NULL: only pad_h == pad_w works */
+    idd_status (*conv2d_forward_hw)(float *out, const float *x, const float *w, const float *b, int N, int C, int H,
+                                    int W, int O, int KH, int KW, int stride, int pad_h, int pad_w);
+    idd_status (*conv2d_backward_hw)(float *dx, float *dw, float *db, const float *dout, const float *x,
+                                     const float *w, int N, int C, int H, int W, int O, int KH, int KW, int stride,
+                                     int pad_h, int pad_w);
+    /* forward-only evaluation kernels (kernels.h: pool, resize) */
+    idd_status (*maxpool2d_forward)(float *out, const float *x, int N, int C, int H, int W, int k, int stride,
+                                    int pad);
+    idd_status (*avgpool2d_forward)(float *out, const float *x, int N, int C, int H, int W, int k, int stride,
+                                    int pad, int count_include_pad);
+    idd_status (*resize_bilinear)(float *out, const float *x, int N, int C, int H, int W, int Ho, int Wo, int mode);
 } idd_backend;
 
 const idd_backend *idd_backend_get(idd_device dev);         /* NULL if not available */

@@ -86,6 +86,16 @@ idd_status idd_conv2d_backward_f32(float *dx,          /* (N,C,H,W) or NULL */
                                    int N, int C, int H, int W, int O, int KH, int KW,
                                    int stride, int pad);
 
+/* The same with separate zero padding along H (pad_h) and W (pad_w), for 1x7 / 7x1
+ * kernels (Inception): Ho = idd_conv2d_out_size(H, KH, stride, pad_h), Wo likewise with
+ * pad_w. The square-padding functions above call these with pad_h = pad_w = pad. */
+idd_status idd_conv2d_forward_hw_f32(float *out, const float *x, const float *w, const float *b,
+                                     int N, int C, int H, int W, int O, int KH, int KW, int stride,
+                                     int pad_h, int pad_w);
+idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const float *dout,
+                                      const float *x, const float *w, int N, int C, int H, int W,
+                                      int O, int KH, int KW, int stride, int pad_h, int pad_w);
+
 /* Schedules (see conv2d.c): when N >= the OpenMP thread count, samples are spread over
  * OpenMP threads with OpenBLAS temporarily set to 1 thread (restored before return);
  * otherwise samples are folded into one multithreaded sgemm per chunk of about
@@ -187,6 +197,31 @@ idd_status idd_avgpool2x_forward_f32(float *out,       /* (N,C,H/2,W/2) */
 idd_status idd_avgpool2x_backward_f32(float *dx,          /* (N,C,H,W) */
                                       const float *dout,  /* (N,C,H/2,W/2) */
                                       int N, int C, int H, int W);
+
+/* ---- general pooling (engine/ops/pool.c), forward only ------------------------------ */
+
+/* Output size along one axis: (in + 2*pad - k) / stride + 1 (floor), <= 0 if no fit. */
+int idd_pool2d_out_size(int in, int k, int stride, int pad);
+/* k x k max pool, stride, implicit -inf padding pad (pad <= k/2). */
+idd_status idd_maxpool2d_forward_f32(float *out,       /* (N,C,Ho,Wo) */
+                                     const float *x,   /* (N,C,H,W) */
+                                     int N, int C, int H, int W, int k, int stride, int pad);
+/* k x k average pool; count_include_pad 1: divide by k*k (PyTorch default), 0: by the
+ * number of real input positions under the window (FID Inception). */
+idd_status idd_avgpool2d_forward_f32(float *out,       /* (N,C,Ho,Wo) */
+                                     const float *x,   /* (N,C,H,W) */
+                                     int N, int C, int H, int W, int k, int stride, int pad,
+                                     int count_include_pad);
+
+/* ---- bilinear resize (engine/ops/resize.c), forward only ------------------------------ */
+
+/* Where output pixel j samples the input along an axis (clamped to [0, in-1]):
+ * TF1: src = j*in/out (TF1 resize_bilinear, the TF FID Inception graph);
+ * HALF_PIXEL: src = max((j+0.5)*in/out - 0.5, 0) (PyTorch align_corners=False). */
+enum { IDD_RESIZE_TF1 = 0, IDD_RESIZE_HALF_PIXEL = 1 };
+idd_status idd_resize_bilinear_f32(float *out,       /* (N,C,Ho,Wo) */
+                                   const float *x,   /* (N,C,H,W) */
+                                   int N, int C, int H, int W, int Ho, int Wo, int mode);
 
 /* ---- timestep embedding (engine/ops/embedding.c) ------------------------------------ */
 

@@ -12,6 +12,8 @@
 
 /* x (N,C,H,W), w (O,C,KH,KW), b (O) or NULL -> (N,O,Ho,Wo) */
 idd_tensor *idd_conv2d(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad);
+/* the same with separate zero padding along H and W (1x7 / 7x1 kernels) */
+idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad_h, int pad_w);
 
 /* x (N,C,...) -> same; gamma/beta (C) or NULL; scale/shift (N,C) or NULL:
  * y = GN(x)*gamma+beta; y = y*(1+scale)+shift; silu ? y*sigmoid(y) : y */
@@ -30,5 +32,14 @@ idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period);
 
 /* inverted dropout with a mask drawn from g (advances it); identity if p == 0 */
 idd_tensor *idd_dropout(idd_tensor *x, double p, idd_generator *g);
+
+/* ---- forward-only evaluation layers (engine/nn/eval_layers.c); no tape node, the
+ * result does not require grad. Any float/uint8 input is converted to float32. */
+/* x (N,C,H,W) -> k x k max pool with stride and -inf padding */
+idd_tensor *idd_max_pool2d(idd_tensor *x, int k, int stride, int pad);
+/* k x k average pool; count_include_pad false divides by the real positions only */
+idd_tensor *idd_avg_pool2d(idd_tensor *x, int k, int stride, int pad, bool count_include_pad);
+/* bilinear resize to (Ho,Wo); mode IDD_RESIZE_TF1 or IDD_RESIZE_HALF_PIXEL (kernels.h) */
+idd_tensor *idd_resize_bilinear(idd_tensor *x, int Ho, int Wo, int mode);
 
 #endif

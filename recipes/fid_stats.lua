@@ -1,0 +1,55 @@
+-- recipes/fid_stats.lua — reference statistics for FID (like mmgeneration's
+-- tools/utils/inception_stat.py): Inception pool3 features of a whole dataset (the
+-- training split by default, in order, no shuffling), then mean and covariance (N-1)
+-- in float64, saved as
+--   OUT.safetensors   mu, sigma (float64) + metadata n, source, resize, weights
+--   OUT.npz           mu, sigma — the pytorch-fid layout
+--
+--   iddpm run recipes/fid_stats.lua data=/usr/share/datasets/fashion-mnist out=stats/fmnist_train \
+--        [split=train] [num=N] [weights=inception.safetensors] [batch_size=50] [resize=tf1] \
+--        [features=feats.npz]   (also keep the features, e.g. for precision/recall)
+-- data: a folder with Fashion-MNIST/MNIST IDX files or CIFAR-10 batches, one IDX/.bin
+-- file, an .npz (arr_0, NHWC uint8) or a folder of PNGs. Gray images are repeated to 3
+-- channels by the network.
+local iddpm = require "iddpm"
+local T, M, io_ = iddpm.tensor, iddpm.metrics, iddpm.io
+
+local o = M.parse_args(arg, {split = "train", weights = os.getenv("IDDPM_INCEPTION") or "inception.safetensors",
+  batch_size = 50, resize = "tf1"})
+if not o.data or not o.out then
+  io.stderr:write("usage: iddpm run recipes/fid_stats.lua data=PATH out=STATS [split=train] [num=N] "
+    .. "[weights=inception.safetensors] [batch_size=50] [resize=tf1|pytorch] [features=F.npz]\n")
+  os.exit(2)
+end
+local base = tostring(o.out):gsub("%.safetensors$", ""):gsub("%.npz$", "")
+
+local net = M.inception(o.weights, {resize = o.resize})   -- clear error if the file is missing
+local images = M.read_images(o.data, {split = o.split, num = o.num})
+local s = images:shape()
+print(("fid_stats: %d images (%dx%dx%d) from %s [%s], Inception %s, resize %s"):format(s[1], s[2], s[3], s[4],
+  o.data, o.split, o.weights, o.resize))
+if s[1] < 50000 then
+  print(("fid_stats: note: %d reference images; published FIDs use the whole training set (50k for CIFAR-10)")
+    :format(s[1]))
+end
+
+local st = M.stats(M.FEATURE_DIM)
+local keep = o.features and {} or nil
+local bs, chunk = o.batch_size, o.batch_size * 20
+local t0 = os.time()
+for i = 1, s[1], chunk do
+  local n = math.min(chunk, s[1] - i + 1)
+  local f = net:features(images:narrow(1, i, n), {batch_size = bs, progress = false})
+  st:add(f)
+  if keep then keep[#keep + 1] = f end
+  local done, dt = i + n - 1, math.max(os.time() - t0, 1)
+  io.stderr:write(("\rfid_stats: %d/%d images, %.1f img/s, ETA %ds   "):format(done, s[1], done / dt,
+    math.floor((s[1] - done) * dt / done)))
+end
+io.stderr:write("\n")
+local mu, sigma = st:get()
+M.save_stats(base .. ".safetensors", mu, sigma, s[1], {source = o.data, split = o.split, resize = o.resize,
+  weights = o.weights})
+M.save_stats(base .. ".npz", mu, sigma, s[1])
+if keep then io_.npz_write(o.features, {{"features", T.cat(keep, 1)}}) end
+print(("fid_stats: wrote %s.safetensors and %s.npz (n = %d, %ds)"):format(base, base, s[1], os.time() - t0))
