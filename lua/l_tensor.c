@@ -415,8 +415,8 @@ static int m_byte(lua_State *L) { return cast_to(L, IDD_U8); }
 static int to_dev(lua_State *L, idd_device dev) {
     idd_tensor *t = lt_check(L, 1);
     if (!idd_backend_get(dev))
-        return luaL_error(L, "to: device '%s' is not available (build with `make CUDA=1` on a machine with a GPU)",
-                          idd_device_name(dev));
+        return luaL_error(L, "to: device '%s' is not available (%s)", idd_device_name(dev),
+                          idd_backend_unavailable_reason(dev));
     if (t->device == dev) { idd_tensor_retain(t); return lt_push(L, t); }
     return lt_push(L, idd_to_device(t, dev));
 }
