@@ -4,6 +4,9 @@
  * optim and the recipe drivers. */
 #include "l_common.h"
 
+#include <stdlib.h>
+#include <time.h>
+
 #include "iddpm/backend.h"
 #ifdef IDDPM_CUDA
 #include "iddpm/cuda.h"
@@ -64,10 +67,17 @@ static int c_empty_cache(lua_State *L) { return 0; }
 static int c_tf32(lua_State *L) { return 0; }
 #endif
 
+static int c_wall_time(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + 1e-9 * (lua_Number)ts.tv_nsec);
+    return 1;
+}
+
 static const luaL_Reg cuda_fns[] = {
     {"available", c_available}, {"reason", c_reason}, {"device_name", c_device_name},
     {"synchronize", c_synchronize}, {"memory", c_memory}, {"empty_cache", c_empty_cache},
-    {"tf32", c_tf32}, {NULL, NULL},
+    {"tf32", c_tf32}, {"wall_time", c_wall_time}, {NULL, NULL},
 };
 
 int luaopen_iddpm(lua_State *L);
@@ -76,6 +86,10 @@ int luaopen_iddpm(lua_State *L) {
     /* registers the backend when a GPU is present; otherwise records why not */
     if (idd_cuda_init() != IDD_OK) idd_clear_error();
 #endif
+    /* IDDPM_FAKE_CUDA=1 (tests only): without a GPU, serve the "cuda" device with the
+     * CPU backend, to exercise device plumbing and the cross-backend test script */
+    const char *fake = getenv("IDDPM_FAKE_CUDA");
+    if (fake && *fake == '1' && !idd_backend_get(IDD_CUDA)) idd_backend_register(IDD_CUDA, idd_backend_get(IDD_CPU));
     idd_embed_preload(L);
     lua_newtable(L);
     int mod = lua_gettop(L);
