@@ -90,9 +90,11 @@ __global__ void k_temb(float *out, const float *t, int N, int dim, int half, flo
             int i = j < half ? j : j - half;
             float ex = neg_log * (float)i;
             ex = ex / (float)half;
-            float freq = expf(ex);
+            /* correctly rounded float results (as glibc's expf/cosf/sinf give on the
+             * CPU): CUDA's float versions are up to 2 ulp off, which t ~ 4000 magnifies */
+            float freq = (float)exp((double)ex);
             float arg = t[n] * freq;
-            v = j < half ? cosf(arg) : sinf(arg);
+            v = (float)(j < half ? cos((double)arg) : sin((double)arg));
         }
         out[e] = v;
     }

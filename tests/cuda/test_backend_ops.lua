@@ -292,6 +292,31 @@ if not QUICK and os.getenv("IDDPM_BENCH") ~= "0" then
     local used, cached = iddpm.cuda.memory()
     print(("# bench memory after training steps: %.0f MiB in use, %.0f MiB cached"):format(used / 2^20, cached / 2^20))
   end
+  -- where the time goes: single layer ops at CIFAR-10 sizes (batch 128), fwd and fwd+bwd
+  if not SMALL then
+    local function op_bench(name, shapes, fn)
+      local ins = {}
+      for i, sh in ipairs(shapes) do ins[i] = T.randn(sh, nil, "float32", "cuda"); ins[i].requires_grad = true end
+      local f = time_it(function() T.no_grad(function() fn(table.unpack(ins)) end) end, 10)
+      local g
+      local fb = time_it(function()
+        local y = fn(table.unpack(ins))
+        g = g or T.randn(y:shape(), nil, "float32", "cuda")
+        y:backward(g)
+      end, 5)
+      print(("# op %-44s fwd %7.3f ms  fwd+bwd %7.3f ms"):format(name, f * 1e3, fb * 1e3))
+    end
+    op_bench("conv2d 3x3 128->128 @32x32 N128", {{128, 128, 32, 32}, {128, 128, 3, 3}, {128}}, function(x, w, b) return T.conv2d(x, w, b, 1, 1) end)
+    op_bench("conv2d 3x3 256->256 @8x8 N128", {{128, 256, 8, 8}, {256, 256, 3, 3}, {256}}, function(x, w, b) return T.conv2d(x, w, b, 1, 1) end)
+    op_bench("conv2d 1x1 384->256 @16x16 N128", {{128, 384, 16, 16}, {256, 384, 1, 1}, {256}}, function(x, w, b) return T.conv2d(x, w, b, 1, 0) end)
+    op_bench("group_norm+ss+silu 128ch @32x32 N128", {{128, 128, 32, 32}, {128}, {128}, {128, 128}, {128, 128}},
+      function(x, ga, be, sc, sh) return T.group_norm(x, 32, ga, be, sc, sh, true) end)
+    op_bench("qkv_attention 4 heads C256 T256 N128", {{128, 768, 256}}, function(q) return T.qkv_attention(q, 4) end)
+    op_bench("add 128x128x32x32", {{128, 128, 32, 32}, {128, 128, 32, 32}}, function(a, b) return a + b end)
+    op_bench("cat 2x(128x128x16x16) dim 2", {{128, 128, 16, 16}, {128, 128, 16, 16}}, function(a, b) return T.cat({a, b}, 2) end)
+    op_bench("linear 512->256 N128 (emb_layers)", {{128, 512}, {256, 512}}, function(a, w) return a:matmul(w:transpose(1, 2)) end)
+  end
+
   model:train(false)
   for _, B in ipairs(SAMPLE_B) do
     local x = T.randn({B, 3, 32, 32}, nil, "float32", "cuda")
