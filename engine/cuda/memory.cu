@@ -9,6 +9,9 @@
  * back and the allocation retried once. */
 #include "cuda_common.cuh"
 
+#include <stdio.h>
+#include <stdlib.h>
+
 #include <map>
 #include <mutex>
 #include <string.h>
