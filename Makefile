@@ -5,7 +5,9 @@
 #   make bench        images/second of the training and sampling steps
 #   make demo         train the Fashion-MNIST demo and sample from it
 #   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
-#   make CUDA=1       also build the CUDA backend (needs nvcc)
+#   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS) into build/*-cuda
+#   make cuda-check   only compile the CUDA sources (CI runs it where nvcc exists)
+#   make test-cuda    build with CUDA=1 and run the CPU-vs-GPU tests (needs a GPU)
 
 CC      ?= cc
 PREFIX  ?= /usr/local
@@ -29,10 +31,27 @@ CFLAGS  := -std=c11 -D_GNU_SOURCE -DIDDPM_VERSION='"$(VERSION)"' -fPIC -fopenmp 
 LDLIBS  := $(PKG_LIBS) -lpng -lz -lgif -lreadline -lm
 LDFLAGS := -fopenmp $(SAN)
 
+ifeq ($(CUDA),1)
+  BUILD   := $(BUILD)-cuda
+  CFLAGS  += -DIDDPM_CUDA
+endif
+
+# CUDA sources: compiled for sm_90 (H100/H200) plus PTX for compute_80 that newer
+# cards JIT-compile; linked with the CUDA runtime and cuBLAS.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local/cuda)
+NVCC      ?= $(CUDA_HOME)/bin/nvcc
+CU_ARCH   ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80
+NVFLAGS   := -O3 -std=c++17 -lineinfo $(CU_ARCH) -Xcompiler -fPIC,-Wall -Iinclude $(EXTRA_NVFLAGS)
+CU_SRC    := $(sort $(wildcard engine/cuda/*.cu))
+CU_OBJ    := $(CU_SRC:%.cu=$(BUILD)/%.o)
+ifeq ($(CUDA),1)
+  CU_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+endif
+
 ENGINE_SRC := $(sort $(shell find engine -name '*.c'))
 BIND_SRC   := $(sort $(filter-out lua/main.c,$(wildcard lua/*.c)))
 LUA_MODS   := $(sort $(shell find lua/iddpm -name '*.lua'))
-ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/%.o)
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/%.o) $(if $(filter 1,$(CUDA)),$(CU_OBJ))
 BIND_OBJ   := $(BIND_SRC:%.c=$(BUILD)/%.o) $(BUILD)/embed.o
 MAIN_OBJ   := $(BUILD)/lua/main.o
 CTEST_SRC  := $(sort $(wildcard tests/c/test_*.c))
@@ -42,21 +61,32 @@ CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard test
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
 
-.PHONY: all test bench demo install uninstall clean deps iddpm iddpm.so
+.PHONY: all test bench demo install uninstall clean deps cuda-check test-cuda iddpm iddpm.so
 all: iddpm iddpm.so
 
-# the binaries are linked per build mode and copied to the top when they differ, so
-# switching between DEBUG=1 and a release build never leaves a stale ./iddpm
+# the binaries are linked per build mode (release, debug, release-cuda) and copied to
+# the top when they differ, so switching modes never leaves a stale ./iddpm
 iddpm: $(BUILD)/iddpm
 	@cmp -s $< $@ || cp $< $@
 iddpm.so: $(BUILD)/iddpm.so
 	@cmp -s $< $@ || cp $< $@
 
 $(BUILD)/iddpm: $(MAIN_OBJ) $(BIND_OBJ) $(ENGINE_OBJ)
-	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -Wl,-E
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CU_LIBS) -Wl,-E
 
 $(BUILD)/iddpm.so: $(BIND_OBJ) $(ENGINE_OBJ)
-	$(CC) $(LDFLAGS) -shared -o $@ $^ $(filter-out -llua5.4,$(LDLIBS))
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(filter-out -llua5.4,$(LDLIBS)) $(CU_LIBS)
+
+$(BUILD)/%.o: %.cu engine/cuda/cuda_common.cuh $(wildcard include/iddpm/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c -o $@ $<
+
+cuda-check:
+	@$(MAKE) --no-print-directory CUDA=1 $(patsubst $(BUILD)/%,$(BUILD)-cuda/%,$(CU_OBJ))
+
+test-cuda:
+	@$(MAKE) --no-print-directory CUDA=1 all
+	./iddpm run tests/cuda/test_backend_ops.lua $(TEST_ARGS)
 
 $(BUILD)/%.o: %.c $(wildcard include/iddpm/*.h) $(wildcard lua/*.h) $(wildcard engine/*/*.h)
 	@mkdir -p $(dir $@)
@@ -72,7 +102,7 @@ $(BUILD)/embed.o: $(BUILD)/embed.c
 
 $(BUILD)/tests/%: tests/c/%.c $(CTEST_LIB) $(ENGINE_OBJ) tests/c/check.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(CTEST_LIB) $(ENGINE_OBJ) $(LDLIBS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(CTEST_LIB) $(ENGINE_OBJ) $(LDLIBS) $(CU_LIBS)
 
 # Installs what is missing when run as root; otherwise prints the apt-get line.
 deps:

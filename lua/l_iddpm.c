@@ -2,9 +2,15 @@
  * It holds the C sub-modules (tensor, ...) and then runs the pure-Lua half
  * (lua/iddpm/init.lua, embedded at build time as "iddpm.lua") to add nn, diffusion,
  * optim and the recipe drivers. */
+#include <stdlib.h>
 #include <time.h>
 
 #include "l_common.h"
+
+#include "iddpm/backend.h"
+#ifdef IDDPM_CUDA
+#include "iddpm/cuda.h"
+#endif
 
 #ifndef IDDPM_VERSION
 #define IDDPM_VERSION "0.1.0"
@@ -33,17 +39,60 @@ static int l_num_threads(lua_State *L) {
     return 1;
 }
 
-/* iddpm.wall_time() -> seconds (float) of a monotonic wall clock, for progress lines
- * and ETAs (os.clock is CPU time, summed over threads) */
-static int l_wall_time(lua_State *L) {
+/* iddpm.cuda: available(), reason(), device_name(), synchronize(), memory(),
+ * empty_cache(), tf32(on). A build without CUDA answers available() = false. */
+static int c_available(lua_State *L) { lua_pushboolean(L, idd_backend_get(IDD_CUDA) != NULL); return 1; }
+static int c_reason(lua_State *L) {
+    if (idd_backend_get(IDD_CUDA)) lua_pushnil(L); else lua_pushstring(L, idd_backend_unavailable_reason(IDD_CUDA));
+    return 1;
+}
+#ifdef IDDPM_CUDA
+static int c_device_name(lua_State *L) { lua_pushstring(L, idd_cuda_device_name()); return 1; }
+static int c_synchronize(lua_State *L) {
+    if (idd_backend_get(IDD_CUDA) && idd_cuda_synchronize() != IDD_OK) return luaL_error(L, "%s", idd_last_error());
+    return 0;
+}
+static int c_memory(lua_State *L) {
+    size_t used = 0, cached = 0;
+    if (idd_backend_get(IDD_CUDA)) idd_cuda_memory(&used, &cached);
+    lua_pushinteger(L, (lua_Integer)used);
+    lua_pushinteger(L, (lua_Integer)cached);
+    return 2;
+}
+static int c_empty_cache(lua_State *L) { if (idd_backend_get(IDD_CUDA)) idd_cuda_empty_cache(); return 0; }
+static int c_tf32(lua_State *L) { idd_cuda_set_tf32(lua_toboolean(L, 1)); return 0; }
+#else
+static int c_device_name(lua_State *L) { lua_pushstring(L, ""); return 1; }
+static int c_synchronize(lua_State *L) { return 0; }
+static int c_memory(lua_State *L) { lua_pushinteger(L, 0); lua_pushinteger(L, 0); return 2; }
+static int c_empty_cache(lua_State *L) { return 0; }
+static int c_tf32(lua_State *L) { return 0; }
+#endif
+
+/* iddpm.wall_time() -> seconds of a monotonic wall clock (os.clock is CPU time) */
+static int c_wall_time(lua_State *L) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     lua_pushnumber(L, (lua_Number)ts.tv_sec + 1e-9 * (lua_Number)ts.tv_nsec);
     return 1;
 }
 
+static const luaL_Reg cuda_fns[] = {
+    {"available", c_available}, {"reason", c_reason}, {"device_name", c_device_name},
+    {"synchronize", c_synchronize}, {"memory", c_memory}, {"empty_cache", c_empty_cache},
+    {"tf32", c_tf32}, {"wall_time", c_wall_time}, {NULL, NULL},
+};
+
 int luaopen_iddpm(lua_State *L);
 int luaopen_iddpm(lua_State *L) {
+#ifdef IDDPM_CUDA
+    /* registers the backend when a GPU is present; otherwise records why not */
+    if (idd_cuda_init() != IDD_OK) idd_clear_error();
+#endif
+    /* IDDPM_FAKE_CUDA=1 (tests only): without a GPU, serve the "cuda" device with the
+     * CPU backend, to exercise device plumbing and the cross-backend test script */
+    const char *fake = getenv("IDDPM_FAKE_CUDA");
+    if (fake && *fake == '1' && !idd_backend_get(IDD_CUDA)) idd_backend_register(IDD_CUDA, idd_backend_get(IDD_CPU));
     idd_embed_preload(L);
     lua_newtable(L);
     int mod = lua_gettop(L);
@@ -51,8 +100,10 @@ int luaopen_iddpm(lua_State *L) {
     lua_setfield(L, mod, "version");
     lua_pushcfunction(L, l_num_threads);
     lua_setfield(L, mod, "num_threads");
-    lua_pushcfunction(L, l_wall_time);
+    lua_pushcfunction(L, c_wall_time);
     lua_setfield(L, mod, "wall_time");
+    luaL_newlib(L, cuda_fns);
+    lua_setfield(L, mod, "cuda");
     for (const submodule *s = submodules; s->name; s++) {
         luaL_requiref(L, lua_pushfstring(L, "iddpm.%s", s->name), s->open, 0);
         lua_setfield(L, mod, s->name);

@@ -203,15 +203,25 @@ static idd_generator *check_gen(lua_State *L, int idx) {
     return luaL_checkudata(L, idx, "iddpm.Generator");
 }
 
-/* T.randn(shape [, generator] [, dtype]) */
+/* T.randn(shape [, generator] [, dtype] [, device]): the same numbers on every device */
 static int t_rand_common(lua_State *L, bool normal) {
     int64_t shape[IDD_MAX_DIMS];
     int nd = lt_shape(L, 1, shape);
     int next = lua_istable(L, 1) ? 2 : nd + 1;
     idd_generator *g = idd_default_generator();
     if (luaL_testudata(L, next, "iddpm.Generator")) g = check_gen(L, next++);
-    idd_dtype dt = lt_optdtype(L, next, IDD_F32);
-    return lt_push(L, normal ? idd_randn(g, dt, IDD_CPU, nd, shape) : idd_rand(g, dt, IDD_CPU, nd, shape));
+    idd_device dev = IDD_CPU;
+    idd_dtype dt = IDD_F32;
+    if (lua_isnil(L, next) && next < lua_gettop(L)) next++;   /* T.randn(shape, nil, dtype, device) */
+    for (int k = next; k <= next + 1; k++) {
+        const char *s = lua_type(L, k) == LUA_TSTRING ? lua_tostring(L, k) : NULL;
+        if (s && (!strcmp(s, "cuda") || !strcmp(s, "cpu"))) dev = s[1] == 'u' ? IDD_CUDA : IDD_CPU;
+        else if (!lua_isnoneornil(L, k)) dt = lt_optdtype(L, k, IDD_F32);
+    }
+    if (!idd_backend_get(dev))
+        return luaL_error(L, "randn: device '%s' is not available (%s)", idd_device_name(dev),
+                          idd_backend_unavailable_reason(dev));
+    return lt_push(L, normal ? idd_randn(g, dt, dev, nd, shape) : idd_rand(g, dt, dev, nd, shape));
 }
 static int t_randn(lua_State *L) { return t_rand_common(L, true); }
 static int t_rand(lua_State *L) { return t_rand_common(L, false); }
@@ -415,8 +425,8 @@ static int m_byte(lua_State *L) { return cast_to(L, IDD_U8); }
 static int to_dev(lua_State *L, idd_device dev) {
     idd_tensor *t = lt_check(L, 1);
     if (!idd_backend_get(dev))
-        return luaL_error(L, "to: device '%s' is not available (build with `make CUDA=1` on a machine with a GPU)",
-                          idd_device_name(dev));
+        return luaL_error(L, "to: device '%s' is not available (%s)", idd_device_name(dev),
+                          idd_backend_unavailable_reason(dev));
     if (t->device == dev) { idd_tensor_retain(t); return lt_push(L, t); }
     return lt_push(L, idd_to_device(t, dev));
 }

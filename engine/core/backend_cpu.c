@@ -422,3 +422,12 @@ static const idd_backend *backends[IDD_NDEVICES] = {&cpu_backend};
 
 const idd_backend *idd_backend_get(idd_device dev) { return (unsigned)dev < IDD_NDEVICES ? backends[dev] : NULL; }
 void idd_backend_register(idd_device dev, const idd_backend *b) { if ((unsigned)dev < IDD_NDEVICES) backends[dev] = b; }
+
+static const char *unavailable[IDD_NDEVICES];
+const char *idd_backend_unavailable_reason(idd_device dev) {
+    if ((unsigned)dev < IDD_NDEVICES && unavailable[dev]) return unavailable[dev];
+    return "this build has no CUDA backend: build with `make CUDA=1` on a machine with a GPU";
+}
+void idd_backend_set_unavailable(idd_device dev, const char *reason) {
+    if ((unsigned)dev < IDD_NDEVICES) unavailable[dev] = reason;
+}

@@ -13,7 +13,10 @@ size_t idd_live_bytes(void) { return atomic_load(&live_bytes); }
 
 static idd_storage *storage_new(idd_device dev, size_t nbytes) {
     const idd_backend *be = idd_backend_get(dev);
-    if (!be) { idd_error("device %s is not available in this build", idd_device_name(dev)); return NULL; }
+    if (!be) {
+        idd_error("device %s is not available (%s)", idd_device_name(dev), idd_backend_unavailable_reason(dev));
+        return NULL;
+    }
     idd_storage *s = calloc(1, sizeof *s);
     if (!s) { idd_error_status(IDD_ENOMEM, "out of memory"); return NULL; }
     s->data = be->alloc(nbytes ? nbytes : 1);

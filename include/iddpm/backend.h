@@ -94,5 +94,9 @@ typedef struct idd_backend {
 const idd_backend *idd_backend_get(idd_device dev);         /* NULL if not available */
 static inline const idd_backend *idd_backend_of(const idd_tensor *t) { return idd_backend_get(t->device); }
 void idd_backend_register(idd_device dev, const idd_backend *b);
+/* why a device has no backend (for error messages); a backend's init sets it when the
+ * hardware is missing. The default names the build option. */
+const char *idd_backend_unavailable_reason(idd_device dev);
+void idd_backend_set_unavailable(idd_device dev, const char *reason);
 
 #endif

@@ -149,6 +149,23 @@ end
 
 function Module:eval() return self:train(false) end
 
+-- move every parameter to device ("cpu" or "cuda") in place; returns self
+function Module:to(device)
+  T.no_grad(function()
+    for _, n in ipairs(self._param_names) do
+      local p = self._params[n]
+      if p:device() ~= device then
+        local q = p:to(device)
+        q.requires_grad = true
+        self._params[n] = q
+        self[n] = q
+      end
+    end
+  end)
+  for _, n in ipairs(self._child_names) do self._children[n]:to(device) end
+  return self
+end
+
 function Module:zero_grad()
   for _, p in ipairs(self:parameters()) do p:zero_grad() end
 end

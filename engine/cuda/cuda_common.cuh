@@ -1,0 +1,128 @@
+/* cuda_common.cuh — what every file of the CUDA backend shares: the C headers of the
+ * engine (with C linkage), the backend's stream and cuBLAS handle, error checks that
+ * turn a CUDA status into an idd_error naming the op and the sizes, a strided tensor
+ * descriptor for kernels, and the device scratch buffers. */
+#ifndef IDDPM_CUDA_COMMON_CUH
+#define IDDPM_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "iddpm/backend.h"
+#include "iddpm/core.h"
+#include "iddpm/tensor.h"
+}
+
+/* the one stream every kernel, copy and cuBLAS call of the backend runs on */
+extern cudaStream_t idd_cu_stream;
+extern cublasHandle_t idd_cu_blas;
+
+/* After a launch: turn a pending CUDA error into "cuda <op> (<sizes>): <message>". */
+#define CU_CHECK_LAUNCH(opname, fmt, ...)                                                          \
+    do {                                                                                           \
+        cudaError_t e_ = cudaGetLastError();                                                       \
+        if (e_ != cudaSuccess)                                                                     \
+            return idd_error("cuda %s " fmt ": %s", opname, __VA_ARGS__, cudaGetErrorString(e_));  \
+    } while (0)
+#define CU_TRY(call, opname)                                                                       \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return idd_error("cuda %s: %s", opname, cudaGetErrorString(e_));    \
+    } while (0)
+#define BLAS_TRY(call, opname, fmt, ...)                                                           \
+    do {                                                                                           \
+        cublasStatus_t s_ = (call);                                                                \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                                           \
+            return idd_error("cuda %s " fmt ": cuBLAS status %d", opname, __VA_ARGS__, (int)s_);   \
+    } while (0)
+
+/* A tensor as a kernel sees it: after coalescing, up to IDD_MAX_DIMS dims. */
+struct cu_desc {
+    int64_t shape[IDD_MAX_DIMS];
+    int64_t stride[IDD_MAX_DIMS];
+    int ndim;
+};
+
+/* Coalesce the dims of n same-shape tensors (drop size-1 dims, merge dims that are
+ * contiguous with respect to each other in every operand). Fills d[k] and base offsets;
+ * returns the element count. */
+int64_t cu_coalesce(int n, const idd_tensor *const *ts, cu_desc *d);
+
+/* Device scratch memory (grow-only per slot, stream-ordered: only valid until the next
+ * call for the same slot). NULL on out-of-memory, with the message set. */
+void *cu_scratch(int slot, size_t nbytes, const char *op);
+
+static inline unsigned cu_blocks(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b > 2147483647 ? 2147483647 : (b < 1 ? 1 : b));
+}
+
+/* element i of a strided descriptor -> storage offset (relative to the base) */
+__device__ __forceinline__ int64_t cu_offset(const cu_desc &d, int64_t i) {
+    int64_t off = 0;
+    for (int k = d.ndim - 1; k >= 0; k--) {
+        int64_t s = d.shape[k];
+        off += (i % s) * d.stride[k];
+        i /= s;
+    }
+    return off;
+}
+
+__device__ __forceinline__ double cu_load(const void *p, int dt, int64_t i) {
+    switch (dt) {
+    case IDD_F32: return ((const float *)p)[i];
+    case IDD_F64: return ((const double *)p)[i];
+    case IDD_I64: return (double)((const int64_t *)p)[i];
+    default: return ((const uint8_t *)p)[i];
+    }
+}
+__device__ __forceinline__ void cu_store(void *p, int dt, int64_t i, double v) {
+    switch (dt) {
+    case IDD_F32: ((float *)p)[i] = (float)v; break;
+    case IDD_F64: ((double *)p)[i] = v; break;
+    case IDD_I64: ((int64_t *)p)[i] = (int64_t)v; break;
+    default: ((uint8_t *)p)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
+    }
+}
+
+/* C-linkage entry points of each file, gathered into the table in memory.cu */
+extern "C" {
+idd_status cu_copy(idd_tensor *dst, const idd_tensor *src);
+idd_status cu_fill(idd_tensor *t, double v);
+idd_status cu_binary(idd_binop op, idd_tensor *out, const idd_tensor *a, const idd_tensor *b);
+idd_status cu_unary(idd_unop op, idd_tensor *out, const idd_tensor *a);
+idd_status cu_clamp(idd_tensor *out, const idd_tensor *a, double lo, double hi);
+idd_status cu_affine(idd_tensor *out, const idd_tensor *a, double s, double b);
+idd_status cu_reduce(idd_redop op, idd_tensor *out, idd_tensor *idx, const idd_tensor *a, int dim);
+idd_status cu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *b, bool ta, bool tb, double alpha,
+                  double beta);
+idd_status cu_rand_normal(idd_tensor *t, uint64_t seed, uint64_t stream, uint64_t offset);
+idd_status cu_rand_uniform(idd_tensor *t, uint64_t seed, uint64_t stream, uint64_t offset);
+idd_status cu_dropout_forward(float *out, const float *x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                              uint64_t offset);
+idd_status cu_dropout_backward(float *dx, const float *dout, int64_t n, float p, uint64_t seed, uint64_t stream,
+                               uint64_t offset);
+idd_status cu_conv2d_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H, int W,
+                             int O, int KH, int KW, int stride, int pad);
+idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w, int N,
+                              int C, int H, int W, int O, int KH, int KW, int stride, int pad);
+idd_status cu_groupnorm_forward(float *out, float *mean, float *rstd, const float *x, const float *gamma,
+                                const float *beta, const float *scale, const float *shift, int N, int C, int HW, int G,
+                                float eps, int silu);
+idd_status cu_groupnorm_backward(float *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                 const float *dout, const float *mean, const float *rstd, const float *x,
+                                 const float *gamma, const float *beta, const float *scale, const float *shift, int N,
+                                 int C, int HW, int G, int silu);
+idd_status cu_attention_forward(float *out, float *weight, const float *qkv, int B, int C, int T, int H);
+idd_status cu_attention_backward(float *dqkv, const float *dout, const float *weight, const float *qkv, int B, int C,
+                                 int T, int H);
+idd_status cu_upsample2x_forward(float *out, const float *x, int N, int C, int H, int W);
+idd_status cu_upsample2x_backward(float *dx, const float *dout, int N, int C, int H, int W);
+idd_status cu_avgpool2x_forward(float *out, const float *x, int N, int C, int H, int W);
+idd_status cu_avgpool2x_backward(float *dx, const float *dout, int N, int C, int H, int W);
+idd_status cu_timestep_embedding(float *out, const float *t, int N, int dim, float max_period);
+}
+
+#endif

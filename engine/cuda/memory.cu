@@ -1,0 +1,319 @@
+/* memory.cu — the CUDA backend's memory, copies and fills, and its registration.
+ *
+ * Memory comes from a caching allocator: sizes are rounded up to a size class (16 per
+ * power of two, so at most 1/16 is wasted) and freed blocks wait on a free list of
+ * their class, so a training step that allocates the same tensors every iteration
+ * stops calling cudaMalloc after the first. Every kernel runs on one stream, so a block
+ * freed while kernels that use it are still queued can be handed out again at once:
+ * its next user is ordered after them. On cudaMalloc failure the free lists are given
+ * back and the allocation retried once. */
+#include "cuda_common.cuh"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <map>
+#include <mutex>
+#include <string.h>
+#include <unordered_map>
+#include <vector>
+
+extern "C" {
+#include "iddpm/cuda.h"
+}
+
+cudaStream_t idd_cu_stream;
+cublasHandle_t idd_cu_blas;
+static char device_name[320];
+
+// ---------------------------------------------------------------- caching allocator
+
+static std::mutex mem_lock;
+static std::map<size_t, std::vector<void *>> free_lists;
+static std::unordered_map<void *, size_t> block_size;
+static size_t bytes_in_use, bytes_cached;
+
+static size_t size_class(size_t n) {
+    if (n <= 512) return 512;
+    int k = 63 - __builtin_clzll((unsigned long long)n);   /* 2^k <= n < 2^(k+1) */
+    size_t step = (size_t)1 << (k >= 4 ? k - 4 : 0);
+    return (n + step - 1) / step * step;
+}
+
+static void release_cached_locked(void) {
+    for (auto &kv : free_lists)
+        for (void *p : kv.second) {
+            cudaFree(p);
+            block_size.erase(p);
+        }
+    free_lists.clear();
+    bytes_cached = 0;
+}
+
+static void *cu_alloc(size_t n) {
+    size_t sz = size_class(n);
+    std::lock_guard<std::mutex> g(mem_lock);
+    auto it = free_lists.find(sz);
+    if (it != free_lists.end() && !it->second.empty()) {
+        void *p = it->second.back();
+        it->second.pop_back();
+        bytes_cached -= sz;
+        bytes_in_use += sz;
+        return p;
+    }
+    void *p = NULL;
+    if (cudaMalloc(&p, sz) != cudaSuccess) {
+        cudaGetLastError();
+        cudaStreamSynchronize(idd_cu_stream);
+        release_cached_locked();
+        if (cudaMalloc(&p, sz) != cudaSuccess) {
+            cudaGetLastError();
+            size_t fr = 0, tot = 0;
+            cudaMemGetInfo(&fr, &tot);
+            idd_error_status(IDD_ENOMEM, "cuda: out of memory allocating %zu bytes (%zu in use, %zu free of %zu)", sz,
+                             bytes_in_use, fr, tot);
+            return NULL;
+        }
+    }
+    block_size[p] = sz;
+    bytes_in_use += sz;
+    return p;
+}
+
+static void cu_free(void *p) {
+    if (!p) return;
+    std::lock_guard<std::mutex> g(mem_lock);
+    auto it = block_size.find(p);
+    if (it == block_size.end()) return;
+    size_t sz = it->second;
+    free_lists[sz].push_back(p);
+    bytes_in_use -= sz;
+    bytes_cached += sz;
+}
+
+extern "C" void idd_cuda_memory(size_t *in_use, size_t *cached) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    if (in_use) *in_use = bytes_in_use;
+    if (cached) *cached = bytes_cached;
+}
+
+extern "C" void idd_cuda_empty_cache(void) {
+    cudaStreamSynchronize(idd_cu_stream);
+    std::lock_guard<std::mutex> g(mem_lock);
+    release_cached_locked();
+}
+
+// ---------------------------------------------------------------- scratch
+
+#define N_SCRATCH 6
+static void *scratch_ptr[N_SCRATCH];
+static size_t scratch_cap[N_SCRATCH];
+
+void *cu_scratch(int slot, size_t nbytes, const char *op) {
+    if (slot < 0 || slot >= N_SCRATCH) { idd_error("cuda %s: bad scratch slot %d", op, slot); return NULL; }
+    if (scratch_ptr[slot] && scratch_cap[slot] >= nbytes) return scratch_ptr[slot];
+    if (scratch_ptr[slot]) cu_free(scratch_ptr[slot]);
+    size_t want = nbytes + nbytes / 4;
+    scratch_ptr[slot] = cu_alloc(want);
+    scratch_cap[slot] = scratch_ptr[slot] ? size_class(want) : 0;
+    if (!scratch_ptr[slot]) idd_error_prefix(op);
+    return scratch_ptr[slot];
+}
+
+// ---------------------------------------------------------------- host <-> device
+
+static idd_status cu_upload(void *dst, const void *src, size_t n) {
+    CU_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, idd_cu_stream), "upload");
+    CU_TRY(cudaStreamSynchronize(idd_cu_stream), "upload");
+    return IDD_OK;
+}
+
+static idd_status cu_download(void *dst, const void *src, size_t n) {
+    CU_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, idd_cu_stream), "download");
+    CU_TRY(cudaStreamSynchronize(idd_cu_stream), "download");
+    return IDD_OK;
+}
+
+extern "C" idd_status idd_cuda_synchronize(void) {
+    CU_TRY(cudaStreamSynchronize(idd_cu_stream), "synchronize");
+    return IDD_OK;
+}
+
+// ---------------------------------------------------------------- coalescing
+
+int64_t cu_coalesce(int n, const idd_tensor *const *ts, cu_desc *d) {
+    const idd_tensor *t0 = ts[0];
+    int nd = 0;
+    int64_t numel = 1;
+    for (int k = 0; k < n; k++) d[k].ndim = 0;
+    for (int i = 0; i < t0->ndim; i++) {
+        numel *= t0->shape[i];
+        if (t0->shape[i] == 1) continue;
+        for (int k = 0; k < n; k++) { d[k].shape[nd] = t0->shape[i]; d[k].stride[nd] = ts[k]->stride[i]; }
+        nd++;
+    }
+    if (nd == 0) {
+        for (int k = 0; k < n; k++) { d[k].ndim = 0; }
+        return numel;
+    }
+    int cur = 0;
+    for (int j = 1; j < nd; j++) {
+        bool ok = true;
+        for (int k = 0; k < n; k++)
+            if (d[k].stride[cur] != d[k].stride[j] * d[k].shape[j]) { ok = false; break; }
+        if (ok) {
+            for (int k = 0; k < n; k++) { d[k].shape[cur] *= d[k].shape[j]; d[k].stride[cur] = d[k].stride[j]; }
+        } else {
+            cur++;
+            for (int k = 0; k < n; k++) { d[k].shape[cur] = d[k].shape[j]; d[k].stride[cur] = d[k].stride[j]; }
+        }
+    }
+    for (int k = 0; k < n; k++) d[k].ndim = cur + 1;
+    return numel;
+}
+
+// ---------------------------------------------------------------- copy and fill
+
+__global__ void k_copy_f32(float *dst, cu_desc dd, const float *src, cu_desc sd, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dst[cu_offset(dd, i)] = src[cu_offset(sd, i)];
+}
+
+__global__ void k_copy_any(void *dst, int ddt, cu_desc dd, const void *src, int sdt, cu_desc sd, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        cu_store(dst, ddt, cu_offset(dd, i), cu_load(src, sdt, cu_offset(sd, i)));
+}
+
+extern "C" idd_status cu_copy(idd_tensor *dst, const idd_tensor *src) {
+    int64_t n = idd_numel(dst);
+    if (n == 0) return IDD_OK;
+    if (dst->dtype == src->dtype && idd_is_contiguous(dst) && idd_is_contiguous(src)) {
+        CU_TRY(cudaMemcpyAsync(idd_data(dst), idd_data(src), (size_t)n * idd_dtype_size(dst->dtype),
+                               cudaMemcpyDeviceToDevice, idd_cu_stream), "copy");
+        return IDD_OK;
+    }
+    const idd_tensor *ts[2] = {dst, src};
+    cu_desc d[2];
+    cu_coalesce(2, ts, d);
+    unsigned nb = cu_blocks(n, 256);
+    if (nb > 65536) nb = 65536;
+    if (dst->dtype == IDD_F32 && src->dtype == IDD_F32)
+        k_copy_f32<<<nb, 256, 0, idd_cu_stream>>>((float *)idd_data(dst), d[0], (const float *)idd_data(src), d[1], n);
+    else
+        k_copy_any<<<nb, 256, 0, idd_cu_stream>>>(idd_data(dst), dst->dtype, d[0], idd_data(src), src->dtype, d[1], n);
+    char sb[96];
+    CU_CHECK_LAUNCH("copy", "%s", idd_shape_str(dst, sb, 96));
+    return IDD_OK;
+}
+
+__global__ void k_fill_f32(float *p, float v, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        p[i] = v;
+}
+__global__ void k_fill_any(void *p, int dt, cu_desc d, double v, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        cu_store(p, dt, cu_offset(d, i), v);
+}
+
+extern "C" idd_status cu_fill(idd_tensor *t, double v) {
+    int64_t n = idd_numel(t);
+    if (n == 0) return IDD_OK;
+    unsigned nb = cu_blocks(n, 256);
+    if (nb > 65536) nb = 65536;
+    if (v == 0.0 && idd_is_contiguous(t)) {
+        CU_TRY(cudaMemsetAsync(idd_data(t), 0, (size_t)n * idd_dtype_size(t->dtype), idd_cu_stream), "fill");
+        return IDD_OK;
+    }
+    if (t->dtype == IDD_F32 && idd_is_contiguous(t)) {
+        k_fill_f32<<<nb, 256, 0, idd_cu_stream>>>((float *)idd_data(t), (float)v, n);
+    } else {
+        const idd_tensor *ts[1] = {t};
+        cu_desc d[1];
+        cu_coalesce(1, ts, d);
+        k_fill_any<<<nb, 256, 0, idd_cu_stream>>>(idd_data(t), t->dtype, d[0], v, n);
+    }
+    char sb[96];
+    CU_CHECK_LAUNCH("fill", "%s", idd_shape_str(t, sb, 96));
+    return IDD_OK;
+}
+
+// ---------------------------------------------------------------- registration
+
+static bool tf32_on;
+extern "C" void idd_cuda_set_tf32(int on) {
+    tf32_on = on != 0;
+    if (idd_cu_blas) cublasSetMathMode(idd_cu_blas, tf32_on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
+}
+
+extern "C" const char *idd_cuda_device_name(void) { return device_name; }
+
+static const idd_backend cuda_backend = {
+    /* .name = */ "cuda",
+    /* .alloc = */ cu_alloc,
+    /* .free = */ cu_free,
+    /* .copy = */ cu_copy,
+    /* .upload = */ cu_upload,
+    /* .download = */ cu_download,
+    /* .fill = */ cu_fill,
+    /* .binary = */ cu_binary,
+    /* .unary = */ cu_unary,
+    /* .clamp = */ cu_clamp,
+    /* .affine = */ cu_affine,
+    /* .reduce = */ cu_reduce,
+    /* .bmm = */ cu_bmm,
+    /* .rand_normal = */ cu_rand_normal,
+    /* .rand_uniform = */ cu_rand_uniform,
+    /* .conv2d_forward = */ cu_conv2d_forward,
+    /* .conv2d_backward = */ cu_conv2d_backward,
+    /* .groupnorm_forward = */ cu_groupnorm_forward,
+    /* .groupnorm_backward = */ cu_groupnorm_backward,
+    /* .attention_forward = */ cu_attention_forward,
+    /* .attention_backward = */ cu_attention_backward,
+    /* .upsample2x_forward = */ cu_upsample2x_forward,
+    /* .upsample2x_backward = */ cu_upsample2x_backward,
+    /* .avgpool2x_forward = */ cu_avgpool2x_forward,
+    /* .avgpool2x_backward = */ cu_avgpool2x_backward,
+    /* .timestep_embedding = */ cu_timestep_embedding,
+    /* .dropout_forward = */ cu_dropout_forward,
+    /* .dropout_backward = */ cu_dropout_backward,
+};
+
+extern "C" idd_status idd_cuda_init(void) {
+    static int state = 0;   /* 0 not tried, 1 registered, -1 unavailable */
+    static char why[512];
+    if (state == 1) return IDD_OK;
+    if (state == -1) return idd_error("%s", why);
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        snprintf(why, sizeof why, "no CUDA device found (%s)",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports 0 devices");
+        cudaGetLastError();
+        state = -1;
+        idd_backend_set_unavailable(IDD_CUDA, why);
+        return idd_error("%s", why);
+    }
+    cudaDeviceProp prop;
+    if (cudaSetDevice(0) != cudaSuccess || cudaGetDeviceProperties(&prop, 0) != cudaSuccess ||
+        cudaStreamCreateWithFlags(&idd_cu_stream, cudaStreamNonBlocking) != cudaSuccess) {
+        snprintf(why, sizeof why, "CUDA device 0 could not be opened: %s", cudaGetErrorString(cudaGetLastError()));
+        state = -1;
+        idd_backend_set_unavailable(IDD_CUDA, why);
+        return idd_error("%s", why);
+    }
+    snprintf(device_name, sizeof device_name, "%s (sm_%d%d, %zu MiB)", prop.name, prop.major, prop.minor,
+             (size_t)(prop.totalGlobalMem >> 20));
+    cublasStatus_t bs = cublasCreate(&idd_cu_blas);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        snprintf(why, sizeof why, "cuBLAS could not be initialised (status %d)", (int)bs);
+        state = -1;
+        idd_backend_set_unavailable(IDD_CUDA, why);
+        return idd_error("%s", why);
+    }
+    cublasSetStream(idd_cu_blas, idd_cu_stream);
+    const char *tf = getenv("IDDPM_TF32");
+    idd_cuda_set_tf32(tf && *tf == '1');
+    idd_backend_register(IDD_CUDA, &cuda_backend);
+    state = 1;
+    return IDD_OK;
+}

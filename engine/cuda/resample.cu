@@ -1,0 +1,112 @@
+/* resample.cu — nearest 2x upsample, 2x2 average pool (forward and accumulating
+ * backward) and the sinusoidal timestep embedding (float32 in the order of
+ * engine/ops/embedding.c). */
+#include "cuda_common.cuh"
+
+#include <math.h>
+
+#define GRID_STRIDE(i, n) \
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+static unsigned grid_for(int64_t n) {
+    unsigned nb = cu_blocks(n, 256);
+    return nb > 65536 ? 65536 : nb;
+}
+
+__global__ void k_up_fwd(float *out, const float *x, int64_t planes, int H, int W) {
+    int W2 = 2 * W, H2 = 2 * H;
+    GRID_STRIDE(e, planes * H2 * W2) {
+        int xx = (int)(e % W2), y = (int)((e / W2) % H2);
+        int64_t pl = e / ((int64_t)W2 * H2);
+        out[e] = x[(pl * H + y / 2) * W + xx / 2];
+    }
+}
+__global__ void k_up_bwd(float *dx, const float *dout, int64_t planes, int H, int W) {
+    int W2 = 2 * W;
+    GRID_STRIDE(e, planes * H * W) {
+        int xx = (int)(e % W), y = (int)((e / W) % H);
+        int64_t pl = e / ((int64_t)W * H);
+        const float *d = dout + (pl * 2 * H + 2 * y) * W2 + 2 * xx;
+        dx[e] += d[0] + d[1] + d[W2] + d[W2 + 1];
+    }
+}
+__global__ void k_pool_fwd(float *out, const float *x, int64_t planes, int H, int W) {
+    int Ho = H / 2, Wo = W / 2;
+    GRID_STRIDE(e, planes * Ho * Wo) {
+        int ox = (int)(e % Wo), oy = (int)((e / Wo) % Ho);
+        int64_t pl = e / ((int64_t)Wo * Ho);
+        const float *p = x + (pl * H + 2 * oy) * W + 2 * ox;
+        out[e] = (p[0] + p[1] + p[W] + p[W + 1]) * 0.25f;
+    }
+}
+__global__ void k_pool_bwd(float *dx, const float *dout, int64_t planes, int H, int W) {
+    int Ho = H / 2, Wo = W / 2;
+    GRID_STRIDE(e, planes * H * W) {
+        int xx = (int)(e % W), y = (int)((e / W) % H);
+        int64_t pl = e / ((int64_t)W * H);
+        if (y / 2 < Ho && xx / 2 < Wo) dx[e] += dout[(pl * Ho + y / 2) * Wo + xx / 2] * 0.25f;
+    }
+}
+
+#define CHECK_SIZES(fn)                                                                            \
+    if (N <= 0 || C <= 0 || H <= 0 || W <= 0)                                                      \
+        return idd_error("cuda %s: bad sizes: input (%d,%d,%d,%d)", fn, N, C, H, W);
+
+extern "C" idd_status cu_upsample2x_forward(float *out, const float *x, int N, int C, int H, int W) {
+    CHECK_SIZES("upsample2x_forward");
+    int64_t pl = (int64_t)N * C;
+    k_up_fwd<<<grid_for(pl * 4 * H * W), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
+    CU_CHECK_LAUNCH("upsample2x_forward", "input (%d,%d,%d,%d)", N, C, H, W);
+    return IDD_OK;
+}
+extern "C" idd_status cu_upsample2x_backward(float *dx, const float *dout, int N, int C, int H, int W) {
+    CHECK_SIZES("upsample2x_backward");
+    int64_t pl = (int64_t)N * C;
+    k_up_bwd<<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
+    CU_CHECK_LAUNCH("upsample2x_backward", "input (%d,%d,%d,%d)", N, C, H, W);
+    return IDD_OK;
+}
+extern "C" idd_status cu_avgpool2x_forward(float *out, const float *x, int N, int C, int H, int W) {
+    CHECK_SIZES("avgpool2x_forward");
+    int64_t pl = (int64_t)N * C;
+    if (H / 2 == 0 || W / 2 == 0) return IDD_OK;
+    k_pool_fwd<<<grid_for(pl * (H / 2) * (W / 2)), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
+    CU_CHECK_LAUNCH("avgpool2x_forward", "input (%d,%d,%d,%d)", N, C, H, W);
+    return IDD_OK;
+}
+extern "C" idd_status cu_avgpool2x_backward(float *dx, const float *dout, int N, int C, int H, int W) {
+    CHECK_SIZES("avgpool2x_backward");
+    int64_t pl = (int64_t)N * C;
+    k_pool_bwd<<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
+    CU_CHECK_LAUNCH("avgpool2x_backward", "input (%d,%d,%d,%d)", N, C, H, W);
+    return IDD_OK;
+}
+
+__global__ void k_temb(float *out, const float *t, int N, int dim, int half, float neg_log) {
+    GRID_STRIDE(e, (int64_t)N * dim) {
+        int n = (int)(e / dim), j = (int)(e % dim);
+        float v = 0.0f;
+        if (j < 2 * half) {
+            int i = j < half ? j : j - half;
+            float ex = neg_log * (float)i;
+            ex = ex / (float)half;
+            /* correctly rounded float results (as glibc's expf/cosf/sinf give on the
+             * CPU): CUDA's float versions are up to 2 ulp off, which t ~ 4000 magnifies */
+            float freq = (float)exp((double)ex);
+            float arg = t[n] * freq;
+            v = (float)(j < half ? cos((double)arg) : sin((double)arg));
+        }
+        out[e] = v;
+    }
+}
+
+extern "C" idd_status cu_timestep_embedding(float *out, const float *t, int N, int dim, float max_period) {
+    if (N <= 0 || dim <= 0) return idd_error("cuda timestep_embedding: bad sizes: %d timesteps, dim %d", N, dim);
+    if (!(max_period > 0))
+        return idd_error("cuda timestep_embedding: max_period must be positive, got %g", (double)max_period);
+    int half = dim / 2;
+    float neg_log = (float)-log((double)max_period);
+    k_temb<<<grid_for((int64_t)N * dim), 256, 0, idd_cu_stream>>>(out, t, N, dim, half, neg_log);
+    CU_CHECK_LAUNCH("timestep_embedding", "%d timesteps, dim %d", N, dim);
+    return IDD_OK;
+}

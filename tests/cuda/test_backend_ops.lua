@@ -1,0 +1,329 @@
+-- test_backend_ops.lua — the CUDA backend against the CPU backend, in the style of
+-- ggml's test-backend-ops: every backend op forward and (through the tape) backward
+-- on random inputs, CPU vs GPU, with a tolerance per op; then a small UNet forward and
+-- backward; then timings of the CIFAR-10 UNet (training step and sampling forward).
+-- Run with `make test-cuda` (or ./iddpm run tests/cuda/test_backend_ops.lua [quick]).
+-- Error measure: max |gpu - cpu| / max |cpu| over the tensor (1 for all-zero cpu).
+package.path = "tests/lua/?.lua;" .. package.path
+local H = require "harness"
+local iddpm = require "iddpm"
+local T = iddpm.tensor
+local args = {...}
+local QUICK = args[1] == "quick"
+
+if not iddpm.cuda.available() then
+  print("# no GPU: " .. tostring(iddpm.cuda.reason()))
+  H.raises("x:cuda() without a GPU says so", function() return T.zeros(2):cuda() end, "not available")
+  print("ok - skipped: CUDA backend not available")
+  H.done()
+  return
+end
+print("# device: " .. iddpm.cuda.device_name())
+T.manual_seed(1234)
+
+local F32 = 2e-6       -- pointwise float32
+local SUMS = 1e-5      -- reductions / products over many terms
+local LAYER = 1e-4     -- layer kernels (different summation order, FMA)
+
+local function err(got, want)
+  got = got:cpu():double(); want = want:cpu():double()
+  local scale = want:abs():max():item()
+  local d = (got - want):abs():max():item()
+  if d ~= d then return math.huge end
+  return d / (scale > 0 and scale or 1)
+end
+
+local worst = {}
+local function record(name, e, tol)
+  H.check(("%s (err %.2e, tol %.0e)"):format(name, e, tol), e <= tol)
+  worst[#worst + 1] = {name, e, tol}
+end
+
+-- inputs: list of {shape, kind} ; kind: "n" normal, "p" positive, "u" uniform [0,1), or a tensor
+-- fn(inputs...) -> tensor ; grads = true runs a backward with a random upstream gradient
+local function case(name, specs, fn, tol, opts)
+  opts = opts or {}
+  local cpu, gpu = {}, {}
+  for i, s in ipairs(specs) do
+    local x
+    if T.is_tensor(s) then x = s
+    else
+      x = T.randn(s[1])
+      if s[2] == "p" then x = x:abs() + 0.5 elseif s[2] == "u" then x = T.rand(s[1]) end
+      if s.f64 then x = x:double() end
+    end
+    cpu[i] = x:detach()
+    gpu[i] = x:cuda()
+    local want_grad = opts.grads ~= false and (cpu[i]:dtype() == "float32" or cpu[i]:dtype() == "float64")
+    if want_grad and not (opts.nograd_inputs and opts.nograd_inputs[i]) then
+      cpu[i].requires_grad = true; gpu[i].requires_grad = true
+    end
+  end
+  local ok, yc = pcall(fn, table.unpack(cpu))
+  if not ok then return H.check(name .. " (cpu)", false, yc) end
+  local ok2, yg = pcall(fn, table.unpack(gpu))
+  if not ok2 then return H.check(name .. " (gpu)", false, yg) end
+  if yg:device() ~= "cuda" then return H.check(name .. " stays on cuda", false, yg:device()) end
+  record(name .. " fwd", err(yg, yc), tol)
+  if opts.grads == false or not yc.requires_grad then return end
+  local g = T.randn(yc:shape()):to(yc:dtype())
+  local okb, eb = pcall(function()
+    (yc * g):sum():backward()
+    ;(yg * g:cuda()):sum():backward()
+  end)
+  if not okb then return H.check(name .. " bwd", false, eb) end
+  for i = 1, #cpu do
+    if cpu[i].requires_grad and cpu[i].grad then
+      if not gpu[i].grad then H.check(name .. " bwd grad " .. i, false, "no gpu grad")
+      else record(("%s bwd d%d"):format(name, i), err(gpu[i].grad, cpu[i].grad), opts.btol or tol * 2) end
+    end
+  end
+end
+
+-- ---------------------------------------------------------------- memory, copies, dtypes
+do
+  local x = T.randn({3, 4, 5})
+  record("upload/download round trip", err(x:cuda():cpu(), x), 0)
+  record("permuted copy", err(x:cuda():permute({3, 1, 2}):contiguous(), x:permute({3, 1, 2}):contiguous()), 0)
+  record("narrow copy", err(x:cuda():narrow(2, 2, 2):contiguous(), x:narrow(2, 2, 2):contiguous()), 0)
+  record("expand copy", err(x:narrow(1, 1, 1):cuda():expand({3, 4, 5}):contiguous(), x:narrow(1, 1, 1):expand({3, 4, 5}):contiguous()), 0)
+  record("float64 cast", err(x:cuda():double(), x:double()), 0)
+  record("int64 cast", err((x * 10):cuda():long(), (x * 10):long()), 0)
+  record("uint8 cast (saturating)", err((x * 100):cuda():byte(), (x * 100):byte()), 0)
+  record("fill_", err(T.zeros(5, 7):cuda():fill_(2.5), T.full({5, 7}, 2.5)), 0)
+  record("non-contiguous fill_", err((function() local z = T.zeros(4, 6):cuda(); z:narrow(2, 2, 3):fill_(1); return z end)(),
+    (function() local z = T.zeros(4, 6); z:narrow(2, 2, 3):fill_(1); return z end)()), 0)
+  local c = T.cat({x:cuda(), x:cuda() * 2}, 2)
+  record("cat", err(c, T.cat({x, x * 2}, 2)), 0)
+  H.check("mixed devices raise", not pcall(function() return x + x:cuda() end))
+  local used = iddpm.cuda.memory()
+  H.check("allocator reports bytes in use", used > 0 or iddpm.cuda.device_name() == "", used)
+end
+
+-- ---------------------------------------------------------------- random streams
+do
+  for _, dt in ipairs({"float32", "float64"}) do
+    local g1, g2 = T.generator(77, 3), T.generator(77, 3)
+    local a, b = T.randn({1001}, g1, dt), T.randn({1001}, g2, dt, "cuda")
+    record("randn same numbers " .. dt, err(b, a), dt == "float32" and 1e-7 or 1e-13)
+    local u1, u2 = T.rand({777}, g1, dt), T.rand({777}, g2, dt, "cuda")
+    record("rand same numbers " .. dt, err(u2, u1), 0)
+  end
+end
+
+-- ---------------------------------------------------------------- pointwise
+local bshapes = {{{4, 3, 5}, {3, 1}}, {{2, 1, 4}, {1, 3, 1}}, {{6, 7}, {6, 7}}, {{5}, {}}}
+local binops = {
+  {"add", function(a, b) return a + b end}, {"sub", function(a, b) return a - b end},
+  {"mul", function(a, b) return a * b end}, {"div", function(a, b) return a / b end, "p"},
+  {"pow", function(a, b) return a:pow(b) end, "p", "p"},
+  {"maximum", function(a, b) return a:maximum(b) end}, {"minimum", function(a, b) return a:minimum(b) end},
+}
+for _, op in ipairs(binops) do
+  for _, sh in ipairs(bshapes) do
+    case(("%s %s %s"):format(op[1], table.concat(sh[1], "x"), table.concat(sh[2], "x")),
+      {{sh[1], op[3] or "n"}, {sh[2], op[4] or op[3] or "n"}}, op[2], F32)
+  end
+end
+for _, name in ipairs({"gt", "lt", "ge", "le", "eq", "ne"}) do
+  case("compare " .. name, {{{4, 5}}, {{5}}}, function(a, b) return a[name](a, b) end, 0, {grads = false})
+end
+case("binary on transposed views", {{{5, 6}}, {{6, 5}}}, function(a, b) return a + b:transpose(1, 2) end, F32)
+case("binary float64", {{{3, 4}, f64 = true}, {{4}, f64 = true}}, function(a, b) return a * b + a end, 1e-15)
+case("scalar ops", {{{3, 4}}}, function(a) return (a * 3 + 1) / 2 - 0.5 end, F32)
+local unops = {"neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "abs", "square", "sin", "cos",
+  "reciprocal", "floor", "sign"}
+for _, name in ipairs(unops) do
+  local pos = name == "log" or name == "sqrt" or name == "rsqrt" or name == "reciprocal"
+  case("unary " .. name, {{{7, 9}, pos and "p" or "n"}}, function(a) return a[name](a) end, F32)
+end
+case("unary on a permuted view", {{{4, 5, 6}}}, function(a) return a:permute({3, 1, 2}):exp() end, F32)
+case("clamp", {{{8, 8}}}, function(a) return a:clamp(-0.5, 0.7) end, F32)
+case("affine", {{{8, 8}}}, function(a) return a:affine(1.5, -2) end, F32)
+case("where", {{{4, 5}}, {{4, 5}}, {{4, 5}}}, function(c, a, b) return T.where(c:gt(0), a, b) end, F32,
+  {nograd_inputs = {true}})
+
+-- ---------------------------------------------------------------- reductions
+for _, d in ipairs({1, 2, 3}) do
+  case("sum dim " .. d, {{{6, 7, 8}}}, function(a) return a:sum(d) end, SUMS)
+  case("mean dim " .. d, {{{6, 7, 8}}}, function(a) return a:mean(d, true) end, SUMS)
+  case("max dim " .. d, {{{6, 7, 8}}}, function(a) return a:max(d) end, 0)
+  case("min dim " .. d, {{{6, 7, 8}}}, function(a) return a:min(d) end, 0)
+  case("logsumexp dim " .. d, {{{6, 7, 8}}}, function(a) return a:logsumexp(d) end, SUMS)
+  case("softmax dim " .. d, {{{6, 7, 8}}}, function(a) return a:softmax(d) end, SUMS)
+  case("var dim " .. d, {{{6, 7, 8}}}, function(a) return a:var(d) end, SUMS)
+end
+case("sum all (long, block path)", {{{300, 400}}}, function(a) return a:sum() end, SUMS)
+case("max of a long row (block path)", {{{3, 5000}}}, function(a) return a:max(2) end, 0)
+case("logsumexp of a long row (block path)", {{{3, 5000}}}, function(a) return a:logsumexp(2) end, SUMS)
+case("mean_flat", {{{4, 3, 8, 8}}}, function(a) return a:mean_flat() end, SUMS)
+do
+  local x = T.randn({5, 300})
+  local _, ic = x:max(2)
+  local _, ig = x:cuda():max(2)
+  if ic and ig then record("argmax indices", err(ig, ic), 0) end
+end
+
+-- ---------------------------------------------------------------- matmul
+case("matmul 2d", {{{17, 33}}, {{33, 9}}}, function(a, b) return a:matmul(b) end, SUMS)
+case("matmul batched", {{{4, 17, 33}}, {{4, 33, 9}}}, function(a, b) return a:matmul(b) end, SUMS)
+case("matmul shared right matrix", {{{4, 17, 33}}, {{33, 9}}}, function(a, b) return a:matmul(b) end, SUMS)
+case("matmul shared left matrix", {{{17, 33}}, {{4, 33, 9}}}, function(a, b) return a:matmul(b) end, SUMS)
+case("matmul broadcast batch", {{{2, 1, 5, 6}}, {{1, 3, 6, 4}}}, function(a, b) return a:matmul(b) end, SUMS)
+case("matmul of transposed views", {{{33, 17}}, {{9, 33}}}, function(a, b) return a:transpose(1, 2):matmul(b:transpose(1, 2)) end, SUMS)
+case("matmul float64", {{{8, 12}, f64 = true}, {{12, 5}, f64 = true}}, function(a, b) return a:matmul(b) end, 1e-14)
+case("index_select", {{{10, 6}}, T.from_table({3, 0, 9, 3}, {4}, "int64")}, function(a, i) return a:index_select(1, i) end, 0)
+
+-- ---------------------------------------------------------------- layer kernels
+local convs = {
+  {"3x3 pad 1", {2, 5, 9, 11}, {7, 5, 3, 3}, 1, 1},
+  {"3x3 stride 2 pad 1", {3, 4, 9, 8}, {6, 4, 3, 3}, 2, 1},
+  {"1x1", {2, 12, 6, 6}, {5, 12, 1, 1}, 1, 0},
+  {"5x3 no pad", {2, 3, 10, 7}, {4, 3, 5, 3}, 1, 0},
+  {"3x3 64ch 16x16", {4, 64, 16, 16}, {64, 64, 3, 3}, 1, 1},
+}
+for _, c in ipairs(convs) do
+  case("conv2d " .. c[1], {{c[2]}, {c[3]}, {{c[3][1]}}}, function(x, w, b) return T.conv2d(x, w, b, c[4], c[5]) end, LAYER)
+  case("conv2d " .. c[1] .. " no bias", {{c[2]}, {c[3]}}, function(x, w) return T.conv2d(x, w, nil, c[4], c[5]) end, LAYER)
+end
+for _, g in ipairs({{"plain", false, false}, {"silu", true, false}, {"scale-shift silu", true, true}}) do
+  case("group_norm " .. g[1], {{{3, 16, 5, 6}}, {{16}}, {{16}}, {{3, 16}}, {{3, 16}}},
+    function(x, ga, be, sc, sh)
+      if g[3] then return T.group_norm(x, 4, ga, be, sc, sh, g[2]) end
+      return T.group_norm(x, 4, ga, be, nil, nil, g[2])
+    end, LAYER)
+end
+case("group_norm 32 groups 128ch 8x8", {{{2, 128, 8, 8}}, {{128}}, {{128}}}, function(x, ga, be) return T.group_norm(x, 32, ga, be, nil, nil, true) end, LAYER)
+for _, a in ipairs({{1, 8, 16}, {2, 16, 64}, {4, 32, 20}}) do
+  local heads, C, Tn = a[1], a[2], a[3]
+  case(("qkv_attention heads %d C %d T %d"):format(heads, C, Tn), {{{3, 3 * C, Tn}}},
+    function(q) return T.qkv_attention(q, heads) end, LAYER)
+end
+case("upsample_nearest", {{{2, 3, 5, 7}}}, function(x) return T.upsample_nearest(x, 2) end, F32)
+case("avg_pool2d odd sizes", {{{2, 3, 7, 9}}}, function(x) return T.avg_pool2d(x, 2) end, F32)
+case("timestep_embedding", {T.from_table({0, 1, 17, 999, 3999}, {5})}, function(t) return T.timestep_embedding(t, 33) end, 1e-5,
+  {grads = false})
+do
+  local x = T.randn({4, 1001})
+  local xc, xg = x:detach(), x:cuda()
+  xc.requires_grad = true; xg.requires_grad = true
+  local yc = T.dropout(xc, 0.3, T.generator(5, 1))
+  local yg = T.dropout(xg, 0.3, T.generator(5, 1))
+  record("dropout same mask fwd", err(yg, yc), 0)
+  local g = T.randn({4, 1001})
+  ;(yc * g):sum():backward(); (yg * g:cuda()):sum():backward()
+  record("dropout same mask bwd", err(xg.grad, xc.grad), 0)
+end
+
+-- errors name the op and the sizes
+H.raises("conv2d channel mismatch on cuda", function()
+  return T.conv2d(T.zeros(1, 3, 4, 4):cuda(), T.zeros(2, 4, 3, 3):cuda())
+end, "channels")
+
+-- ---------------------------------------------------------------- small UNet
+local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
+local function unet_case(name, cfg, N, tol)
+  local mc = UNet.new(cfg)
+  local mg = UNet.new(cfg):to("cuda")
+  mc:train(false); mg:train(false)
+  local x = T.randn({N, cfg.in_channels or 3, cfg.image_size, cfg.image_size})
+  local t = T.from_table({1, 250, 500, 999, 3, 17, 40, 800}, {8}):narrow(1, 1, N)
+  local yc = mc:forward(x, t)
+  local yg = mg:forward(x:cuda(), t:cuda())
+  record(name .. " forward", err(yg, yc), tol)
+  local g = T.randn(yc:shape())
+  ;(yc * g):sum():backward(); (yg * g:cuda()):sum():backward()
+  local pc, pg = mc:named_parameters(), mg:named_parameters()
+  local we, wn = 0, ""
+  local names = mc:parameter_names()
+  for _, n in ipairs(names) do
+    local a, b = pc[n].grad, pg[n].grad
+    if a and b then
+      local e = err(b, a)
+      if e > we then we, wn = e, n end
+    elseif a or b then we, wn = math.huge, n .. " (grad missing on one side)" end
+  end
+  record(name .. " backward, worst param grad " .. wn, we, tol * 10)
+end
+local ok, e = pcall(unet_case, "UNet 32px ch32 attn16", {image_size = 32, num_channels = 32, num_res_blocks = 1,
+  channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2, 1e-4)
+if not ok then H.check("UNet small config", false, e) end
+
+-- ---------------------------------------------------------------- worst errors
+table.sort(worst, function(a, b) return a[2] / math.max(a[3], 1e-30) > b[2] / math.max(b[3], 1e-30) end)
+print("# closest to tolerance:")
+for i = 1, math.min(8, #worst) do print(("#   %-60s err %.2e tol %.0e"):format(worst[i][1], worst[i][2], worst[i][3])) end
+
+-- ---------------------------------------------------------------- timings
+local wall = iddpm.cuda.wall_time
+local function time_it(fn, iters)
+  fn(); iddpm.cuda.synchronize()
+  local t0 = wall()
+  for _ = 1, iters do fn() end
+  iddpm.cuda.synchronize()
+  return (wall() - t0) / iters
+end
+
+if not QUICK and os.getenv("IDDPM_BENCH") ~= "0" then
+  local cifar = {image_size = 32, num_channels = 128, num_res_blocks = 3, learn_sigma = true, dropout = 0.3,
+    attention_resolutions = {16, 8}, num_heads = 4}
+  local SMALL = os.getenv("IDDPM_BENCH_SMALL") == "1"   -- smoke test of this section without a GPU
+  if SMALL then cifar.num_channels, cifar.num_res_blocks, cifar.channel_mult = 32, 1, {1, 2} end
+  local TRAIN_B, SAMPLE_B = SMALL and {2} or {128}, SMALL and {2} or {128, 256}
+  local model = UNet.new(cifar):to("cuda")
+  model:train(true)
+  local params = model:parameters()
+  for _, B in ipairs(TRAIN_B) do
+    local x0 = T.randn({B, 3, 32, 32}, nil, "float32", "cuda")
+    local t = T.rand({B}, nil, "float32", "cuda"):affine(3999, 0):floor()
+    local ca = T.rand({B, 1, 1, 1}, nil, "float32", "cuda")
+    local step = function()
+      for _, p in ipairs(params) do p:zero_grad() end
+      local noise = T.randn({B, 3, 32, 32}, nil, "float32", "cuda")
+      local xt = x0 * ca:sqrt() + noise * (1 - ca):sqrt()
+      local out = model:forward(xt, t)
+      local loss = (out:narrow(2, 1, 3) - noise):square():mean()
+      loss:backward()
+      return loss
+    end
+    local s = time_it(step, 5)
+    print(("# bench train fwd+bwd (eps MSE, no optimizer) batch %d: %.1f ms/step, %.0f img/s (fp32%s)"):format(B, s * 1e3,
+      B / s, os.getenv("IDDPM_TF32") == "1" and ", TF32 on" or ""))
+    local used, cached = iddpm.cuda.memory()
+    print(("# bench memory after training steps: %.0f MiB in use, %.0f MiB cached"):format(used / 2^20, cached / 2^20))
+  end
+  -- where the time goes: single layer ops at CIFAR-10 sizes (batch 128), fwd and fwd+bwd
+  if not SMALL then
+    local function op_bench(name, shapes, fn)
+      local ins = {}
+      for i, sh in ipairs(shapes) do ins[i] = T.randn(sh, nil, "float32", "cuda"); ins[i].requires_grad = true end
+      local f = time_it(function() T.no_grad(function() fn(table.unpack(ins)) end) end, 10)
+      local g
+      local fb = time_it(function()
+        local y = fn(table.unpack(ins))
+        g = g or T.randn(y:shape(), nil, "float32", "cuda")
+        y:backward(g)
+      end, 5)
+      print(("# op %-44s fwd %7.3f ms  fwd+bwd %7.3f ms"):format(name, f * 1e3, fb * 1e3))
+    end
+    op_bench("conv2d 3x3 128->128 @32x32 N128", {{128, 128, 32, 32}, {128, 128, 3, 3}, {128}}, function(x, w, b) return T.conv2d(x, w, b, 1, 1) end)
+    op_bench("conv2d 3x3 256->256 @8x8 N128", {{128, 256, 8, 8}, {256, 256, 3, 3}, {256}}, function(x, w, b) return T.conv2d(x, w, b, 1, 1) end)
+    op_bench("conv2d 1x1 384->256 @16x16 N128", {{128, 384, 16, 16}, {256, 384, 1, 1}, {256}}, function(x, w, b) return T.conv2d(x, w, b, 1, 0) end)
+    op_bench("group_norm+ss+silu 128ch @32x32 N128", {{128, 128, 32, 32}, {128}, {128}, {128, 128}, {128, 128}},
+      function(x, ga, be, sc, sh) return T.group_norm(x, 32, ga, be, sc, sh, true) end)
+    op_bench("qkv_attention 4 heads C256 T256 N128", {{128, 768, 256}}, function(q) return T.qkv_attention(q, 4) end)
+    op_bench("add 128x128x32x32", {{128, 128, 32, 32}, {128, 128, 32, 32}}, function(a, b) return a + b end)
+    op_bench("cat 2x(128x128x16x16) dim 2", {{128, 128, 16, 16}, {128, 128, 16, 16}}, function(a, b) return T.cat({a, b}, 2) end)
+    op_bench("linear 512->256 N128 (emb_layers)", {{128, 512}, {256, 512}}, function(a, w) return a:matmul(w:transpose(1, 2)) end)
+  end
+
+  model:train(false)
+  for _, B in ipairs(SAMPLE_B) do
+    local x = T.randn({B, 3, 32, 32}, nil, "float32", "cuda")
+    local t = T.full({B}, 500):cuda()
+    local s = time_it(function() T.no_grad(function() model:forward(x, t) end) end, 5)
+    print(("# bench sample forward batch %d: %.1f ms, %.0f images x steps/s"):format(B, s * 1e3, B / s))
+  end
+end
+
+H.done()
