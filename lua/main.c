@@ -584,25 +584,34 @@ static int pmain(lua_State *L) {
     return 1;
 }
 
-/* OpenBLAS picks its kernels when the library loads. Under some hypervisors the CPU
- * model is hidden and it falls back to generic "Prescott" code (about 5x slower
- * sgemm). If so, and the CPU has AVX-512 or AVX2, restart once with
- * OPENBLAS_CORETYPE set. A user's own OPENBLAS_CORETYPE is always respected. */
+/* Two run-time settings are read when the libraries load, before main():
+ *  - OpenBLAS picks its kernels then. Under some hypervisors the CPU model is hidden
+ *    and it falls back to generic "Prescott" code (about 5x slower sgemm); if the CPU
+ *    has AVX-512 or AVX2 we ask for SkylakeX or Haswell kernels instead.
+ *  - libgomp's idle threads spin by default; between our OpenMP loops OpenBLAS runs its
+ *    own threads, and spinning workers then steal the cores from it (measured: 4-7x
+ *    slower steps on 2 cores). OMP_WAIT_POLICY=PASSIVE puts them to sleep.
+ * So, when either needs setting, restart once with the environment set. A user's own
+ * OPENBLAS_CORETYPE / OMP_WAIT_POLICY are always respected. */
 char *openblas_get_corename(void);
-static void tune_openblas(char **argv) {
-    if (getenv("OPENBLAS_CORETYPE") || getenv("IDDPM_NO_REEXEC")) return;
+static void tune_runtime(char **argv) {
+    if (getenv("IDDPM_NO_REEXEC")) return;
+    int changed = 0;
     const char *core = openblas_get_corename();
-    if (!core || strcasecmp(core, "prescott") != 0) return;
-    __builtin_cpu_init();
-    const char *want = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : NULL;
-    if (!want) return;
-    setenv("OPENBLAS_CORETYPE", want, 1);
+    if (!getenv("OPENBLAS_CORETYPE") && core && strcasecmp(core, "prescott") == 0) {
+        __builtin_cpu_init();
+        const char *want = __builtin_cpu_supports("avx512f") ? "SkylakeX"
+                           : __builtin_cpu_supports("avx2")  ? "Haswell" : NULL;
+        if (want) { setenv("OPENBLAS_CORETYPE", want, 1); changed = 1; }
+    }
+    if (!getenv("OMP_WAIT_POLICY")) { setenv("OMP_WAIT_POLICY", "PASSIVE", 1); changed = 1; }
+    if (!changed) return;
     setenv("IDDPM_NO_REEXEC", "1", 1);
-    execv("/proc/self/exe", argv);   /* on failure, carry on with the slow kernels */
+    execv("/proc/self/exe", argv);   /* on failure, carry on as we are */
 }
 
 int main(int argc, char **argv) {
-    tune_openblas(argv);
+    tune_runtime(argv);
     lua_State *L = luaL_newstate();
     if (L == NULL) {
         fprintf(stderr, "iddpm: cannot create the Lua state: not enough memory\n");
