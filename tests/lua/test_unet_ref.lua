@@ -63,18 +63,22 @@ H.check("forward matches the official output", r < REF_TOL, ("rel err %.3g"):for
 ;(out * sd["fwd.R"]):sum():backward()
 r = rel(x.grad, sd["fwd.grad_x"])
 H.check("gradient w.r.t. the input", r < REF_TOL, ("rel err %.3g"):format(r))
-local worst, worst_name, nchecked = 0, "", 0
-local floor = grad_floor("fwd.grad.")
-for name, p in pairs(unet:named_parameters()) do
-  local want = sd["fwd.grad." .. name]
-  if want then
-    local e = rel(p.grad, want, floor)
-    nchecked = nchecked + 1
-    if e > worst then worst, worst_name = e, name end
+-- compare every parameter's gradient with the reference tensors under prefix
+local function check_param_grads(label, prefix)
+  local worst, worst_name, nchecked = 0, "", 0
+  local floor = grad_floor(prefix)
+  for name, p in pairs(unet:named_parameters()) do
+    local want = sd[prefix .. name]
+    if want then
+      local e = rel(p.grad, want, floor)
+      nchecked = nchecked + 1
+      if e > worst then worst, worst_name = e, name end
+    end
   end
+  H.check(("%s (%d)"):format(label, nchecked), nchecked == nref and worst < REF_TOL,
+    ("worst %.3g at %s"):format(worst, worst_name))
 end
-H.check(("every parameter gradient (%d)"):format(nchecked), nchecked == nref and worst < REF_TOL,
-  ("worst %.3g at %s"):format(worst, worst_name))
+check_param_grads("every parameter gradient", "fwd.grad.")
 
 -- one training step: hybrid loss with the official diffusion
 local dcfg = iddpm.io.json_decode(meta.diffusion)
@@ -88,18 +92,7 @@ for _, k in ipairs({"loss", "mse", "vb"}) do
   H.check("training step " .. k, e < REF_TOL, ("rel err %.3g"):format(e))
 end
 losses.loss:mean():backward()
-worst, worst_name, nchecked = 0, "", 0
-floor = grad_floor("train.grad.")
-for name, p in pairs(unet:named_parameters()) do
-  local want = sd["train.grad." .. name]
-  if want then
-    local e = rel(p.grad, want, floor)
-    nchecked = nchecked + 1
-    if e > worst then worst, worst_name = e, name end
-  end
-end
-H.check(("training step: every parameter gradient (%d)"):format(nchecked), nchecked == nref and worst < REF_TOL,
-  ("worst %.3g at %s"):format(worst, worst_name))
+check_param_grads("training step: every parameter gradient", "train.grad.")
 
 -- parameter counts of the paper's configurations (docs/iddpm_spec.md §8.2)
 local function count(c) return nn.unet(c):num_params() end
