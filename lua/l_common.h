@@ -19,8 +19,9 @@ int lt_push(lua_State *L, idd_tensor *t);
 /* the tensor at idx, or a raised "bad argument" */
 idd_tensor *lt_check(lua_State *L, int idx);
 idd_tensor *lt_test(lua_State *L, int idx);        /* NULL if not a tensor */
-/* tensor at idx, or a number/table converted to a new tensor (release with lt_drop) */
-idd_tensor *lt_check_or_number(lua_State *L, int idx, const idd_tensor *like, int *owned);
+/* the tensor at idx, or a number at idx converted to a 0-d tensor (of like's float
+ * dtype and device) that is pushed on the stack, so Lua owns it */
+idd_tensor *lt_check_or_number(lua_State *L, int idx, const idd_tensor *like);
 /* raise the engine's error message */
 int lt_error(lua_State *L);
 /* 1-based Lua dim -> engine dim (negatives pass through) */

@@ -31,18 +31,18 @@ static void push_ints(lua_State *L, const int64_t *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) { lua_pushinteger(L, v[i]); lua_rawseti(L, -2, i + 1); }
 }
 
-/* a Lua array of numbers -> malloc'ed doubles (caller frees) */
+/* a Lua array of numbers -> doubles in a userdata pushed on the stack (Lua owns the
+ * memory, so a later error cannot leak it; callers must not free it) */
 static double *check_doubles(lua_State *L, int idx, int64_t *n, const char *what) {
     luaL_checktype(L, idx, LUA_TTABLE);
     *n = (int64_t)luaL_len(L, idx);
-    double *v = malloc(sizeof(double) * (size_t)(*n > 0 ? *n : 1));
-    if (!v) luaL_error(L, "%s: out of memory", what);
+    double *v = lua_newuserdatauv(L, sizeof(double) * (size_t)(*n > 0 ? *n : 1), 0);
     for (int64_t i = 0; i < *n; i++) {
         lua_geti(L, idx, i + 1);
         int ok;
         v[i] = lua_tonumberx(L, -1, &ok);
         lua_pop(L, 1);
-        if (!ok) { free(v); luaL_error(L, "%s: entry %d is not a number", what, (int)(i + 1)); }
+        if (!ok) luaL_error(L, "%s: entry %d is not a number", what, (int)(i + 1));
     }
     return v;
 }
@@ -127,15 +127,13 @@ static int l_new(lua_State *L) {
     int rescale = lua_toboolean(L, 6);
     int m = idd_mean_type_from_name(mn), v = idd_var_type_from_name(vn), l = idd_loss_type_from_name(ln);
     if (m < 0 || v < 0 || l < 0) {
-        free(betas);
         if (m < 0) return luaL_error(L, "diffusion.new: unknown model_mean_type '%s' (epsilon, start_x, previous_x)", mn);
         if (v < 0) return luaL_error(L, "diffusion.new: unknown model_var_type '%s' (learned, fixed_small, fixed_large, learned_range)", vn);
         return luaL_error(L, "diffusion.new: unknown loss_type '%s' (mse, rescaled_mse, kl, rescaled_kl)", ln);
     }
-    if (T < 1) { free(betas); return luaL_error(L, "diffusion.new: betas is empty (steps must be >= 1)"); }
+    if (T < 1) return luaL_error(L, "diffusion.new: betas is empty (steps must be >= 1)");
     idd_schedule *base = NULL, *s = NULL;
     idd_status st = idd_schedule_new(&base, betas, T);
-    free(betas);
     if (st == IDD_OK) st = idd_schedule_respace_str(&s, base, spec);
     idd_schedule_free(base);
     if (st != IDD_OK) return luaL_error(L, "diffusion.new: %s", idd_last_error());
@@ -285,11 +283,8 @@ static int l_mean_flat_sq_diff(lua_State *L) { return lt_push(L, idd_diff_mean_f
 /* arguments: tensors or numbers (numbers become 1-element tensors) */
 static int elementwise(lua_State *L, int n) {
     idd_tensor *in[4] = {NULL, NULL, NULL, NULL};
-    int owned[4] = {0, 0, 0, 0};
-    for (int i = 0; i < n; i++) in[i] = lt_check_or_number(L, i + 1, NULL, &owned[i]);
-    idd_tensor *out = n == 4 ? idd_diff_normal_kl(in[0], in[1], in[2], in[3]) : idd_diff_dgll(in[0], in[1], in[2]);
-    for (int i = 0; i < n; i++) if (owned[i]) idd_tensor_release(in[i]);
-    return lt_push(L, out);
+    for (int i = 0; i < n; i++) in[i] = lt_check_or_number(L, i + 1, NULL);
+    return lt_push(L, n == 4 ? idd_diff_normal_kl(in[0], in[1], in[2], in[3]) : idd_diff_dgll(in[0], in[1], in[2]));
 }
 static int l_normal_kl(lua_State *L) { return elementwise(L, 4); }
 static int l_dgll(lua_State *L) { return elementwise(L, 3); }
@@ -392,17 +387,16 @@ static int s_load_state(lua_State *L) {
     lua_getfield(L, 2, "history");
     lua_getfield(L, 2, "counts");
     if (!lua_istable(L, -1) || !lua_istable(L, -2)) return luaL_error(L, "sampler:load_state: state needs history and counts");
-    double *h = check_doubles(L, lua_gettop(L) - 1, &nh, "sampler:load_state: history");
-    double *cd = check_doubles(L, lua_gettop(L), &nc, "sampler:load_state: counts");
+    int hi = lua_gettop(L) - 1, ci = lua_gettop(L);   /* before check_doubles pushes its buffers */
+    double *h = check_doubles(L, hi, &nh, "sampler:load_state: history");
+    double *cd = check_doubles(L, ci, &nc, "sampler:load_state: counts");
     if (nh != T * IDD_LSM_HISTORY || nc != T) {
-        free(h); free(cd);
         return luaL_error(L, "sampler:load_state: state is for another T (history %d, counts %d; T = %d)", (int)nh,
                           (int)nc, (int)T);
     }
-    int64_t *c = malloc(sizeof(int64_t) * (size_t)T);
-    for (int64_t i = 0; c && i < T; i++) c[i] = (int64_t)cd[i];
-    idd_status st = c ? idd_sampler_set_state(sp, h, c) : IDD_ERR;
-    free(h); free(cd); free(c);
+    int64_t *c = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)T, 0);
+    for (int64_t i = 0; i < T; i++) c[i] = (int64_t)cd[i];
+    idd_status st = idd_sampler_set_state(sp, h, c);
     if (st != IDD_OK) return lt_error(L);
     return 0;
 }

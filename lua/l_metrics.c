@@ -12,7 +12,8 @@
 
 #define STATS_MT "iddpm.FeatStats"
 
-/* contiguous host copy of t as dtype dt (released by the caller) */
+/* contiguous host copy of t as dtype dt; it is pushed on the Lua stack, so Lua owns it
+ * (nothing leaks when a later argument check raises); the pointer is borrowed */
 static idd_tensor *as_host(lua_State *L, int idx, idd_dtype dt, int ndim, const char *what) {
     idd_tensor *t = lt_check(L, idx);
     if (t->ndim != ndim) {
@@ -27,7 +28,7 @@ static idd_tensor *as_host(lua_State *L, int idx, idd_dtype dt, int ndim, const 
     if (!d) lt_error(L);
     idd_tensor *e = idd_contiguous(d);
     idd_tensor_release(d);
-    if (!e) lt_error(L);
+    lt_push(L, e);   /* raises if e is NULL */
     return e;
 }
 
@@ -45,7 +46,6 @@ static int l_frechet(lua_State *L) {
                        idd_shape_str(s2, d, 96));
     else
         st = idd_frechet_distance(&fid, parts, idd_data(m1), idd_data(s1), idd_data(m2), idd_data(s2), (int)D);
-    idd_tensor_release(m1); idd_tensor_release(s1); idd_tensor_release(m2); idd_tensor_release(s2);
     if (st) return lt_error(L);
     lua_pushnumber(L, fid);
     lua_createtable(L, 0, 5);
@@ -80,7 +80,6 @@ static int l_stats_add(lua_State *L) {
     } else {
         st = idd_feat_stats_add(s, idd_data(x), x->shape[0], 1);
     }
-    idd_tensor_release(x);
     if (st) return lt_error(L);
     lua_settop(L, 1);
     return 1;
@@ -123,8 +122,6 @@ static int l_precision_recall(lua_State *L) {
                        idd_shape_str(r, a, 96), idd_shape_str(f, b, 96));
     else
         st = idd_precision_recall(&p, &rc, idd_data(r), r->shape[0], idd_data(f), f->shape[0], (int)r->shape[1], k);
-    idd_tensor_release(r);
-    idd_tensor_release(f);
     if (st) return lt_error(L);
     lua_pushnumber(L, p);
     lua_pushnumber(L, rc);

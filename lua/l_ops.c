@@ -132,13 +132,9 @@ static int f_cat(lua_State *L) {
 }
 
 static int f_where(lua_State *L) {
-    int oa, ob;
     idd_tensor *c = lt_check(L, 1);
-    idd_tensor *a = lt_check_or_number(L, 2, c, &oa), *b = lt_check_or_number(L, 3, c, &ob);
-    idd_tensor *r = idd_where(c, a, b);
-    if (oa) idd_tensor_release(a);
-    if (ob) idd_tensor_release(b);
-    return lt_push(L, r);
+    idd_tensor *a = lt_check_or_number(L, 2, c), *b = lt_check_or_number(L, 3, c);
+    return lt_push(L, idd_where(c, a, b));
 }
 
 static const luaL_Reg ops_methods[] = {

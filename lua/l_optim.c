@@ -6,16 +6,17 @@
 #include "iddpm/optim.h"
 #include "l_common.h"
 
-/* read a Lua list of tensors at idx into a malloc'd array */
+/* read a Lua list of tensors at idx into an array held by a userdata pushed on the
+ * stack (Lua owns it: an error raised later cannot leak it) */
 static idd_tensor **tensor_list(lua_State *L, int idx, int *n) {
     luaL_checktype(L, idx, LUA_TTABLE);
     *n = (int)luaL_len(L, idx);
-    idd_tensor **v = malloc(sizeof *v * (size_t)(*n + 1));
+    idd_tensor **v = lua_newuserdatauv(L, sizeof *v * (size_t)(*n + 1), 0);
     for (int i = 0; i < *n; i++) {
         lua_geti(L, idx, i + 1);
         v[i] = lt_test(L, -1);
         lua_pop(L, 1);
-        if (!v[i]) { free(v); luaL_error(L, "entry %d of argument #%d is not a tensor", i + 1, idx); }
+        if (!v[i]) { luaL_error(L, "entry %d of argument #%d is not a tensor", i + 1, idx); }
     }
     return v;
 }
@@ -34,7 +35,6 @@ static int l_adamw_step(lua_State *L) {
     lua_pop(L, 6);
     idd_tensor **p = tensor_list(L, 1, &n), **m = tensor_list(L, 2, &nm), **v = tensor_list(L, 3, &nv);
     idd_status st = (n == nm && n == nv) ? idd_adamw_step(n, p, m, v, &c) : idd_error("adamw: %d params, %d m, %d v", n, nm, nv);
-    free(p); free(m); free(v);
     if (st) return lt_error(L);
     return 0;
 }
@@ -45,7 +45,6 @@ static int l_ema_update(lua_State *L) {
     double rate = luaL_checknumber(L, 3);
     idd_tensor **e = tensor_list(L, 1, &n), **p = tensor_list(L, 2, &np);
     idd_status st = n == np ? idd_ema_update(n, e, p, rate) : idd_error("ema: %d ema tensors for %d params", n, np);
-    free(e); free(p);
     if (st) return lt_error(L);
     return 0;
 }
@@ -54,7 +53,6 @@ static int l_grad_norm(lua_State *L) {
     int n;
     idd_tensor **p = tensor_list(L, 1, &n);
     double g = idd_grad_norm(n, p);
-    free(p);
     lua_pushnumber(L, g);
     return 1;
 }
@@ -63,7 +61,6 @@ static int l_grad_scale(lua_State *L) {
     int n;
     idd_tensor **p = tensor_list(L, 1, &n);
     idd_status st = idd_grad_scale(n, p, luaL_checknumber(L, 2));
-    free(p);
     if (st) return lt_error(L);
     return 0;
 }

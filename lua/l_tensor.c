@@ -45,14 +45,12 @@ idd_tensor *lt_check(lua_State *L, int idx) {
     return *box;
 }
 
-idd_tensor *lt_check_or_number(lua_State *L, int idx, const idd_tensor *like, int *owned) {
-    *owned = 0;
-    if (lua_isnumber(L, idx)) {
-        idd_dtype dt = like ? like->dtype : IDD_F32;
+idd_tensor *lt_check_or_number(lua_State *L, int idx, const idd_tensor *like) {
+    if (lua_type(L, idx) == LUA_TNUMBER) {
+        idd_dtype dt = like && (like->dtype == IDD_F64) ? IDD_F64 : IDD_F32;
         idd_tensor *t = idd_tensor_new(dt, like ? like->device : IDD_CPU, 0, NULL);
-        if (!t) lt_error(L);
-        idd_fill_(t, lua_tonumber(L, idx));
-        *owned = 1;
+        if (t) idd_fill_(t, lua_tonumber(L, idx));
+        lt_push(L, t);   /* owned by Lua from here: nothing leaks if a later check raises */
         return t;
     }
     return lt_check(L, idx);
