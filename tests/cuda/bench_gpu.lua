@@ -51,7 +51,8 @@ local s, loss = time_it(train_step, ITERS)
 print(("# bench train step (hybrid loss + AdamW + EMA) batch %d: %.1f ms/step, %.0f img/s, loss %.4f"):format(TB,
   s * 1e3, TB / s, loss or 0/0))
 local used, cached = iddpm.cuda.memory()
-print(("# bench memory after training: %.0f MiB in use, %.0f MiB held by the allocator"):format(used / 2^20, cached / 2^20))
+print(("# bench memory after training: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved (the peak)"):format(used / 2^20,
+  cached / 2^20, (used + cached) / 2^20))
 
 model:train(false)
 local x = T.randn({SB, 3, 32, 32}, nil, "float32", "cuda")
@@ -62,4 +63,5 @@ print(("# bench sample p_sample step batch %d: %.1f ms, %.0f images x steps/s"):
 local sf = time_it(function() T.no_grad(function() model:forward(x, T.full({SB}, 500):cuda()) end) end, ITERS)
 print(("# bench sample forward only batch %d: %.1f ms, %.0f images x steps/s"):format(SB, sf * 1e3, SB / sf))
 used, cached = iddpm.cuda.memory()
-print(("# bench memory after sampling: %.0f MiB in use, %.0f MiB held by the allocator"):format(used / 2^20, cached / 2^20))
+print(("# bench memory after sampling: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved"):format(used / 2^20,
+  cached / 2^20, (used + cached) / 2^20))
