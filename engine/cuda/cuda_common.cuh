@@ -123,6 +123,20 @@ idd_status cu_upsample2x_backward(float *dx, const float *dout, int N, int C, in
 idd_status cu_avgpool2x_forward(float *out, const float *x, int N, int C, int H, int W);
 idd_status cu_avgpool2x_backward(float *dx, const float *dout, int N, int C, int H, int W);
 idd_status cu_timestep_embedding(float *out, const float *t, int N, int dim, float max_period);
+idd_status cu_upload_async(void *dst, const void *src, size_t n);
+idd_status cu_diff_pointwise(int op, const idd_diff_args *a, float *out, const float *x, const float *y,
+                             const float *z);
+idd_status cu_diff_p_finish(const idd_diff_args *a, const float *mo, const float *xt, float *px, float *mean,
+                            float *var, float *logvar);
+idd_status cu_diff_losses(const idd_diff_args *a, const float *mo, const float *x0, const float *xt,
+                          const float *noise, float *loss, float *mse, float *vb);
+idd_status cu_diff_losses_backward(const idd_diff_args *a, const float *mo, const float *x0, const float *xt,
+                                   const float *noise, const float *dloss, float *dmo);
+idd_status cu_adamw(int n, float *const *p, const float *const *g, float *const *m, float *const *v,
+                    const int64_t *numel, const float hp[6]);
+idd_status cu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, float rate);
+idd_status cu_sumsq(int n, const float *const *g, const int64_t *numel, double *out);
+idd_status cu_scale(int n, float *const *g, const int64_t *numel, float s);
 }
 
 #endif

@@ -276,6 +276,20 @@ static const idd_backend cuda_backend = {
     /* .timestep_embedding = */ cu_timestep_embedding,
     /* .dropout_forward = */ cu_dropout_forward,
     /* .dropout_backward = */ cu_dropout_backward,
+    /* .conv2d_forward_hw = */ NULL,
+    /* .conv2d_backward_hw = */ NULL,
+    /* .maxpool2d_forward = */ NULL,
+    /* .avgpool2d_forward = */ NULL,
+    /* .resize_bilinear = */ NULL,
+    /* .upload_async = */ cu_upload_async,
+    /* .diff_pointwise = */ cu_diff_pointwise,
+    /* .diff_p_finish = */ cu_diff_p_finish,
+    /* .diff_losses = */ cu_diff_losses,
+    /* .diff_losses_backward = */ cu_diff_losses_backward,
+    /* .adamw = */ cu_adamw,
+    /* .ema = */ cu_ema,
+    /* .sumsq = */ cu_sumsq,
+    /* .scale = */ cu_scale,
 };
 
 extern "C" idd_status idd_cuda_init(void) {

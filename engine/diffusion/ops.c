@@ -4,6 +4,7 @@
  * and noise) and training_losses (w.r.t. the model output). See diffusion_ops.h. */
 #include "iddpm/diffusion_ops.h"
 #include "iddpm/autograd.h"
+#include "iddpm/backend.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -105,6 +106,138 @@ static void fill_bcast(idd_tensor *out, const double *v, int64_t B, int64_t n) {
         for (int64_t i = 0; i < n; i++) o[b * n + i] = (float)v[b];
 }
 
+
+// ---------------------------------------------------------------- the device path
+//
+// For tensors on a device other than the CPU whose backend has the diffusion kernels
+// (backend.h, diffusion_kernels.h): inputs become contiguous float32 buffers on that
+// device, the timesteps are checked on the host and the per-sample schedule values
+// go up as one (IDD_DK_NCOEF, B) double table (an upload ordered on the stream, no
+// wait), and the outputs stay on the device. Ops without device kernels compute on
+// the CPU and move their results back to the input's device.
+
+static const idd_backend *dev_be(const idd_tensor *x) {
+    if (!x || x->device == IDD_CPU) return NULL;
+    const idd_backend *be = idd_backend_of(x);
+    return be && be->diff_pointwise && be->diff_p_finish && be->diff_losses && be->diff_losses_backward ? be : NULL;
+}
+
+/* contiguous float32 on dev (a new reference) */
+static idd_tensor *prep_dev(idd_tensor *x, idd_device dev, const char *op, const char *arg) {
+    if (!x) { idd_error("%s: %s is missing", op, arg); return NULL; }
+    if (x->dtype != IDD_F32 && x->dtype != IDD_F64) {
+        idd_error("%s: %s must be a float tensor, got %s", op, arg, idd_dtype_name(x->dtype));
+        return NULL;
+    }
+    idd_tensor *c = x->device == dev ? (idd_tensor_retain(x), x) : idd_to_device(x, dev);
+    if (c && c->dtype != IDD_F32) { idd_tensor *f = idd_to_dtype(c, IDD_F32); idd_tensor_release(c); c = f; }
+    if (c && !idd_is_contiguous(c)) { idd_tensor *f = idd_contiguous(c); idd_tensor_release(c); c = f; }
+    return c;
+}
+
+static double vb_scale_of(const idd_diffusion *d) {
+    if (d->cfg.loss_type == IDD_LOSS_RESCALED_KL) return (double)d->s->T;
+    if (d->cfg.loss_type == IDD_LOSS_RESCALED_MSE) return (double)d->s->T / 1000.0;
+    return 1.0;
+}
+
+/* the (IDD_DK_NCOEF, B) table of schedule values at t on dev; t checked on the host */
+static idd_tensor *coef_table(idd_diffusion *d, idd_tensor *t, int64_t B, idd_device dev, const char *op) {
+    idd_tensor *tc = prep_t(d, t, B, op);
+    if (!tc) return NULL;
+    const idd_schedule *s = d->s;
+    const int64_t *tv = I(tc);
+    int64_t shape[2] = {IDD_DK_NCOEF, B};
+    double *h = malloc(sizeof(double) * IDD_DK_NCOEF * (size_t)(B ? B : 1));
+    idd_tensor *c = h ? idd_tensor_new(IDD_F64, dev, 2, shape) : NULL;
+    if (!h) idd_error_status(IDD_ENOMEM, "%s: out of memory", op);
+    if (c) {
+        for (int64_t b = 0; b < B; b++) {
+            int64_t k = tv[b];
+            double *col = h + b;
+#define SET(name, v) col[(int64_t)(name) * B] = (v)
+            SET(IDD_DK_SQRT_AC, s->sqrt_alphas_cumprod[k]);
+            SET(IDD_DK_SQRT_1M_AC, s->sqrt_one_minus_alphas_cumprod[k]);
+            SET(IDD_DK_SRAC, s->sqrt_recip_alphas_cumprod[k]);
+            SET(IDD_DK_SRM1AC, s->sqrt_recipm1_alphas_cumprod[k]);
+            SET(IDD_DK_PMC1, s->posterior_mean_coef1[k]);
+            SET(IDD_DK_PMC2, s->posterior_mean_coef2[k]);
+            SET(IDD_DK_PLVC, s->posterior_log_variance_clipped[k]);
+            SET(IDD_DK_LOGBETA, s->log_betas[k]);
+            SET(IDD_DK_FLLV, s->fixed_large_log_variance[k]);
+            SET(IDD_DK_PV, s->posterior_variance[k]);
+            SET(IDD_DK_FLV, s->fixed_large_variance[k]);
+            SET(IDD_DK_AC, s->alphas_cumprod[k]);
+            SET(IDD_DK_ACP, s->alphas_cumprod_prev[k]);
+            SET(IDD_DK_ACN, s->alphas_cumprod_next[k]);
+            SET(IDD_DK_1M_AC, 1.0 - s->alphas_cumprod[k]);
+            SET(IDD_DK_LOG1M_AC, s->log_one_minus_alphas_cumprod[k]);
+            SET(IDD_DK_T, (double)k);
+#undef SET
+        }
+        const idd_backend *be = idd_backend_get(dev);
+        size_t nb = sizeof(double) * IDD_DK_NCOEF * (size_t)B;
+        idd_status st = nb == 0 ? IDD_OK : be->upload_async ? be->upload_async(idd_data(c), h, nb) : be->upload(idd_data(c), h, nb);
+        if (st != IDD_OK) { idd_error_prefix(op); idd_tensor_release(c); c = NULL; }
+    }
+    free(h);
+    idd_tensor_release(tc);
+    return c;
+}
+
+static void dk_args(idd_diffusion *d, idd_diff_args *a, int64_t B, int64_t C, int64_t HW, idd_tensor *coef) {
+    memset(a, 0, sizeof *a);
+    a->B = B; a->C = C; a->HW = HW;
+    a->mean_type = (int)d->cfg.mean_type;
+    a->var_type = (int)d->cfg.var_type;
+    a->loss_type = (int)d->cfg.loss_type;
+    a->learned = idd_var_is_learned(d->cfg.var_type);
+    a->vb_scale = vb_scale_of(d);
+    a->coef = coef ? idd_data(coef) : NULL;
+}
+
+static idd_tensor *new_dev(idd_device dev, int ndim, const int64_t *shape) {
+    return idd_tensor_new(IDD_F32, dev, ndim, shape);
+}
+
+/* a pointwise device op: out (like's shape) from up to 3 inputs; NULL inputs allowed
+ * where the op does not read them. The coefficient table is returned in *coef_out
+ * (when asked) for the tape. */
+static idd_tensor *dev_pointwise(idd_diffusion *d, int op, const char *opn, idd_tensor *like, idd_tensor *t,
+                                 idd_tensor *x, idd_tensor *y, idd_tensor *z, const char *const *names,
+                                 int col0, int col1, double eta, idd_tensor **coef_out) {
+    const idd_backend *be = dev_be(like);
+    idd_device dev = like->device;
+    int64_t B, C, HW;
+    geom(like, &B, &C, &HW);
+    idd_tensor *in[3] = {x, y, z}, *a[3] = {NULL, NULL, NULL};
+    for (int k = 0; k < 3; k++)
+        if (in[k] && !(a[k] = prep_dev(in[k], dev, opn, names[k]))) { drop(3, a); return NULL; }
+    idd_tensor *coef = coef_table(d, t, B, dev, opn);
+    idd_tensor *out = coef ? new_dev(dev, like->ndim, like->shape) : NULL;
+    if (out) {
+        idd_diff_args ar;
+        dk_args(d, &ar, B, C, HW, coef);
+        ar.col0 = col0; ar.col1 = col1; ar.eta = eta;
+        if (idd_numel(out) > 0 && be->diff_pointwise(op, &ar, F(out), F(a[0]), F(a[1]), F(a[2])) != IDD_OK) {
+            idd_error_prefix(opn);
+            idd_tensor_release(out);
+            out = NULL;
+        }
+    }
+    drop(3, a);
+    if (out && coef_out) *coef_out = coef; else idd_tensor_release(coef);
+    return out;
+}
+
+/* a CPU result moved to dev (the CPU reference released) */
+static idd_tensor *home(idd_tensor *o, idd_device dev) {
+    if (!o || o->device == dev) return o;
+    idd_tensor *r = idd_to_device(o, dev);
+    idd_tensor_release(o);
+    return r;
+}
+
 // ---------------------------------------------------------------- model_t, q_sample
 
 idd_tensor *idd_diff_model_t(idd_diffusion *d, idd_tensor *t) {
@@ -117,7 +250,7 @@ idd_tensor *idd_diff_model_t(idd_diffusion *d, idd_tensor *t) {
         out = NULL;
     }
     idd_tensor_release(tc);
-    return out;
+    return home(out, t->device);
 }
 
 typedef struct { int64_t B; double coef[]; } qs_ctx;   /* sqrt_abar[B], sqrt_1m_abar[B] */
@@ -139,12 +272,52 @@ static idd_status q_sample_backward(idd_node *n, idd_tensor *dout, idd_tensor **
     return IDD_OK;
 }
 
+/* device path: saved[0] is the coefficient table */
+static idd_status q_sample_backward_dev(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
+    idd_tensor *coef = n->saved[0];
+    idd_tensor *g = prep_dev(dout, coef->device, "q_sample backward", "dout");
+    if (!g) return IDD_ERR;
+    idd_diff_args a;
+    memset(&a, 0, sizeof a);
+    a.B = coef->shape[1];
+    a.C = a.B ? idd_numel(g) / a.B : 0;
+    a.HW = 1;
+    a.coef = idd_data(coef);
+    const idd_backend *be = idd_backend_of(g);
+    for (int k = 0; k < 2; k++) {
+        if (!n->needs[k]) continue;
+        idd_tensor *o = new_dev(g->device, g->ndim, g->shape);
+        a.col0 = k == 0 ? IDD_DK_SQRT_AC : IDD_DK_SQRT_1M_AC;
+        if (!o || (idd_numel(o) > 0 && be->diff_pointwise(IDD_DK_SCALE, &a, F(o), F(g), NULL, NULL) != IDD_OK)) {
+            idd_tensor_release(o);
+            idd_tensor_release(g);
+            return IDD_ERR;
+        }
+        gin[k] = o;
+    }
+    idd_tensor_release(g);
+    return IDD_OK;
+}
+
 idd_tensor *idd_diff_q_sample(idd_diffusion *d, idd_tensor *x0, idd_tensor *t, idd_tensor *noise) {
     const char *op = "diffusion.q_sample";
     int64_t B, C, HW;
     if (!x0 || !noise) { idd_error("%s: %s is missing", op, x0 ? "noise" : "x_start"); return NULL; }
     if (need_batch(x0, op, "x_start") || same_shape(x0, noise, op, "x_start", "noise")) return NULL;
     geom(x0, &B, &C, &HW);
+    if (dev_be(x0)) {
+        static const char *const names[3] = {"x_start", "noise", ""};
+        idd_tensor *coef = NULL;
+        idd_tensor *out = dev_pointwise(d, IDD_DK_LIN2, op, x0, t, x0, noise, NULL, names, IDD_DK_SQRT_AC,
+                                        IDD_DK_SQRT_1M_AC, 0, &coef);
+        if (out) {
+            idd_tensor *ins[2] = {x0, noise};
+            idd_node *nd = idd_record("diffusion.q_sample", q_sample_backward_dev, out, 2, ins);
+            if (nd) idd_node_save(nd, coef);
+        }
+        idd_tensor_release(coef);
+        return out;
+    }
     idd_tensor *a[3] = {prep(x0, op, "x_start"), prep(noise, op, "noise"), NULL};
     a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[2] ? new_like(x0) : NULL;
@@ -179,6 +352,16 @@ idd_status idd_diff_q_mean_variance(idd_diffusion *d, idd_tensor *x0, idd_tensor
     if (!x0) return idd_error("%s: x_start is missing", op);
     if (need_batch(x0, op, "x_start")) return IDD_ERR;
     geom(x0, &B, &C, &HW);
+    if (dev_be(x0)) {
+        static const char *const names[3] = {"x_start", "", ""};
+        idd_tensor *o[3];
+        o[0] = dev_pointwise(d, IDD_DK_SCALE, op, x0, t, x0, NULL, NULL, names, IDD_DK_SQRT_AC, 0, 0, NULL);
+        o[1] = o[0] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_1M_AC, 0, 0, NULL) : NULL;
+        o[2] = o[1] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_LOG1M_AC, 0, 0, NULL) : NULL;
+        if (!o[2]) { drop(3, o); return IDD_ERR; }
+        *mean = o[0]; *var = o[1]; *logvar = o[2];
+        return IDD_OK;
+    }
     idd_tensor *a[2] = {prep(x0, op, "x_start"), NULL};
     a[1] = a[0] ? prep_t(d, t, B, op) : NULL;
     idd_tensor *o[3] = {a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL};
@@ -201,6 +384,16 @@ idd_status idd_diff_q_posterior(idd_diffusion *d, idd_tensor *x0, idd_tensor *xt
     if (!x0 || !xt) return idd_error("%s: %s is missing", op, x0 ? "x_t" : "x_start");
     if (need_batch(x0, op, "x_start") || same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
     geom(x0, &B, &C, &HW);
+    if (dev_be(x0)) {
+        static const char *const names[3] = {"x_start", "x_t", ""};
+        idd_tensor *o[3];
+        o[0] = dev_pointwise(d, IDD_DK_LIN2, op, x0, t, x0, xt, NULL, names, IDD_DK_PMC1, IDD_DK_PMC2, 0, NULL);
+        o[1] = o[0] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_PV, 0, 0, NULL) : NULL;
+        o[2] = o[1] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_PLVC, 0, 0, NULL) : NULL;
+        if (!o[2]) { drop(3, o); return IDD_ERR; }
+        *mean = o[0]; *var = o[1]; *logvar = o[2];
+        return IDD_OK;
+    }
     idd_tensor *a[3] = {prep(x0, op, "x_start"), prep(xt, op, "x_t"), NULL};
     a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
     idd_tensor *o[3] = {a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL};
@@ -222,6 +415,11 @@ static idd_tensor *predict(idd_diffusion *d, idd_tensor *xt, idd_tensor *t, idd_
     if (!xt || !y) { idd_error("%s: %s is missing", op, xt ? "second input" : "x_t"); return NULL; }
     if (need_batch(xt, op, "x_t") || same_shape(xt, y, op, "x_t", from_eps ? "eps" : "x_start")) return NULL;
     geom(xt, &B, &C, &HW);
+    if (dev_be(xt)) {
+        const char *const names[3] = {"x_t", from_eps ? "eps" : "x_start", ""};
+        return dev_pointwise(d, from_eps ? IDD_DK_XSTART_EPS : IDD_DK_EPS_XSTART, op, xt, t, xt, y, NULL, names, 0, 0,
+                             0, NULL);
+    }
     idd_tensor *a[3] = {prep(xt, op, "x_t"), prep(y, op, from_eps ? "eps" : "x_start"), NULL};
     a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[2] ? new_like(xt) : NULL;
@@ -261,6 +459,10 @@ idd_tensor *idd_diff_pred_xstart_raw(idd_diffusion *d, idd_tensor *model_out, id
     if (!model_out || !xt) { idd_error("%s: %s is missing", op, xt ? "model output" : "x_t"); return NULL; }
     if (check_model_out(d, model_out, xt, op)) return NULL;
     geom(xt, &B, &C, &HW);
+    if (dev_be(xt)) {
+        static const char *const names[3] = {"model output", "x_t", ""};
+        return dev_pointwise(d, IDD_DK_PRED_XSTART, op, xt, t, model_out, xt, NULL, names, 0, 0, 0, NULL);
+    }
     idd_tensor *a[3] = {prep(model_out, op, "model output"), prep(xt, op, "x_t"), NULL};
     a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[2] ? new_like(xt) : NULL;
@@ -281,6 +483,33 @@ idd_status idd_diff_p_finish(idd_diffusion *d, idd_tensor *model_out, idd_tensor
     if (check_model_out(d, model_out, xt, op) || same_shape(xt, pred_xstart, op, "x_t", "pred_xstart"))
         return IDD_ERR;
     geom(xt, &B, &C, &HW);
+    if (dev_be(xt)) {
+        idd_device dev = xt->device;
+        const idd_backend *be = dev_be(xt);
+        idd_tensor *a[2] = {prep_dev(model_out, dev, op, "model output"), NULL};
+        a[1] = a[0] ? prep_dev(xt, dev, op, "x_t") : NULL;
+        idd_tensor *pc = a[1] ? prep_dev(pred_xstart, dev, op, "pred_xstart") : NULL;
+        if (pc && pc == pred_xstart) { idd_tensor *c = idd_clone(pc); idd_tensor_release(pc); pc = c; }  /* a fresh copy */
+        idd_tensor *coef = pc ? coef_table(d, t, B, dev, op) : NULL;
+        idd_tensor *o[3] = {NULL, NULL, NULL};
+        idd_tensor **want[3] = {mean, var, logvar};
+        idd_status st = coef ? IDD_OK : IDD_ERR;
+        for (int k = 0; k < 3 && st == IDD_OK; k++)
+            if (want[k] && !(o[k] = new_dev(dev, xt->ndim, xt->shape))) st = IDD_ERR;
+        if (st == IDD_OK && idd_numel(xt) > 0) {
+            idd_diff_args ar;
+            dk_args(d, &ar, B, C, HW, coef);
+            ar.clip = clip;
+            st = be->diff_p_finish(&ar, F(a[0]), F(a[1]), F(pc), F(o[0]), F(o[1]), F(o[2]));
+            if (st != IDD_OK) idd_error_prefix(op);
+        }
+        drop(2, a);
+        idd_tensor_release(coef);
+        if (st != IDD_OK) { drop(3, o); idd_tensor_release(pc); return IDD_ERR; }
+        for (int k = 0; k < 3; k++) if (want[k]) *want[k] = o[k];
+        if (pred_out) *pred_out = pc; else idd_tensor_release(pc);
+        return IDD_OK;
+    }
     idd_tensor *a[3] = {prep(model_out, op, "model output"), prep(xt, op, "x_t"), NULL};
     a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
     idd_tensor *p = a[2] ? idd_to_dtype(pred_xstart, IDD_F32) : NULL;   /* always a fresh copy */
@@ -309,6 +538,19 @@ idd_tensor *idd_diff_p_sample_step(idd_diffusion *d, idd_tensor *mean, idd_tenso
         (noise && same_shape(mean, noise, op, "x_t", "noise")))
         return NULL;
     geom(mean, &B, &C, &HW);
+    if (dev_be(mean)) {
+        static const char *const names[3] = {"mean", "log_variance", "noise"};
+        if (!noise) {   /* only t == 0 rows may go without noise */
+            idd_tensor *tc = prep_t(d, t, B, op);
+            if (!tc) return NULL;
+            int need = 0;
+            for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
+            idd_tensor_release(tc);
+            if (need) { idd_error("%s: noise is missing (NULL)", op); return NULL; }
+            noise = mean;
+        }
+        return dev_pointwise(d, IDD_DK_P_SAMPLE, op, mean, t, mean, logvar, noise, names, 0, 0, 0, NULL);
+    }
     idd_tensor *a[4] = {prep(mean, op, "mean"), prep(logvar, op, "log_variance"), noise ? prep(noise, op, "noise") : NULL, NULL};
     a[3] = a[0] && a[1] && (!noise || a[2]) ? prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[3] ? new_like(mean) : NULL;
@@ -329,6 +571,27 @@ static idd_tensor *ddim(idd_diffusion *d, idd_tensor *xt, idd_tensor *px, idd_te
         (noise && same_shape(xt, noise, op, "x_t", "noise")))
         return NULL;
     geom(xt, &B, &C, &HW);
+    if (dev_be(xt)) {
+        static const char *const names[3] = {"x_t", "pred_xstart", "noise"};
+        if (reverse && eta != 0.0) {
+            idd_error("%s: reverse ODE only for deterministic path (eta must be 0, got %g)", op, eta);
+            return NULL;
+        }
+        if (!reverse && (!(eta >= 0) || !isfinite(eta))) { idd_error("%s: eta must be >= 0, got %g", op, eta); return NULL; }
+        if (!reverse && !noise) {
+            if (eta != 0) {
+                idd_tensor *tc = prep_t(d, t, B, op);
+                if (!tc) return NULL;
+                int need = 0;
+                for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
+                idd_tensor_release(tc);
+                if (need) { idd_error("%s: noise (eta > 0) is missing (NULL)", op); return NULL; }
+            }
+            noise = xt;   /* not read */
+        }
+        return dev_pointwise(d, reverse ? IDD_DK_DDIM_REVERSE : IDD_DK_DDIM, op, xt, t, xt, px, reverse ? NULL : noise,
+                             names, 0, 0, eta, NULL);
+    }
     idd_tensor *a[4] = {prep(xt, op, "x_t"), prep(px, op, "pred_xstart"), noise ? prep(noise, op, "noise") : NULL, NULL};
     a[3] = a[0] && a[1] && (!noise || a[2]) ? prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[3] ? new_like(xt) : NULL;
@@ -373,6 +636,63 @@ static idd_status training_losses_backward(idd_node *n, idd_tensor *dout, idd_te
 
 static void release_diffusion(void *p) { idd_diffusion_release(p); }
 
+/* device path: saved mo, x0, xt, noise (contiguous float32 on the device), coef */
+static idd_status training_losses_backward_dev(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
+    idd_diffusion *d = n->ctx;
+    idd_tensor *mo = n->saved[0], *x0 = n->saved[1], *xt = n->saved[2], *nz = n->saved[3], *coef = n->saved[4];
+    int64_t B, C, HW;
+    geom(xt, &B, &C, &HW);
+    idd_tensor *g = prep_dev(dout, mo->device, "training_losses backward", "dout");
+    idd_tensor *gm = g ? new_dev(mo->device, mo->ndim, mo->shape) : NULL;
+    if (!gm) { idd_tensor_release(g); return IDD_ERR; }
+    idd_diff_args a;
+    dk_args(d, &a, B, C, HW, coef);
+    idd_status st = idd_numel(gm) > 0 ? idd_backend_of(gm)->diff_losses_backward(&a, F(mo), F(x0), F(xt), F(nz), F(g), F(gm))
+                                      : IDD_OK;
+    idd_tensor_release(g);
+    if (st != IDD_OK) { idd_error_prefix("diffusion.training_losses backward"); idd_tensor_release(gm); return IDD_ERR; }
+    gin[0] = gm;
+    return IDD_OK;
+}
+
+static idd_status training_losses_dev(idd_diffusion *d, idd_tensor *model_out, idd_tensor *x0, idd_tensor *xt,
+                                      idd_tensor *noise, idd_tensor *t, idd_tensor **loss, idd_tensor **mse,
+                                      idd_tensor **vb) {
+    const char *op = "diffusion.training_losses";
+    int64_t B, C, HW;
+    geom(xt, &B, &C, &HW);
+    idd_device dev = xt->device;
+    const idd_backend *be = dev_be(xt);
+    idd_tensor *a[5] = {prep_dev(model_out, dev, op, "model output"), prep_dev(x0, dev, op, "x_start"),
+                        prep_dev(xt, dev, op, "x_t"), prep_dev(noise, dev, op, "noise"), NULL};
+    a[4] = a[0] && a[1] && a[2] && a[3] ? coef_table(d, t, B, dev, op) : NULL;
+    idd_tensor *o[3] = {a[4] ? new_dev(dev, 1, &B) : NULL, a[4] ? new_dev(dev, 1, &B) : NULL,
+                        a[4] ? new_dev(dev, 1, &B) : NULL};
+    idd_status st = o[0] && o[1] && o[2] ? IDD_OK : IDD_ERR;
+    if (st == IDD_OK && B > 0) {
+        idd_diff_args ar;
+        dk_args(d, &ar, B, C, HW, a[4]);
+        st = be->diff_losses(&ar, F(a[0]), F(a[1]), F(a[2]), F(a[3]), F(o[0]), F(o[1]), F(o[2]));
+        if (st != IDD_OK) idd_error_prefix(op);
+    }
+    if (st == IDD_OK) {
+        idd_tensor *ins[1] = {model_out};
+        idd_node *nd = idd_record("diffusion.training_losses", training_losses_backward_dev, o[0], 1, ins);
+        if (nd) {
+            for (int k = 0; k < 5; k++) idd_node_save(nd, a[k]);
+            idd_diffusion_retain(d);
+            nd->ctx = d;
+            nd->free_ctx = release_diffusion;
+        }
+    }
+    drop(5, a);
+    if (st != IDD_OK) { drop(3, o); return IDD_ERR; }
+    *loss = o[0];
+    if (mse) *mse = o[1]; else idd_tensor_release(o[1]);
+    if (vb) *vb = o[2]; else idd_tensor_release(o[2]);
+    return IDD_OK;
+}
+
 idd_status idd_diff_training_losses(idd_diffusion *d, idd_tensor *model_out, idd_tensor *x0, idd_tensor *xt,
                                     idd_tensor *noise, idd_tensor *t, idd_tensor **loss, idd_tensor **mse,
                                     idd_tensor **vb) {
@@ -382,6 +702,7 @@ idd_status idd_diff_training_losses(idd_diffusion *d, idd_tensor *model_out, idd
     if (check_model_out(d, model_out, xt, op) || same_shape(x0, xt, op, "x_start", "x_t") ||
         same_shape(x0, noise, op, "x_start", "noise"))
         return IDD_ERR;
+    if (dev_be(xt)) return training_losses_dev(d, model_out, x0, xt, noise, t, loss, mse, vb);
     geom(xt, &B, &C, &HW);
     idd_tensor *a[5] = {prep(model_out, op, "model output"), prep(x0, op, "x_start"), prep(xt, op, "x_t"),
                         prep(noise, op, "noise"), NULL};
@@ -430,8 +751,8 @@ idd_status idd_diff_vb_terms_bpd(idd_diffusion *d, idd_tensor *model_out, idd_te
     free(v);
     drop(4, a);
     if (st != IDD_OK) { idd_tensor_release(o); idd_tensor_release(p); return IDD_ERR; }
-    *vb = o;
-    if (pred_xstart) *pred_xstart = p; else idd_tensor_release(p);
+    *vb = home(o, xt->device);
+    if (pred_xstart) *pred_xstart = home(p, xt->device); else idd_tensor_release(p);
     return IDD_OK;
 }
 
@@ -448,7 +769,7 @@ idd_tensor *idd_diff_prior_bpd(idd_diffusion *d, idd_tensor *x0) {
     else { idd_tensor_release(o); o = NULL; }
     free(v);
     idd_tensor_release(a);
-    return o;
+    return home(o, x0->device);
 }
 
 idd_tensor *idd_diff_mean_flat_sq_diff(idd_tensor *x, idd_tensor *y) {
@@ -466,7 +787,7 @@ idd_tensor *idd_diff_mean_flat_sq_diff(idd_tensor *x, idd_tensor *y) {
     free(v);
     idd_tensor_release(a);
     idd_tensor_release(b);
-    return o;
+    return home(o, x->device);
 }
 
 // ---------------------------------------------------------------- elementwise losses
@@ -501,7 +822,7 @@ static idd_tensor *elementwise(const char *op, int n, idd_tensor **in, const cha
                                                                           st[2], F(out));
     if (rc != IDD_OK) { idd_tensor_release(out); out = NULL; }
     drop(n, a);
-    return out;
+    return home(out, ref->device);
 }
 
 idd_tensor *idd_diff_normal_kl(idd_tensor *m1, idd_tensor *lv1, idd_tensor *m2, idd_tensor *lv2) {

@@ -2,8 +2,52 @@
  * global gradient norm used for logging and clipping. One fused pass per tensor:
  * read param, grad, m, v once, write them once. */
 #include "iddpm/optim.h"
+#include "iddpm/backend.h"
 
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- device path
+ * Tensors on a device other than the CPU go to the backend's multi-tensor kernels
+ * (one launch for the whole list): the lists are gathered here into host arrays of
+ * device pointers. Every tensor of one call must be on the same device. */
+
+typedef struct { int n; float **a[4]; int64_t *numel; const idd_backend *be; } mt_list;
+
+static void mt_free(mt_list *l) {
+    for (int k = 0; k < 4; k++) free(l->a[k]);
+    free(l->numel);
+}
+
+/* k lists (lists[j][i]); only i with keep(i) (a gradient, for AdamW) are taken */
+static idd_status mt_gather(mt_list *l, const char *op, int n, int k, idd_tensor **const *lists, int need_grad) {
+    memset(l, 0, sizeof *l);
+    for (int j = 0; j < 4; j++) l->a[j] = malloc(sizeof(float *) * (size_t)(n ? n : 1));
+    l->numel = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    if (!l->a[0] || !l->a[1] || !l->a[2] || !l->a[3] || !l->numel) { mt_free(l); return idd_error_status(IDD_ENOMEM, "%s: out of memory", op); }
+    idd_device dev = lists[0][0]->device;
+    l->be = idd_backend_get(dev);
+    for (int i = 0; i < n; i++) {
+        if (need_grad && !lists[0][i]->grad) continue;
+        for (int j = 0; j < k; j++) {
+            idd_tensor *t = lists[j][i];
+            char sa[96];
+            if (!t || t->dtype != IDD_F32 || !idd_is_contiguous(t) || t->device != dev ||
+                !idd_same_shape(t, lists[0][i])) {
+                mt_free(l);
+                return idd_error("%s: tensor %d: expected contiguous float32 tensors of one shape on %s, got %s", op,
+                                 i + 1, idd_device_name(dev), t ? idd_shape_str(t, sa, 96) : "nil");
+            }
+            l->a[j][l->n] = idd_data(t);
+        }
+        l->numel[l->n] = idd_numel(lists[0][i]);
+        l->n++;
+    }
+    return IDD_OK;
+}
+
+static int on_device(int n, idd_tensor **ts) { return n > 0 && ts[0] && ts[0]->device != IDD_CPU; }
 
 static idd_status check_pair(const char *op, idd_tensor *a, idd_tensor *b, int i) {
     char sa[96], sb[96];
@@ -20,6 +64,21 @@ idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor
     float decay = (float)(1.0 - c->lr * c->weight_decay);
     float step_size = (float)(c->lr / bc1), rbc2 = (float)(1.0 / sqrt(bc2));
     (void)lr;
+    if (on_device(n, params)) {
+        idd_tensor **grads = malloc(sizeof *grads * (size_t)n);
+        if (!grads) return idd_error_status(IDD_ENOMEM, "adamw: out of memory");
+        for (int i = 0; i < n; i++) grads[i] = params[i]->grad ? params[i]->grad : params[i];
+        idd_tensor **const lists[4] = {params, grads, m, v};
+        mt_list l;
+        idd_status st = mt_gather(&l, "adamw", n, 4, lists, 1);
+        free(grads);
+        if (st) return st;
+        float hp[6] = {b1, b2, eps, decay, step_size, rbc2};
+        st = !l.be->adamw ? idd_error("adamw: not implemented on %s", l.be->name)
+                          : l.n ? l.be->adamw(l.n, l.a[0], (const float *const *)l.a[1], l.a[2], l.a[3], l.numel, hp) : IDD_OK;
+        mt_free(&l);
+        return st;
+    }
     for (int i = 0; i < n; i++) {
         idd_tensor *p = params[i];
         if (!p->grad) continue;
@@ -45,6 +104,16 @@ idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor
 
 idd_status idd_ema_update(int n, idd_tensor **ema, idd_tensor **params, double rate) {
     float r = (float)rate, q = (float)(1.0 - rate);
+    if (on_device(n, ema)) {
+        idd_tensor **const lists[2] = {ema, params};
+        mt_list l;
+        idd_status st = mt_gather(&l, "ema", n, 2, lists, 0);
+        if (st) return st;
+        st = !l.be->ema ? idd_error("ema: not implemented on %s", l.be->name)
+                        : l.n ? l.be->ema(l.n, l.a[0], (const float *const *)l.a[1], l.numel, r) : IDD_OK;
+        mt_free(&l);
+        return st;
+    }
     for (int i = 0; i < n; i++) {
         idd_status st = check_pair("ema", ema[i], params[i], i);
         if (st) return st;
@@ -57,8 +126,30 @@ idd_status idd_ema_update(int n, idd_tensor **ema, idd_tensor **params, double r
     return IDD_OK;
 }
 
+/* the gradients of params that have one, as a list (NULL entries dropped) */
+static int grads_of(int n, idd_tensor **params, idd_tensor **out) {
+    int k = 0;
+    for (int i = 0; i < n; i++) if (params[i]->grad) out[k++] = params[i]->grad;
+    return k;
+}
+
 double idd_grad_norm(int n, idd_tensor **params) {
     double s = 0;
+    idd_tensor **gl = n > 0 ? malloc(sizeof *gl * (size_t)n) : NULL;
+    int ng = gl ? grads_of(n, params, gl) : 0;
+    if (ng > 0 && gl[0]->device != IDD_CPU) {
+        idd_tensor **const lists[1] = {gl};
+        mt_list l;
+        double r = NAN;
+        if (mt_gather(&l, "grad_norm", ng, 1, lists, 0) == IDD_OK) {
+            if (l.be->sumsq && l.be->sumsq(l.n, (const float *const *)l.a[0], l.numel, &r) == IDD_OK) r = sqrt(r);
+            else r = NAN;
+            mt_free(&l);
+        }
+        free(gl);
+        return r;
+    }
+    free(gl);
     for (int i = 0; i < n; i++) {
         idd_tensor *g = params[i]->grad;
         if (!g) continue;
@@ -77,6 +168,19 @@ double idd_grad_norm(int n, idd_tensor **params) {
 }
 
 idd_status idd_grad_scale(int n, idd_tensor **params, double s) {
+    idd_tensor **gl = n > 0 ? malloc(sizeof *gl * (size_t)n) : NULL;
+    int ng = gl ? grads_of(n, params, gl) : 0;
+    if (ng > 0 && gl[0]->device != IDD_CPU) {
+        idd_tensor **const lists[1] = {gl};
+        mt_list l;
+        idd_status st = mt_gather(&l, "grad_scale", ng, 1, lists, 0);
+        free(gl);
+        if (st) return st;
+        st = !l.be->scale ? idd_error("grad_scale: not implemented on %s", l.be->name) : l.be->scale(l.n, l.a[0], l.numel, (float)s);
+        mt_free(&l);
+        return st;
+    }
+    free(gl);
     for (int i = 0; i < n; i++) {
         idd_tensor *g = params[i]->grad;
         if (!g) continue;

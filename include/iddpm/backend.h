@@ -9,6 +9,7 @@
 #define IDDPM_BACKEND_H
 
 #include "iddpm/tensor.h"
+#include "iddpm/diffusion_kernels.h"
 
 typedef enum {
     IDD_BIN_ADD, IDD_BIN_SUB, IDD_BIN_MUL, IDD_BIN_DIV, IDD_BIN_POW, IDD_BIN_MAX, IDD_BIN_MIN,
@@ -89,6 +90,33 @@ typedef struct idd_backend {
     idd_status (*avgpool2d_forward)(float *out, const float *x, int N, int C, int H, int W, int k, int stride,
                                     int pad, int count_include_pad);
     idd_status (*resize_bilinear)(float *out, const float *x, int N, int C, int H, int W, int Ho, int Wo, int mode);
+
+    /* host -> device copy ordered on the backend's stream without waiting for it (the
+     * host buffer may be reused as soon as it returns); NULL: upload is used */
+    idd_status (*upload_async)(void *dst_dev, const void *src_host, size_t nbytes);
+    /* ---- diffusion kernels (diffusion_kernels.h) on contiguous float32 device buffers;
+     * a->coef is the (IDD_DK_NCOEF, B) table on the device. NULL: engine/diffusion/ops.c
+     * computes on the CPU and moves the results back. */
+    idd_status (*diff_pointwise)(int op, const idd_diff_args *a, float *out, const float *x, const float *y,
+                                 const float *z);
+    idd_status (*diff_p_finish)(const idd_diff_args *a, const float *mo, const float *xt, float *px, float *mean,
+                                float *var, float *logvar);
+    /* per-sample loss, mse, vb (B) of the hybrid loss; sums in double */
+    idd_status (*diff_losses)(const idd_diff_args *a, const float *mo, const float *x0, const float *xt,
+                              const float *noise, float *loss, float *mse, float *vb);
+    /* dmo (B, cout, HW) written (not accumulated) from dloss (B) */
+    idd_status (*diff_losses_backward)(const idd_diff_args *a, const float *mo, const float *x0, const float *xt,
+                                       const float *noise, const float *dloss, float *dmo);
+
+    /* ---- multi-tensor optimizer kernels (engine/train/optim.c): n tensors, host arrays
+     * of device pointers and element counts. hp: lr-free AdamW constants
+     * {beta1, beta2, eps, decay = 1 - lr*wd, step_size = lr/bc1, rbc2 = 1/sqrt(bc2)}. */
+    idd_status (*adamw)(int n, float *const *p, const float *const *g, float *const *m, float *const *v,
+                        const int64_t *numel, const float hp[6]);
+    idd_status (*ema)(int n, float *const *e, const float *const *p, const int64_t *numel, float rate);
+    /* *out = sum of squares of every element, in double (waits for the device) */
+    idd_status (*sumsq)(int n, const float *const *g, const int64_t *numel, double *out);
+    idd_status (*scale)(int n, float *const *g, const int64_t *numel, float s);
 } idd_backend;
 
 const idd_backend *idd_backend_get(idd_device dev);         /* NULL if not available */

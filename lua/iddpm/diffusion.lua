@@ -86,12 +86,20 @@ local function get_y(opts)
   return to_y(opts.y ~= nil and opts.y or (opts.model_kwargs and opts.model_kwargs.y))
 end
 
-local function randn_like(x, gen) return gen and T.randn(x:shape(), gen) or T.randn(x:shape()) end
+-- noise on x's device (the same numbers on every device: counter-based Philox)
+local function randn_like(x, gen)
+  local dev = x:device()
+  if dev ~= "cpu" then return T.randn(x:shape(), gen, "float32", dev) end
+  return gen and T.randn(x:shape(), gen) or T.randn(x:shape())
+end
 
 -- call the model and check what it returns
 local function call_model(self, model, fname, xt, t, y)
   if not is_callable(model) then error(fname .. ": model must be a function or a callable object", 3) end
-  local out = model(xt, ccall("diff:model_t", self._c.model_t, self._c, t), y)
+  local mt = ccall("diff:model_t", self._c.model_t, self._c, t)
+  if mt:device() ~= xt:device() then mt = mt:to(xt:device()) end
+  if y ~= nil and y:device() ~= xt:device() then y = y:to(xt:device()) end
+  local out = model(xt, mt, y)
   if not T.is_tensor(out) then
     error(("%s: model returned a %s, expected a tensor of shape %s%s"):format(fname, type(out),
       shape_str(xt:shape()), self.learned_sigma and " with twice the channels" or ""), 3)

@@ -25,6 +25,9 @@ function optim.adamw(params, opts)
     if p:dtype() ~= "float32" then error(("adamw: parameter %d is %s, expected float32"):format(i, p:dtype()), 2) end
     self.m[i] = T.zeros(p:shape())
     self.v[i] = T.zeros(p:shape())
+    if p:device() ~= "cpu" then   -- optimizer state lives with the parameter
+      self.m[i] = self.m[i]:to(p:device()); self.v[i] = self.v[i]:to(p:device())
+    end
   end
   return self
 end

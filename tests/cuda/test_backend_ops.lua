@@ -249,6 +249,171 @@ local ok, e = pcall(unet_case, "UNet 32px ch32 attn16", {image_size = 32, num_ch
   channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2, 1e-4)
 if not ok then H.check("UNet small config", false, e) end
 
+-- ---------------------------------------------------------------- diffusion kernels
+-- every device diffusion op against the CPU one, for the mean/variance/loss types;
+-- results must stay on the device. Inputs in [-1, 1] like data; t includes 0 and T-1.
+local D = iddpm.diffusion
+local function cmp(name, g, c, tol)
+  if not T.is_tensor(g) then return H.check(name, false, "not a tensor") end
+  if g:device() ~= "cuda" then return H.check(name .. " stays on cuda", false, g:device()) end
+  record(name, err(g, c), tol)
+end
+local combos = {
+  {"epsilon", "learned_range", "rescaled_mse"}, {"epsilon", "learned_range", "mse"}, {"epsilon", "fixed_large", "mse"},
+  {"epsilon", "fixed_small", "kl"}, {"start_x", "learned", "rescaled_kl"}, {"previous_x", "learned_range", "rescaled_mse"},
+  {"epsilon", "learned", "kl"},
+}
+for _, cb in ipairs(combos) do
+  local mean, var, loss = cb[1], cb[2], cb[3]
+  local tag = ("diff %s/%s/%s"):format(mean, var, loss)
+  local ok, e = pcall(function()
+    local d = D.new{steps = 50, noise_schedule = "cosine", model_mean_type = mean, model_var_type = var, loss_type = loss}
+    local B, C, HW = 4, 3, 6
+    local learned = var == "learned" or var == "learned_range"
+    local x0 = (T.rand({B, C, HW, HW}) * 2 - 1):clamp(-1, 1)
+    local noise = T.randn({B, C, HW, HW})
+    local mo = T.randn({B, learned and 2 * C or C, HW, HW}) * 0.5
+    local t = {0, 1, 25, 49}
+    local g = {x0 = x0:cuda(), noise = noise:cuda(), mo = mo:cuda()}
+    -- q_sample forward and backward
+    local a, b = x0:detach(), noise:detach()
+    a.requires_grad = true; b.requires_grad = true
+    local ag, bg = g.x0:detach(), g.noise:detach()
+    ag.requires_grad = true; bg.requires_grad = true
+    local xc, xg = d:q_sample(a, t, b), d:q_sample(ag, t, bg)
+    cmp(tag .. " q_sample", xg, xc, F32)
+    local R = T.randn(xc:shape())
+    ;(xc * R):sum():backward(); (xg * R:cuda()):sum():backward()
+    cmp(tag .. " q_sample bwd x0", ag.grad, a.grad, F32)
+    cmp(tag .. " q_sample bwd noise", bg.grad, b.grad, F32)
+    local xt, xtg = xc:detach(), xg:detach()
+    -- the training loss and its gradient w.r.t. the model output
+    local mc, mg = mo:detach(), g.mo:detach()
+    mc.requires_grad = true; mg.requires_grad = true
+    local lc = d:training_losses(function() return mc end, x0, t, {noise = noise})
+    local lg = d:training_losses(function() return mg end, g.x0, t, {noise = g.noise})
+    for _, k in ipairs({"loss", "mse", "vb"}) do cmp(tag .. " training_losses " .. k, lg[k], lc[k], SUMS) end
+    local w = T.from_table({1, -2, 0.5, 3}, {4})
+    ;(lc.loss * w):sum():backward(); (lg.loss * w:cuda()):sum():backward()
+    cmp(tag .. " training_losses bwd", mg.grad, mc.grad, SUMS)
+    -- q posterior / q mean-variance / predictions
+    local pc, pg = {d:q_posterior_mean_variance(x0, xt, t)}, {d:q_posterior_mean_variance(g.x0, xtg, t)}
+    for k = 1, 3 do cmp(tag .. " q_posterior " .. k, pg[k], pc[k], F32) end
+    pc, pg = {d:q_mean_variance(x0, t)}, {d:q_mean_variance(g.x0, t)}
+    for k = 1, 3 do cmp(tag .. " q_mean_variance " .. k, pg[k], pc[k], F32) end
+    cmp(tag .. " predict_xstart_from_eps", d:predict_xstart_from_eps(xtg, t, g.noise), d:predict_xstart_from_eps(xt, t, noise), F32)
+    cmp(tag .. " predict_eps_from_xstart", d:predict_eps_from_xstart(xtg, t, g.x0), d:predict_eps_from_xstart(xt, t, x0), F32)
+    -- reverse process with a fixed "model"
+    local mdc, mdg = function() return mo end, function() return g.mo end
+    for _, clip in ipairs({true, false}) do
+      local oc = d:p_mean_variance(mdc, xt, t, {clip_denoised = clip})
+      local og = d:p_mean_variance(mdg, xtg, t, {clip_denoised = clip})
+      for _, k in ipairs({"mean", "variance", "log_variance", "pred_xstart"}) do
+        cmp(("%s p_mean_variance clip=%s %s"):format(tag, tostring(clip), k), og[k], oc[k], 1e-5)
+      end
+    end
+    cmp(tag .. " p_sample", (d:p_sample(mdg, xtg, t, {noise = g.noise})), (d:p_sample(mdc, xt, t, {noise = noise})), 1e-5)
+    for _, eta in ipairs({0, 0.5}) do
+      cmp(tag .. " ddim_sample eta " .. eta, (d:ddim_sample(mdg, xtg, t, {noise = g.noise, eta = eta})),
+        (d:ddim_sample(mdc, xt, t, {noise = noise, eta = eta})), 1e-5)
+    end
+    cmp(tag .. " ddim_reverse_sample", (d:ddim_reverse_sample(mdg, xtg, t)), (d:ddim_reverse_sample(mdc, xt, t)), 1e-5)
+  end)
+  if not ok then H.check(tag, false, e) end
+end
+
+-- ---------------------------------------------------------------- optimizer kernels
+do
+  local ok, e = pcall(function()
+    local shapes = {{7}, {33, 5}, {4096 + 17}, {3, 3, 3, 3}, {1}, {70000}}
+    local pc, pg = {}, {}
+    for i, sh in ipairs(shapes) do
+      pc[i] = T.randn(sh); pc[i].requires_grad = true
+      pg[i] = pc[i]:cuda(); pg[i].requires_grad = true
+    end
+    local oc = iddpm.optim.adamw(pc, {lr = 1e-2, weight_decay = 0.1})
+    local og = iddpm.optim.adamw(pg, {lr = 1e-2, weight_decay = 0.1})
+    H.check("adamw state on the device", og.m[1]:device() == "cuda" and og.v[6]:device() == "cuda")
+    local ec, eg = iddpm.optim.ema(pc, 0.9), iddpm.optim.ema(pg, 0.9)
+    for step = 1, 3 do
+      for i, sh in ipairs(shapes) do
+        if not (step == 2 and i == 2) then   -- a parameter without a gradient is skipped
+          local gr = T.randn(sh)
+          pc[i].grad = gr; pg[i].grad = gr:cuda()
+        else pc[i].grad = nil; pg[i].grad = nil end
+      end
+      local nc, ng = iddpm.optim.clip_grad_norm(pc, 50), iddpm.optim.clip_grad_norm(pg, 50)
+      record("grad_norm step " .. step, math.abs(nc - ng) / nc, 1e-12)
+      oc:step(); og:step(); ec:update(); eg:update()
+    end
+    local we, wm = 0, 0
+    for i = 1, #shapes do
+      we = math.max(we, err(pg[i], pc[i]), err(og.m[i], oc.m[i]), err(og.v[i], oc.v[i]))
+      wm = math.max(wm, err(eg.shadow[i], ec.shadow[i]))
+    end
+    record("adamw 3 steps (params, m, v)", we, 1e-6)
+    record("ema 3 steps", wm, 1e-6)
+  end)
+  if not ok then H.check("optimizer kernels", false, e) end
+end
+
+-- ---------------------------------------------------------------- one full hybrid training step
+-- small UNet, learned-range sigma, rescaled MSE + VLB: loss and every gradient, then
+-- AdamW + EMA, GPU vs CPU; nothing but the loss value leaves the device.
+do
+  local ok, e = pcall(function()
+    local cfg = {image_size = 16, num_channels = 32, num_res_blocks = 1, channel_mult = {1, 2},
+      attention_resolutions = {8}, num_heads = 2, learn_sigma = true, dropout = 0.1}
+    T.manual_seed(77)
+    local mc = UNet.new(cfg)
+    local mg = UNet.new(cfg)
+    mg:load_state_dict(mc:state_dict())
+    mg:to("cuda")
+    mc:train(true); mg:train(true)
+    local d = D.new{steps = 1000, noise_schedule = "cosine", learn_sigma = true}
+    local B = 4
+    local x0 = (T.rand({B, 3, 16, 16}) * 2 - 1)
+    local t = {0, 10, 500, 999}
+    local noise = T.randn({B, 3, 16, 16})
+    local function step(model, x, nz, dev)
+      local oc = iddpm.optim.adamw(model:parameters(), {lr = 1e-3})
+      local em = iddpm.optim.ema(model, 0.99)
+      model:zero_grad()
+      local l = d:training_losses(model, x, t, {noise = nz, generator = T.generator(3)})
+      local loss = l.loss:mean()
+      loss:backward()
+      local gn = iddpm.optim.grad_norm(model:parameters())
+      local grads = {}
+      for n, p in pairs(model:named_parameters()) do grads[n] = p.grad and p.grad:cpu() end
+      oc:step(); em:update()
+      return loss:item(), l, grads, gn, em
+    end
+    local lc, llc, gc, nc, emc = step(mc, x0, noise)
+    local lg, llg, gg, ng, emg = step(mg, x0:cuda(), noise:cuda())
+    H.check("train step: losses on the device", llg.loss:device() == "cuda" and llg.vb:device() == "cuda")
+    record("train step loss", math.abs(lg - lc) / math.abs(lc), 1e-4)
+    record("train step per-example vb", err(llg.vb, llc.vb), 1e-3)
+    local we, wn = 0, ""
+    for n, a in pairs(gc) do
+      local b = gg[n]
+      local ee = b and err(b, a) or math.huge
+      if ee > we then we, wn = ee, n end
+    end
+    record("train step worst param grad " .. wn, we, 2e-3)
+    record("train step grad norm", math.abs(ng - nc) / nc, 1e-4)
+    local pc, pg = mc:named_parameters(), mg:named_parameters()
+    local wp = 0
+    for n, p in pairs(pc) do wp = math.max(wp, err(pg[n], p)) end
+    record("train step params after AdamW", wp, 1e-4)
+    local ws = 0
+    for i = 1, #emc.shadow do ws = math.max(ws, err(emg.shadow[i], emc.shadow[i])) end
+    record("train step EMA", ws, 1e-4)
+    H.check("train step: parameters and EMA stay on the device", pg[mc:parameter_names()[1]]:device() == "cuda"
+      and emg.shadow[1]:device() == "cuda")
+  end)
+  if not ok then H.check("full training step", false, e) end
+end
+
 -- ---------------------------------------------------------------- worst errors
 table.sort(worst, function(a, b) return a[2] / math.max(a[3], 1e-30) > b[2] / math.max(b[3], 1e-30) end)
 print("# closest to tolerance:")

@@ -19,9 +19,14 @@ if not f then REF = "/work/shared/reference/unet_public.safetensors" else f:clos
 local sd, meta = T.load(REF)
 local cfg = iddpm.io.json_decode(meta.unet_config)
 print("# reference " .. REF)
+-- IDDPM_DEVICE=cuda runs the forward, backward and training step on that device
+local DEV = os.getenv("IDDPM_DEVICE") or "cpu"
+local function dev(x) if DEV == "cpu" then return x end return x:to(DEV) end
+if DEV ~= "cpu" then print("# device " .. DEV) end
 
 -- relative error as ||a - b||_inf / max(||b||_inf, floor) (per tensor)
 local function rel(a, b, floor)
+  if a:device() ~= "cpu" then a = a:cpu() end
   local d = (a - b):abs():max():item()
   local s = b:abs():max():item()
   return d / math.max(s, floor or 1e-12)
@@ -50,17 +55,19 @@ local function make()
 end
 local unet = make()
 unet:load_state_dict(sd, {prefix = "param."})
+if DEV ~= "cpu" then unet:to(DEV) end
 local nref = 0
 for k in pairs(sd) do if k:find("^param%.") then nref = nref + 1 end end
 H.check("every official parameter has a place", #unet:parameter_names() == nref, #unet:parameter_names() .. " vs " .. nref)
 
 -- forward and every gradient of sum(out * R)
-local x = sd["input.x"]:clone()
+local x = dev(sd["input.x"]:clone())
 x.requires_grad = true
-local out = unet(x, sd["input.t"]:float())
+local out = unet(x, dev(sd["input.t"]:float()))
+H.check("forward output on the device", out:device() == DEV, out:device())
 local r = rel(out, sd["fwd.out"])
 H.check("forward matches the official output", r < REF_TOL, ("rel err %.3g"):format(r))
-;(out * sd["fwd.R"]):sum():backward()
+;(out * dev(sd["fwd.R"])):sum():backward()
 r = rel(x.grad, sd["fwd.grad_x"])
 H.check("gradient w.r.t. the input", r < REF_TOL, ("rel err %.3g"):format(r))
 -- compare every parameter's gradient with the reference tensors under prefix
@@ -86,13 +93,16 @@ local diff = iddpm.diffusion.new{steps = dcfg.steps, noise_schedule = dcfg.noise
   rescale_timesteps = dcfg.rescale_timesteps, rescale_learned_sigmas = dcfg.rescale_learned_sigmas}
 unet:zero_grad()
 local t = sd["input.t"]:totable()
-local losses = diff:training_losses(unet, sd["input.x"], t, {noise = sd["train.noise"]})
+local losses = diff:training_losses(unet, dev(sd["input.x"]), t, {noise = dev(sd["train.noise"])})
+H.check("training losses on the device", losses.loss:device() == DEV, losses.loss:device())
 for _, k in ipairs({"loss", "mse", "vb"}) do
   local e = rel(losses[k], sd["train." .. k])
   H.check("training step " .. k, e < REF_TOL, ("rel err %.3g"):format(e))
 end
 losses.loss:mean():backward()
 check_param_grads("training step: every parameter gradient", "train.grad.")
+
+if DEV ~= "cpu" then unet:to("cpu") end   -- the checks below feed CPU inputs
 
 -- parameter counts of the paper's configurations (docs/iddpm_spec.md §8.2)
 local function count(c) return nn.unet(c):num_params() end

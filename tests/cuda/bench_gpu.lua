@@ -1,0 +1,67 @@
+-- bench_gpu.lua — GPU throughput of the CIFAR-10 recipe (the issue 9 targets):
+--   training: one full step (q_sample, UNet forward, hybrid loss, backward, AdamW,
+--   EMA), batch 128, img/s; only the loss value comes back to the host;
+--   sampling: one p_sample step (UNet forward + p_mean_variance + p_sample),
+--   batch 256, images x steps / s; and the device memory the allocator holds.
+-- ./iddpm run tests/cuda/bench_gpu.lua [iters]   (IDDPM_TF32=1 or tf32=on in env to
+-- use TF32 for fp32 matmuls/convs; SMALL=1 shrinks the model for a smoke test)
+local iddpm = require "iddpm"
+local T = iddpm.tensor
+if not iddpm.cuda.available() then print("# no GPU: " .. tostring(iddpm.cuda.reason())); return end
+local ITERS = tonumber(({...})[1]) or 10
+local SMALL = os.getenv("SMALL") == "1"
+local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
+local wall, sync = iddpm.cuda.wall_time, iddpm.cuda.synchronize
+print("# device: " .. iddpm.cuda.device_name() .. (os.getenv("IDDPM_TF32") == "1" and ", TF32 on" or ", fp32"))
+
+local cfg = {image_size = 32, num_channels = 128, num_res_blocks = 3, learn_sigma = true, dropout = 0.3,
+  attention_resolutions = {16, 8}, num_heads = 4}
+local TB, SB = 128, 256
+if SMALL then cfg.num_channels, cfg.num_res_blocks, cfg.channel_mult, TB, SB = 32, 1, {1, 2}, 4, 4 end
+local diff = iddpm.diffusion.new{steps = 4000, noise_schedule = "cosine", learn_sigma = true}
+local model = UNet.new(cfg):to("cuda")
+print(("# model: %.1fM parameters"):format(model:num_params() / 1e6))
+local opt = iddpm.optim.adamw(model:parameters(), {lr = 1e-4})
+local ema = iddpm.optim.ema(model, 0.9999)
+
+local x0 = (T.rand({TB, 3, 32, 32}, nil, "float32", "cuda") * 2 - 1)
+local gen = T.generator(1)
+local function train_step()
+  local t = {}
+  for i = 1, TB do t[i] = math.random(0, 3999) end
+  model:zero_grad()
+  local l = diff:training_losses(model, x0, t, {generator = gen})
+  local loss = l.loss:mean()
+  loss:backward()
+  opt:step()
+  ema:update()
+  return loss
+end
+local function time_it(fn, n)
+  fn(); fn(); sync()
+  local t0 = wall()
+  local last
+  for _ = 1, n do last = fn() end
+  local v = last and last.item and last:item()   -- the one host round trip: the loss for logging
+  sync()
+  return (wall() - t0) / n, v
+end
+model:train(true)
+local s, loss = time_it(train_step, ITERS)
+print(("# bench train step (hybrid loss + AdamW + EMA) batch %d: %.1f ms/step, %.0f img/s, loss %.4f"):format(TB,
+  s * 1e3, TB / s, loss or 0/0))
+local used, cached = iddpm.cuda.memory()
+print(("# bench memory after training: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved (the peak)"):format(used / 2^20,
+  cached / 2^20, (used + cached) / 2^20))
+
+model:train(false)
+local x = T.randn({SB, 3, 32, 32}, nil, "float32", "cuda")
+local ss = time_it(function()
+  T.no_grad(function() diff:p_sample(model, x, 500, {generator = gen}) end)
+end, ITERS)
+print(("# bench sample p_sample step batch %d: %.1f ms, %.0f images x steps/s"):format(SB, ss * 1e3, SB / ss))
+local sf = time_it(function() T.no_grad(function() model:forward(x, T.full({SB}, 500):cuda()) end) end, ITERS)
+print(("# bench sample forward only batch %d: %.1f ms, %.0f images x steps/s"):format(SB, sf * 1e3, SB / sf))
+used, cached = iddpm.cuda.memory()
+print(("# bench memory after sampling: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved"):format(used / 2^20,
+  cached / 2^20, (used + cached) / 2^20))
