@@ -62,6 +62,7 @@ R.KEYS = {
   {"run_dir", "str", "runs/default", "where checkpoints, logs and samples go"},
   {"seed", "int", 0, "seed of every generator (init, data order, timesteps, noise, dropout)"},
   {"max_steps", "int", 0, "stop after this many optimizer steps (0 = never, or at lr_anneal_steps)"},
+  {"max_minutes", "num", 0.0, "also stop after this many minutes of training in this process (0 = no limit)"},
   {"keep_checkpoints", "int", 5, "keep the newest K checkpoints (0 = all)"},
   {"resume", "str", "auto", "auto: continue from the newest checkpoint in run_dir; none: start fresh"},
   {"grad_clip", "num", 0.0, "clip the global gradient norm to this (0 = off, as official)"},

@@ -387,6 +387,10 @@ function Trainer:run()
   local t_start, step_start = self.t0, self.step
   local ok, err = pcall(function()
     while not stop or self.step < stop do
+      if c.max_minutes > 0 and data.now() - self.t0 > 60 * c.max_minutes then
+        if not self.quiet then say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
+        break
+      end
       self:step_once()
       if self.step % c.log_interval == 0 then
         self:log(t_start, step_start)
