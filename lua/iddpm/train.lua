@@ -324,6 +324,7 @@ function Trainer:log(t_start, step_start)
   end
   local stop = self:stop_step()
   local eta = stop and (stop - self.step) * c.batch_size / ips or nil
+  if c.max_minutes > 0 then eta = math.min(eta or math.huge, math.max(0, 60 * c.max_minutes - (now - self.t0))) end
   local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
     stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
   if not self.quiet then say("%s", line) end
@@ -385,7 +386,7 @@ function Trainer:run()
   local stop = self:stop_step()
   self.t0 = data.now()
   local t_start, step_start = self.t0, self.step
-  local ok, err = pcall(function()
+  local function loop()
     while not stop or self.step < stop do
       if c.max_minutes > 0 and data.now() - self.t0 > 60 * c.max_minutes then
         if not self.quiet then say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
@@ -398,6 +399,13 @@ function Trainer:run()
       if self.step % c.save_interval == 0 then self:save() end
       if c.sample_interval > 0 and self.step % c.sample_interval == 0 then self:sample_grid() end
     end
+  end
+  -- Ctrl-C inside an engine call makes that call fail ("backward: interrupted") and
+  -- leaves the interpreter's hook armed: it raises "interrupted!" at the next Lua
+  -- instruction. The nested pcall makes sure that happens inside the outer one.
+  local ok, err = pcall(function()
+    local ok1, err1 = pcall(loop)
+    if not ok1 then error(err1, 0) end
   end)
   if not ok then
     local msg = tostring(err)

@@ -17,8 +17,9 @@ local TOL_EXACT = 0
 local TMP = os.tmpname()
 os.remove(TMP)
 os.execute("mkdir -p " .. TMP)
-local BIN = arg and arg[-1] or "./iddpm"
-if not BIN:find("iddpm") then BIN = "./iddpm" end
+-- the program running this test: the lowest negative index of `arg`
+local BIN = "./iddpm"
+if arg then local i = -1; while arg[i - 1] do i = i - 1 end; if arg[i] then BIN = arg[i] end end
 print("# seeds: 3 (tiny model), 5 (loader); tmp " .. TMP)
 
 local function sh(cmd) local ok, _, code = os.execute(cmd) return ok and 0 or code end
@@ -270,6 +271,23 @@ do
     s:find("resumed from step " .. last.step, 1, true) ~= nil, s:sub(-400))
   local ok = pcall(checkpoint.read, checkpoint.latest(rd).path)
   H.check("sigkill: checkpoints stay readable", ok)
+
+  -- Ctrl-C (SIGINT): the loop stops, saves a checkpoint of the current step and exits
+  local rd2 = TMP .. "/interrupted"
+  local args2 = args:gsub("save_interval=2", "save_interval=1000"):gsub("run_dir=%S+", "run_dir=" .. rd2)
+  sh(("sh -c 'echo $$ > %s; exec %s run recipes/fashion_mnist_demo.lua %s max_steps=1000 >%s/i.txt 2>&1' &"):format(pidf, BIN, args2, TMP))
+  pid = nil
+  for _ = 1, 600 do
+    sh("sleep 0.1")
+    pid = read(pidf):match("%d+")
+    if read(TMP .. "/i.txt"):find("step 3/", 1, true) then break end
+  end
+  if pid then sh("kill -INT " .. pid) end
+  for _ = 1, 300 do if sh("kill -0 " .. (pid or 0) .. " 2>/dev/null") ~= 0 then break end sh("sleep 0.1") end
+  s = read(TMP .. "/i.txt")
+  local at = tonumber(s:match("interrupted at step (%d+): saving"))
+  H.check("sigint: saves the current step and stops", at and at >= 3 and io.open(checkpoint.filename(rd2, at)) ~= nil
+    and s:find("interrupted!", 1, true) ~= nil, s:sub(-300))
 end
 
 os.execute("rm -rf " .. TMP)
