@@ -199,4 +199,40 @@ idd_status idd_mnist_read(const char *images_path, const char *labels_path,
  * (N,3,32,32) CHW as stored; labels: I64 (N), checked to be 0..9. */
 idd_status idd_cifar10_read(const char *path, idd_array *images, idd_array *labels);
 
+/* ---------------------------------------------------------------------------------- */
+/* Batch loader (engine/io/loader.c). Holds a copy of a uint8 dataset (N,C,H,W) and its
+ * labels, and assembles float32 batches scaled to [-1,1] (v/127.5 - 1, the official
+ * rule) in a background pthread: while the caller trains on batch k, batch k+1 is
+ * being built, so the model never waits for data.
+ *
+ * Order: epoch e visits the samples in a permutation drawn by Fisher-Yates from the
+ * Philox stream (seed, stream) at counters (e << 32) + i; batches are consecutive slices
+ * of it, the last incomplete slice is dropped (drop_last, as the official loader). A
+ * random horizontal flip (opts.flip) is one Philox bit per (epoch, slot) from stream
+ * + 1. So the whole order is a function of (seed, stream, epoch, index): the position
+ * (epoch, index = samples already taken in this epoch) is the complete loader state,
+ * and restoring it resumes bit for bit. */
+typedef struct idd_loader idd_loader;
+typedef struct {
+    int64_t batch_size;   /* >= 1 and <= N */
+    int shuffle;          /* 0: dataset order every epoch */
+    int flip;             /* random horizontal flips */
+    uint64_t seed, stream;
+} idd_loader_opts;
+
+/* images: n*c*h*w bytes (copied); labels: n values or NULL (copied). */
+idd_status idd_loader_new(const uint8_t *images, int64_t n, int c, int h, int w, const int64_t *labels,
+                          const idd_loader_opts *opts, idd_loader **out);
+/* Fill x (batch_size*c*h*w floats) and y (batch_size labels, -1 without labels) with
+ * the batch at the current position, then advance it. */
+idd_status idd_loader_next(idd_loader *l, float *x, int64_t *y);
+void idd_loader_position(idd_loader *l, int64_t *epoch, int64_t *index);
+/* index must be a multiple of batch_size with index + batch_size <= N */
+idd_status idd_loader_set_position(idd_loader *l, int64_t epoch, int64_t index);
+void idd_loader_free(idd_loader *l);   /* joins the thread; NULL is fine */
+
+/* Centre-crop h x w x c (HWC) to its largest central square, then resize to size x size
+ * (area average when shrinking, bilinear when enlarging); writes c x size x size (CHW). */
+idd_status idd_resize_center_crop(const uint8_t *hwc, int h, int w, int c, int size, uint8_t *chw);
+
 #endif

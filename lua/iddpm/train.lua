@@ -1,0 +1,461 @@
+-- iddpm/train.lua — the training driver (the official train_util.TrainLoop, plus exact
+-- resume, progress, logs, sample grids and a loss plot).
+--
+--   train.main(recipe_table, arg)  resolve (iddpm.recipe), print the config, train
+--   train.new(config)              -> trainer (config already resolved); trainer:run()
+--   trainer:step_once()            one optimizer step; trainer:save(); trainer:close()
+--
+-- One step (official order): zero grads; for each microbatch draw t (schedule sampler,
+-- generator `gen_t`) and noise (`gen_noise`), loss = mean(loss * importance weight),
+-- backward; grad norm (optionally clipped); lr warm-up/anneal; AdamW step; EMA
+-- update(s); loss-second-moment history update; log.
+-- Microbatches: by default each microbatch's loss is scaled by its share of the batch,
+-- so the gradient equals the full-batch mean whatever the microbatch size;
+-- microbatch_sum=true reproduces the official quirk (gradients summed over microbatches).
+-- Step numbering: `step` counts optimizer updates done; ckpt_<step> holds exactly that
+-- many (the official model<N>.pt holds N+1).
+--
+-- Exact resume: every random draw comes from a counter-based generator whose
+-- (seed, stream, offset) is saved: gen_t (stream 1), gen_noise (2), nn.dropout_gen (3),
+-- the data order (stream 4, a pure function of the loader position), and the sample
+-- grids (5, fresh for each grid, so they never disturb training). The checkpoint holds
+-- these, the loader position, the sampler history, model, EMA, AdamW moments and step.
+local T = require "iddpm.tensor"
+local io_ = require "iddpm.io"
+local nn = require "iddpm.nn"
+local D = require "iddpm.diffusion"
+local optim = require "iddpm.optim"
+local checkpoint = require "iddpm.checkpoint"
+local data = require "iddpm.data"
+local image = require "iddpm.image"
+local recipe = require "iddpm.recipe"
+local plot = require "iddpm.plot"
+
+local train = {}
+
+-- config keys that define the model and the diffusion: a resumed run must agree on them
+train.ARCH_KEYS = {"image_size", "in_channels", "num_channels", "num_res_blocks", "channel_mult", "num_heads",
+  "num_heads_upsample", "attention_resolutions", "learn_sigma", "sigma_small", "class_cond", "use_scale_shift_norm",
+  "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart", "rescale_timesteps",
+  "rescale_learned_sigmas", "batch_size", "schedule_sampler", "ema_rate"}
+
+local function say(fmt, ...) io.stdout:write(fmt:format(...), "\n") io.stdout:flush() end
+
+local function fmt_time(s)
+  if s ~= s or s == math.huge then return "?" end
+  s = math.floor(s + 0.5)
+  if s >= 3600 then return ("%dh%02dm"):format(s // 3600, s % 3600 // 60) end
+  if s >= 60 then return ("%dm%02ds"):format(s // 60, s % 60) end
+  return ("%ds"):format(s)
+end
+
+local function mkdir(dir) os.execute(("mkdir -p '%s'"):format(dir:gsub("'", "'\\''"))) end
+
+-- ---------------------------------------------------------------- construction
+
+local Trainer = {}
+Trainer.__index = Trainer
+train.Trainer = Trainer
+
+function train.model_config(c, num_classes)
+  return {image_size = c.image_size, in_channels = c.in_channels, num_channels = c.num_channels,
+    num_res_blocks = c.num_res_blocks, channel_mult = c.channel_mult ~= "" and c.channel_mult or nil,
+    attention_resolutions = c.attention_resolutions, num_heads = c.num_heads, num_heads_upsample = c.num_heads_upsample,
+    dropout = c.dropout, learn_sigma = c.learn_sigma, use_scale_shift_norm = c.use_scale_shift_norm,
+    num_classes = c.class_cond and num_classes or nil, seed = c.seed}
+end
+
+function train.diffusion_config(c, respacing)
+  return {steps = c.diffusion_steps, noise_schedule = c.noise_schedule, learn_sigma = c.learn_sigma,
+    sigma_small = c.sigma_small, use_kl = c.use_kl, predict_xstart = c.predict_xstart,
+    rescale_timesteps = c.rescale_timesteps, rescale_learned_sigmas = c.rescale_learned_sigmas,
+    timestep_respacing = respacing or c.timestep_respacing}
+end
+
+-- c: a resolved config (recipe.resolve). opts.quiet: no config dump
+function train.new(c, opts)
+  opts = opts or {}
+  local self = setmetatable({c = c, step = 0, quiet = opts.quiet}, Trainer)
+  if c.num_threads > 0 then require("iddpm").num_threads(c.num_threads) end
+  mkdir(c.run_dir)
+  os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
+  -- data
+  local t0 = data.now()
+  self.ds = data.load{dataset = c.dataset, data_dir = c.data_dir, image_size = c.image_size, in_channels = c.in_channels,
+    pad = c.pad, num_images = c.num_images, seed = c.seed}
+  if c.in_channels == 0 then c.in_channels = self.ds.channels end
+  self.num_classes = c.class_cond and self.ds.num_classes or nil
+  c.num_classes = self.num_classes or 0
+  self.loader = data.loader(self.ds, {batch_size = c.batch_size, flip = c.random_flip, seed = c.seed, stream = 4})
+  if not opts.quiet then
+    say("data: %s, %d images %s%s (%.1fs)", self.ds.name, self.ds.images:size(1), table.concat(self.ds.images:shape(), "x", 2),
+      self.ds.padded_from and (" (padded from %d)"):format(self.ds.padded_from) or "", data.now() - t0)
+  end
+  -- model, diffusion, optimizer, EMA
+  self.model = nn.unet(train.model_config(c, self.num_classes))
+  self.model:train()
+  self.names = self.model:parameter_names()
+  self.diffusion = D.new(train.diffusion_config(c))
+  self.sampler = D.sampler(c.schedule_sampler, self.diffusion)
+  self.opt = optim.adamw(self.model:parameters(), {lr = c.lr, weight_decay = c.weight_decay})
+  self.emas = {}
+  for r in c.ema_rate:gmatch("[^,%s]+") do
+    self.emas[#self.emas + 1] = {rate = r, ema = optim.ema(self.model, tonumber(r))}
+  end
+  -- generators
+  self.gen_t = T.generator(c.seed, 1)
+  self.gen_noise = T.generator(c.seed, 2)
+  nn.dropout_gen = T.generator(c.seed, 3)
+  self.curve = {}        -- {step, loss} at every log line, for loss.png
+  self.acc = nil
+  self.last_saved = nil
+  self:resume()
+  return self
+end
+
+-- ---------------------------------------------------------------- state
+
+local GENS = {"gen_t", "gen_noise", "dropout"}
+
+function Trainer:gen(name) return name == "dropout" and nn.dropout_gen or self[name] end
+
+function Trainer:rng_state()
+  local v = {}
+  for _, n in ipairs(GENS) do
+    local s, st, off = self:gen(n):state()
+    v[#v + 1], v[#v + 2], v[#v + 3] = s, st, off
+  end
+  return v
+end
+
+function Trainer:set_rng_state(v)
+  for i, n in ipairs(GENS) do self:gen(n):set_state(v[3 * i - 2], v[3 * i - 1], v[3 * i]) end
+end
+
+function Trainer:extra()
+  local ls = self.loader:state()
+  local e = {
+    rng = T.from_table(self:rng_state(), {#GENS, 3}, "int64"),
+    data_pos = T.from_table({ls.epoch, ls.index}, {2}, "int64"),
+  }
+  if self.c.schedule_sampler ~= "uniform" then
+    local s = self.sampler:state()
+    e.sampler_history = T.from_table(s.history, {#s.history}, "float64")
+    e.sampler_counts = T.from_table(s.counts, {#s.counts}, "float64")
+  end
+  if #self.curve > 0 then
+    local flat = {}
+    for i, p in ipairs(self.curve) do flat[2 * i - 1], flat[2 * i] = p[1], p[2] end
+    e.loss_curve = T.from_table(flat, {#self.curve, 2}, "float64")
+  end
+  return e
+end
+
+function Trainer:stored_config()
+  local c = {}
+  for k, v in pairs(self.c) do c[k] = v end
+  return c
+end
+
+function Trainer:save()
+  if self.last_saved == self.step then return end
+  local path = checkpoint.save(self.c.run_dir, {model = self.model, emas = self.emas, opt = self.opt, extra = self:extra(),
+    step = self.step, config = self:stored_config(), meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version}})
+  self.last_saved = self.step
+  if self.c.keep_checkpoints > 0 then checkpoint.prune(self.c.run_dir, self.c.keep_checkpoints) end
+  self:plot_loss()
+  if not self.quiet then say("saved %s", path) end
+  return path
+end
+
+function Trainer:resume()
+  local c = self.c
+  local path
+  if c.resume_checkpoint ~= "" then
+    path = c.resume_checkpoint
+  elseif c.resume == "auto" then
+    local l = checkpoint.latest(c.run_dir)
+    path = l and l.path
+  elseif c.resume ~= "none" and c.resume ~= "" and c.resume ~= "false" then
+    path = checkpoint.resolve(c.resume)
+  end
+  if not path then
+    if not self.quiet then say("starting from scratch (no checkpoint in %s)", c.run_dir) end
+    return
+  end
+  local ck = checkpoint.read(path)
+  for _, k in ipairs(train.ARCH_KEYS) do
+    local a, b = ck.config[k], c[k]
+    if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
+      error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
+        :format(path, k, tostring(a), k, tostring(b)), 0)
+    end
+  end
+  local tz = ck.tensors
+  self.model:load_state_dict(checkpoint.subset(tz, "model."))
+  for _, e in ipairs(self.emas) do
+    local sd = checkpoint.subset(tz, "ema_" .. e.rate .. ".")
+    T.no_grad(function()
+      for i, n in ipairs(self.names) do
+        local src = sd[n]
+        if not src then error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n), 0) end
+        e.ema.shadow[i]:copy_(src)
+      end
+    end)
+  end
+  self.opt:load_state_tensors(tz, self.names, "opt.", ck.opt_step)
+  local ex = checkpoint.subset(tz, "extra.")
+  if ex.rng then self:set_rng_state(ex.rng:totable()) end
+  if ex.data_pos then
+    local p = ex.data_pos:totable()
+    self.loader:set_state{epoch = p[1], index = p[2]}
+  end
+  if ex.sampler_history then
+    self.sampler:load_state{name = c.schedule_sampler, history = ex.sampler_history:totable(), counts = ex.sampler_counts:totable()}
+  end
+  if ex.loss_curve then
+    local f = ex.loss_curve:totable()
+    for i = 1, #f, 2 do self.curve[#self.curve + 1] = {f[i], f[i + 1]} end
+  end
+  self.step = ck.step
+  self.last_saved = ck.step
+  self.resumed_from = ck.step
+  -- drop log lines written after this checkpoint by the run that stopped
+  local logp = c.run_dir .. "/log.jsonl"
+  local f = io.open(logp, "r")
+  if f then
+    local keep = {}
+    for line in f:lines() do
+      local s = tonumber(line:match('"step":(%d+)'))
+      if not s or s <= ck.step then keep[#keep + 1] = line end
+    end
+    f:close()
+    f = io.open(logp, "w")
+    for _, line in ipairs(keep) do f:write(line, "\n") end
+    f:close()
+  end
+  say("resumed from step %d (%s)", ck.step, path)
+end
+
+-- ---------------------------------------------------------------- one step
+
+function Trainer:lr_at(step)
+  local c, lr = self.c, self.c.lr
+  if c.warmup_steps > 0 then lr = lr * math.min(1, (step + 1) / c.warmup_steps) end
+  if c.lr_anneal_steps > 0 then lr = lr * (1 - step / c.lr_anneal_steps) end
+  return lr
+end
+
+local TERMS = {"loss", "mse", "vb"}
+
+function Trainer:accumulate(t, w, losses)
+  local acc = self.acc
+  if not acc then
+    acc = {n = 0, steps = 0, sum = {}, qsum = {}, qn = {0, 0, 0, 0}, grad_norm = 0}
+    for _, k in ipairs(TERMS) do acc.sum[k] = 0; acc.qsum[k] = {0, 0, 0, 0} end
+    self.acc = acc
+  end
+  local tv, wv = t:totable(), w:totable()
+  local nT = self.diffusion.num_timesteps
+  for _, k in ipairs(TERMS) do
+    local v = losses[k]:totable()
+    for i = 1, #v do
+      local x = v[i] * wv[i]
+      local q = math.floor(4 * tv[i] / nT) + 1
+      acc.sum[k] = acc.sum[k] + x
+      acc.qsum[k][q] = acc.qsum[k][q] + x
+      if k == "loss" then acc.qn[q] = acc.qn[q] + 1 end
+    end
+  end
+  acc.n = acc.n + #tv
+end
+
+function Trainer:step_once()
+  local c, model, diff = self.c, self.model, self.diffusion
+  -- state at the start of the step, to roll back to if interrupted before the update
+  self.snapshot = {rng = self:rng_state(), data = self.loader:state()}
+  self.phase = "forward"
+  local x, y = self.loader:next()
+  self.opt:zero_grad()
+  local B = x:size(1)
+  local mb = (c.microbatch > 0 and c.microbatch < B) and c.microbatch or B
+  local updates = {}
+  for i = 1, B, mb do
+    local n = math.min(mb, B - i + 1)
+    local xm = n == B and x or x:narrow(1, i, n)
+    local ym = (self.num_classes and y) and (n == B and y or y:narrow(1, i, n)) or nil
+    local t, w = self.sampler:sample(n, self.gen_t)
+    local noise = T.randn(xm:shape(), self.gen_noise)
+    local losses = diff:training_losses(model, xm, t, {noise = noise, y = ym})
+    if c.schedule_sampler ~= "uniform" then updates[#updates + 1] = {t, losses.loss:detach()} end
+    local loss = (losses.loss * w):mean()
+    if not c.microbatch_sum and n ~= B then loss = loss * (n / B) end
+    loss:backward()
+    self:accumulate(t, w, losses)
+  end
+  local gn = c.grad_clip > 0 and optim.clip_grad_norm(model:parameters(), c.grad_clip) or optim.grad_norm(model:parameters())
+  self.acc.grad_norm = self.acc.grad_norm + gn
+  self.acc.steps = self.acc.steps + 1
+  self.opt.lr = self:lr_at(self.step)
+  -- the update: from here on the step must complete (see run())
+  self.phase = "update"
+  self.opt:step()
+  for _, e in ipairs(self.emas) do e.ema:update() end
+  for _, u in ipairs(updates) do self.sampler:update(u[1], u[2]) end
+  self.step = self.step + 1
+  self.phase = "idle"
+end
+
+-- ---------------------------------------------------------------- logging and samples
+
+function Trainer:log(t_start, step_start)
+  local acc, c = self.acc, self.c
+  if not acc or acc.n == 0 then return end
+  local now = data.now()
+  local steps_done = self.step - step_start
+  local ips = steps_done * c.batch_size / math.max(now - t_start, 1e-9)
+  local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.grad_norm / acc.steps,
+    images_per_s = ips, time = now - self.t0}
+  for _, k in ipairs(TERMS) do
+    rec[k] = acc.sum[k] / acc.n
+    for q = 1, 4 do
+      if acc.qn[q] > 0 then rec[("%s_q%d"):format(k, q - 1)] = acc.qsum[k][q] / acc.qn[q] end
+    end
+  end
+  local stop = self:stop_step()
+  local eta = stop and (stop - self.step) * c.batch_size / ips or nil
+  if c.max_minutes > 0 then eta = math.min(eta or math.huge, math.max(0, 60 * c.max_minutes - (now - self.t0))) end
+  local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
+    stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
+  if not self.quiet then say("%s", line) end
+  local f = io.open(c.run_dir .. "/log.jsonl", "a")
+  if f then f:write(io_.json_encode(rec), "\n") f:close() end
+  self.curve[#self.curve + 1] = {self.step, rec.loss}
+  self.last_log = rec
+  self.acc = nil
+end
+
+function Trainer:plot_loss()
+  if #self.curve < 2 then return end
+  pcall(plot.loss_curve, self.c.run_dir .. "/loss.png", self.curve)
+end
+
+-- a grid of samples from the (first) EMA weights with the respaced sampler
+function Trainer:sample_grid()
+  local c = self.c
+  local respacing = c.sample_steps
+  local sd = D.new(train.diffusion_config(c, respacing))
+  local restore = self.emas[1] and self.emas[1].ema:apply()
+  self.model:eval()
+  local n = c.num_samples
+  local y
+  if self.num_classes then
+    y = {}
+    for i = 1, n do y[i] = (i - 1) % self.num_classes end
+  end
+  local t0 = data.now()
+  local ok, x = pcall(function()
+    local shape = {n, c.in_channels, c.image_size, c.image_size}
+    local o = {generator = T.generator(c.seed, 5), clip_denoised = true, y = y}
+    if respacing:match("^ddim") then return sd:ddim_sample_loop(self.model, shape, o) end
+    return sd:p_sample_loop(self.model, shape, o)
+  end)
+  if restore then restore() end
+  self.model:train()
+  if not ok then error(x, 0) end
+  local path = ("%s/samples_%08d.png"):format(c.run_dir, self.step)
+  image.save_grid(path, x, {cols = math.ceil(math.sqrt(n))})
+  if not self.quiet then say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
+    sd.num_timesteps, data.now() - t0, path) end
+  self.last_grid = path
+  return path
+end
+
+-- ---------------------------------------------------------------- the loop
+
+function Trainer:stop_step()
+  local c = self.c
+  local s
+  if c.max_steps > 0 then s = c.max_steps end
+  if c.lr_anneal_steps > 0 and (not s or c.lr_anneal_steps < s) then s = c.lr_anneal_steps end
+  return s
+end
+
+function Trainer:run()
+  local c = self.c
+  local stop = self:stop_step()
+  self.t0 = data.now()
+  local t_start, step_start = self.t0, self.step
+  local function loop()
+    while not stop or self.step < stop do
+      if c.max_minutes > 0 and data.now() - self.t0 > 60 * c.max_minutes then
+        if not self.quiet then say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
+        break
+      end
+      self:step_once()
+      if self.step % c.log_interval == 0 then
+        self:log(t_start, step_start)
+      end
+      if self.step % c.save_interval == 0 then self:save() end
+      if c.sample_interval > 0 and self.step % c.sample_interval == 0 then self:sample_grid() end
+    end
+  end
+  -- Ctrl-C inside an engine call makes that call fail ("backward: interrupted") and
+  -- leaves the interpreter's hook armed: it raises "interrupted!" at the next Lua
+  -- instruction. The nested pcall makes sure that happens inside the outer one.
+  local ok, err = pcall(function()
+    local ok1, err1 = pcall(loop)
+    if not ok1 then error(err1, 0) end
+  end)
+  if not ok then
+    local msg = tostring(err)
+    if msg:find("interrupted", 1, true) then
+      data.clear_interrupt()
+      if self.phase == "update" then
+        say("\ninterrupted while updating the weights at step %d: not saving (the last checkpoint is step %s)",
+          self.step, tostring(self.last_saved))
+      else
+        if self.phase == "forward" then
+          self:set_rng_state(self.snapshot.rng)
+          self.loader:set_state(self.snapshot.data)
+        end
+        self.phase = "idle"
+        say("\ninterrupted at step %d: saving a checkpoint", self.step)
+        self:save()
+      end
+    end
+    error(err, 0)
+  end
+  if self.acc then self:log(t_start, step_start) end
+  self:save()
+  self:plot_loss()
+  if c.num_samples > 0 then self:sample_grid() end
+  return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
+    checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
+end
+
+function Trainer:close() self.loader:close() end
+
+-- ---------------------------------------------------------------- entry point
+
+function train.run(c, opts)
+  local tr = train.new(c, opts)
+  local res = tr:run()
+  tr:close()
+  return res
+end
+
+function train.main(cfg, args)
+  local c = recipe.resolve(cfg, args)
+  say("iddpm train: resolved config")
+  say("%s", recipe.describe(c))
+  say("loss: %s", c.use_kl and "L_vlb (rescaled KL, bits/dim x T)" or (c.learn_sigma and
+    ("L_hybrid = mse(eps) + %s * L_t (vb in bits/dim, stop-gradient on the mean; lambda = 0.001 x T)"):format(
+      c.rescale_learned_sigmas and ("T/1000 = " .. (c.diffusion_steps / 1000)) or "1") or "L_simple = mse(eps)"))
+  local res = train.run(c)
+  say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
+  if res.grid then say("final sample grid: %s", res.grid) end
+  return res
+end
+
+return train
