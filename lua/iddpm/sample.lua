@@ -116,6 +116,8 @@ local UNET_KEYS = {"image_size", "in_channels", "num_channels", "num_res_blocks"
 function S.unet_config(cfg)
   local u = {}
   for _, k in ipairs(UNET_KEYS) do if cfg[k] ~= nil and cfg[k] ~= "" then u[k] = cfg[k] end end
+  -- an empty attention_resolutions means no attention (an empty channel_mult means the default)
+  if cfg.attention_resolutions == "" then u.attention_resolutions = {} end
   if u.num_classes == 0 or u.num_classes == false then u.num_classes = nil end
   if u.num_classes == nil and cfg.class_cond == true then u.num_classes = 1000 end
   if u.num_classes then u.num_classes = math.tointeger(u.num_classes) end

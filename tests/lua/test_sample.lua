@@ -169,4 +169,10 @@ log = p:read("a"); p:close()
 H.check("CLI: missing checkpoint exits 1 with the message", log:find("rc=1") ~= nil and log:find("does not exist", 1, true) ~= nil, log)
 
 os.execute("rm -rf " .. tmp)
+-- a training run's config writes attention_resolutions = "" for "no attention"
+do
+  local u = require("iddpm.sample").unet_config({image_size = 8, attention_resolutions = "", channel_mult = ""})
+  H.check("empty attention_resolutions means none (not the default)", type(u.attention_resolutions) == "table"
+    and #u.attention_resolutions == 0 and u.channel_mult == nil)
+end
 H.done()
