@@ -138,7 +138,9 @@ int idd_norm_dim(const idd_tensor *t, int dim, const char *op, idd_status *st) {
     int d = dim < 0 ? dim + t->ndim : dim;
     if (d < 0 || d >= (t->ndim ? t->ndim : 1)) {
         char sb[96];
-        *st = idd_error("%s: dim %d out of range for a tensor of shape %s", op, dim, idd_shape_str(t, sb, sizeof sb));
+        /* messages number dims from 1, as the Lua API does (negatives count from the end) */
+        *st = idd_error("%s: dim %d out of range for a tensor of shape %s", op, dim >= 0 ? dim + 1 : dim,
+                        idd_shape_str(t, sb, sizeof sb));
         return -1;
     }
     *st = IDD_OK;

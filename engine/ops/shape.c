@@ -67,8 +67,8 @@ idd_tensor *idd_narrow(idd_tensor *a, int dim, int64_t start, int64_t len) {
     int d = idd_norm_dim(a, dim, "narrow", &st);
     if (d < 0) return NULL;
     if (start < 0 || len < 0 || start + len > a->shape[d]) {
-        idd_error("narrow: range [%lld, %lld) out of bounds for dim %d of %s", (long long)start,
-                  (long long)(start + len), dim, idd_shape_str(a, sa, 96));
+        idd_error("narrow: positions %lld..%lld out of bounds for dim %d of %s", (long long)start + 1,
+                  (long long)(start + len), d + 1, idd_shape_str(a, sa, 96));
         return NULL;
     }
     idd_tensor *out = idd_view_narrow(a, d, start, len);
@@ -159,7 +159,7 @@ idd_tensor *idd_concat(int n, idd_tensor **ts, int dim) {
         for (int i = 0; ok && i < ts[0]->ndim; i++) ok = i == d || ts[k]->shape[i] == ts[0]->shape[i];
         if (!ok) {
             idd_error("concat: tensor %d has shape %s, tensor 1 has %s (must match except in dim %d)", k + 1,
-                      idd_shape_str(ts[k], sa, 96), idd_shape_str(ts[0], sb, 96), dim);
+                      idd_shape_str(ts[k], sa, 96), idd_shape_str(ts[0], sb, 96), d + 1);
             return NULL;
         }
         if (ts[k]->dtype == IDD_F64 || (ts[k]->dtype == IDD_F32 && dt != IDD_F64)) dt = ts[k]->dtype;

@@ -4,7 +4,7 @@
  * (the message names the op and the shapes). Inputs are borrowed, never consumed. When
  * an input requires grad and grad mode is on, the result carries a tape node whose
  * backward sits next to the forward in engine/ops/<family>.c. Dims are 0-based;
- * negative dims count from the end. Binary ops broadcast as in PyTorch. */
+ * negative dims count from the end. Error messages number dims from 1, as Lua does. Binary ops broadcast as in PyTorch. */
 #ifndef IDDPM_OPS_H
 #define IDDPM_OPS_H
 

@@ -196,9 +196,9 @@ end
 -- errors name the op and shapes; nothing crashes
 H.raises("broadcast error", function() return T.randn(2, 3) + T.randn(4) end, "add: shapes (2,3) and (4) do not broadcast")
 H.raises("reshape error", function() return T.randn(2, 3):reshape(4, 2) end, "reshape: cannot reshape (2,3)")
-H.raises("narrow error", function() return T.randn(2, 3):narrow(2, 3, 2) end, "narrow: range")
+H.raises("narrow error", function() return T.randn(2, 3):narrow(2, 3, 2) end, "narrow: positions 3..4 out of bounds for dim 2 of (2,3)")
 H.raises("dim 0 is refused", function() return T.randn(2, 3):sum(0) end, "1-based")
-H.raises("bad dim", function() return T.randn(2, 3):sum(5) end, "dim 4 out of range")
+H.raises("bad dim (numbered from 1, as given)", function() return T.randn(2, 3):sum(5) end, "dim 5 out of range")
 H.raises("item of many", function() return T.randn(2, 3):item() end, "item: tensor of shape (2,3)")
 H.raises("index out of range", function() return T.randn(3):index_select(1, T.from_table({3}, {1}, "int64")) end,
   "index_select: index 3 out of range")
