@@ -23,6 +23,8 @@
 #include <cblas.h>
 #include <math.h>
 
+#include "vmath.h"
+
 static idd_status attn_check(const char *fn, int B, int C, int T, int H) {
     if (B <= 0 || C <= 0 || T <= 0 || H <= 0)
         return idd_error("%s: bad sizes: qkv (%d,%d,%d), %d heads", fn, B, 3 * C, T, H);
@@ -37,15 +39,28 @@ static void softmax_rows(float *w, int T) {
 #pragma omp parallel for schedule(static) if (T >= 64)
     for (int t = 0; t < T; t++) {
         float *row = w + (size_t)t * T;
-        float mx = row[0];
-        for (int j = 1; j < T; j++) mx = row[j] > mx ? row[j] : mx;
-        float sum = 0;
-        for (int j = 0; j < T; j++) {
-            row[j] = expf(row[j] - mx);
-            sum += row[j];
+        int j = 0;
+        v8f vm = v8_set1(row[0]);
+        for (; j + 8 <= T; j += 8) vm = v8_max(vm, v8_load(row + j));
+        float mx = v8_hmax(vm);
+        for (; j < T; j++) mx = row[j] > mx ? row[j] : mx;
+        const v8f m = v8_set1(mx);
+        v8f vs = v8_set1(0.0f);
+        for (j = 0; j + 8 <= T; j += 8) {
+            v8f e = v8_exp(v8_load(row + j) - m);
+            v8_store(row + j, e);
+            vs += e;
         }
-        float inv = 1.0f / sum;
-        for (int j = 0; j < T; j++) row[j] *= inv;
+        if (j < T) {
+            const int k = T - j;
+            v8f e = v8_exp(v8_load_n(row + j, k) - m);
+            for (int q = k; q < 8; q++) e[q] = 0.0f;
+            v8_store_n(row + j, e, k);
+            vs += e;
+        }
+        const v8f inv = v8_set1(1.0f / v8_hsum(vs));
+        for (j = 0; j + 8 <= T; j += 8) v8_store(row + j, v8_load(row + j) * inv);
+        for (; j < T; j++) row[j] *= inv[0];
     }
 }
 
@@ -55,9 +70,14 @@ static void softmax_backward_rows(float *dw, const float *w, int T) {
     for (int t = 0; t < T; t++) {
         float *d = dw + (size_t)t * T;
         const float *p = w + (size_t)t * T;
-        float dot = 0;
-        for (int j = 0; j < T; j++) dot += d[j] * p[j];
-        for (int j = 0; j < T; j++) d[j] = p[j] * (d[j] - dot);
+        v8f vd = v8_set1(0.0f);
+        int j = 0;
+        for (; j + 8 <= T; j += 8) vd = v8_fma(v8_load(d + j), v8_load(p + j), vd);
+        float dot = v8_hsum(vd);
+        for (; j < T; j++) dot += d[j] * p[j];
+        const v8f vdot = v8_set1(dot);
+        for (j = 0; j + 8 <= T; j += 8) v8_store(d + j, v8_load(p + j) * (v8_load(d + j) - vdot));
+        for (; j < T; j++) d[j] = p[j] * (d[j] - dot);
     }
 }
 
