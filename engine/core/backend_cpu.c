@@ -8,6 +8,7 @@
 #include <cblas.h>
 #include <malloc.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -332,6 +333,16 @@ static idd_status cpu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *
     int64_t sa = a->shape[a->ndim - 1] * a->shape[a->ndim - 2], sb = b->shape[b->ndim - 1] * b->shape[b->ndim - 2];
     if (idd_numel(a) == sa) sa = 0;   /* a single matrix shared over the batch */
     if (idd_numel(b) == sb) sb = 0;
+    /* a batch of at least as many products as threads: spread the products over OpenMP
+     * threads with single-threaded BLAS (threaded BLAS on small products mostly waits) */
+    int nt = omp_get_max_threads();
+    int per_item = c->dtype == IDD_F32 && nt > 1 && batch >= nt && !omp_in_parallel();
+    int blas_threads = 0;
+    if (per_item) {
+        blas_threads = openblas_get_num_threads();
+        openblas_set_num_threads(1);
+    }
+    #pragma omp parallel for schedule(static) if (per_item)
     for (int64_t i = 0; i < batch; i++) {
         if (c->dtype == IDD_F32)
             cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N,
@@ -344,6 +355,7 @@ static idd_status cpu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *
                         (const double *)idd_data(b) + i * sb, (int)ldb, beta, (double *)idd_data(c) + i * M * N,
                         (int)N);
     }
+    if (per_item) openblas_set_num_threads(blas_threads);
     return IDD_OK;
 }
 
