@@ -103,12 +103,19 @@ idd_status idd_attention_forward_f32(float *out, float *weight, const float *qkv
         blas_threads = openblas_get_num_threads();
         openblas_set_num_threads(1);
     }
-#pragma omp parallel for schedule(static) if (par)
+    int oom = 0;
+#pragma omp parallel if (par) reduction(| : oom)
+    {
+    /* no weight to keep: this thread's scratch (workspace slot 0) holds each block */
+    float *scratch = weight ? NULL : idd_workspace_get(0, sizeof(float) * (size_t)T * T);
+    if (!weight && !scratch) oom = 1;
+#pragma omp for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
+        if (!weight && !scratch) continue;
         const int b = bh / H, h = bh % H;
         const float *q = qkv + ((size_t)b * 3 * C + (size_t)h * 3 * ch) * T;
         const float *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
-        float *w = weight + ((size_t)b * H + h) * T * T;
+        float *w = weight ? weight + ((size_t)b * H + h) * T * T : scratch;
         float *a = out + ((size_t)b * C + (size_t)h * ch) * T;
         /* w (T,T) = s2 * q^T (T,ch) . k (ch,T) */
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, T, ch, s2, q, T, k, T, 0.0f, w,
@@ -118,7 +125,11 @@ idd_status idd_attention_forward_f32(float *out, float *weight, const float *qkv
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch, T, T, 1.0f, v, T, w, T, 0.0f, a,
                     T);
     }
+    }
     if (par) openblas_set_num_threads(blas_threads);
+    if (oom)
+        return idd_error_status(IDD_ENOMEM, "attention_forward: out of memory for (%d,%d) "
+                                "scratch", T, T);
     return IDD_OK;
 }
 

@@ -349,6 +349,12 @@ static void test_attention(int B, int C, int T, int H) {
     fd_grad(at_loss, &c, c.qkv, nq, g);
     snprintf(nm, sizeof nm, "%s dqkv vs finite diff", name);
     cmp_acc(nm, dq, dq0, g, nq);
+    /* without a weight buffer (no grad): the same output */
+    float *out2 = malloc(sizeof(float) * (size_t)B * C * T);
+    s = idd_attention_forward_f32(out2, NULL, qkv, B, C, T, H);
+    snprintf(nm, sizeof nm, "%s forward without saved softmax", name);
+    check_report(s == IDD_OK && memcmp(out, out2, sizeof(float) * (size_t)B * C * T) == 0, nm, idd_last_error());
+    free(out2);
     free(g), free(R), free(c.R), free(dq), free(dq0), free(qkv), free(out), free(w);
     free(c.qkv), free(c.out), free(c.w);
 }
