@@ -186,9 +186,19 @@ static idd_status fwd_chunk(float *out, const float *x, const float *w, const fl
         dst = idd_workspace_get(1, sizeof(float) * (size_t)O * P);
         if (!dst) return IDD_ENOMEM;
     }
+    if (nb == 1 && b) {
+        /* one sample: start from the bias and accumulate (beta = 1), which replaces
+         * OpenBLAS's zeroing pass and a separate bias pass over the output */
+#pragma omp parallel for schedule(static) if (par)
+        for (int o = 0; o < O; o++) {
+            float *d = dst + (size_t)o * P;
+            const float bo = b[o];
+            for (long p = 0; p < P; p++) d[p] = bo;
+        }
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, O, (int)P, (int)s->K, 1.0f, w,
-                (int)s->K, B, (int)P, 0.0f, dst, (int)P);
-    if (nb == 1 && !b) return IDD_OK;
+                (int)s->K, B, (int)P, nb == 1 && b ? 1.0f : 0.0f, dst, (int)P);
+    if (nb == 1) return IDD_OK;
     /* add the bias; when nb > 1 also scatter (O, nb, HoWo) -> out (nb, O, HoWo) */
 #pragma omp parallel for collapse(2) schedule(static) if (par)
     for (int n = 0; n < nb; n++) {
