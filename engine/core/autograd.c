@@ -105,9 +105,9 @@ static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const
          * g that it hands over (two references: its and ours) with unshared storage */
         int owners = gg == g ? (steal ? 2 : 0) : 1;
         if (owners && idd_is_contiguous(gg) && gg->refcount == owners && gg->storage &&
-            gg->storage->refcount == 1 && gg->offset == 0 && !gg->requires_grad) {
-            *acc = gg;
-            if (gg == g) idd_tensor_retain(gg);   /* the caller's release leaves ours */
+            gg->storage->refcount == 1 && gg->offset == 0 && !gg->requires_grad &&
+            gg->storage->nbytes == (size_t)idd_numel(gg) * idd_dtype_size(gg->dtype)) {
+            *acc = gg;   /* our reference (taken above); the caller's goes with its release */
             return IDD_OK;
         }
         *acc = idd_clone(gg);
