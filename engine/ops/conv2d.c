@@ -26,6 +26,8 @@
 #include <omp.h>
 #include <string.h>
 
+#include "vmath.h"
+
 #define DEFAULT_TARGET_COLS 4096
 
 static long target_cols = DEFAULT_TARGET_COLS;
@@ -104,13 +106,16 @@ static void im2col(float *col, const float *x, int n0, int nb, const conv_shape 
                     for (int oy = 0; oy < Ho; oy++) {
                         float *r = row + (size_t)oy * Wo;
                         if (oy < ylo || oy > yhi || xlo > xhi) {
-                            memset(r, 0, sizeof(float) * Wo);
+                            for (int ox = 0; ox < Wo; ox++) r[ox] = 0.0f;
                             continue;
                         }
                         const float *src = xp + (size_t)(oy * st - ph + i) * W - pw_ + j;
                         for (int ox = 0; ox < xlo; ox++) r[ox] = 0.0f;
                         if (st == 1) {
-                            memcpy(r + xlo, src + xlo, sizeof(float) * (xhi - xlo + 1));
+                            /* short rows (Wo = 4..64): inline 8-wide copies, not memcpy */
+                            int ox = xlo;
+                            for (; ox + 8 <= xhi + 1; ox += 8) v8_store(r + ox, v8_load(src + ox));
+                            for (; ox <= xhi; ox++) r[ox] = src[ox];
                         } else {
                             for (int ox = xlo; ox <= xhi; ox++) r[ox] = src[(long)ox * st];
                         }
@@ -144,7 +149,10 @@ static void col2im_add(float *dx, const float *dcol, int n0, int nb, const conv_
                         const float *r = row + (size_t)oy * Wo;
                         float *dst = xp + (size_t)(oy * st - ph + i) * W - pw_ + j;
                         if (st == 1) {
-                            for (int ox = xlo; ox <= xhi; ox++) dst[ox] += r[ox];
+                            int ox = xlo;
+                            for (; ox + 8 <= xhi + 1; ox += 8)
+                                v8_store(dst + ox, v8_load(dst + ox) + v8_load(r + ox));
+                            for (; ox <= xhi; ox++) dst[ox] += r[ox];
                         } else {
                             for (int ox = xlo; ox <= xhi; ox++) dst[(long)ox * st] += r[ox];
                         }
