@@ -81,8 +81,11 @@ idd_tensor *idd_sum_to_shape(idd_tensor *g, int ndim, const int64_t *shape) {
     return r;
 }
 
-/* *acc += g (g reduced to acc's shape); creates *acc if NULL */
-static idd_status accumulate(idd_tensor **acc, idd_tensor *g, int ndim, const int64_t *shape, idd_dtype dt) {
+/* *acc += g (g reduced to acc's shape); creates *acc if NULL. steal: the caller
+ * releases its one reference to g right after, so a g that nothing else shares (tensor
+ * and storage referenced once, by the caller) becomes *acc without a copy. */
+static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const int64_t *shape,
+                                idd_dtype dt, bool steal) {
     idd_tensor *gg = g;
     idd_tensor_retain(gg);
     if (gg->ndim != ndim || memcmp(gg->shape, shape, sizeof(int64_t) * ndim)) {
@@ -98,7 +101,15 @@ static idd_status accumulate(idd_tensor **acc, idd_tensor *g, int ndim, const in
         gg = c;
     }
     if (!*acc) {
-        if (idd_is_contiguous(gg) && gg->refcount == 1 && !gg->requires_grad) { *acc = gg; return IDD_OK; }
+        /* a fresh tensor (reduced or converted here: one reference, ours), or the caller's
+         * g that it hands over (two references: its and ours) with unshared storage */
+        int owners = gg == g ? (steal ? 2 : 0) : 1;
+        if (owners && idd_is_contiguous(gg) && gg->refcount == owners && gg->storage &&
+            gg->storage->refcount == 1 && gg->offset == 0 && !gg->requires_grad &&
+            gg->storage->nbytes == (size_t)idd_numel(gg) * idd_dtype_size(gg->dtype)) {
+            *acc = gg;   /* our reference (taken above); the caller's goes with its release */
+            return IDD_OK;
+        }
         *acc = idd_clone(gg);
         idd_tensor_release(gg);
         return *acc ? IDD_OK : IDD_ERR;
@@ -106,6 +117,10 @@ static idd_status accumulate(idd_tensor **acc, idd_tensor *g, int ndim, const in
     idd_status st = idd_backend_of(*acc)->binary(IDD_BIN_ADD, *acc, *acc, gg);
     idd_tensor_release(gg);
     return st;
+}
+
+static idd_status accumulate(idd_tensor **acc, idd_tensor *g, int ndim, const int64_t *shape, idd_dtype dt) {
+    return accumulate_ex(acc, g, ndim, shape, dt, false);
 }
 
 idd_status idd_accumulate_grad(idd_tensor *t, idd_tensor *g) {
@@ -203,8 +218,9 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
         for (int k = 0; k < n->n_in && st == IDD_OK; k++) {
             idd_tensor *in = n->in[k];
             if (!gin[k] || !n->needs[k]) continue;
-            if (in->grad_fn) st = accumulate(&in->grad_fn->gout, gin[k], in->ndim, in->shape, in->dtype);
-            else if (in->requires_grad) st = idd_accumulate_grad(in, gin[k]);
+            /* gin[k] is released below: hand it over when nothing else holds it */
+            if (in->grad_fn) st = accumulate_ex(&in->grad_fn->gout, gin[k], in->ndim, in->shape, in->dtype, true);
+            else if (in->requires_grad) st = accumulate_ex(&in->grad, gin[k], in->ndim, in->shape, in->dtype, true);
         }
         for (int k = 0; k < n->n_in; k++) idd_tensor_release(gin[k]);
         idd_tensor_release(n->gout);

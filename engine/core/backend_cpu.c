@@ -8,6 +8,7 @@
 #include <cblas.h>
 #include <malloc.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,19 +58,23 @@ static inline void store(void *base, idd_dtype dt, int64_t i, double v) {
 
 /* Iterate over the elements of up to three same-shape tensors: calls fn on runs of
  * the innermost dim with the element offsets of each operand and its inner stride. */
-typedef struct { int n; const idd_tensor *t[3]; } iter_set;
+typedef struct { int n; const idd_tensor *t[3]; int serial; } iter_set;
 typedef void (*run_fn)(void *ud, int64_t len, const int64_t *off, const int64_t *st);
 
 static void iterate(iter_set *s, run_fn fn, void *ud) {
     const idd_tensor *t0 = s->t[0];
     int nd = t0->ndim;
     int64_t len = nd ? t0->shape[nd - 1] : 1;
-    int64_t st[3], off[3];
+    int64_t st[3];
     for (int k = 0; k < s->n; k++) st[k] = nd ? s->t[k]->stride[nd - 1] : 0;
     int64_t outer = 1;
     for (int d = 0; d < nd - 1; d++) outer *= t0->shape[d];
     if (len == 0) return;
+    /* rows are independent (the output never overlaps itself): large iterations split
+     * their rows over OpenMP threads; fn's own OpenMP loops then run serially */
+    #pragma omp parallel for schedule(static) if (!s->serial && outer > 1 && outer * len > PAR_MIN)
     for (int64_t o = 0; o < outer; o++) {
+        int64_t off[3];
         int64_t rem = o;
         for (int k = 0; k < s->n; k++) off[k] = s->t[k]->offset;
         for (int d = nd - 2; d >= 0; d--) {
@@ -97,6 +102,8 @@ static void copy_run(void *ud, int64_t len, const int64_t *off, const int64_t *s
     if (c->dst->dtype == IDD_F32 && c->src->dtype == IDD_F32) {
         float *dp = (float *)d + off[0];
         const float *sp = (const float *)s + off[1];
+        if (st[0] == 1 && st[1] == 1) { memmove(dp, sp, sizeof(float) * (size_t)len); return; }
+        if (st[0] == 1 && st[1] == 0) { for (int64_t i = 0; i < len; i++) dp[i] = sp[0]; return; }
         for (int64_t i = 0; i < len; i++) dp[i * st[0]] = sp[i * st[1]];
         return;
     }
@@ -110,7 +117,8 @@ static idd_status cpu_copy(idd_tensor *dst, const idd_tensor *src) {
         return IDD_OK;
     }
     copy_ud c = {dst, src};
-    iter_set s = {2, {dst, src}};
+    /* a copy within one storage keeps its order (rows might overlap) */
+    iter_set s = {2, {dst, src}, dst->storage == src->storage};
     iterate(&s, copy_run, &c);
     return IDD_OK;
 }
@@ -209,6 +217,26 @@ static void bin_run(void *ud, int64_t len, const int64_t *off, const int64_t *st
         const float *a = (const float *)u->a->storage->data + off[1];
         const float *b = (const float *)u->b->storage->data + off[2];
         if (st[0] == 1 && st[1] == 1 && st[2] == 1) { bin_f32(u->op, len, o, a, b); return; }
+        /* a row against one broadcast value (bias of (C,1) or (N,C,1,1) over NCHW) */
+        if (st[0] == 1 && (st[1] == 1 || st[1] == 0) && (st[2] == 1 || st[2] == 0) &&
+            u->op <= IDD_BIN_DIV) {
+            const float av = a[0], bv = b[0];
+            const int sa = st[1] == 1, sb = st[2] == 1;
+#define ROW(OPER)                                                                  \
+    do {                                                                           \
+        if (sa && !sb) for (int64_t i = 0; i < len; i++) o[i] = a[i] OPER bv;      \
+        else if (!sa && sb) for (int64_t i = 0; i < len; i++) o[i] = av OPER b[i]; \
+        else for (int64_t i = 0; i < len; i++) o[i] = av OPER bv;                  \
+    } while (0)
+            switch (u->op) {
+            case IDD_BIN_ADD: ROW(+); return;
+            case IDD_BIN_SUB: ROW(-); return;
+            case IDD_BIN_MUL: ROW(*); return;
+            case IDD_BIN_DIV: ROW(/); return;
+            default: break;
+            }
+#undef ROW
+        }
         for (int64_t i = 0; i < len; i++) o[i * st[0]] = (float)bin_apply(u->op, a[i * st[1]], b[i * st[2]]);
         return;
     }
@@ -332,6 +360,16 @@ static idd_status cpu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *
     int64_t sa = a->shape[a->ndim - 1] * a->shape[a->ndim - 2], sb = b->shape[b->ndim - 1] * b->shape[b->ndim - 2];
     if (idd_numel(a) == sa) sa = 0;   /* a single matrix shared over the batch */
     if (idd_numel(b) == sb) sb = 0;
+    /* a batch of at least as many products as threads: spread the products over OpenMP
+     * threads with single-threaded BLAS (threaded BLAS on small products mostly waits) */
+    int nt = omp_get_max_threads();
+    int per_item = c->dtype == IDD_F32 && nt > 1 && batch >= nt && !omp_in_parallel();
+    int blas_threads = 0;
+    if (per_item) {
+        blas_threads = openblas_get_num_threads();
+        openblas_set_num_threads(1);
+    }
+    #pragma omp parallel for schedule(static) if (per_item)
     for (int64_t i = 0; i < batch; i++) {
         if (c->dtype == IDD_F32)
             cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N,
@@ -344,6 +382,7 @@ static idd_status cpu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *
                         (const double *)idd_data(b) + i * sb, (int)ldb, beta, (double *)idd_data(c) + i * M * N,
                         (int)N);
     }
+    if (per_item) openblas_set_num_threads(blas_threads);
     return IDD_OK;
 }
 

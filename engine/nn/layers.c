@@ -206,8 +206,13 @@ idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
     int64_t B = qkv->shape[0], C = qkv->shape[1] / 3, T = qkv->shape[2];
     int64_t oshape[3] = {B, C, T}, wshape[3] = {B * heads, T, T};
     idd_tensor *qc = cf32(qkv), *out = idd_tensor_new(IDD_F32, qkv->device, 3, oshape);
-    idd_tensor *w = idd_tensor_new(IDD_F32, qkv->device, 3, wshape);
-    idd_status st = qc && out && w ? be->attention_forward(fp(out), fp(w), fp(qc), (int)B, (int)C, (int)T, heads) : IDD_ERR;
+    /* the softmax is kept only for a backward; without one the CPU kernel keeps each
+     * head's (T,T) block in a per-thread scratch that stays in cache */
+    bool keep = qkv->device != IDD_CPU || idd_any_requires_grad(1, &qkv);
+    idd_tensor *w = keep ? idd_tensor_new(IDD_F32, qkv->device, 3, wshape) : NULL;
+    idd_status st = qc && out && (w || !keep)
+                        ? be->attention_forward(fp(out), w ? fp(w) : NULL, fp(qc), (int)B, (int)C, (int)T, heads)
+                        : IDD_ERR;
     if (st == IDD_OK) {
         idd_node *n = idd_record("qkv_attention", attention_backward, out, 1, &qkv);
         if (n) { idd_node_save(n, qc); idd_node_save(n, w); n->ip[0] = heads; }

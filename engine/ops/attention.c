@@ -16,12 +16,16 @@
  *   dlogits  = weight * (dweight - rowsum(dweight * weight))
  *   dq      += s^2 * k . dlogits^T       (ch,T)
  *   dk      += s^2 * q . dlogits         (ch,T)
- * The (b,h) loop is serial: each sgemm is threaded by OpenBLAS, and the softmax rows
- * between them are spread over OpenMP threads (never both at once). */
+ * The (b,h) pairs are spread over OpenMP threads, each with single-threaded sgemm and
+ * its own dweight scratch (OpenBLAS is set to 1 thread for the call, so the two never
+ * oversubscribe); with fewer pairs than threads they run in turn with threaded sgemm. */
 #include "iddpm/kernels.h"
 
 #include <cblas.h>
+#include <omp.h>
 #include <math.h>
+
+#include "vmath.h"
 
 static idd_status attn_check(const char *fn, int B, int C, int T, int H) {
     if (B <= 0 || C <= 0 || T <= 0 || H <= 0)
@@ -32,32 +36,58 @@ static idd_status attn_check(const char *fn, int B, int C, int T, int H) {
     return IDD_OK;
 }
 
+/* (b,h) pairs spread over OpenMP threads, each running single-threaded sgemm, when
+ * there are at least as many pairs as threads and we are not inside a parallel region
+ * already; otherwise the pairs run in turn with multithreaded sgemm and OpenMP softmax */
+static int use_per_head(int BH) {
+    int nt = omp_get_max_threads();
+    return nt > 1 && BH >= nt && !omp_in_parallel();
+}
+
 /* in-place softmax of each row of w (T,T), float32 with the row max subtracted */
-static void softmax_rows(float *w, int T) {
-#pragma omp parallel for schedule(static) if (T >= 64)
+static void softmax_rows(float *w, int T, int par) {
+#pragma omp parallel for schedule(static) if (par && T >= 64)
     for (int t = 0; t < T; t++) {
         float *row = w + (size_t)t * T;
-        float mx = row[0];
-        for (int j = 1; j < T; j++) mx = row[j] > mx ? row[j] : mx;
-        float sum = 0;
-        for (int j = 0; j < T; j++) {
-            row[j] = expf(row[j] - mx);
-            sum += row[j];
+        int j = 0;
+        v8f vm = v8_set1(row[0]);
+        for (; j + 8 <= T; j += 8) vm = v8_max(vm, v8_load(row + j));
+        float mx = v8_hmax(vm);
+        for (; j < T; j++) mx = row[j] > mx ? row[j] : mx;
+        const v8f m = v8_set1(mx);
+        v8f vs = v8_set1(0.0f);
+        for (j = 0; j + 8 <= T; j += 8) {
+            v8f e = v8_exp(v8_load(row + j) - m);
+            v8_store(row + j, e);
+            vs += e;
         }
-        float inv = 1.0f / sum;
-        for (int j = 0; j < T; j++) row[j] *= inv;
+        if (j < T) {
+            const int k = T - j;
+            v8f e = v8_exp(v8_load_n(row + j, k) - m);
+            for (int q = k; q < 8; q++) e[q] = 0.0f;
+            v8_store_n(row + j, e, k);
+            vs += e;
+        }
+        const v8f inv = v8_set1(1.0f / v8_hsum(vs));
+        for (j = 0; j + 8 <= T; j += 8) v8_store(row + j, v8_load(row + j) * inv);
+        for (; j < T; j++) row[j] *= inv[0];
     }
 }
 
 /* dw (T,T) <- w * (dw - rowsum(dw * w)), the softmax backward, in place */
-static void softmax_backward_rows(float *dw, const float *w, int T) {
-#pragma omp parallel for schedule(static) if (T >= 64)
+static void softmax_backward_rows(float *dw, const float *w, int T, int par) {
+#pragma omp parallel for schedule(static) if (par && T >= 64)
     for (int t = 0; t < T; t++) {
         float *d = dw + (size_t)t * T;
         const float *p = w + (size_t)t * T;
-        float dot = 0;
-        for (int j = 0; j < T; j++) dot += d[j] * p[j];
-        for (int j = 0; j < T; j++) d[j] = p[j] * (d[j] - dot);
+        v8f vd = v8_set1(0.0f);
+        int j = 0;
+        for (; j + 8 <= T; j += 8) vd = v8_fma(v8_load(d + j), v8_load(p + j), vd);
+        float dot = v8_hsum(vd);
+        for (; j < T; j++) dot += d[j] * p[j];
+        const v8f vdot = v8_set1(dot);
+        for (j = 0; j + 8 <= T; j += 8) v8_store(d + j, v8_load(p + j) * (v8_load(d + j) - vdot));
+        for (; j < T; j++) d[j] = p[j] * (d[j] - dot);
     }
 }
 
@@ -67,21 +97,39 @@ idd_status idd_attention_forward_f32(float *out, float *weight, const float *qkv
     if (st) return st;
     const int ch = C / H;
     const float s2 = (float)(1.0 / sqrt((double)ch));
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < H; h++) {
-            const float *q = qkv + ((size_t)b * 3 * C + (size_t)h * 3 * ch) * T;
-            const float *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
-            float *w = weight + ((size_t)b * H + h) * T * T;
-            float *a = out + ((size_t)b * C + (size_t)h * ch) * T;
-            /* w (T,T) = s2 * q^T (T,ch) . k (ch,T) */
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, T, ch, s2, q, T, k, T, 0.0f,
-                        w, T);
-            softmax_rows(w, T);
-            /* a (ch,T) = v (ch,T) . w^T (T,T) */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch, T, T, 1.0f, v, T, w, T, 0.0f,
-                        a, T);
-        }
+    const int par = use_per_head(B * H);
+    int blas_threads = 0;
+    if (par) {
+        blas_threads = openblas_get_num_threads();
+        openblas_set_num_threads(1);
     }
+    int oom = 0;
+#pragma omp parallel if (par) reduction(| : oom)
+    {
+    /* no weight to keep: this thread's scratch (workspace slot 0) holds each block */
+    float *scratch = weight ? NULL : idd_workspace_get(0, sizeof(float) * (size_t)T * T);
+    if (!weight && !scratch) oom = 1;
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        if (!weight && !scratch) continue;
+        const int b = bh / H, h = bh % H;
+        const float *q = qkv + ((size_t)b * 3 * C + (size_t)h * 3 * ch) * T;
+        const float *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
+        float *w = weight ? weight + ((size_t)b * H + h) * T * T : scratch;
+        float *a = out + ((size_t)b * C + (size_t)h * ch) * T;
+        /* w (T,T) = s2 * q^T (T,ch) . k (ch,T) */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, T, ch, s2, q, T, k, T, 0.0f, w,
+                    T);
+        softmax_rows(w, T, !par);
+        /* a (ch,T) = v (ch,T) . w^T (T,T) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch, T, T, 1.0f, v, T, w, T, 0.0f, a,
+                    T);
+    }
+    }
+    if (par) openblas_set_num_threads(blas_threads);
+    if (oom)
+        return idd_error_status(IDD_ENOMEM, "attention_forward: out of memory for (%d,%d) "
+                                "scratch", T, T);
     return IDD_OK;
 }
 
@@ -92,12 +140,20 @@ idd_status idd_attention_backward_f32(float *dqkv, const float *dout, const floa
     if (!dqkv) return IDD_OK;
     const int ch = C / H;
     const float s2 = (float)(1.0 / sqrt((double)ch));
-    float *dw = idd_workspace_get(0, sizeof(float) * (size_t)T * T);
-    if (!dw)
-        return idd_error_status(IDD_ENOMEM, "attention_backward: out of memory for (%d,%d) "
-                                "scratch", T, T);
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < H; h++) {
+    const int par = use_per_head(B * H);
+    int blas_threads = 0, oom = 0;
+    if (par) {
+        blas_threads = openblas_get_num_threads();
+        openblas_set_num_threads(1);
+    }
+#pragma omp parallel if (par) reduction(| : oom)
+    {
+        float *dw = idd_workspace_get(0, sizeof(float) * (size_t)T * T);   /* this thread's */
+        if (!dw) oom = 1;
+#pragma omp for schedule(static)
+        for (int bh = 0; bh < B * H; bh++) {
+            if (!dw) continue;
+            const int b = bh / H, h = bh % H;
             const size_t qoff = ((size_t)b * 3 * C + (size_t)h * 3 * ch) * T;
             const float *q = qkv + qoff;
             const float *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
@@ -111,7 +167,7 @@ idd_status idd_attention_backward_f32(float *dqkv, const float *dout, const floa
             /* dw (T,T) = da^T (T,ch) . v (ch,T) */
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, T, ch, 1.0f, da, T, v, T, 0.0f,
                         dw, T);
-            softmax_backward_rows(dw, w, T);
+            softmax_backward_rows(dw, w, T, !par);
             /* dq (ch,T) += s2 * k (ch,T) . dlogits^T (T,T) */
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch, T, T, s2, k, T, dw, T, 1.0f,
                         dq, T);
@@ -120,5 +176,9 @@ idd_status idd_attention_backward_f32(float *dqkv, const float *dout, const floa
                         dk, T);
         }
     }
+    if (par) openblas_set_num_threads(blas_threads);
+    if (oom)
+        return idd_error_status(IDD_ENOMEM, "attention_backward: out of memory for (%d,%d) "
+                                "scratch", T, T);
     return IDD_OK;
 }

@@ -26,6 +26,8 @@
 #include <omp.h>
 #include <string.h>
 
+#include "vmath.h"
+
 #define DEFAULT_TARGET_COLS 4096
 
 static long target_cols = DEFAULT_TARGET_COLS;
@@ -104,13 +106,16 @@ static void im2col(float *col, const float *x, int n0, int nb, const conv_shape 
                     for (int oy = 0; oy < Ho; oy++) {
                         float *r = row + (size_t)oy * Wo;
                         if (oy < ylo || oy > yhi || xlo > xhi) {
-                            memset(r, 0, sizeof(float) * Wo);
+                            for (int ox = 0; ox < Wo; ox++) r[ox] = 0.0f;
                             continue;
                         }
                         const float *src = xp + (size_t)(oy * st - ph + i) * W - pw_ + j;
                         for (int ox = 0; ox < xlo; ox++) r[ox] = 0.0f;
                         if (st == 1) {
-                            memcpy(r + xlo, src + xlo, sizeof(float) * (xhi - xlo + 1));
+                            /* short rows (Wo = 4..64): inline 8-wide copies, not memcpy */
+                            int ox = xlo;
+                            for (; ox + 8 <= xhi + 1; ox += 8) v8_store(r + ox, v8_load(src + ox));
+                            for (; ox <= xhi; ox++) r[ox] = src[ox];
                         } else {
                             for (int ox = xlo; ox <= xhi; ox++) r[ox] = src[(long)ox * st];
                         }
@@ -144,7 +149,10 @@ static void col2im_add(float *dx, const float *dcol, int n0, int nb, const conv_
                         const float *r = row + (size_t)oy * Wo;
                         float *dst = xp + (size_t)(oy * st - ph + i) * W - pw_ + j;
                         if (st == 1) {
-                            for (int ox = xlo; ox <= xhi; ox++) dst[ox] += r[ox];
+                            int ox = xlo;
+                            for (; ox + 8 <= xhi + 1; ox += 8)
+                                v8_store(dst + ox, v8_load(dst + ox) + v8_load(r + ox));
+                            for (; ox <= xhi; ox++) dst[ox] += r[ox];
                         } else {
                             for (int ox = xlo; ox <= xhi; ox++) dst[(long)ox * st] += r[ox];
                         }
@@ -186,9 +194,19 @@ static idd_status fwd_chunk(float *out, const float *x, const float *w, const fl
         dst = idd_workspace_get(1, sizeof(float) * (size_t)O * P);
         if (!dst) return IDD_ENOMEM;
     }
+    if (nb == 1 && b) {
+        /* one sample: start from the bias and accumulate (beta = 1), which replaces
+         * OpenBLAS's zeroing pass and a separate bias pass over the output */
+#pragma omp parallel for schedule(static) if (par)
+        for (int o = 0; o < O; o++) {
+            float *d = dst + (size_t)o * P;
+            const float bo = b[o];
+            for (long p = 0; p < P; p++) d[p] = bo;
+        }
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, O, (int)P, (int)s->K, 1.0f, w,
-                (int)s->K, B, (int)P, 0.0f, dst, (int)P);
-    if (nb == 1 && !b) return IDD_OK;
+                (int)s->K, B, (int)P, nb == 1 && b ? 1.0f : 0.0f, dst, (int)P);
+    if (nb == 1) return IDD_OK;
     /* add the bias; when nb > 1 also scatter (O, nb, HoWo) -> out (nb, O, HoWo) */
 #pragma omp parallel for collapse(2) schedule(static) if (par)
     for (int n = 0; n < nb; n++) {

@@ -20,6 +20,9 @@
 #include "iddpm/kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
+
+#include "vmath.h"
 
 static idd_status gn_check(const char *fn, int N, int C, int HW, int G) {
     if (N <= 0 || C <= 0 || HW <= 0 || G <= 0)
@@ -30,7 +33,56 @@ static idd_status gn_check(const char *fn, int N, int C, int HW, int G) {
     return IDD_OK;
 }
 
-static inline float sigmoidf(float u) { return 1.0f / (1.0f + expf(-u)); }
+/* sum of p[0..n) and of (p[i] - mu)^2: float vector lanes over blocks of at most 1024
+ * elements, each block's total added in double */
+static double block_sum(const float *p, long n) {
+    double s = 0;
+    for (long b0 = 0; b0 < n; b0 += 1024) {
+        const long b1 = b0 + 1024 < n ? b0 + 1024 : n;
+        v8f acc = v8_set1(0.0f);
+        long i = b0;
+        for (; i + 8 <= b1; i += 8) acc += v8_load(p + i);
+        if (i < b1) acc += v8_load_n(p + i, (int)(b1 - i));
+        s += v8_hsum(acc);
+    }
+    return s;
+}
+static double block_sqdev(const float *p, long n, float mu) {
+    double s = 0;
+    const v8f m = v8_set1(mu);
+    for (long b0 = 0; b0 < n; b0 += 1024) {
+        const long b1 = b0 + 1024 < n ? b0 + 1024 : n;
+        v8f acc = v8_set1(0.0f);
+        long i = b0;
+        for (; i + 8 <= b1; i += 8) {
+            v8f d = v8_load(p + i) - m;
+            acc = v8_fma(d, d, acc);
+        }
+        if (i < b1) {
+            const int k = (int)(b1 - i);
+            v8f d = v8_load_n(p + i, k) - m;
+            for (int j = k; j < 8; j++) d[j] = 0.0f;
+            acc = v8_fma(d, d, acc);
+        }
+        s += v8_hsum(acc);
+    }
+    return s;
+}
+
+/* out[i] = u (or silu(u)) with u = x[i] * a + b, over n elements */
+static void affine_act(float *o, const float *xc, long n, float a, float b, int silu) {
+    const v8f va = v8_set1(a), vb = v8_set1(b);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f u = v8_fma(v8_load(xc + i), va, vb);
+        v8_store(o + i, silu ? u * v8_sigmoid(u) : u);
+    }
+    if (i < n) {
+        const int k = (int)(n - i);
+        v8f u = v8_fma(v8_load_n(xc + i, k), va, vb);
+        v8_store_n(o + i, silu ? u * v8_sigmoid(u) : u, k);
+    }
+}
 
 idd_status idd_groupnorm_forward_f32(float *out, float *mean, float *rstd, const float *x,
                                      const float *gamma, const float *beta, const float *scale,
@@ -45,15 +97,8 @@ idd_status idd_groupnorm_forward_f32(float *out, float *mean, float *rstd, const
         const int n = (int)(ng / G), g = (int)(ng % G);
         const float *xp = x + ((size_t)n * C + (size_t)g * Cg) * HW;
         float *op = out + ((size_t)n * C + (size_t)g * Cg) * HW;
-        double s = 0;
-        for (long i = 0; i < M; i++) s += xp[i];
-        const double mu = s / (double)M;
-        double ss = 0;
-        for (long i = 0; i < M; i++) {
-            double d = xp[i] - mu;
-            ss += d * d;
-        }
-        const double var = ss / (double)M;
+        const double mu = block_sum(xp, M) / (double)M;
+        const double var = block_sqdev(xp, M, (float)mu) / (double)M;
         const float r = (float)(1.0 / sqrt(var + (double)eps));
         const float m = (float)mu;
         mean[ng] = m;
@@ -63,18 +108,9 @@ idd_status idd_groupnorm_forward_f32(float *out, float *mean, float *rstd, const
             const float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
             const float sc = scale ? 1.0f + scale[(size_t)n * C + c] : 1.0f;
             const float sh = shift ? shift[(size_t)n * C + c] : 0.0f;
-            /* u = ((x - m) * r * ga + be) * sc + sh, in the same order of operations as
-             * the backward's recomputation */
-            const float *xc = xp + (size_t)cc * HW;
-            float *oc = op + (size_t)cc * HW;
-            if (silu) {
-                for (int i = 0; i < HW; i++) {
-                    float u = ((xc[i] - m) * r * ga + be) * sc + sh;
-                    oc[i] = u * sigmoidf(u);
-                }
-            } else {
-                for (int i = 0; i < HW; i++) oc[i] = ((xc[i] - m) * r * ga + be) * sc + sh;
-            }
+            /* u = ((x - m) * r * ga + be) * sc + sh = x * a + b */
+            const float a = r * ga * sc, b = (be - m * r * ga) * sc + sh;
+            affine_act(op + (size_t)cc * HW, xp + (size_t)cc * HW, HW, a, b, silu);
         }
     }
     return IDD_OK;
@@ -90,68 +126,92 @@ idd_status idd_groupnorm_backward_f32(float *dx, float *dgamma, float *dbeta, fl
     if (!dx && !dgamma && !dbeta && !dscale && !dshift) return IDD_OK;
     const int Cg = C / G;
     const long M = (long)Cg * HW;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int g = 0; g < G; g++) {
-        for (int n = 0; n < N; n++) {
-            const size_t ng = (size_t)n * G + g;
-            const float m = mean[ng], r = rstd[ng];
-            const size_t base = ((size_t)n * C + (size_t)g * Cg) * HW;
-            const float *xp = x + base, *dp = dout + base;
-            double sum_dxhat = 0, sum_dxhat_xhat = 0;
-            /* pass 1: per-channel sums, and the two group sums dx needs */
-            for (int cc = 0; cc < Cg; cc++) {
-                const int c = g * Cg + cc;
-                const float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
-                const float sc = scale ? 1.0f + scale[(size_t)n * C + c] : 1.0f;
-                const float sh = shift ? shift[(size_t)n * C + c] : 0.0f;
-                const float *xc = xp + (size_t)cc * HW, *dc = dp + (size_t)cc * HW;
-                double s_du = 0, s_duz = 0, s_dz = 0, s_dzxh = 0;
-                for (int i = 0; i < HW; i++) {
-                    float xh = (xc[i] - m) * r;
-                    float z = xh * ga + be;
-                    float du = dc[i];
-                    if (silu) {
-                        float u = z * sc + sh, sg = sigmoidf(u);
-                        du *= sg * (1.0f + u * (1.0f - sg));
+    int oom = 0;
+#pragma omp parallel reduction(| : oom)
+    {
+        /* du of one (n, g): written by pass 1, read by pass 2 (the sigmoid once) */
+        float *dub = silu ? malloc(sizeof(float) * (size_t)M) : NULL;
+        if (silu && !dub) oom = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int g = 0; g < G; g++) {
+            if (silu && !dub) continue;
+            for (int n = 0; n < N; n++) {
+                const size_t ng = (size_t)n * G + g;
+                const float m = mean[ng], r = rstd[ng];
+                const size_t base = ((size_t)n * C + (size_t)g * Cg) * HW;
+                const float *xp = x + base, *dp = dout + base;
+                double sum_dxhat = 0, sum_dxhat_xhat = 0;
+                /* pass 1: per channel S1 = sum du, S2 = sum du * xhat, from which
+                 *   dshift += S1, dscale += sum du*z = ga*S2 + be*S1,
+                 *   dbeta += sc*S1, dgamma += sc*S2, and the group sums of dxhat = du*sc*ga */
+                for (int cc = 0; cc < Cg; cc++) {
+                    const int c = g * Cg + cc;
+                    const float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
+                    const float sc = scale ? 1.0f + scale[(size_t)n * C + c] : 1.0f;
+                    const float sh = shift ? shift[(size_t)n * C + c] : 0.0f;
+                    const float *xc = xp + (size_t)cc * HW, *dc = dp + (size_t)cc * HW;
+                    float *duc = silu ? dub + (size_t)cc * HW : NULL;
+                    const v8f vr = v8_set1(r), vmr = v8_set1(-m * r);
+                    const v8f ua = v8_set1(ga * sc), ub = v8_set1(be * sc + sh);
+                    double S1 = 0, S2 = 0;
+                    for (long b0 = 0; b0 < HW; b0 += 1024) {
+                        const long b1 = b0 + 1024 < HW ? b0 + 1024 : HW;
+                        v8f a1 = v8_set1(0.0f), a2 = v8_set1(0.0f);
+                        for (long i = b0; i < b1; i += 8) {
+                            const int k = b1 - i >= 8 ? 8 : (int)(b1 - i);
+                            v8f xv = k == 8 ? v8_load(xc + i) : v8_load_n(xc + i, k);
+                            v8f du = k == 8 ? v8_load(dc + i) : v8_load_n(dc + i, k);
+                            v8f xh = v8_fma(xv, vr, vmr);
+                            if (silu) {
+                                v8f u = v8_fma(xh, ua, ub), sg = v8_sigmoid(u);
+                                du = du * (sg * v8_fma(u, v8_set1(1.0f) - sg, v8_set1(1.0f)));
+                                if (k == 8) v8_store(duc + i, du);
+                                else v8_store_n(duc + i, du, k);
+                            }
+                            a1 += du;                       /* padded lanes: du = 0 */
+                            a2 = v8_fma(du, xh, a2);
+                        }
+                        S1 += v8_hsum(a1);
+                        S2 += v8_hsum(a2);
                     }
-                    float dz = du * sc;
-                    s_du += du;
-                    s_duz += (double)du * z;
-                    s_dz += dz;
-                    s_dzxh += (double)dz * xh;
+                    if (dshift) dshift[(size_t)n * C + c] += (float)S1;
+                    if (dscale) dscale[(size_t)n * C + c] += (float)(ga * S2 + be * S1);
+                    if (dbeta) dbeta[c] += (float)(sc * S1);
+                    if (dgamma) dgamma[c] += (float)(sc * S2);
+                    sum_dxhat += (double)ga * sc * S1;
+                    sum_dxhat_xhat += (double)ga * sc * S2;
                 }
-                if (dshift) dshift[(size_t)n * C + c] += (float)s_du;
-                if (dscale) dscale[(size_t)n * C + c] += (float)s_duz;
-                if (dbeta) dbeta[c] += (float)s_dz;
-                if (dgamma) dgamma[c] += (float)s_dzxh;
-                /* dxhat = dz * ga, so its sums are ga times those of dz */
-                sum_dxhat += ga * s_dz;
-                sum_dxhat_xhat += ga * s_dzxh;
-            }
-            if (!dx) continue;
-            /* pass 2: dx = r * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) */
-            const float k1 = (float)(sum_dxhat / (double)M);
-            const float k2 = (float)(sum_dxhat_xhat / (double)M);
-            float *dxp = dx + base;
-            for (int cc = 0; cc < Cg; cc++) {
-                const int c = g * Cg + cc;
-                const float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
-                const float sc = scale ? 1.0f + scale[(size_t)n * C + c] : 1.0f;
-                const float sh = shift ? shift[(size_t)n * C + c] : 0.0f;
-                const float *xc = xp + (size_t)cc * HW, *dc = dp + (size_t)cc * HW;
-                float *dxc = dxp + (size_t)cc * HW;
-                for (int i = 0; i < HW; i++) {
-                    float xh = (xc[i] - m) * r;
-                    float du = dc[i];
-                    if (silu) {
-                        float u = (xh * ga + be) * sc + sh, sg = sigmoidf(u);
-                        du *= sg * (1.0f + u * (1.0f - sg));
+                if (!dx) continue;
+                /* pass 2: dx += r * (du*sc*ga - k1 - xhat * k2), xhat = (x - m) * r */
+                const float k1 = (float)(sum_dxhat / (double)M);
+                const float k2 = (float)(sum_dxhat_xhat / (double)M);
+                float *dxp = dx + base;
+                for (int cc = 0; cc < Cg; cc++) {
+                    const int c = g * Cg + cc;
+                    const float ga = gamma ? gamma[c] : 1.0f;
+                    const float sc = scale ? 1.0f + scale[(size_t)n * C + c] : 1.0f;
+                    const float *xc = xp + (size_t)cc * HW;
+                    const float *duc = silu ? dub + (size_t)cc * HW : dp + (size_t)cc * HW;
+                    float *dxc = dxp + (size_t)cc * HW;
+                    const v8f A = v8_set1(r * sc * ga), vr = v8_set1(r), vmr = v8_set1(-m * r);
+                    const v8f K2 = v8_set1(-r * k2), K1 = v8_set1(-r * k1);
+                    long i = 0;
+                    for (; i + 8 <= HW; i += 8) {
+                        v8f xh = v8_fma(v8_load(xc + i), vr, vmr);
+                        v8f d = v8_fma(v8_load(duc + i), A, v8_fma(xh, K2, K1));
+                        v8_store(dxc + i, v8_load(dxc + i) + d);
                     }
-                    float dxh = du * sc * ga;
-                    dxc[i] += r * (dxh - k1 - xh * k2);
+                    for (; i < HW; i++) {
+                        float xh = (xc[i] - m) * r;
+                        dxc[i] += r * (duc[i] * sc * ga - k1 - xh * k2);
+                    }
                 }
             }
         }
+        free(dub);
     }
+    if (oom)
+        return idd_error_status(IDD_ENOMEM, "groupnorm_backward: out of memory for %ld floats "
+                                "of scratch", M);
     return IDD_OK;
 }

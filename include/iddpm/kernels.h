@@ -166,7 +166,8 @@ idd_status idd_silu_backward_f32(float *dx,          /* (n) */
  *   out[b, h*C/H + c, t] = sum_t' weight[b,h][t,t'] * v[c,t']
  * H must divide C. */
 idd_status idd_attention_forward_f32(float *out,        /* (B,C,T) */
-                                     float *weight,     /* (B*H,T,T) saved softmax */
+                                     float *weight,     /* (B*H,T,T) saved softmax, or NULL
+                                                           when not needed (CPU: scratch) */
                                      const float *qkv,  /* (B,3C,T) */
                                      int B, int C, int T, int H);
 

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "../../engine/ops/vmath.h"
 
 #define FWD_RTOL 1e-4
 #define GRAD_RTOL 1e-3
@@ -348,6 +349,12 @@ static void test_attention(int B, int C, int T, int H) {
     fd_grad(at_loss, &c, c.qkv, nq, g);
     snprintf(nm, sizeof nm, "%s dqkv vs finite diff", name);
     cmp_acc(nm, dq, dq0, g, nq);
+    /* without a weight buffer (no grad): the same output */
+    float *out2 = malloc(sizeof(float) * (size_t)B * C * T);
+    s = idd_attention_forward_f32(out2, NULL, qkv, B, C, T, H);
+    snprintf(nm, sizeof nm, "%s forward without saved softmax", name);
+    check_report(s == IDD_OK && memcmp(out, out2, sizeof(float) * (size_t)B * C * T) == 0, nm, idd_last_error());
+    free(out2);
     free(g), free(R), free(c.R), free(dq), free(dq0), free(qkv), free(out), free(w);
     free(c.qkv), free(c.out), free(c.w);
 }
@@ -405,6 +412,28 @@ static void test_resample(int N, int C, int H, int W) {
         cmp_acc(nm, dx, dx0, want, nx);
     }
     free(x), free(up), free(pool), free(want), free(R), free(dx), free(dx0);
+}
+
+/* ---- vector exp (engine/ops/vmath.h) ------------------------------------------------ */
+static void test_vexp(void) {
+    char buf[160];
+    double worst = 0;
+    for (double x = -87.0; x < 88.0; x += 0.00097) {
+        float y = idd_fast_expf((float)x);
+        double t = exp((double)(float)x), e = fabs(y - t) / t;
+        if (!(e <= worst)) worst = e;
+    }
+    snprintf(buf, sizeof buf, "max rel err %.3g over [-87, 88], want < 3e-7", worst);
+    check_report(worst < 3e-7, "vector exp accuracy", buf);
+    float lo = idd_fast_expf(-200.0f), hi = idd_fast_expf(200.0f);
+    check_report(lo >= 0 && lo < 2e-38f && isfinite(hi) && hi > 1e38f, "vector exp clamps", NULL);
+    v8f v = v8_exp((v8f){0, 1, -1, 2, -2, 10, -10, 0.5f});
+    int lanes = 1;
+    for (int i = 0; i < 8; i++) {
+        double t = exp((double)((v8f){0, 1, -1, 2, -2, 10, -10, 0.5f})[i]);
+        if (fabs(v[i] - t) / t > 3e-7) lanes = 0;
+    }
+    check_report(lanes, "vector exp lanes", NULL);
 }
 
 /* ---- silu ------------------------------------------------------------------------- */
@@ -494,11 +523,15 @@ int main(int argc, char **argv) {
     test_gn(2, 64, 4, 32, 1, 1, 1); /* 32 groups, Cg = 2 */
     test_gn(2, 4, 9, 1, 0, 0, 1);   /* one group, no affine */
     test_gn(2, 4, 6, 4, 1, 0, 0);   /* Cg = 1 (instance-norm-like) */
+    test_gn(2, 64, 64, 32, 1, 1, 1); /* 8-lane vector path, Cg = 2 */
+    test_gn(1, 8, 1030, 2, 1, 1, 1); /* HW over the 1024-element block, with a tail */
 
     test_attention(2, 8, 5, 2);
     test_attention(1, 12, 7, 3);
     test_attention(2, 4, 4, 1);
     test_attention(1, 16, 64, 4); /* T >= 64: OpenMP softmax path */
+    test_attention(1, 8, 69, 2);  /* vector softmax with a tail */
+    test_vexp();
 
     test_resample(2, 3, 4, 5);
     test_resample(1, 2, 5, 3); /* odd H: avgpool floors */

@@ -96,4 +96,22 @@ do
   local ok = pcall(T.no_grad, function() error("boom") end)
   H.check("no_grad restores the mode after an error", not ok and (w * 2).requires_grad)
 end
+
+-- gradients handed over without a copy (a gradient that reaches a tensor once) must not
+-- leak: repeated steps leave the live tensor bytes where they were
+do
+  local w = T.randn({64, 64}); w.requires_grad = true
+  local x = T.randn({8, 64})
+  local function step()
+    w:zero_grad()
+    local h = (x:matmul(w) * 2 + 1):tanh()
+    h:sum():backward()
+  end
+  step(); collectgarbage(); collectgarbage()
+  local before = T.live_bytes()
+  for _ = 1, 20 do step() end
+  collectgarbage(); collectgarbage()
+  H.check("backward leaks no tensor memory over 20 steps", T.live_bytes() <= before,
+    ("live bytes %d -> %d"):format(before, T.live_bytes()))
+end
 H.done()
