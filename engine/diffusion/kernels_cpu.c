@@ -8,20 +8,7 @@
 #include <math.h>
 #include <string.h>
 
-idd_status idd_cpu_upload_async(void *dst, const void *src, size_t n);
-idd_status idd_cpu_diff_pointwise(int op, const idd_diff_args *a, float *out, const float *x, const float *y,
-                                  const float *z);
-idd_status idd_cpu_diff_p_finish(const idd_diff_args *a, const float *mo, const float *xt, float *px, float *mean,
-                                 float *var, float *logvar);
-idd_status idd_cpu_diff_losses(const idd_diff_args *a, const float *mo, const float *x0, const float *xt,
-                               const float *noise, float *loss, float *mse, float *vb);
-idd_status idd_cpu_diff_losses_backward(const idd_diff_args *a, const float *mo, const float *x0, const float *xt,
-                                        const float *noise, const float *dloss, float *dmo);
-idd_status idd_cpu_adamw(int n, float *const *p, const float *const *g, float *const *m, float *const *v,
-                         const int64_t *numel, const float hp[6]);
-idd_status idd_cpu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, float rate);
-idd_status idd_cpu_sumsq(int n, const float *const *g, const int64_t *numel, double *out);
-idd_status idd_cpu_scale(int n, float *const *g, const int64_t *numel, float s);
+#include "kernels_cpu.h"
 
 idd_status idd_cpu_upload_async(void *dst, const void *src, size_t n) {
     if (n) memcpy(dst, src, n);
