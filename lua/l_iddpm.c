@@ -85,6 +85,32 @@ static const luaL_Reg cuda_fns[] = {
     {"tf32", c_tf32}, {"wall_time", c_wall_time}, {NULL, NULL},
 };
 
+/* A script may require a sub-module first ("iddpm.recipe" requires "iddpm.tensor"):
+ * these preload entries make "iddpm.tensor" & co. load the whole module, so the C
+ * sub-modules always come from this binary. Without them Lua's searchers would look
+ * for ./iddpm.so and load a second copy of the engine into the process. */
+static int load_submodule(lua_State *L) {
+    const char *name = luaL_checkstring(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "iddpm");
+    lua_call(L, 1, 0);
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_getfield(L, -1, name);
+    return 1;
+}
+
+void idd_preload_submodules(lua_State *L);
+void idd_preload_submodules(lua_State *L) {
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+    for (const submodule *s = submodules; s->name; s++) {
+        const char *key = lua_pushfstring(L, "iddpm.%s", s->name);
+        lua_pushcfunction(L, load_submodule);
+        lua_setfield(L, -3, key);
+        lua_pop(L, 1);   /* the key */
+    }
+    lua_pop(L, 1);
+}
+
 int luaopen_iddpm(lua_State *L);
 int luaopen_iddpm(lua_State *L) {
 #ifdef IDDPM_CUDA

@@ -215,4 +215,11 @@ do
   do local t <close> = T.zeros(1024, 1024) end
   H.check("<close> frees", T.live_bytes() - base < 300 * 1024 * 1024)
 end
+-- a script that requires a sub-module first gets this binary's engine, never a second
+-- copy from ./iddpm.so (two engines in one process would not share their state)
+do
+  local ok = os.execute([[./iddpm -e "require 'iddpm.recipe'; for l in io.lines('/proc/self/maps') do ]] ..
+    [[if l:find('iddpm%.so') then os.exit(3) end end" 2>/dev/null]])
+  H.check("require 'iddpm.recipe' first does not load iddpm.so", ok == true)
+end
 H.done()
