@@ -247,10 +247,48 @@ static void bin_run(void *ud, int64_t len, const int64_t *off, const int64_t *st
     }
 }
 
+/* one value broadcast everywhere (a 0-d tensor or a scalar expanded to a shape) */
+static bool is_single_value(const idd_tensor *t) {
+    for (int d = 0; d < t->ndim; d++)
+        if (t->shape[d] != 1 && t->stride[d] != 0) return false;
+    return true;
+}
+
+/* o = a op s or o = s op a for one float32 value s, contiguous a and o */
+static void bin_f32_scalar(idd_binop op, int64_t n, float *o, const float *a, float s, bool s_first) {
+    switch (op) {
+    case IDD_BIN_ADD:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] + s;
+        break;
+    case IDD_BIN_MUL:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] * s;
+        break;
+    case IDD_BIN_MAX:   /* ReLU is maximum(x, 0) */
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = a[i] > s || isnan(a[i]) ? a[i] : s;
+        break;
+    default:
+        #pragma omp parallel for if (n > PAR_MIN)
+        for (int64_t i = 0; i < n; i++) o[i] = (float)(s_first ? bin_apply(op, s, a[i]) : bin_apply(op, a[i], s));
+    }
+}
+
 static idd_status cpu_binary(idd_binop op, idd_tensor *out, const idd_tensor *a, const idd_tensor *b) {
     const idd_tensor *ts[3] = {out, a, b};
     if (all_contig_f32(3, ts)) {
         bin_f32(op, idd_numel(out), idd_data(out), idd_data(a), idd_data(b));
+        return IDD_OK;
+    }
+    /* tensor op scalar (x * 2, x + 1, maximum(x, 0)): no iterator */
+    const idd_tensor *ta[2] = {out, a}, *tb[2] = {out, b};
+    if (b->dtype == IDD_F32 && all_contig_f32(2, ta) && is_single_value(b)) {
+        bin_f32_scalar(op, idd_numel(out), idd_data(out), idd_data(a), *(const float *)idd_data(b), false);
+        return IDD_OK;
+    }
+    if (a->dtype == IDD_F32 && all_contig_f32(2, tb) && is_single_value(a)) {
+        bin_f32_scalar(op, idd_numel(out), idd_data(out), idd_data(b), *(const float *)idd_data(a), true);
         return IDD_OK;
     }
     bin_ud u = {op, out, a, b};
