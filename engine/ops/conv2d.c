@@ -21,10 +21,11 @@
  *    and NCHW (workspace slot 1).
  * Scratch comes from idd_workspace_get (slots 0..3 of the calling/worker thread).
  *
- * 3x3 stride-1 pad-1 convs with C, O <= 64 and W a multiple of 16 take a direct AVX-512
- * kernel instead (forward and dx; dw stays on im2col), when the CPU has AVX-512: see
- * "direct" below. On 1 core, batch 32, it ran the small config's 3x3 layers (32-64
- * channels, 32x32 and 16x16) forward at ~140 GFLOP/s vs 50-70 by im2col + sgemm. */
+ * 3x3 stride-1 pad-1 convs with C, O <= 64 and W a multiple of 16 (or W = 8 with H a
+ * multiple of 4) take a direct kernel instead (forward and dx; dw stays on im2col) when
+ * the CPU has AVX-512F/VL: see "direct" below. On 1 core, batch 32, it ran the small
+ * config's 3x3 layers forward at ~140 GFLOP/s (32x32 and 16x16, 32-64 channels) and
+ * ~55 (8x8) vs 50-70 and ~40 by im2col + sgemm. */
 #include "iddpm/kernels.h"
 
 #include <cblas.h>
@@ -301,14 +302,18 @@ static int direct_rows(int W) { return W >= 64 ? 1 : 64 / W; }
 
 static int have_avx512(void) {
     static int known = -1;
-    if (known < 0) known = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    if (known < 0)
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
     return known;
 }
 
 static int use_direct(const conv_shape *s) {
     return s->KH == 3 && s->KW == 3 && s->stride == 1 && s->pad_h == 1 && s->pad_w == 1 &&
-           s->C <= DIRECT_MAX_CH && s->O <= DIRECT_MAX_CH && s->W % 16 == 0 &&
-           (s->W >= 64 ? s->W % 64 == 0 : s->H % direct_rows(s->W) == 0) && have_avx512();
+           s->C <= DIRECT_MAX_CH && s->O <= DIRECT_MAX_CH &&
+           (s->W == 8 ? s->H % 4 == 0
+                      : s->W % 16 == 0 &&
+                            (s->W >= 64 ? s->W % 64 == 0 : s->H % direct_rows(s->W) == 0)) &&
+           have_avx512();
 }
 
 /* pad (Ci, H+2, W+2) <- in (Ci, H, W) with a zero border */
@@ -411,9 +416,69 @@ __attribute__((target("avx512f"))) static void direct_quad(float *out, const flo
     }
 }
 
+/* W = 8 (8x8 maps): tiles of 4 rows of 8 pixels (ymm) x 6 output channels o0 + d_q
+ * (clamped as above): 24 accumulators of the 32 AVX-512VL vector registers. */
+__attribute__((target("avx512f,avx512vl"))) static void direct_w8(float *out, const float *pad,
+                                                                  const float *wt,
+                                                                  const float *b, int Ci,
+                                                                  int Co, int H, int o0, int nq,
+                                                                  int accumulate) {
+    const int W = 8, Wp = 10;
+    const long HpWp = (long)(H + 2) * Wp, HW = (long)H * W;
+    int dq[6];
+    for (int q = 0; q < 6; q++) dq[q] = q < nq ? q : nq - 1;
+    for (int oy = 0; oy < H; oy += 4) {
+        __m256 a[6][4];
+#pragma GCC unroll 6
+        for (int q = 0; q < 6; q++) {
+            __m256 init = _mm256_set1_ps(b ? b[o0 + dq[q]] : 0.0f);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) a[q][k] = init;
+        }
+        const float *xc = pad + (long)oy * Wp;
+        const float *wc = wt + o0;
+        for (int c = 0; c < Ci; c++, xc += HpWp, wc += 9 * Co) {
+#pragma GCC unroll 9
+            for (int t = 0; t < 9; t++) {
+                const float *xr = xc + (t / 3) * Wp + t % 3;
+                const float *wr = wc + t * Co;
+                __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + Wp);
+                __m256 x2 = _mm256_loadu_ps(xr + 2 * Wp), x3 = _mm256_loadu_ps(xr + 3 * Wp);
+#pragma GCC unroll 6
+                for (int q = 0; q < 6; q++) {
+                    __m256 w = _mm256_set1_ps(wr[dq[q]]);
+                    a[q][0] = _mm256_fmadd_ps(x0, w, a[q][0]);
+                    a[q][1] = _mm256_fmadd_ps(x1, w, a[q][1]);
+                    a[q][2] = _mm256_fmadd_ps(x2, w, a[q][2]);
+                    a[q][3] = _mm256_fmadd_ps(x3, w, a[q][3]);
+                }
+            }
+        }
+#pragma GCC unroll 6
+        for (int q = 0; q < 6; q++) {
+            if (q >= nq) break;
+            float *d = out + (o0 + q) * HW + (long)oy * W;
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                __m256 v = a[q][k];
+                if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(d + k * W), v);
+                _mm256_storeu_ps(d + k * W, v);
+            }
+        }
+    }
+}
+
 /* out (Co, H, W) (+)= conv of one sample; pairs of output channels over OpenMP if par */
 static void direct_sample(float *out, const float *pad, const float *wt, const float *b, int Ci,
                           int Co, int H, int W, int accumulate, int par) {
+    if (W == 8) {
+        const int n6 = (Co + 5) / 6;
+#pragma omp parallel for schedule(static) if (par)
+        for (int ob = 0; ob < n6; ob++)
+            direct_w8(out, pad, wt, b, Ci, Co, H, ob * 6, Co - ob * 6 < 6 ? Co - ob * 6 : 6,
+                      accumulate);
+        return;
+    }
     const int nblk = (Co + DIRECT_OB - 1) / DIRECT_OB;
 #pragma omp parallel for schedule(static) if (par)
     for (int ob = 0; ob < nblk; ob++) {
