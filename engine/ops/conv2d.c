@@ -19,14 +19,24 @@
  *    into one multithreaded sgemm (nb so that P reaches target_cols), with OpenMP
  *    im2col/col2im between GEMMs; nb > 1 needs a gather/scatter between (O, nb, HoWo)
  *    and NCHW (workspace slot 1).
- * Scratch comes from idd_workspace_get (slots 0..3 of the calling/worker thread). */
+ * Scratch comes from idd_workspace_get (slots 0..3 of the calling/worker thread).
+ *
+ * 3x3 stride-1 pad-1 convs with C, O <= 64 and W a multiple of 16 (or W = 8 with H a
+ * multiple of 4) take a direct kernel instead (forward and dx; dw stays on im2col) when
+ * the CPU has AVX-512F/VL: see "direct" below. On 1 core, batch 32, it ran the small
+ * config's 3x3 layers forward at ~140 GFLOP/s (32x32 and 16x16, 32-64 channels) and
+ * ~55 (8x8) vs 50-70 and ~40 by im2col + sgemm. */
 #include "iddpm/kernels.h"
 
 #include <cblas.h>
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "vmath.h"
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #define DEFAULT_TARGET_COLS 4096
 
@@ -274,6 +284,280 @@ static idd_status bwd_chunk(float *dx, float *dw, const float *dout, const float
     return IDD_OK;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* ---- direct 3x3 stride-1 pad-1 kernel (small channel counts) -------------------------
+ * For C, O <= DIRECT_MAX_CH and W a multiple of 8, out = conv(x, w) is computed without
+ * im2col: each sample's input is copied into a zero-bordered (C, H+2, W+2) buffer, and
+ * a register tile of DIRECT_OB output channels x 4 vectors of 8 output pixels (one row
+ * of 32, two rows of 16 or four rows of 8) accumulates FMAs over the C channels and 9
+ * taps, starting from the bias (forward) and added to the output (dx backward).
+ * dx is the same conv of dout with the kernel flipped and in/out channels swapped:
+ *   dx[c][y][x] += sum_o sum_ij dout[o][y+1-i][x+1-j] w[o][c][i][j].
+ * Weights are rearranged once per call to (Ci, 9, Co), so a tile's DIRECT_OB weights of
+ * one tap are adjacent. dw stays on im2col + sgemm. */
+#define DIRECT_MAX_CH 64
+#define DIRECT_OB 4
+
+static int direct_rows(int W) { return W >= 64 ? 1 : 64 / W; }
+
+static int have_avx512(void) {
+    static int known = -1;
+    if (known < 0)
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
+    return known;
+}
+
+static int use_direct(const conv_shape *s) {
+    return s->KH == 3 && s->KW == 3 && s->stride == 1 && s->pad_h == 1 && s->pad_w == 1 &&
+           s->C <= DIRECT_MAX_CH && s->O <= DIRECT_MAX_CH &&
+           (s->W == 8 ? s->H % 4 == 0
+                      : s->W % 16 == 0 &&
+                            (s->W >= 64 ? s->W % 64 == 0 : s->H % direct_rows(s->W) == 0)) &&
+           have_avx512();
+}
+
+/* pad (Ci, H+2, W+2) <- in (Ci, H, W) with a zero border */
+static void direct_pad(float *pad, const float *in, int Ci, int H, int W, int par) {
+    const int Wp = W + 2, Hp = H + 2;
+#pragma omp parallel for schedule(static) if (par)
+    for (int c = 0; c < Ci; c++) {
+        float *p = pad + (size_t)c * Hp * Wp;
+        const float *src = in + (size_t)c * H * W;
+        memset(p, 0, sizeof(float) * Wp);
+        for (int y = 0; y < H; y++) {
+            float *r = p + (size_t)(y + 1) * Wp;
+            r[0] = 0.0f;
+            memcpy(r + 1, src + (size_t)y * W, sizeof(float) * W);
+            r[W + 1] = 0.0f;
+        }
+        memset(p + (size_t)(H + 1) * Wp, 0, sizeof(float) * Wp);
+    }
+}
+
+/* output channels o0 + {0, d1, d2, d3} (d_q = q, or clamped to the last channel of a
+ * short final group: repeats are computed and not stored) of one sample, all tiles.
+ * A tile is 4 vectors of 16 output pixels (one row of 64, two rows of 32 or four rows
+ * of 16): 16 named zmm accumulators of the 32 AVX-512 registers. */
+__attribute__((target("avx512f"))) static void direct_quad(float *out, const float *pad,
+                                                          const float *wt, const float *b,
+                                                          int Ci, int Co, int H, int W, int o0,
+                                                          int nq, int accumulate) {
+    const int Wp = W + 2, R = direct_rows(W);
+    const long HpWp = (long)(H + 2) * Wp, HW = (long)H * W;
+    int oi[4], oo[4];
+    for (int k = 0; k < 4; k++) {
+        int r = W >= 64 ? 0 : k / (W / 16), v = W >= 64 ? k : k % (W / 16);
+        oi[k] = r * Wp + 16 * v;
+        oo[k] = r * W + 16 * v;
+    }
+    const int i1 = oi[1], i2 = oi[2], i3 = oi[3];
+    const int d1 = nq > 1 ? 1 : 0, d2 = nq > 2 ? 2 : d1, d3 = nq > 3 ? 3 : d2;
+    const __m512 b0 = _mm512_set1_ps(b ? b[o0] : 0.0f), b1 = _mm512_set1_ps(b ? b[o0 + d1] : 0.0f);
+    const __m512 b2 = _mm512_set1_ps(b ? b[o0 + d2] : 0.0f), b3 = _mm512_set1_ps(b ? b[o0 + d3] : 0.0f);
+    for (int oy = 0; oy < H; oy += R) {
+        for (int ox = 0; ox < (W >= 64 ? W : 16); ox += 64) {
+            __m512 a00 = b0, a01 = b0, a02 = b0, a03 = b0;
+            __m512 a10 = b1, a11 = b1, a12 = b1, a13 = b1;
+            __m512 a20 = b2, a21 = b2, a22 = b2, a23 = b2;
+            __m512 a30 = b3, a31 = b3, a32 = b3, a33 = b3;
+            const float *xc = pad + (long)oy * Wp + ox;
+            const float *wc = wt + o0;
+            for (int c = 0; c < Ci; c++, xc += HpWp, wc += 9 * Co) {
+#pragma GCC unroll 9
+                for (int t = 0; t < 9; t++) {
+                    const float *xr = xc + (t / 3) * Wp + t % 3;
+                    const float *wr = wc + t * Co;
+                    __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + i1);
+                    __m512 x2 = _mm512_loadu_ps(xr + i2), x3 = _mm512_loadu_ps(xr + i3);
+                    __m512 w = _mm512_set1_ps(wr[0]);
+                    a00 = _mm512_fmadd_ps(x0, w, a00);
+                    a01 = _mm512_fmadd_ps(x1, w, a01);
+                    a02 = _mm512_fmadd_ps(x2, w, a02);
+                    a03 = _mm512_fmadd_ps(x3, w, a03);
+                    w = _mm512_set1_ps(wr[d1]);
+                    a10 = _mm512_fmadd_ps(x0, w, a10);
+                    a11 = _mm512_fmadd_ps(x1, w, a11);
+                    a12 = _mm512_fmadd_ps(x2, w, a12);
+                    a13 = _mm512_fmadd_ps(x3, w, a13);
+                    w = _mm512_set1_ps(wr[d2]);
+                    a20 = _mm512_fmadd_ps(x0, w, a20);
+                    a21 = _mm512_fmadd_ps(x1, w, a21);
+                    a22 = _mm512_fmadd_ps(x2, w, a22);
+                    a23 = _mm512_fmadd_ps(x3, w, a23);
+                    w = _mm512_set1_ps(wr[d3]);
+                    a30 = _mm512_fmadd_ps(x0, w, a30);
+                    a31 = _mm512_fmadd_ps(x1, w, a31);
+                    a32 = _mm512_fmadd_ps(x2, w, a32);
+                    a33 = _mm512_fmadd_ps(x3, w, a33);
+                }
+            }
+            float *d = out + o0 * HW + (long)oy * W + ox;
+#define DIRECT_STORE(q, v0, v1, v2, v3)                                                    \
+    do {                                                                                   \
+        float *e = d + (q) * HW;                                                           \
+        if (accumulate) {                                                                  \
+            _mm512_storeu_ps(e, _mm512_add_ps(_mm512_loadu_ps(e), v0));                    \
+            _mm512_storeu_ps(e + oo[1], _mm512_add_ps(_mm512_loadu_ps(e + oo[1]), v1));    \
+            _mm512_storeu_ps(e + oo[2], _mm512_add_ps(_mm512_loadu_ps(e + oo[2]), v2));    \
+            _mm512_storeu_ps(e + oo[3], _mm512_add_ps(_mm512_loadu_ps(e + oo[3]), v3));    \
+        } else {                                                                           \
+            _mm512_storeu_ps(e, v0);                                                       \
+            _mm512_storeu_ps(e + oo[1], v1);                                               \
+            _mm512_storeu_ps(e + oo[2], v2);                                               \
+            _mm512_storeu_ps(e + oo[3], v3);                                               \
+        }                                                                                  \
+    } while (0)
+            DIRECT_STORE(0, a00, a01, a02, a03);
+            if (nq > 1) DIRECT_STORE(1, a10, a11, a12, a13);
+            if (nq > 2) DIRECT_STORE(2, a20, a21, a22, a23);
+            if (nq > 3) DIRECT_STORE(3, a30, a31, a32, a33);
+#undef DIRECT_STORE
+        }
+    }
+}
+
+/* W = 8 (8x8 maps): tiles of 4 rows of 8 pixels (ymm) x 6 output channels o0 + d_q
+ * (clamped as above): 24 accumulators of the 32 AVX-512VL vector registers. */
+__attribute__((target("avx512f,avx512vl"))) static void direct_w8(float *out, const float *pad,
+                                                                  const float *wt,
+                                                                  const float *b, int Ci,
+                                                                  int Co, int H, int o0, int nq,
+                                                                  int accumulate) {
+    const int W = 8, Wp = 10;
+    const long HpWp = (long)(H + 2) * Wp, HW = (long)H * W;
+    int dq[6];
+    for (int q = 0; q < 6; q++) dq[q] = q < nq ? q : nq - 1;
+    for (int oy = 0; oy < H; oy += 4) {
+        __m256 a[6][4];
+#pragma GCC unroll 6
+        for (int q = 0; q < 6; q++) {
+            __m256 init = _mm256_set1_ps(b ? b[o0 + dq[q]] : 0.0f);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) a[q][k] = init;
+        }
+        const float *xc = pad + (long)oy * Wp;
+        const float *wc = wt + o0;
+        for (int c = 0; c < Ci; c++, xc += HpWp, wc += 9 * Co) {
+#pragma GCC unroll 9
+            for (int t = 0; t < 9; t++) {
+                const float *xr = xc + (t / 3) * Wp + t % 3;
+                const float *wr = wc + t * Co;
+                __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + Wp);
+                __m256 x2 = _mm256_loadu_ps(xr + 2 * Wp), x3 = _mm256_loadu_ps(xr + 3 * Wp);
+#pragma GCC unroll 6
+                for (int q = 0; q < 6; q++) {
+                    __m256 w = _mm256_set1_ps(wr[dq[q]]);
+                    a[q][0] = _mm256_fmadd_ps(x0, w, a[q][0]);
+                    a[q][1] = _mm256_fmadd_ps(x1, w, a[q][1]);
+                    a[q][2] = _mm256_fmadd_ps(x2, w, a[q][2]);
+                    a[q][3] = _mm256_fmadd_ps(x3, w, a[q][3]);
+                }
+            }
+        }
+#pragma GCC unroll 6
+        for (int q = 0; q < 6; q++) {
+            if (q >= nq) break;
+            float *d = out + (o0 + q) * HW + (long)oy * W;
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                __m256 v = a[q][k];
+                if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(d + k * W), v);
+                _mm256_storeu_ps(d + k * W, v);
+            }
+        }
+    }
+}
+
+/* out (Co, H, W) (+)= conv of one sample; pairs of output channels over OpenMP if par */
+static void direct_sample(float *out, const float *pad, const float *wt, const float *b, int Ci,
+                          int Co, int H, int W, int accumulate, int par) {
+    if (W == 8) {
+        const int n6 = (Co + 5) / 6;
+#pragma omp parallel for schedule(static) if (par)
+        for (int ob = 0; ob < n6; ob++)
+            direct_w8(out, pad, wt, b, Ci, Co, H, ob * 6, Co - ob * 6 < 6 ? Co - ob * 6 : 6,
+                      accumulate);
+        return;
+    }
+    const int nblk = (Co + DIRECT_OB - 1) / DIRECT_OB;
+#pragma omp parallel for schedule(static) if (par)
+    for (int ob = 0; ob < nblk; ob++) {
+        int o0 = ob * DIRECT_OB;
+        direct_quad(out, pad, wt, b, Ci, Co, H, W, o0, Co - o0 < DIRECT_OB ? Co - o0 : DIRECT_OB,
+                    accumulate);
+    }
+}
+
+/* out[n] (+)= conv(in[n]) for all N samples; wt is (Ci, 9, Co) */
+static idd_status direct_conv(float *out, const float *in, const float *wt, const float *b, int N,
+                              int Ci, int Co, int H, int W, int accumulate) {
+    const size_t npad = (size_t)Ci * (H + 2) * (W + 2), isz = (size_t)Ci * H * W,
+                 osz = (size_t)Co * H * W;
+    int nt = omp_get_max_threads(), failed = 0;
+    if (nt > 1 && N >= nt && !omp_in_parallel()) {
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++) {
+            float *pad = idd_workspace_get(0, sizeof(float) * npad);
+            if (!pad) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            direct_pad(pad, in + n * isz, Ci, H, W, 0);
+            direct_sample(out + n * osz, pad, wt, b, Ci, Co, H, W, accumulate, 0);
+        }
+        return failed ? IDD_ENOMEM : IDD_OK;
+    }
+    float *pad = idd_workspace_get(0, sizeof(float) * npad);
+    if (!pad) return IDD_ENOMEM;
+    int par = !omp_in_parallel();
+    for (int n = 0; n < N; n++) {
+        direct_pad(pad, in + n * isz, Ci, H, W, par);
+        direct_sample(out + n * osz, pad, wt, b, Ci, Co, H, W, accumulate, par);
+    }
+    return IDD_OK;
+}
+
+/* forward: wt[(c*9 + t)*O + o] = w[o][c][t] */
+static idd_status direct_forward(float *out, const float *x, const float *w, const float *b,
+                                 const conv_shape *s) {
+    const int C = s->C, O = s->O;
+    float *wt = malloc(sizeof(float) * (size_t)C * 9 * O);
+    if (!wt) return IDD_ENOMEM;
+    for (int o = 0; o < O; o++)
+        for (int c = 0; c < C; c++)
+            for (int t = 0; t < 9; t++) wt[((size_t)c * 9 + t) * O + o] = w[((size_t)o * C + c) * 9 + t];
+    idd_status st = direct_conv(out, x, wt, b, s->N, C, O, s->H, s->W, 0);
+    free(wt);
+    return st;
+}
+
+/* dx += conv(dout, flipped w): wt[(o*9 + t)*C + c] = w[o][c][8 - t] */
+static idd_status direct_backward_dx(float *dx, const float *dout, const float *w,
+                                     const conv_shape *s) {
+    const int C = s->C, O = s->O;
+    float *wt = malloc(sizeof(float) * (size_t)C * 9 * O);
+    if (!wt) return IDD_ENOMEM;
+    for (int o = 0; o < O; o++)
+        for (int c = 0; c < C; c++)
+            for (int t = 0; t < 9; t++)
+                wt[((size_t)o * 9 + t) * C + c] = w[((size_t)o * C + c) * 9 + (8 - t)];
+    idd_status st = direct_conv(dx, dout, wt, NULL, s->N, O, C, s->H, s->W, 1);
+    free(wt);
+    return st;
+}
+#else
+static int use_direct(const conv_shape *s) { return 0; }
+static idd_status direct_forward(float *out, const float *x, const float *w, const float *b,
+                                 const conv_shape *s) {
+    return IDD_ERR;
+}
+static idd_status direct_backward_dx(float *dx, const float *dout, const float *w,
+                                     const conv_shape *s) {
+    return IDD_ERR;
+}
+#endif
+
 /* Per-sample mode when there are at least as many samples as threads (see the header
  * comment); otherwise chunks with multithreaded BLAS. */
 static int use_per_sample(int N) {
@@ -312,6 +596,8 @@ idd_status idd_conv2d_forward_hw_f32(float *out, const float *x, const float *w,
     conv_shape s;
     idd_status st = conv_check("conv2d_forward", &s, N, C, H, W, O, KH, KW, stride, pad_h, pad_w);
     if (st) return st;
+    if (use_direct(&s))
+        return direct_forward(out, x, w, b, &s) ? nomem("conv2d_forward", &s) : IDD_OK;
     if (use_per_sample(N)) {
         int failed = 0, nb = per_thread_chunk(&s), nch = (N + nb - 1) / nb;
         int blas_threads = openblas_get_num_threads();
@@ -363,6 +649,11 @@ idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const flo
         }
     }
     if (!dx && !dw) return IDD_OK;
+    if (dx && use_direct(&s)) {
+        if (direct_backward_dx(dx, dout, w, &s)) return nomem("conv2d_backward", &s);
+        dx = NULL; /* dw below, by im2col */
+        if (!dw) return IDD_OK;
+    }
 
     if (use_per_sample(N)) {
         /* each thread accumulates dw over its samples into a private partial (workspace

@@ -1,7 +1,8 @@
 /* bench_kernels.c — GFLOP/s of conv2d forward and backward on UNet-like layers, plus
  * the raw sgemm rate for scale, group norm and attention timings.
  *
- *   bench_kernels [threads [reps]]   (default 2 threads, best of 5)
+ *   bench_kernels [threads [reps [N]]]   (default 2 threads, best of 5; with N: the
+ *   small-config layers, 32-64 channels, batch N)
  *
  * Two strategies are timed for conv2d:
  *   folded      chunked schedule: one multithreaded sgemm per chunk of samples
@@ -168,6 +169,15 @@ int main(int argc, char **argv) {
     omp_set_num_threads(threads);
     openblas_set_num_threads(threads);
     printf("# threads %d (OpenMP and OpenBLAS); %s\n", threads, openblas_get_config());
+    if (argc > 3) { /* small config layers (1x32x32, 32-64 channels) */
+        int N = atoi(argv[3]);
+        bench_conv(N, 32, 32, 32, 32, 3, 1, 1, threads);
+        bench_conv(N, 64, 16, 16, 64, 3, 1, 1, threads);
+        bench_conv(N, 64, 8, 8, 64, 3, 1, 1, threads);
+        bench_conv(N, 32, 16, 16, 64, 3, 1, 1, threads);
+        bench_conv(N, 64, 16, 16, 64, 3, 2, 1, threads);
+        return 0;
+    }
     bench_sgemm(128, 1024, 1152);
     bench_sgemm(256, 1024, 2304);
     bench_conv(16, 128, 32, 32, 128, 3, 1, 1, threads);

@@ -511,6 +511,17 @@ int main(int argc, char **argv) {
         test_conv(5, 2, 3, 3, 2, 3, 1, 1, 1, 1);   /* tiny image: chunks of 2,2,1 samples */
         test_conv(5, 16, 4, 4, 24, 3, 1, 1, 1, 0); /* forward only, bigger */
         test_conv(3, 32, 8, 8, 16, 1, 1, 0, 1, 0);
+        /* the direct 3x3 kernel (AVX-512, W a multiple of 16): tiles of 4 rows of 16,
+         * 2 rows of 32, one row of 64; 3, 4+2, 4+1 output channels (short last group);
+         * one sample (channel groups over threads); W = 8: 4 rows of 8 x 6 channels
+         * (5, and 6+1); 8 wide with H not a multiple of 4 stays on im2col */
+        test_conv(3, 2, 4, 16, 3, 3, 1, 1, 0, 1);
+        test_conv(2, 2, 4, 32, 6, 3, 1, 1, 1, 1);
+        test_conv(1, 3, 2, 64, 5, 3, 1, 1, 1, 1);
+        test_conv(2, 3, 8, 8, 5, 3, 1, 1, 1, 1);
+        test_conv(1, 2, 4, 8, 7, 3, 1, 1, 0, 1);
+        test_conv(2, 2, 6, 8, 3, 3, 1, 1, 1, 1);
+        test_conv(4, 32, 8, 16, 64, 3, 1, 1, 1, 0);
     }
     idd_conv2d_set_target_cols(0);
     idd_conv2d_set_mode(0);
