@@ -242,15 +242,21 @@ function Diffusion:p_mean_variance(model, xt, t, opts)
   return {mean = mean, variance = var, log_variance = logvar, pred_xstart = pred, model_output = mo}
 end
 
+-- the common start of one sampling step: check x_t and t, run p_mean_variance
+local function step_start(self, fname, model, xt, t, opts)
+  check_tensor(xt, fname, "x_t")
+  t = to_t(t, batch_of(xt), fname)
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o._fname = fname
+  return t, self:p_mean_variance(model, xt, t, o)
+end
+
 -- -> sample, pred_xstart
 function Diffusion:p_sample(model, xt, t, opts)
   opts = opts or {}
-  check_tensor(xt, "diff:p_sample", "x_t")
-  t = to_t(t, batch_of(xt), "diff:p_sample")
-  local o = {}
-  for k, v in pairs(opts) do o[k] = v end
-  o._fname = "diff:p_sample"
-  local out = self:p_mean_variance(model, xt, t, o)
+  local out
+  t, out = step_start(self, "diff:p_sample", model, xt, t, opts)
   local noise = opts.noise or randn_like(xt, opts.generator)
   return ccall("diff:p_sample", self._c.p_sample_step, self._c, out.mean, out.log_variance, noise, t), out.pred_xstart
 end
@@ -258,12 +264,8 @@ end
 -- -> sample, pred_xstart. opts.eta (default 0)
 function Diffusion:ddim_sample(model, xt, t, opts)
   opts = opts or {}
-  check_tensor(xt, "diff:ddim_sample", "x_t")
-  t = to_t(t, batch_of(xt), "diff:ddim_sample")
-  local o = {}
-  for k, v in pairs(opts) do o[k] = v end
-  o._fname = "diff:ddim_sample"
-  local out = self:p_mean_variance(model, xt, t, o)
+  local out
+  t, out = step_start(self, "diff:ddim_sample", model, xt, t, opts)
   local noise = opts.noise or randn_like(xt, opts.generator)
   return ccall("diff:ddim_sample", self._c.ddim_step, self._c, xt, out.pred_xstart, noise, t, opts.eta or 0), out.pred_xstart
 end
@@ -271,19 +273,19 @@ end
 -- x_t -> x_{t+1} by the reverse ODE (eta must be 0) -> sample, pred_xstart
 function Diffusion:ddim_reverse_sample(model, xt, t, opts)
   opts = opts or {}
-  check_tensor(xt, "diff:ddim_reverse_sample", "x_t")
-  t = to_t(t, batch_of(xt), "diff:ddim_reverse_sample")
-  local o = {}
-  for k, v in pairs(opts) do o[k] = v end
-  o._fname = "diff:ddim_reverse_sample"
-  local out = self:p_mean_variance(model, xt, t, o)
-  return ccall("diff:ddim_reverse_sample", self._c.ddim_reverse_step, self._c, xt, out.pred_xstart, t, opts.eta or 0), out.pred_xstart
+  local out
+  t, out = step_start(self, "diff:ddim_reverse_sample", model, xt, t, opts)
+  return ccall("diff:ddim_reverse_sample", self._c.ddim_reverse_step, self._c, xt, out.pred_xstart, t, opts.eta or 0),
+    out.pred_xstart
 end
 
 -- ---------------------------------------------------------------- sampling loops
 
+-- wall-clock seconds (os.clock is CPU time summed over the engine's threads)
+local function now() return require("iddpm").wall_time() end
+
 local function progress_line(i, n, t0)
-  local dt = os.clock() - t0
+  local dt = now() - t0
   io.stderr:write(("\rsampling step %d/%d  %.1fs"):format(i, n, dt))
   if i == n then io.stderr:write("\n") end
 end
@@ -306,7 +308,7 @@ local function progressive(self, model, shape, opts, step, fname)
       error(("%s: opts.noise has shape %s but shape is %s"):format(fname, shape_str(s), shape_str(shape)), 3)
     end
   end
-  local B, i, n, t0 = shape[1], self.num_timesteps - 1, self.num_timesteps, os.clock()
+  local B, i, n, t0 = shape[1], self.num_timesteps - 1, self.num_timesteps, now()
   return function()
     if i < 0 then return nil end
     local prev = T.set_grad_enabled(false)
@@ -396,7 +398,7 @@ function Diffusion:calc_bpd_loop(model, x0, opts)
   local vb, xmse, mse = {}, {}, {}
   local total = {}
   for b = 1, B do total[b] = 0 end
-  local t0 = os.clock()
+  local t0 = now()
   T.no_grad(function()
     for col = 1, n do
       local step = n - col
