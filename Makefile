@@ -22,7 +22,7 @@ WARN    := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wpointer-arith -Wmissin
 ifeq ($(DEBUG),1)
   BUILD := build/debug
   SAN   := -fsanitize=address,undefined
-  OPT   := -O0 -g $(SAN) -fno-omit-frame-pointer
+  OPT   := -O0 -g $(SAN) -fno-omit-frame-pointer -march=x86-64-v3
 else
   BUILD := build/release
   OPT   := -O2 -g -march=x86-64-v3 -mtune=native

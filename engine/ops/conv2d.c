@@ -338,7 +338,7 @@ static void direct_pad(float *pad, const float *in, int Ci, int H, int W, int pa
  * short final group: repeats are computed and not stored) of one sample, all tiles.
  * A tile is 4 vectors of 16 output pixels (one row of 64, two rows of 32 or four rows
  * of 16): 16 named zmm accumulators of the 32 AVX-512 registers. */
-__attribute__((target("avx512f"))) static void direct_quad(float *out, const float *pad,
+__attribute__((target("avx512f,fma"))) static void direct_quad(float *out, const float *pad,
                                                           const float *wt, const float *b,
                                                           int Ci, int Co, int H, int W, int o0,
                                                           int nq, int accumulate) {
@@ -418,7 +418,7 @@ __attribute__((target("avx512f"))) static void direct_quad(float *out, const flo
 
 /* W = 8 (8x8 maps): tiles of 4 rows of 8 pixels (ymm) x 6 output channels o0 + d_q
  * (clamped as above): 24 accumulators of the 32 AVX-512VL vector registers. */
-__attribute__((target("avx512f,avx512vl"))) static void direct_w8(float *out, const float *pad,
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) static void direct_w8(float *out, const float *pad,
                                                                   const float *wt,
                                                                   const float *b, int Ci,
                                                                   int Co, int H, int o0, int nq,
