@@ -183,22 +183,27 @@ static void gather_chunk(float *dst, const float *src, int nb, int rows, long Ho
                    sizeof(float) * HoWo);
 }
 
+/* The (K, nb*HoWo) patch matrix of samples [n0, n0+nb): x itself for one sample of a
+ * 1x1 stride-1 conv, else im2col (or a gather for 1x1) into workspace slot 0.
+ * NULL when scratch memory cannot be had. */
+static const float *patches(const float *x, int n0, int nb, const conv_shape *s, int par) {
+    const int C = s->C;
+    if (is_pointwise(s) && nb == 1) return x + (size_t)n0 * C * s->HoWo;
+    float *col = idd_workspace_get(0, sizeof(float) * (size_t)s->K * nb * s->HoWo);
+    if (!col) return NULL;
+    if (is_pointwise(s)) gather_chunk(col, x + (size_t)n0 * C * s->HoWo, nb, C, s->HoWo, par);
+    else im2col(col, x, n0, nb, s, par);
+    return col;
+}
+
 /* Forward of samples [n0, n0+nb). Scratch from the CALLING thread's workspace.
  * par: use OpenMP inside (0 when already inside a parallel region). */
 static idd_status fwd_chunk(float *out, const float *x, const float *w, const float *b, int n0,
                             int nb, const conv_shape *s, int par) {
-    const int C = s->C, O = s->O, pw = is_pointwise(s);
+    const int O = s->O;
     const long P = (long)nb * s->HoWo;
-    const float *B;
-    if (pw && nb == 1) {
-        B = x + (size_t)n0 * C * s->HoWo;
-    } else {
-        float *col = idd_workspace_get(0, sizeof(float) * (size_t)s->K * P);
-        if (!col) return IDD_ENOMEM;
-        if (pw) gather_chunk(col, x + (size_t)n0 * C * s->HoWo, nb, C, s->HoWo, par);
-        else im2col(col, x, n0, nb, s, par);
-        B = col;
-    }
+    const float *B = patches(x, n0, nb, s, par);
+    if (!B) return IDD_ENOMEM;
     float *dst = out + (size_t)n0 * O * s->HoWo;
     if (nb > 1) {
         dst = idd_workspace_get(1, sizeof(float) * (size_t)O * P);
@@ -244,16 +249,8 @@ static idd_status bwd_chunk(float *dx, float *dw, const float *dout, const float
         D = g;
     }
     if (dw) {
-        const float *B;
-        if (pw && nb == 1) {
-            B = x + (size_t)n0 * C * s->HoWo;
-        } else {
-            float *col = idd_workspace_get(0, sizeof(float) * (size_t)s->K * P);
-            if (!col) return IDD_ENOMEM;
-            if (pw) gather_chunk(col, x + (size_t)n0 * C * s->HoWo, nb, C, s->HoWo, par);
-            else im2col(col, x, n0, nb, s, par);
-            B = col;
-        }
+        const float *B = patches(x, n0, nb, s, par);
+        if (!B) return IDD_ENOMEM;
         /* dw (O,K) += D (O,P) . B^T (P,K) */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, O, (int)s->K, (int)P, 1.0f, D,
                     (int)P, B, (int)P, 1.0f, dw, (int)s->K);

@@ -328,22 +328,22 @@ local function sample_opts(opts)
     model_kwargs = opts.model_kwargs, generator = opts.generator, eta = opts.eta}
 end
 
-function Diffusion:p_sample_loop_progressive(model, shape, opts)
+-- a progressive loop whose every step is self[step](model, img, i, opts)
+local function progressive_with(self, step, model, shape, opts, fname)
   opts = opts or {}
   local so = sample_opts(opts)
-  return progressive(self, model, shape, opts, function(img, i, B)
+  return progressive(self, model, shape, opts, function(img, i)
     so.noise = opts.step_noise and opts.step_noise(i) or nil
-    return self:p_sample(model, img, i, so)
-  end, "diff:p_sample_loop")
+    return self[step](self, model, img, i, so)
+  end, fname)
+end
+
+function Diffusion:p_sample_loop_progressive(model, shape, opts)
+  return progressive_with(self, "p_sample", model, shape, opts, "diff:p_sample_loop")
 end
 
 function Diffusion:ddim_sample_loop_progressive(model, shape, opts)
-  opts = opts or {}
-  local so = sample_opts(opts)
-  return progressive(self, model, shape, opts, function(img, i, B)
-    so.noise = opts.step_noise and opts.step_noise(i) or nil
-    return self:ddim_sample(model, img, i, so)
-  end, "diff:ddim_sample_loop")
+  return progressive_with(self, "ddim_sample", model, shape, opts, "diff:ddim_sample_loop")
 end
 
 local function run_loop(it, opts)
