@@ -87,6 +87,7 @@ cuda-check:
 test-cuda:
 	@$(MAKE) --no-print-directory CUDA=1 all
 	./iddpm run tests/cuda/test_backend_ops.lua $(TEST_ARGS)
+	./iddpm run tests/cuda/test_diffusion_ops.lua
 
 $(BUILD)/%.o: %.c $(wildcard include/iddpm/*.h) $(wildcard lua/*.h) $(wildcard engine/*/*.h)
 	@mkdir -p $(dir $@)

@@ -9,16 +9,19 @@
 --
 --   iddpm run recipes/eval_nll.lua checkpoint=runs/fmnist data=/usr/share/datasets/fashion-mnist \
 --        [split=test] [num=N (all)] [batch_size=16] [ema=0.9999|model] [out=DIR] [clip_denoised=true]
+--        [device=cpu|cuda] [precision=auto|fp32|tf32|bf16]
+-- device=cuda runs the model and every diffusion op of calc_bpd_loop on the GPU.
 -- Data go in as the model was trained on them: uint8 -> x/127.5 - 1.
 local iddpm = require "iddpm"
 local T, M, io_ = iddpm.tensor, iddpm.metrics, iddpm.io
 
-local o = M.parse_args(arg, {split = "test", batch_size = 16, clip_denoised = true})
+local o = M.parse_args(arg, {split = "test", batch_size = 16, clip_denoised = true, device = "cpu", precision = "auto"})
 if not o.checkpoint or not o.data then
   io.stderr:write("usage: iddpm run recipes/eval_nll.lua checkpoint=RUN|FILE data=PATH [split=test] [num=N] "
-    .. "[batch_size=16] [ema=RATE|model] [out=DIR]\n")
+    .. "[batch_size=16] [ema=RATE|model] [out=DIR] [device=cpu|cuda]\n")
   os.exit(2)
 end
+local dev, prec = iddpm.device.setup(o.device, o.precision, "eval_nll")
 
 -- the model and its diffusion: iddpm.sample's loader when present, else a small one
 local function load(path)
@@ -58,6 +61,10 @@ local function load(path)
 end
 
 local model, diff, file, msg = load(o.checkpoint)
+if dev ~= "cpu" then
+  model:to(dev)
+  msg = msg .. (", on %s (%s, %s)"):format(dev, iddpm.cuda.device_name(), prec)
+end
 local images = M.read_images(o.data, {split = o.split, num = o.num})
 local N, Tn = images:shape()[1], diff.num_timesteps
 print(("eval_nll: %s, %s; %d images from %s [%s], T = %d, clip_denoised = %s"):format(file, msg, N, o.data, o.split,
@@ -69,6 +76,7 @@ local running, t0 = 0, os.time()
 for i = 1, N, o.batch_size do
   local n = math.min(o.batch_size, N - i + 1)
   local x = images:narrow(1, i, n):float():affine(1 / 127.5, -1)
+  if dev ~= "cpu" then x = x:to(dev) end
   local r = diff:calc_bpd_loop(model, x, {clip_denoised = o.clip_denoised})
   for k, acc in pairs(sums) do sums[k] = acc + r[k]:double():sum(1) end
   local tb, pb = r.total_bpd:totable(), r.prior_bpd:totable()

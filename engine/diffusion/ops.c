@@ -1,10 +1,13 @@
 /* ops.c — the diffusion kernels (gaussian.c, losses.c) at the tensor level: argument
  * checks with messages naming the op and the shapes, conversion of inputs to contiguous
  * float32 CPU buffers, output allocation, and the tape nodes of q_sample (w.r.t. x_start
- * and noise) and training_losses (w.r.t. the model output). See diffusion_ops.h. */
+ * and noise) and training_losses (w.r.t. the model output). See diffusion_ops.h; the
+ * evaluation terms (vb_terms_bpd, prior_bpd, mean_flat, normal_kl, dgll) are in
+ * ops_eval.c, the shared helpers in ops_common.h. */
 #include "iddpm/diffusion_ops.h"
 #include "iddpm/autograd.h"
 #include "iddpm/backend.h"
+#include "ops_common.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -33,7 +36,7 @@ void idd_diffusion_release(idd_diffusion *d) {
 // ---------------------------------------------------------------- argument helpers
 
 /* A contiguous float32 CPU version of x (a new reference), or NULL with a message. */
-static idd_tensor *prep(idd_tensor *x, const char *op, const char *arg) {
+idd_tensor *idd_dops_prep(idd_tensor *x, const char *op, const char *arg) {
     if (!x) { idd_error("%s: %s is missing", op, arg); return NULL; }
     if (x->dtype != IDD_F32 && x->dtype != IDD_F64) {
         idd_error("%s: %s must be a float tensor, got %s", op, arg, idd_dtype_name(x->dtype));
@@ -49,23 +52,14 @@ static idd_tensor *prep(idd_tensor *x, const char *op, const char *arg) {
     return f;
 }
 
-/* B, C, HW of an x-like tensor (dim 0, dim 1, the rest) */
-static void geom(const idd_tensor *x, int64_t *B, int64_t *C, int64_t *HW) {
-    *B = x->ndim >= 1 ? x->shape[0] : 1;
-    *C = x->ndim >= 2 ? x->shape[1] : 1;
-    int64_t hw = 1;
-    for (int i = 2; i < x->ndim; i++) hw *= x->shape[i];
-    *HW = hw;
-}
-
-static idd_status need_batch(const idd_tensor *x, const char *op, const char *arg) {
+idd_status idd_dops_need_batch(const idd_tensor *x, const char *op, const char *arg) {
     char s[96];
     if (x->ndim < 1)
         return idd_error("%s: %s must have a batch dim, got shape %s", op, arg, idd_shape_str(x, s, 96));
     return IDD_OK;
 }
 
-static idd_status same_shape(const idd_tensor *a, const idd_tensor *b, const char *op,
+idd_status idd_dops_same_shape(const idd_tensor *a, const idd_tensor *b, const char *op,
                              const char *an, const char *bn) {
     char sa[96], sb[96];
     if (!idd_same_shape(a, b))
@@ -75,7 +69,7 @@ static idd_status same_shape(const idd_tensor *a, const idd_tensor *b, const cha
 }
 
 /* t: int64 (B), contiguous CPU, every value in [0, T). A new reference. */
-static idd_tensor *prep_t(idd_diffusion *d, idd_tensor *t, int64_t B, const char *op) {
+idd_tensor *idd_dops_prep_t(idd_diffusion *d, idd_tensor *t, int64_t B, const char *op) {
     char s[96];
     if (!t) { idd_error("%s: t is missing", op); return NULL; }
     if (t->dtype != IDD_I64) { idd_error("%s: t must be an int64 tensor, got %s", op, idd_dtype_name(t->dtype)); return NULL; }
@@ -90,14 +84,6 @@ static idd_tensor *prep_t(idd_diffusion *d, idd_tensor *t, int64_t B, const char
     return c;
 }
 
-static idd_tensor *new_like(const idd_tensor *x) { return idd_tensor_new(IDD_F32, IDD_CPU, x->ndim, x->shape); }
-static idd_tensor *new_b(int64_t B) { return idd_tensor_new(IDD_F32, IDD_CPU, 1, &B); }
-static float *F(idd_tensor *t) { return t ? (float *)idd_data(t) : NULL; }
-static const int64_t *I(idd_tensor *t) { return (const int64_t *)idd_data(t); }
-
-static void drop(int n, idd_tensor **ts) {
-    for (int i = 0; i < n; i++) { idd_tensor_release(ts[i]); ts[i] = NULL; }
-}
 
 /* per-sample double values broadcast over the n elements of each example */
 static void fill_bcast(idd_tensor *out, const double *v, int64_t B, int64_t n) {
@@ -123,7 +109,7 @@ static const idd_backend *dev_be(const idd_tensor *x) {
 }
 
 /* contiguous float32 on dev (a new reference) */
-static idd_tensor *prep_dev(idd_tensor *x, idd_device dev, const char *op, const char *arg) {
+idd_tensor *idd_dops_prep_dev(idd_tensor *x, idd_device dev, const char *op, const char *arg) {
     if (!x) { idd_error("%s: %s is missing", op, arg); return NULL; }
     if (x->dtype != IDD_F32 && x->dtype != IDD_F64) {
         idd_error("%s: %s must be a float tensor, got %s", op, arg, idd_dtype_name(x->dtype));
@@ -142,8 +128,8 @@ static double vb_scale_of(const idd_diffusion *d) {
 }
 
 /* the (IDD_DK_NCOEF, B) table of schedule values at t on dev; t checked on the host */
-static idd_tensor *coef_table(idd_diffusion *d, idd_tensor *t, int64_t B, idd_device dev, const char *op) {
-    idd_tensor *tc = prep_t(d, t, B, op);
+idd_tensor *idd_dops_coef_table(idd_diffusion *d, idd_tensor *t, int64_t B, idd_device dev, const char *op) {
+    idd_tensor *tc = idd_dops_prep_t(d, t, B, op);
     if (!tc) return NULL;
     const idd_schedule *s = d->s;
     const int64_t *tv = I(tc);
@@ -185,7 +171,7 @@ static idd_tensor *coef_table(idd_diffusion *d, idd_tensor *t, int64_t B, idd_de
     return c;
 }
 
-static void dk_args(idd_diffusion *d, idd_diff_args *a, int64_t B, int64_t C, int64_t HW, idd_tensor *coef) {
+void idd_dops_dk_args(idd_diffusion *d, idd_diff_args *a, int64_t B, int64_t C, int64_t HW, idd_tensor *coef) {
     memset(a, 0, sizeof *a);
     a->B = B; a->C = C; a->HW = HW;
     a->mean_type = (int)d->cfg.mean_type;
@@ -194,10 +180,6 @@ static void dk_args(idd_diffusion *d, idd_diff_args *a, int64_t B, int64_t C, in
     a->learned = idd_var_is_learned(d->cfg.var_type);
     a->vb_scale = vb_scale_of(d);
     a->coef = coef ? idd_data(coef) : NULL;
-}
-
-static idd_tensor *new_dev(idd_device dev, int ndim, const int64_t *shape) {
-    return idd_tensor_new(IDD_F32, dev, ndim, shape);
 }
 
 /* a pointwise device op: out (like's shape) from up to 3 inputs; NULL inputs allowed
@@ -212,12 +194,12 @@ static idd_tensor *dev_pointwise(idd_diffusion *d, int op, const char *opn, idd_
     geom(like, &B, &C, &HW);
     idd_tensor *in[3] = {x, y, z}, *a[3] = {NULL, NULL, NULL};
     for (int k = 0; k < 3; k++)
-        if (in[k] && !(a[k] = prep_dev(in[k], dev, opn, names[k]))) { drop(3, a); return NULL; }
-    idd_tensor *coef = coef_table(d, t, B, dev, opn);
+        if (in[k] && !(a[k] = idd_dops_prep_dev(in[k], dev, opn, names[k]))) { drop(3, a); return NULL; }
+    idd_tensor *coef = idd_dops_coef_table(d, t, B, dev, opn);
     idd_tensor *out = coef ? new_dev(dev, like->ndim, like->shape) : NULL;
     if (out) {
         idd_diff_args ar;
-        dk_args(d, &ar, B, C, HW, coef);
+        idd_dops_dk_args(d, &ar, B, C, HW, coef);
         ar.col0 = col0; ar.col1 = col1; ar.eta = eta;
         if (idd_numel(out) > 0 && be->diff_pointwise(op, &ar, F(out), F(a[0]), F(a[1]), F(a[2])) != IDD_OK) {
             idd_error_prefix(opn);
@@ -230,19 +212,11 @@ static idd_tensor *dev_pointwise(idd_diffusion *d, int op, const char *opn, idd_
     return out;
 }
 
-/* a CPU result moved to dev (the CPU reference released) */
-static idd_tensor *home(idd_tensor *o, idd_device dev) {
-    if (!o || o->device == dev) return o;
-    idd_tensor *r = idd_to_device(o, dev);
-    idd_tensor_release(o);
-    return r;
-}
-
 // ---------------------------------------------------------------- model_t, q_sample
 
 idd_tensor *idd_diff_model_t(idd_diffusion *d, idd_tensor *t) {
     if (!t || t->ndim != 1) { idd_error("diffusion.model_t: t must be a 1-D int64 tensor"); return NULL; }
-    idd_tensor *tc = prep_t(d, t, t->shape[0], "diffusion.model_t");
+    idd_tensor *tc = idd_dops_prep_t(d, t, t->shape[0], "diffusion.model_t");
     if (!tc) return NULL;
     idd_tensor *out = new_b(t->shape[0]);
     if (out && idd_schedule_model_t(d->s, I(tc), t->shape[0], d->rescale_timesteps, F(out)) != IDD_OK) {
@@ -257,7 +231,7 @@ typedef struct { int64_t B; double coef[]; } qs_ctx;   /* sqrt_abar[B], sqrt_1m_
 
 static idd_status q_sample_backward(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
     qs_ctx *c = n->ctx;
-    idd_tensor *g = prep(dout, "q_sample backward", "dout");
+    idd_tensor *g = idd_dops_prep(dout, "q_sample backward", "dout");
     if (!g) return IDD_ERR;
     int64_t B = c->B, m = idd_numel(g) / (B ? B : 1);
     for (int k = 0; k < 2; k++) {
@@ -275,7 +249,7 @@ static idd_status q_sample_backward(idd_node *n, idd_tensor *dout, idd_tensor **
 /* device path: saved[0] is the coefficient table */
 static idd_status q_sample_backward_dev(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
     idd_tensor *coef = n->saved[0];
-    idd_tensor *g = prep_dev(dout, coef->device, "q_sample backward", "dout");
+    idd_tensor *g = idd_dops_prep_dev(dout, coef->device, "q_sample backward", "dout");
     if (!g) return IDD_ERR;
     idd_diff_args a;
     memset(&a, 0, sizeof a);
@@ -303,7 +277,7 @@ idd_tensor *idd_diff_q_sample(idd_diffusion *d, idd_tensor *x0, idd_tensor *t, i
     const char *op = "diffusion.q_sample";
     int64_t B, C, HW;
     if (!x0 || !noise) { idd_error("%s: %s is missing", op, x0 ? "noise" : "x_start"); return NULL; }
-    if (need_batch(x0, op, "x_start") || same_shape(x0, noise, op, "x_start", "noise")) return NULL;
+    if (idd_dops_need_batch(x0, op, "x_start") || idd_dops_same_shape(x0, noise, op, "x_start", "noise")) return NULL;
     geom(x0, &B, &C, &HW);
     if (dev_be(x0)) {
         static const char *const names[3] = {"x_start", "noise", ""};
@@ -318,8 +292,8 @@ idd_tensor *idd_diff_q_sample(idd_diffusion *d, idd_tensor *x0, idd_tensor *t, i
         idd_tensor_release(coef);
         return out;
     }
-    idd_tensor *a[3] = {prep(x0, op, "x_start"), prep(noise, op, "noise"), NULL};
-    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[3] = {idd_dops_prep(x0, op, "x_start"), idd_dops_prep(noise, op, "noise"), NULL};
+    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[2] ? new_like(x0) : NULL;
     if (out && idd_q_sample(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out)) != IDD_OK) {
         idd_tensor_release(out);
@@ -350,7 +324,7 @@ idd_status idd_diff_q_mean_variance(idd_diffusion *d, idd_tensor *x0, idd_tensor
     const char *op = "diffusion.q_mean_variance";
     int64_t B, C, HW;
     if (!x0) return idd_error("%s: x_start is missing", op);
-    if (need_batch(x0, op, "x_start")) return IDD_ERR;
+    if (idd_dops_need_batch(x0, op, "x_start")) return IDD_ERR;
     geom(x0, &B, &C, &HW);
     if (dev_be(x0)) {
         static const char *const names[3] = {"x_start", "", ""};
@@ -362,8 +336,8 @@ idd_status idd_diff_q_mean_variance(idd_diffusion *d, idd_tensor *x0, idd_tensor
         *mean = o[0]; *var = o[1]; *logvar = o[2];
         return IDD_OK;
     }
-    idd_tensor *a[2] = {prep(x0, op, "x_start"), NULL};
-    a[1] = a[0] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[2] = {idd_dops_prep(x0, op, "x_start"), NULL};
+    a[1] = a[0] ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *o[3] = {a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL};
     double *v = malloc(sizeof(double) * 2 * (size_t)B);
     idd_status st = (o[0] && o[1] && o[2] && v)
@@ -382,7 +356,7 @@ idd_status idd_diff_q_posterior(idd_diffusion *d, idd_tensor *x0, idd_tensor *xt
     const char *op = "diffusion.q_posterior_mean_variance";
     int64_t B, C, HW;
     if (!x0 || !xt) return idd_error("%s: %s is missing", op, x0 ? "x_t" : "x_start");
-    if (need_batch(x0, op, "x_start") || same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
+    if (idd_dops_need_batch(x0, op, "x_start") || idd_dops_same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
     geom(x0, &B, &C, &HW);
     if (dev_be(x0)) {
         static const char *const names[3] = {"x_start", "x_t", ""};
@@ -394,8 +368,8 @@ idd_status idd_diff_q_posterior(idd_diffusion *d, idd_tensor *x0, idd_tensor *xt
         *mean = o[0]; *var = o[1]; *logvar = o[2];
         return IDD_OK;
     }
-    idd_tensor *a[3] = {prep(x0, op, "x_start"), prep(xt, op, "x_t"), NULL};
-    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[3] = {idd_dops_prep(x0, op, "x_start"), idd_dops_prep(xt, op, "x_t"), NULL};
+    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *o[3] = {a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL};
     double *v = malloc(sizeof(double) * 2 * (size_t)B);
     idd_status st = (o[0] && o[1] && o[2] && v)
@@ -413,15 +387,15 @@ static idd_tensor *predict(idd_diffusion *d, idd_tensor *xt, idd_tensor *t, idd_
     const char *op = from_eps ? "diffusion.predict_xstart_from_eps" : "diffusion.predict_eps_from_xstart";
     int64_t B, C, HW;
     if (!xt || !y) { idd_error("%s: %s is missing", op, xt ? "second input" : "x_t"); return NULL; }
-    if (need_batch(xt, op, "x_t") || same_shape(xt, y, op, "x_t", from_eps ? "eps" : "x_start")) return NULL;
+    if (idd_dops_need_batch(xt, op, "x_t") || idd_dops_same_shape(xt, y, op, "x_t", from_eps ? "eps" : "x_start")) return NULL;
     geom(xt, &B, &C, &HW);
     if (dev_be(xt)) {
         const char *const names[3] = {"x_t", from_eps ? "eps" : "x_start", ""};
         return dev_pointwise(d, from_eps ? IDD_DK_XSTART_EPS : IDD_DK_EPS_XSTART, op, xt, t, xt, y, NULL, names, 0, 0,
                              0, NULL);
     }
-    idd_tensor *a[3] = {prep(xt, op, "x_t"), prep(y, op, from_eps ? "eps" : "x_start"), NULL};
-    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[3] = {idd_dops_prep(xt, op, "x_t"), idd_dops_prep(y, op, from_eps ? "eps" : "x_start"), NULL};
+    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[2] ? new_like(xt) : NULL;
     idd_status st = !out ? IDD_ERR
                     : from_eps ? idd_predict_xstart_from_eps(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out))
@@ -440,7 +414,7 @@ idd_tensor *idd_diff_predict_eps_from_xstart(idd_diffusion *d, idd_tensor *xt, i
 // ---------------------------------------------------------------- reverse process
 
 /* model_out must be x_t's shape, or with 2C channels when the variance is learned */
-static idd_status check_model_out(idd_diffusion *d, const idd_tensor *mo, const idd_tensor *xt, const char *op) {
+idd_status idd_dops_check_model_out(idd_diffusion *d, const idd_tensor *mo, const idd_tensor *xt, const char *op) {
     char sm[96], sx[96];
     int learned = idd_var_is_learned(d->cfg.var_type);
     int ok = mo->ndim == xt->ndim && mo->ndim >= 2;
@@ -457,14 +431,14 @@ idd_tensor *idd_diff_pred_xstart_raw(idd_diffusion *d, idd_tensor *model_out, id
     const char *op = "diffusion.p_mean_variance";
     int64_t B, C, HW;
     if (!model_out || !xt) { idd_error("%s: %s is missing", op, xt ? "model output" : "x_t"); return NULL; }
-    if (check_model_out(d, model_out, xt, op)) return NULL;
+    if (idd_dops_check_model_out(d, model_out, xt, op)) return NULL;
     geom(xt, &B, &C, &HW);
     if (dev_be(xt)) {
         static const char *const names[3] = {"model output", "x_t", ""};
         return dev_pointwise(d, IDD_DK_PRED_XSTART, op, xt, t, model_out, xt, NULL, names, 0, 0, 0, NULL);
     }
-    idd_tensor *a[3] = {prep(model_out, op, "model output"), prep(xt, op, "x_t"), NULL};
-    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[3] = {idd_dops_prep(model_out, op, "model output"), idd_dops_prep(xt, op, "x_t"), NULL};
+    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[2] ? new_like(xt) : NULL;
     if (out && idd_p_pred_xstart_raw(d->s, d->cfg, F(a[0]), F(a[1]), I(a[2]), B, C, HW, F(out)) != IDD_OK) {
         idd_tensor_release(out);
@@ -480,17 +454,17 @@ idd_status idd_diff_p_finish(idd_diffusion *d, idd_tensor *model_out, idd_tensor
     const char *op = "diffusion.p_mean_variance";
     int64_t B, C, HW;
     if (!model_out || !xt || !pred_xstart) return idd_error("%s: an input is missing", op);
-    if (check_model_out(d, model_out, xt, op) || same_shape(xt, pred_xstart, op, "x_t", "pred_xstart"))
+    if (idd_dops_check_model_out(d, model_out, xt, op) || idd_dops_same_shape(xt, pred_xstart, op, "x_t", "pred_xstart"))
         return IDD_ERR;
     geom(xt, &B, &C, &HW);
     if (dev_be(xt)) {
         idd_device dev = xt->device;
         const idd_backend *be = dev_be(xt);
-        idd_tensor *a[2] = {prep_dev(model_out, dev, op, "model output"), NULL};
-        a[1] = a[0] ? prep_dev(xt, dev, op, "x_t") : NULL;
-        idd_tensor *pc = a[1] ? prep_dev(pred_xstart, dev, op, "pred_xstart") : NULL;
+        idd_tensor *a[2] = {idd_dops_prep_dev(model_out, dev, op, "model output"), NULL};
+        a[1] = a[0] ? idd_dops_prep_dev(xt, dev, op, "x_t") : NULL;
+        idd_tensor *pc = a[1] ? idd_dops_prep_dev(pred_xstart, dev, op, "pred_xstart") : NULL;
         if (pc && pc == pred_xstart) { idd_tensor *c = idd_clone(pc); idd_tensor_release(pc); pc = c; }  /* a fresh copy */
-        idd_tensor *coef = pc ? coef_table(d, t, B, dev, op) : NULL;
+        idd_tensor *coef = pc ? idd_dops_coef_table(d, t, B, dev, op) : NULL;
         idd_tensor *o[3] = {NULL, NULL, NULL};
         idd_tensor **want[3] = {mean, var, logvar};
         idd_status st = coef ? IDD_OK : IDD_ERR;
@@ -498,7 +472,7 @@ idd_status idd_diff_p_finish(idd_diffusion *d, idd_tensor *model_out, idd_tensor
             if (want[k] && !(o[k] = new_dev(dev, xt->ndim, xt->shape))) st = IDD_ERR;
         if (st == IDD_OK && idd_numel(xt) > 0) {
             idd_diff_args ar;
-            dk_args(d, &ar, B, C, HW, coef);
+            idd_dops_dk_args(d, &ar, B, C, HW, coef);
             ar.clip = clip;
             st = be->diff_p_finish(&ar, F(a[0]), F(a[1]), F(pc), F(o[0]), F(o[1]), F(o[2]));
             if (st != IDD_OK) idd_error_prefix(op);
@@ -510,8 +484,8 @@ idd_status idd_diff_p_finish(idd_diffusion *d, idd_tensor *model_out, idd_tensor
         if (pred_out) *pred_out = pc; else idd_tensor_release(pc);
         return IDD_OK;
     }
-    idd_tensor *a[3] = {prep(model_out, op, "model output"), prep(xt, op, "x_t"), NULL};
-    a[2] = a[0] && a[1] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[3] = {idd_dops_prep(model_out, op, "model output"), idd_dops_prep(xt, op, "x_t"), NULL};
+    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *p = a[2] ? idd_to_dtype(pred_xstart, IDD_F32) : NULL;   /* always a fresh copy */
     idd_tensor *pc = p && p->device != IDD_CPU ? idd_to_device(p, IDD_CPU) : (p ? (idd_tensor_retain(p), p) : NULL);
     idd_tensor_release(p);
@@ -534,14 +508,14 @@ idd_tensor *idd_diff_p_sample_step(idd_diffusion *d, idd_tensor *mean, idd_tenso
     const char *op = "diffusion.p_sample";
     int64_t B, C, HW;
     if (!mean || !logvar) { idd_error("%s: mean or log_variance missing", op); return NULL; }
-    if (need_batch(mean, op, "mean") || same_shape(mean, logvar, op, "mean", "log_variance") ||
-        (noise && same_shape(mean, noise, op, "x_t", "noise")))
+    if (idd_dops_need_batch(mean, op, "mean") || idd_dops_same_shape(mean, logvar, op, "mean", "log_variance") ||
+        (noise && idd_dops_same_shape(mean, noise, op, "x_t", "noise")))
         return NULL;
     geom(mean, &B, &C, &HW);
     if (dev_be(mean)) {
         static const char *const names[3] = {"mean", "log_variance", "noise"};
         if (!noise) {   /* only t == 0 rows may go without noise */
-            idd_tensor *tc = prep_t(d, t, B, op);
+            idd_tensor *tc = idd_dops_prep_t(d, t, B, op);
             if (!tc) return NULL;
             int need = 0;
             for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
@@ -551,8 +525,8 @@ idd_tensor *idd_diff_p_sample_step(idd_diffusion *d, idd_tensor *mean, idd_tenso
         }
         return dev_pointwise(d, IDD_DK_P_SAMPLE, op, mean, t, mean, logvar, noise, names, 0, 0, 0, NULL);
     }
-    idd_tensor *a[4] = {prep(mean, op, "mean"), prep(logvar, op, "log_variance"), noise ? prep(noise, op, "noise") : NULL, NULL};
-    a[3] = a[0] && a[1] && (!noise || a[2]) ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[4] = {idd_dops_prep(mean, op, "mean"), idd_dops_prep(logvar, op, "log_variance"), noise ? idd_dops_prep(noise, op, "noise") : NULL, NULL};
+    a[3] = a[0] && a[1] && (!noise || a[2]) ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[3] ? new_like(mean) : NULL;
     if (out && idd_p_sample_step(F(a[0]), F(a[1]), F(a[2]), I(a[3]), B, C * HW, F(out)) != IDD_OK) {
         idd_tensor_release(out);
@@ -567,8 +541,8 @@ static idd_tensor *ddim(idd_diffusion *d, idd_tensor *xt, idd_tensor *px, idd_te
     const char *op = reverse ? "diffusion.ddim_reverse_sample" : "diffusion.ddim_sample";
     int64_t B, C, HW;
     if (!xt || !px) { idd_error("%s: x_t or pred_xstart missing", op); return NULL; }
-    if (need_batch(xt, op, "x_t") || same_shape(xt, px, op, "x_t", "pred_xstart") ||
-        (noise && same_shape(xt, noise, op, "x_t", "noise")))
+    if (idd_dops_need_batch(xt, op, "x_t") || idd_dops_same_shape(xt, px, op, "x_t", "pred_xstart") ||
+        (noise && idd_dops_same_shape(xt, noise, op, "x_t", "noise")))
         return NULL;
     geom(xt, &B, &C, &HW);
     if (dev_be(xt)) {
@@ -580,7 +554,7 @@ static idd_tensor *ddim(idd_diffusion *d, idd_tensor *xt, idd_tensor *px, idd_te
         if (!reverse && (!(eta >= 0) || !isfinite(eta))) { idd_error("%s: eta must be >= 0, got %g", op, eta); return NULL; }
         if (!reverse && !noise) {
             if (eta != 0) {
-                idd_tensor *tc = prep_t(d, t, B, op);
+                idd_tensor *tc = idd_dops_prep_t(d, t, B, op);
                 if (!tc) return NULL;
                 int need = 0;
                 for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
@@ -592,8 +566,8 @@ static idd_tensor *ddim(idd_diffusion *d, idd_tensor *xt, idd_tensor *px, idd_te
         return dev_pointwise(d, reverse ? IDD_DK_DDIM_REVERSE : IDD_DK_DDIM, op, xt, t, xt, px, reverse ? NULL : noise,
                              names, 0, 0, eta, NULL);
     }
-    idd_tensor *a[4] = {prep(xt, op, "x_t"), prep(px, op, "pred_xstart"), noise ? prep(noise, op, "noise") : NULL, NULL};
-    a[3] = a[0] && a[1] && (!noise || a[2]) ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[4] = {idd_dops_prep(xt, op, "x_t"), idd_dops_prep(px, op, "pred_xstart"), noise ? idd_dops_prep(noise, op, "noise") : NULL, NULL};
+    a[3] = a[0] && a[1] && (!noise || a[2]) ? idd_dops_prep_t(d, t, B, op) : NULL;
     idd_tensor *out = a[3] ? new_like(xt) : NULL;
     idd_status st = !out ? IDD_ERR
                     : reverse ? idd_ddim_reverse_step(d->s, F(a[0]), F(a[1]), I(a[3]), eta, B, C * HW, F(out))
@@ -619,7 +593,7 @@ static idd_status training_losses_backward(idd_node *n, idd_tensor *dout, idd_te
     idd_tensor *mo = n->saved[0], *x0 = n->saved[1], *xt = n->saved[2], *nz = n->saved[3], *t = n->saved[4];
     int64_t B, C, HW;
     geom(xt, &B, &C, &HW);
-    idd_tensor *g = prep(dout, "training_losses backward", "dout");
+    idd_tensor *g = idd_dops_prep(dout, "training_losses backward", "dout");
     double *dl = g ? malloc(sizeof(double) * (size_t)B) : NULL;
     idd_tensor *gm = dl ? idd_tensor_zeros(IDD_F32, IDD_CPU, mo->ndim, mo->shape) : NULL;
     idd_status st = gm ? IDD_OK : IDD_ERR;
@@ -642,11 +616,11 @@ static idd_status training_losses_backward_dev(idd_node *n, idd_tensor *dout, id
     idd_tensor *mo = n->saved[0], *x0 = n->saved[1], *xt = n->saved[2], *nz = n->saved[3], *coef = n->saved[4];
     int64_t B, C, HW;
     geom(xt, &B, &C, &HW);
-    idd_tensor *g = prep_dev(dout, mo->device, "training_losses backward", "dout");
+    idd_tensor *g = idd_dops_prep_dev(dout, mo->device, "training_losses backward", "dout");
     idd_tensor *gm = g ? new_dev(mo->device, mo->ndim, mo->shape) : NULL;
     if (!gm) { idd_tensor_release(g); return IDD_ERR; }
     idd_diff_args a;
-    dk_args(d, &a, B, C, HW, coef);
+    idd_dops_dk_args(d, &a, B, C, HW, coef);
     idd_status st = idd_numel(gm) > 0 ? idd_backend_of(gm)->diff_losses_backward(&a, F(mo), F(x0), F(xt), F(nz), F(g), F(gm))
                                       : IDD_OK;
     idd_tensor_release(g);
@@ -663,15 +637,15 @@ static idd_status training_losses_dev(idd_diffusion *d, idd_tensor *model_out, i
     geom(xt, &B, &C, &HW);
     idd_device dev = xt->device;
     const idd_backend *be = dev_be(xt);
-    idd_tensor *a[5] = {prep_dev(model_out, dev, op, "model output"), prep_dev(x0, dev, op, "x_start"),
-                        prep_dev(xt, dev, op, "x_t"), prep_dev(noise, dev, op, "noise"), NULL};
-    a[4] = a[0] && a[1] && a[2] && a[3] ? coef_table(d, t, B, dev, op) : NULL;
+    idd_tensor *a[5] = {idd_dops_prep_dev(model_out, dev, op, "model output"), idd_dops_prep_dev(x0, dev, op, "x_start"),
+                        idd_dops_prep_dev(xt, dev, op, "x_t"), idd_dops_prep_dev(noise, dev, op, "noise"), NULL};
+    a[4] = a[0] && a[1] && a[2] && a[3] ? idd_dops_coef_table(d, t, B, dev, op) : NULL;
     idd_tensor *o[3] = {a[4] ? new_dev(dev, 1, &B) : NULL, a[4] ? new_dev(dev, 1, &B) : NULL,
                         a[4] ? new_dev(dev, 1, &B) : NULL};
     idd_status st = o[0] && o[1] && o[2] ? IDD_OK : IDD_ERR;
     if (st == IDD_OK && B > 0) {
         idd_diff_args ar;
-        dk_args(d, &ar, B, C, HW, a[4]);
+        idd_dops_dk_args(d, &ar, B, C, HW, a[4]);
         st = be->diff_losses(&ar, F(a[0]), F(a[1]), F(a[2]), F(a[3]), F(o[0]), F(o[1]), F(o[2]));
         if (st != IDD_OK) idd_error_prefix(op);
     }
@@ -699,14 +673,14 @@ idd_status idd_diff_training_losses(idd_diffusion *d, idd_tensor *model_out, idd
     const char *op = "diffusion.training_losses";
     int64_t B, C, HW;
     if (!model_out || !x0 || !xt || !noise) return idd_error("%s: an input is missing", op);
-    if (check_model_out(d, model_out, xt, op) || same_shape(x0, xt, op, "x_start", "x_t") ||
-        same_shape(x0, noise, op, "x_start", "noise"))
+    if (idd_dops_check_model_out(d, model_out, xt, op) || idd_dops_same_shape(x0, xt, op, "x_start", "x_t") ||
+        idd_dops_same_shape(x0, noise, op, "x_start", "noise"))
         return IDD_ERR;
     if (dev_be(xt)) return training_losses_dev(d, model_out, x0, xt, noise, t, loss, mse, vb);
     geom(xt, &B, &C, &HW);
-    idd_tensor *a[5] = {prep(model_out, op, "model output"), prep(x0, op, "x_start"), prep(xt, op, "x_t"),
-                        prep(noise, op, "noise"), NULL};
-    a[4] = a[0] && a[1] && a[2] && a[3] ? prep_t(d, t, B, op) : NULL;
+    idd_tensor *a[5] = {idd_dops_prep(model_out, op, "model output"), idd_dops_prep(x0, op, "x_start"), idd_dops_prep(xt, op, "x_t"),
+                        idd_dops_prep(noise, op, "noise"), NULL};
+    a[4] = a[0] && a[1] && a[2] && a[3] ? idd_dops_prep_t(d, t, B, op) : NULL;
     double *v = a[4] ? malloc(sizeof(double) * 3 * (size_t)B) : NULL;
     idd_tensor *o[3] = {v ? new_b(B) : NULL, v ? new_b(B) : NULL, v ? new_b(B) : NULL};
     idd_status st = o[0] && o[1] && o[2]
@@ -732,107 +706,4 @@ idd_status idd_diff_training_losses(idd_diffusion *d, idd_tensor *model_out, idd
     if (mse) *mse = o[1]; else idd_tensor_release(o[1]);
     if (vb) *vb = o[2]; else idd_tensor_release(o[2]);
     return IDD_OK;
-}
-
-idd_status idd_diff_vb_terms_bpd(idd_diffusion *d, idd_tensor *model_out, idd_tensor *x0, idd_tensor *xt,
-                                 idd_tensor *t, int clip, idd_tensor **vb, idd_tensor **pred_xstart) {
-    const char *op = "diffusion.vb_terms_bpd";
-    int64_t B, C, HW;
-    if (!model_out || !x0 || !xt) return idd_error("%s: an input is missing", op);
-    if (check_model_out(d, model_out, xt, op) || same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
-    geom(xt, &B, &C, &HW);
-    idd_tensor *a[4] = {prep(model_out, op, "model output"), prep(x0, op, "x_start"), prep(xt, op, "x_t"), NULL};
-    a[3] = a[0] && a[1] && a[2] ? prep_t(d, t, B, op) : NULL;
-    double *v = a[3] ? malloc(sizeof(double) * (size_t)B) : NULL;
-    idd_tensor *o = v ? new_b(B) : NULL, *p = o ? new_like(xt) : NULL;
-    idd_status st = p ? idd_vb_terms_bpd(d->s, d->cfg, F(a[0]), F(a[1]), F(a[2]), I(a[3]), B, C, HW, clip, v, F(p))
-                      : IDD_ERR;
-    if (st == IDD_OK) for (int64_t b = 0; b < B; b++) F(o)[b] = (float)v[b];
-    free(v);
-    drop(4, a);
-    if (st != IDD_OK) { idd_tensor_release(o); idd_tensor_release(p); return IDD_ERR; }
-    *vb = home(o, xt->device);
-    if (pred_xstart) *pred_xstart = home(p, xt->device); else idd_tensor_release(p);
-    return IDD_OK;
-}
-
-idd_tensor *idd_diff_prior_bpd(idd_diffusion *d, idd_tensor *x0) {
-    const char *op = "diffusion.prior_bpd";
-    int64_t B, C, HW;
-    if (!x0 || need_batch(x0, op, "x_start")) { if (!x0) idd_error("%s: x_start is missing", op); return NULL; }
-    geom(x0, &B, &C, &HW);
-    idd_tensor *a = prep(x0, op, "x_start");
-    double *v = a ? malloc(sizeof(double) * (size_t)B) : NULL;
-    idd_tensor *o = v ? new_b(B) : NULL;
-    if (o && idd_prior_bpd(d->s, F(a), B, C * HW, v) == IDD_OK)
-        for (int64_t b = 0; b < B; b++) F(o)[b] = (float)v[b];
-    else { idd_tensor_release(o); o = NULL; }
-    free(v);
-    idd_tensor_release(a);
-    return home(o, x0->device);
-}
-
-idd_tensor *idd_diff_mean_flat_sq_diff(idd_tensor *x, idd_tensor *y) {
-    const char *op = "diffusion.mean_flat_sq_diff";
-    int64_t B, C, HW;
-    if (!x || !y) { idd_error("%s: an input is missing", op); return NULL; }
-    if (need_batch(x, op, "a") || same_shape(x, y, op, "a", "b")) return NULL;
-    geom(x, &B, &C, &HW);
-    idd_tensor *a = prep(x, op, "a"), *b = a ? prep(y, op, "b") : NULL;
-    double *v = b ? malloc(sizeof(double) * (size_t)B) : NULL;
-    idd_tensor *o = v ? new_b(B) : NULL;
-    if (o && idd_mean_flat_sq_diff(F(a), F(b), B, C * HW, v) == IDD_OK)
-        for (int64_t i = 0; i < B; i++) F(o)[i] = (float)v[i];
-    else { idd_tensor_release(o); o = NULL; }
-    free(v);
-    idd_tensor_release(a);
-    idd_tensor_release(b);
-    return home(o, x->device);
-}
-
-// ---------------------------------------------------------------- elementwise losses
-
-/* the first argument with more than one element gives the shape; the others must
- * match it or hold one element (stride 0) */
-static idd_tensor *elementwise(const char *op, int n, idd_tensor **in, const char *const *names, int kind) {
-    char s0[96], s1[96];
-    const idd_tensor *ref = in[0];
-    for (int i = 0; i < n; i++) {
-        if (!in[i]) { idd_error("%s: %s is missing", op, names[i]); return NULL; }
-        if (idd_numel(in[i]) > 1 && (idd_numel(ref) <= 1)) ref = in[i];
-    }
-    for (int i = 0; i < n; i++)
-        if (idd_numel(in[i]) != 1 && !idd_same_shape(in[i], ref)) {
-            idd_error("%s: %s %s does not match %s (pass a tensor of that shape or a number)", op, names[i],
-                      idd_shape_str(in[i], s0, 96), idd_shape_str(ref, s1, 96));
-            return NULL;
-        }
-    idd_tensor *a[4] = {NULL, NULL, NULL, NULL};
-    int64_t st[4];
-    for (int i = 0; i < n; i++) {
-        a[i] = prep(in[i], op, names[i]);
-        if (!a[i]) { drop(n, a); return NULL; }
-        st[i] = idd_numel(in[i]) == 1 ? 0 : 1;
-    }
-    idd_tensor *out = new_like(ref);
-    int64_t m = idd_numel(ref);
-    idd_status rc = !out ? IDD_ERR
-                    : kind == 0 ? idd_normal_kl(m, F(a[0]), st[0], F(a[1]), st[1], F(a[2]), st[2], F(a[3]), st[3], F(out))
-                                : idd_discretized_gaussian_log_likelihood(m, F(a[0]), st[0], F(a[1]), st[1], F(a[2]),
-                                                                          st[2], F(out));
-    if (rc != IDD_OK) { idd_tensor_release(out); out = NULL; }
-    drop(n, a);
-    return home(out, ref->device);
-}
-
-idd_tensor *idd_diff_normal_kl(idd_tensor *m1, idd_tensor *lv1, idd_tensor *m2, idd_tensor *lv2) {
-    idd_tensor *in[4] = {m1, lv1, m2, lv2};
-    static const char *const names[4] = {"mean1", "logvar1", "mean2", "logvar2"};
-    return elementwise("diffusion.normal_kl", 4, in, names, 0);
-}
-
-idd_tensor *idd_diff_dgll(idd_tensor *x, idd_tensor *means, idd_tensor *log_scales) {
-    idd_tensor *in[3] = {x, means, log_scales};
-    static const char *const names[3] = {"x", "means", "log_scales"};
-    return elementwise("diffusion.discretized_gaussian_log_likelihood", 3, in, names, 1);
 }

@@ -35,7 +35,14 @@ enum {
     IDD_DK_PRED_XSTART,   /* x = model output (B, cout, HW), y = x_t: raw pred_xstart */
     IDD_DK_P_SAMPLE,      /* x = mean, y = log-variance, z = noise; t == 0 copies the mean */
     IDD_DK_DDIM,          /* x = x_t, y = pred_xstart, z = noise (may be NULL when not needed) */
-    IDD_DK_DDIM_REVERSE   /* x = x_t, y = pred_xstart */
+    IDD_DK_DDIM_REVERSE,  /* x = x_t, y = pred_xstart */
+    /* evaluation terms, per element (ops_eval.c sums them per sample on the device) */
+    IDD_DK_VB,            /* x = model output (B, cout, HW), y = x_start, z = x_t: the L_t term in nats
+                           * (discretized decoder NLL at t == 0, KL to the posterior otherwise); a->clip */
+    IDD_DK_PRIOR,         /* x = x_start: KL(q(x_T | x_0) || N(0, I)) in nats; coef at t = T-1 */
+    IDD_DK_SQDIFF,        /* (x - y)^2 */
+    IDD_DK_NORMAL_KL,     /* x = mean1, y = mean2, z = (2, B*n): logvar1 then logvar2; no coef */
+    IDD_DK_DGLL           /* x, y = means, z = log_scales: discretized Gaussian log-likelihood; no coef */
 };
 
 typedef struct {
@@ -213,6 +220,22 @@ IDD_HD float idd_dk_pointwise(int op, const idd_diff_args *a, int64_t b, int64_t
         double x0 = y[o], eps = (IDD_DK_C(a, IDD_DK_SRAC, b) * x[o] - x0) / IDD_DK_C(a, IDD_DK_SRM1AC, b);
         return (float)(x0 * sqrt(an) + sqrt(1 - an) * eps);
     }
+    case IDD_DK_VB: {
+        int64_t cout = a->learned ? 2 * n : n;
+        idd_dk_elem r;
+        idd_dk_p_elem(a, b, x[b * cout + i], a->learned ? x[b * cout + n + i] : 0, z[o], a->clip, &r);
+        if (IDD_DK_C(a, IDD_DK_T, b) == 0) return (float)-idd_dk_dgll(y[o], r.mu, 0.5 * r.lv);
+        return (float)idd_dk_normal_kl(IDD_DK_C(a, IDD_DK_PMC1, b) * y[o] + IDD_DK_C(a, IDD_DK_PMC2, b) * z[o],
+                                       IDD_DK_C(a, IDD_DK_PLVC, b), r.mu, r.lv);
+    }
+    case IDD_DK_PRIOR:
+        return (float)idd_dk_normal_kl(IDD_DK_C(a, IDD_DK_SQRT_AC, b) * x[o], IDD_DK_C(a, IDD_DK_LOG1M_AC, b), 0, 0);
+    case IDD_DK_SQDIFF: {
+        double d = (double)x[o] - (double)y[o];
+        return (float)(d * d);
+    }
+    case IDD_DK_NORMAL_KL: return (float)idd_dk_normal_kl(x[o], z[o], y[o], z[a->B * n + o]);
+    case IDD_DK_DGLL: return (float)idd_dk_dgll(x[o], y[o], z[o]);
     }
     return 0;
 }

@@ -299,8 +299,8 @@ local function progressive(self, model, shape, opts, step, fname)
     else error(fname .. ": shape must be a table like {N, C, H, W}", 3) end
   end
   local img = opts.noise
-  if img == nil then
-    img = opts.generator and T.randn(shape, opts.generator) or T.randn(shape)
+  if img == nil then   -- x_T on opts.device (the same numbers on every device)
+    img = T.randn(shape, opts.generator, "float32", opts.device or "cpu")
   else
     check_tensor(img, fname, "opts.noise")
     local s = img:shape()
@@ -356,7 +356,8 @@ local function run_loop(it, opts)
 end
 
 -- opts: noise (x_T), clip_denoised, denoised_fn, y, generator, progress, callback(step),
--- step_noise (a function(t) -> the noise tensor for step t, instead of the generator)
+-- step_noise (a function(t) -> the noise tensor for step t, instead of the generator),
+-- device (where x_T is drawn when opts.noise is not given: "cpu" or "cuda")
 function Diffusion:p_sample_loop(model, shape, opts)
   return (run_loop(self:p_sample_loop_progressive(model, shape, opts), opts))
 end
@@ -386,7 +387,8 @@ end
 -- The variational bound in bits/dim, step by step (official calc_bpd_loop).
 -- -> {total_bpd (B), prior_bpd (B), vb (B,T), xstart_mse (B,T), mse (B,T)}; columns
 -- run from t = T-1 down to 0, as in the official code. opts: clip_denoised (true),
--- y, generator, progress.
+-- y, generator, progress. With x0 on a device the whole loop runs there (the model,
+-- the noise, every term); the results come back to the CPU.
 function Diffusion:calc_bpd_loop(model, x0, opts)
   opts = opts or {}
   local fname = "diff:calc_bpd_loop"
@@ -399,6 +401,18 @@ function Diffusion:calc_bpd_loop(model, x0, opts)
   local total = {}
   for b = 1, B do total[b] = 0 end
   local t0 = now()
+  -- on a device every op stays there; the (B) columns are read back after the loop
+  local cols = {}
+  local function read(col, c)
+    c = {c[1]:totable(), c[2]:totable(), c[3]:totable()}
+    for b = 1, B do
+      vb[(b - 1) * n + col] = c[1][b]
+      xmse[(b - 1) * n + col] = c[2][b]
+      mse[(b - 1) * n + col] = c[3][b]
+      total[b] = total[b] + c[1][b]
+    end
+  end
+  local on_cpu = x0:device() == "cpu"
   T.no_grad(function()
     for col = 1, n do
       local step = n - col
@@ -408,21 +422,17 @@ function Diffusion:calc_bpd_loop(model, x0, opts)
       local mo = call_model(self, model, fname, xt, t, y)
       local v, pred = ccall("diff:calc_bpd_loop", self._c.vb_terms_bpd, self._c, mo, x0, xt, t, clip)
       local eps = ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, t, pred)
-      local cols = {v:totable(), C.mean_flat_sq_diff(pred, x0):totable(), C.mean_flat_sq_diff(eps, noise):totable()}
-      for b = 1, B do
-        vb[(b - 1) * n + col] = cols[1][b]
-        xmse[(b - 1) * n + col] = cols[2][b]
-        mse[(b - 1) * n + col] = cols[3][b]
-        total[b] = total[b] + cols[1][b]
-      end
+      cols[col] = {v, C.mean_flat_sq_diff(pred, x0), C.mean_flat_sq_diff(eps, noise)}
+      if on_cpu then read(col, cols[col]); cols[col] = nil end
       if opts.progress then progress_line(col, n, t0) end
     end
   end)
+  if not on_cpu then for col = 1, n do read(col, cols[col]) end end
   local prior = ccall("diff:calc_bpd_loop", self._c.prior_bpd, self._c, x0)
   local p = prior:totable()
   for b = 1, B do total[b] = total[b] + p[b] end
   return {
-    total_bpd = T.from_table(total, {B}), prior_bpd = prior,
+    total_bpd = T.from_table(total, {B}), prior_bpd = prior:to("cpu"),
     vb = T.from_table(vb, {B, n}), xstart_mse = T.from_table(xmse, {B, n}), mse = T.from_table(mse, {B, n}),
   }
 end

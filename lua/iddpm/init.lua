@@ -8,7 +8,8 @@ return function(iddpm)
   iddpm.manual_seed = T.manual_seed
   local lazy = {nn = "iddpm.nn", diffusion = "iddpm.diffusion", optim = "iddpm.optim",
                 data = "iddpm.data", train = "iddpm.train", sample = "iddpm.sample",
-                metrics = "iddpm.metrics", image = "iddpm.image", recipe = "iddpm.recipe"}
+                metrics = "iddpm.metrics", image = "iddpm.image", recipe = "iddpm.recipe",
+                device = "iddpm.device"}
   setmetatable(iddpm, {__index = function(t, k)
     local name = lazy[k]
     if not name then return nil end

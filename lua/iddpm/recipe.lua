@@ -72,6 +72,8 @@ R.KEYS = {
   {"sample_steps", "str", "100", "respacing used for the sample grids (e.g. 50, ddim50)"},
   {"num_samples", "int", 16, "images in each sample grid"},
   {"num_threads", "int", 0, "engine threads (0 = all cores)"},
+  {"device", "str", "cpu", "cpu or cuda (model, EMA, optimizer state, batches and noise on that device)"},
+  {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda), fp32, tf32 or bf16; the CPU uses fp32"},
 }
 
 R.TYPE, R.DEFAULT, R.HELP = {}, {}, {}
@@ -178,6 +180,12 @@ function R.resolve(cfg, args)
   if c.use_fp16 then error("config: use_fp16 is not supported (the engine trains in float32)", 0) end
   if c.schedule_sampler ~= "uniform" and c.schedule_sampler ~= "loss-second-moment" then
     error(("config key 'schedule_sampler': %q (expected uniform or loss-second-moment)"):format(c.schedule_sampler), 0)
+  end
+  if c.device ~= "cpu" and c.device ~= "cuda" then
+    error(("config key 'device': %q (expected cpu or cuda)"):format(c.device), 0)
+  end
+  if not require("iddpm.device").PRECISIONS[c.precision] then
+    error(("config key 'precision': %q (expected auto, fp32, tf32 or bf16)"):format(c.precision), 0)
   end
   if c.batch_size < 1 then error("config key 'batch_size' must be >= 1", 0) end
   for r in c.ema_rate:gmatch("[^,]+") do

@@ -1,7 +1,7 @@
 -- iddpm/sample.lua — sampling from a checkpoint (docs/iddpm_spec.md §7, issue 6).
 --
 --   local S = require "iddpm.sample"
---   model, diff, info = S.load(path, {use_ema = true, steps = "250"})
+--   model, diff, info = S.load(path, {use_ema = true, steps = "250", device = "cpu"})
 --       path: a run directory (newest ckpt_*.safetensors) or a checkpoint file; the
 --       model and diffusion settings come from its config; info.weights says which
 --       tensors were loaded ("ema_0.9999" or "model"), info.sampler "ddpm" | "ddim".
@@ -15,6 +15,8 @@
 --       bit-identical for any batch size (slower: ~3x at 32x32 on 2 cores). record = {samples = S, frames = K} keeps x_t and pred_x0 of the
 --       first S samples at K steps (returned as the third value).
 --   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`)
+--   device=cuda: the model and every step's tensors on the GPU (the same noise numbers
+--   as on the CPU); the images come back to the CPU batch by batch.
 --   S.save_denoise(dir, record) -> dir/denoise.png, dir/denoise.gif
 --   S.benchmark(model, diff, batch, steps) -> images x steps per second, seconds
 --
@@ -189,6 +191,7 @@ function S.load(path, opts)
   if not ok2 then fail(("cannot build the model of %s: %s"):format(file, tostring(model))) end
   local ok3, err = pcall(model.load_state_dict, model, sd)
   if not ok3 then fail(("%s (%s weights) does not fit its config: %s"):format(file, weights, tostring(err))) end
+  if opts.device and opts.device ~= "cpu" then model:to(opts.device) end
   model:eval()
   local msg = rate and ("using EMA weights (rate %s)"):format(rate)
     or (opts.use_ema ~= false and "no EMA weights in the checkpoint: using raw model weights" or "using raw model weights")
@@ -198,10 +201,18 @@ end
 
 -- ---------------------------------------------------------------- sampling
 
-local function batch_noise(gens, chw)
+-- the device of a model's parameters
+local function model_device(model)
+  local p = model.parameters and model:parameters()[1]
+  return p and p:device() or "cpu"
+end
+S.model_device = model_device
+
+local function batch_noise(gens, chw, dev)
   local x = T.empty({#gens, chw[1], chw[2], chw[3]})
+  if dev ~= "cpu" then x = x:to(dev) end
   local one = {1, chw[1], chw[2], chw[3]}
-  for i, g in ipairs(gens) do x:narrow(1, i, 1):copy_(T.randn(one, g)) end
+  for i, g in ipairs(gens) do x:narrow(1, i, 1):copy_(T.randn(one, g, "float32", dev)) end
   return x
 end
 
@@ -224,12 +235,14 @@ function S.sample_batch(model, diff, first, n, opts)
   local chw = {cfg.in_channels, cfg.image_size, cfg.image_size}
   local gens = {}
   for i = 1, n do gens[i] = T.generator(opts.seed or 0, first + i - 1) end
-  local xT = batch_noise(gens, chw)
+  local dev = model_device(model)
+  local xT = batch_noise(gens, chw, dev)
   local y
   if opts.labels then
     local l = {}
     for i = 1, n do l[i] = opts.labels[first + i] end
     y = T.from_table(l, {n}, "int64")
+    if dev ~= "cpu" then y = y:to(dev) end
   end
   local rec, rset, rs
   if opts.record and first == 0 then
@@ -247,18 +260,18 @@ function S.sample_batch(model, diff, first, n, opts)
       local o
       for i = 1, n do
         local oi = model(x:narrow(1, i, 1), t:narrow(1, i, 1), yy and yy:narrow(1, i, 1))
-        if not o then local s = oi:shape(); o = T.empty({n, s[2], s[3], s[4]}) end
+        if not o then local s = oi:shape(); o = T.empty({n, s[2], s[3], s[4]}); if dev ~= "cpu" then o = o:to(dev) end end
         o:narrow(1, i, 1):copy_(oi)
       end
       return o
     end
   end
   local loop_opts = {noise = xT, y = y, clip_denoised = opts.clip_denoised ~= false, eta = opts.eta or 0,
-    step_noise = function() return batch_noise(gens, chw) end,
+    step_noise = function() return batch_noise(gens, chw, dev) end,
     callback = function(step)
       if rec and rset[j] then
-        rec.xt[#rec.xt + 1] = step.sample:narrow(1, 1, rs):contiguous()
-        rec.x0[#rec.x0 + 1] = step.pred_xstart:narrow(1, 1, rs):contiguous()
+        rec.xt[#rec.xt + 1] = step.sample:narrow(1, 1, rs):contiguous():to("cpu")
+        rec.x0[#rec.x0 + 1] = step.pred_xstart:narrow(1, 1, rs):contiguous():to("cpu")
         rec.t[#rec.t + 1] = diff.timestep_map[step.t + 1]
       end
       j = j + 1
@@ -267,7 +280,7 @@ function S.sample_batch(model, diff, first, n, opts)
   local x
   if opts.sampler == "ddim" then x = diff:ddim_sample_loop(net, {n, chw[1], chw[2], chw[3]}, loop_opts)
   else x = diff:p_sample_loop(net, {n, chw[1], chw[2], chw[3]}, loop_opts) end
-  return x, rec
+  return x:to("cpu"), rec
 end
 
 -- labels: nil, a number (every sample), a Lua array (cycled), or "random" (drawn
@@ -331,15 +344,19 @@ end
 -- seconds per model call for a batch (one warm-up call, then the mean of `reps`)
 function S.time_model_call(model, diff, batch, reps, y)
   local cfg = model.config
-  local x = T.randn({batch, cfg.in_channels, cfg.image_size, cfg.image_size}, T.generator(0, 0))
+  local dev = model_device(model)
+  local x = T.randn({batch, cfg.in_channels, cfg.image_size, cfg.image_size}, T.generator(0, 0), "float32", dev)
   local t = {}
   for i = 1, batch do t[i] = diff.num_timesteps - 1 end
-  local tm = diff._c:model_t(T.from_table(t, {batch}, "int64"))
-  local yt = y and T.from_table((function() local l = {} for i = 1, batch do l[i] = y[(i - 1) % #y + 1] end return l end)(), {batch}, "int64")
+  local tm = diff._c:model_t(T.from_table(t, {batch}, "int64")):to(dev)
+  local yt = y and T.from_table((function() local l = {} for i = 1, batch do l[i] = y[(i - 1) % #y + 1] end return l end)(), {batch}, "int64"):to(dev)
   T.no_grad(function() model(x, tm, yt) end)
   reps = reps or 1
+  local sync = dev ~= "cpu" and iddpm.cuda.synchronize or function() end
+  sync()
   local t0 = now()
   T.no_grad(function() for _ = 1, reps do model(x, tm, yt) end end)
+  sync()
   return (now() - t0) / reps
 end
 
@@ -350,15 +367,19 @@ function S.benchmark(model, diff, batch, steps)
   local y
   if cfg.num_classes then y = {} for i = 1, batch do y[i] = (i - 1) % cfg.num_classes end end
   local gen = T.generator(0, 0)
-  local x = T.randn({batch, cfg.in_channels, cfg.image_size, cfg.image_size}, gen)
-  local yt = y and T.from_table(y, {batch}, "int64")
+  local dev = model_device(model)
+  local x = T.randn({batch, cfg.in_channels, cfg.image_size, cfg.image_size}, gen, "float32", dev)
+  local yt = y and T.from_table(y, {batch}, "int64"):to(dev)
+  local sync = dev ~= "cpu" and iddpm.cuda.synchronize or function() end
   T.no_grad(function() diff:p_sample(model, x, diff.num_timesteps - 1, {y = yt, generator = gen}) end)  -- warm-up
+  sync()
   local t0 = now()
   T.no_grad(function()
     for i = 1, steps do
       x = diff:p_sample(model, x, diff.num_timesteps - i, {y = yt, generator = gen})
     end
   end)
+  sync()
   local dt = now() - t0
   return batch * steps / dt, dt
 end
@@ -387,6 +408,8 @@ S.OPTIONS = {
   progress = "progress line (true)",
   exact = "bit-identical images for any batch_size: one model call per sample (false; slower)",
   threads = "engine threads (default: all cores)",
+  device = "cpu (default) or cuda: where the model runs",
+  precision = "GPU precision: auto (= bf16), fp32, tf32 or bf16",
 }
 
 local BOOL = {exact = true, use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true}
@@ -425,6 +448,10 @@ function S.parse_args(...)
       v = n
     elseif k == "sampler" and v ~= "ddpm" and v ~= "ddim" then
       fail(("sampler=%s: expected ddpm or ddim"):format(tostring(v)))
+    elseif k == "device" and v ~= "cpu" and v ~= "cuda" then
+      fail(("device=%s: expected cpu or cuda"):format(tostring(v)))
+    elseif k == "precision" and not require("iddpm.device").PRECISIONS[tostring(v)] then
+      fail(("precision=%s: expected auto, fp32, tf32 or bf16"):format(tostring(v)))
     else
       v = tostring(v)
     end
@@ -505,10 +532,12 @@ function S.main(...)
   local o = S.parse_args(...)
   if not o.ckpt then fail("ckpt= is required (a run directory or a checkpoint file); valid options: " .. valid_list()) end
   if o.threads then iddpm.num_threads(o.threads) end
+  local dev, prec = require("iddpm.device").setup(o.device or "cpu", o.precision or "auto", "sample")
   local N, B = o.num_samples or 16, o.batch_size or 16
   local out = o.out or "samples"
   -- everything that can fail on user input is checked before out/ is created
-  local model, diff, info = S.load(o.ckpt, {use_ema = o.use_ema, steps = o.steps, sampler = o.sampler, ema_rate = o.ema_rate})
+  local model, diff, info = S.load(o.ckpt, {use_ema = o.use_ema, steps = o.steps, sampler = o.sampler, ema_rate = o.ema_rate,
+    device = dev})
   local nc = info.unet.num_classes
   local cls = parse_class(o.class, nc)
   local labels = S.make_labels(cls, N, nc, o.seed)
@@ -517,6 +546,7 @@ function S.main(...)
   local K = diff.num_timesteps
   print(("checkpoint %s (step %s): %s"):format(info.path, tostring(info.step), model:describe()))
   print(info.message)
+  if dev ~= "cpu" then print(("device %s (%s), precision %s"):format(dev, iddpm.cuda.device_name(), prec)) end
   print(("sampler %s, %d of %d steps%s, %d samples, batch %d, seed %d, clip_denoised %s%s"):format(info.sampler, K,
     diff.original_num_steps, diff.timestep_respacing ~= "" and (" (respacing " .. diff.timestep_respacing .. ")") or "",
     N, math.min(B, N), o.seed or 0, tostring(o.clip_denoised ~= false),
@@ -558,7 +588,7 @@ function S.main(...)
   local settings = {checkpoint = info.path, step = info.step, weights = info.weights, sampler = info.sampler,
     steps = K, timestep_respacing = diff.timestep_respacing, original_steps = diff.original_num_steps,
     num_samples = N, batch_size = B, seed = o.seed or 0, clip_denoised = o.clip_denoised ~= false,
-    eta = o.eta or 0, labels = labels, config = info.config}
+    eta = o.eta or 0, labels = labels, config = info.config, device = dev, precision = prec}
   write_text(out .. "/settings.json", io_.json_encode(settings))
   print(("wrote %s%s"):format(table.concat(written, ", "), save_each and (", and %d sample_*.png"):format(N) or ""))
   return {out = out, npz = npz, images = u, labels = labels}

@@ -20,6 +20,14 @@
 -- the data order (stream 4, a pure function of the loader position), and the sample
 -- grids (5, fresh for each grid, so they never disturb training). The checkpoint holds
 -- these, the loader position, the sampler history, model, EMA, AdamW moments and step.
+--
+-- Devices (config keys device, precision): model, EMA, AdamW moments, batches, timestep
+-- weights and noise live on `device`; noise is drawn there (Philox gives the same
+-- numbers on every device, so a run resumes across devices). Checkpoints are written
+-- from the device tensors (T.save moves them to the CPU) and loaded back onto the
+-- device, so a GPU checkpoint resumes or samples on the CPU and vice versa. On a device
+-- the per-step losses stay there until the next log line, and the gradient norm (a host
+-- wait) is computed on log steps only, unless grad_clip needs it every step.
 local T = require "iddpm.tensor"
 local io_ = require "iddpm.io"
 local nn = require "iddpm.nn"
@@ -30,6 +38,7 @@ local data = require "iddpm.data"
 local image = require "iddpm.image"
 local recipe = require "iddpm.recipe"
 local plot = require "iddpm.plot"
+local device = require "iddpm.device"
 
 local train = {}
 
@@ -77,6 +86,11 @@ function train.new(c, opts)
   opts = opts or {}
   local self = setmetatable({c = c, step = 0, quiet = opts.quiet}, Trainer)
   if c.num_threads > 0 then require("iddpm").num_threads(c.num_threads) end
+  -- a missing GPU fails here, before any file is written
+  self.device, self.precision = device.setup(c.device or "cpu", c.precision or "auto", "train")
+  if not opts.quiet and self.device ~= "cpu" then
+    say("device: %s (%s), precision %s", self.device, require("iddpm").cuda.device_name(), self.precision)
+  end
   mkdir(c.run_dir)
   os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
   -- data
@@ -93,6 +107,7 @@ function train.new(c, opts)
   end
   -- model, diffusion, optimizer, EMA
   self.model = nn.unet(train.model_config(c, self.num_classes))
+  if self.device ~= "cpu" then self.model:to(self.device) end
   self.model:train()
   self.names = self.model:parameter_names()
   self.diffusion = D.new(train.diffusion_config(c))
@@ -248,13 +263,32 @@ end
 
 local TERMS = {"loss", "mse", "vb"}
 
+local function new_acc()
+  local acc = {n = 0, steps = 0, sum = {}, qsum = {}, qn = {0, 0, 0, 0}, grad_norm = 0, gn_steps = 0, pending = {}}
+  for _, k in ipairs(TERMS) do acc.sum[k] = 0; acc.qsum[k] = {0, 0, 0, 0} end
+  return acc
+end
+
+-- t, w (CPU) and the per-example losses of one microbatch; on a device the losses are
+-- kept (detached) until flush() reads them, so that a step does not wait for the GPU
 function Trainer:accumulate(t, w, losses)
+  self.acc = self.acc or new_acc()
+  local l = {}
+  for _, k in ipairs(TERMS) do l[k] = losses[k]:detach() end
+  local p = self.acc.pending
+  p[#p + 1] = {t = t, w = w, losses = l}
+  if self.device == "cpu" then self:flush() end
+end
+
+function Trainer:flush()
   local acc = self.acc
-  if not acc then
-    acc = {n = 0, steps = 0, sum = {}, qsum = {}, qn = {0, 0, 0, 0}, grad_norm = 0}
-    for _, k in ipairs(TERMS) do acc.sum[k] = 0; acc.qsum[k] = {0, 0, 0, 0} end
-    self.acc = acc
-  end
+  if not acc then return end
+  for _, e in ipairs(acc.pending) do self:accumulate_now(e.t, e.w, e.losses) end
+  acc.pending = {}
+end
+
+function Trainer:accumulate_now(t, w, losses)
+  local acc = self.acc
   local tv, wv = t:totable(), w:totable()
   local nT = self.diffusion.num_timesteps
   for _, k in ipairs(TERMS) do
@@ -276,6 +310,10 @@ function Trainer:step_once()
   self.snapshot = {rng = self:rng_state(), data = self.loader:state()}
   self.phase = "forward"
   local x, y = self.loader:next()
+  if self.device ~= "cpu" then
+    x = x:to(self.device)
+    if y then y = y:to(self.device) end
+  end
   self.opt:zero_grad()
   local B = x:size(1)
   local mb = (c.microbatch > 0 and c.microbatch < B) and c.microbatch or B
@@ -285,23 +323,27 @@ function Trainer:step_once()
     local xm = n == B and x or x:narrow(1, i, n)
     local ym = (self.num_classes and y) and (n == B and y or y:narrow(1, i, n)) or nil
     local t, w = self.sampler:sample(n, self.gen_t)
-    local noise = T.randn(xm:shape(), self.gen_noise)
+    local noise = T.randn(xm:shape(), self.gen_noise, "float32", self.device)
     local losses = diff:training_losses(model, xm, t, {noise = noise, y = ym})
     if c.schedule_sampler ~= "uniform" then updates[#updates + 1] = {t, losses.loss:detach()} end
-    local loss = (losses.loss * w):mean()
+    local wd = self.device == "cpu" and w or w:to(self.device)
+    local loss = (losses.loss * wd):mean()
     if not c.microbatch_sum and n ~= B then loss = loss * (n / B) end
     loss:backward()
     self:accumulate(t, w, losses)
   end
-  local gn = c.grad_clip > 0 and optim.clip_grad_norm(model:parameters(), c.grad_clip) or optim.grad_norm(model:parameters())
-  self.acc.grad_norm = self.acc.grad_norm + gn
+  -- the norm waits for the device: there, only on log steps (unless clipping needs it)
+  local gn
+  if c.grad_clip > 0 then gn = optim.clip_grad_norm(model:parameters(), c.grad_clip)
+  elseif self.device == "cpu" or (self.step + 1) % c.log_interval == 0 then gn = optim.grad_norm(model:parameters()) end
+  if gn then self.acc.grad_norm, self.acc.gn_steps = self.acc.grad_norm + gn, self.acc.gn_steps + 1 end
   self.acc.steps = self.acc.steps + 1
   self.opt.lr = self:lr_at(self.step)
   -- the update: from here on the step must complete (see run())
   self.phase = "update"
   self.opt:step()
   for _, e in ipairs(self.emas) do e.ema:update() end
-  for _, u in ipairs(updates) do self.sampler:update(u[1], u[2]) end
+  for _, u in ipairs(updates) do self.sampler:update(u[1], u[2]:to("cpu")) end
   self.step = self.step + 1
   self.phase = "idle"
 end
@@ -310,11 +352,12 @@ end
 
 function Trainer:log(t_start, step_start)
   local acc, c = self.acc, self.c
+  self:flush()
   if not acc or acc.n == 0 then return end
   local now = data.now()
   local steps_done = self.step - step_start
   local ips = steps_done * c.batch_size / math.max(now - t_start, 1e-9)
-  local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.grad_norm / acc.steps,
+  local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
     images_per_s = ips, time = now - self.t0}
   for _, k in ipairs(TERMS) do
     rec[k] = acc.sum[k] / acc.n
@@ -356,13 +399,14 @@ function Trainer:sample_grid()
   local t0 = data.now()
   local ok, x = pcall(function()
     local shape = {n, c.in_channels, c.image_size, c.image_size}
-    local o = {generator = T.generator(c.seed, 5), clip_denoised = true, y = y}
+    local o = {generator = T.generator(c.seed, 5), clip_denoised = true, y = y, device = self.device}
     if respacing:match("^ddim") then return sd:ddim_sample_loop(self.model, shape, o) end
     return sd:p_sample_loop(self.model, shape, o)
   end)
   if restore then restore() end
   self.model:train()
   if not ok then error(x, 0) end
+  x = x:to("cpu")
   local path = ("%s/samples_%08d.png"):format(c.run_dir, self.step)
   image.save_grid(path, x, {cols = math.ceil(math.sqrt(n))})
   if not self.quiet then say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",

@@ -1,0 +1,86 @@
+-- iddpm/device.lua — the `device` and `precision` settings of recipes and the sampler:
+-- checks at start that the device exists (a clear error, never a crash later) and sets
+-- the GPU's matmul/conv precision.
+--
+--   device.setup(dev, precision [, who])  -> dev, precision actually used
+--       dev: "cpu" | "cuda"; precision: "auto" | "fp32" | "tf32" | "bf16" ("auto" = bf16
+--       on the GPU, fp32 on the CPU). Errors (naming `who` and the reason) when the device
+--       is missing; prints one line when a precision falls back.
+--   device.check(dev [, who])             -> dev, or an error when it is not available
+--   device.set_precision(p)               -> the precision in effect on the GPU
+--   device.precision()                    -> the GPU precision now ("fp32" on the CPU)
+--
+-- Precision goes through iddpm.cuda.precision(name) when the build has it; otherwise
+-- "tf32" maps to iddpm.cuda.tf32(true) and "bf16" falls back to tf32 with a warning.
+local iddpm = require "iddpm"
+
+local M = {}
+
+M.DEVICES = {cpu = true, cuda = true}
+M.PRECISIONS = {auto = true, fp32 = true, tf32 = true, bf16 = true}
+
+local warned = {}
+local function warn_once(msg)
+  if warned[msg] then return end
+  warned[msg] = true
+  io.stderr:write("warning: ", msg, "\n")
+end
+
+function M.check(dev, who)
+  who = who or "device"
+  if not M.DEVICES[dev] then
+    error(("%s: device=%s is not a device (expected cpu or cuda)"):format(who, tostring(dev)), 0)
+  end
+  if dev == "cuda" and not iddpm.cuda.available() then
+    error(("%s: device=cuda, but no CUDA GPU can be used: %s. Run with device=cpu"):format(who,
+      tostring(iddpm.cuda.reason() or "unknown reason")), 0)
+  end
+  return dev
+end
+
+function M.precision()
+  local c = iddpm.cuda
+  if c.precision and c.available() then
+    local ok, p = pcall(c.precision)
+    if ok and p then return p end
+  end
+  return M._current or "fp32"
+end
+
+function M.set_precision(p)
+  local c = iddpm.cuda
+  if not M.PRECISIONS[p] or p == "auto" then
+    error(("precision=%s: expected fp32, tf32 or bf16"):format(tostring(p)), 0)
+  end
+  if c.precision then
+    local ok, err = pcall(c.precision, p)
+    if ok then M._current = p; return p end
+    if p ~= "bf16" then error(("precision=%s: %s"):format(p, tostring(err)), 0) end
+    warn_once(("precision=bf16 is not available (%s): using tf32"):format(tostring(err)))
+  elseif p == "bf16" then
+    warn_once("precision=bf16 is not in this build: using tf32 (fp32 storage, TF32 matmuls and convolutions)")
+  end
+  if p == "fp32" then c.tf32(false); M._current = "fp32"; return "fp32" end
+  if c.precision then pcall(c.precision, "tf32") else c.tf32(true) end
+  M._current = "tf32"
+  return "tf32"
+end
+
+function M.setup(dev, precision, who)
+  M.check(dev, who)
+  precision = precision or "auto"
+  if not M.PRECISIONS[precision] then
+    error(("%s: precision=%s is not a precision (expected auto, fp32, tf32 or bf16)"):format(who or "device",
+      tostring(precision)), 0)
+  end
+  if dev == "cpu" then
+    if precision ~= "auto" and precision ~= "fp32" then
+      warn_once(("precision=%s applies to device=cuda only: the CPU computes in fp32"):format(precision))
+    end
+    return dev, "fp32"
+  end
+  if precision == "auto" then precision = "bf16" end
+  return dev, M.set_precision(precision)
+end
+
+return M
