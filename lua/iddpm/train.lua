@@ -491,6 +491,7 @@ end
 
 function train.main(cfg, args)
   local c = recipe.resolve(cfg, args)
+  device.check(c.device, "train")   -- a missing GPU is the first thing said
   say("iddpm train: resolved config")
   say("%s", recipe.describe(c))
   say("loss: %s", c.use_kl and "L_vlb (rescaled KL, bits/dim x T)" or (c.learn_sigma and
