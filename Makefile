@@ -8,6 +8,8 @@
 #   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS) into build/*-cuda
 #   make cuda-check   only compile the CUDA sources (CI runs it where nvcc exists)
 #   make test-cuda    build with CUDA=1 and run the CPU-vs-GPU tests (needs a GPU)
+#   make cuda-bundle  build with CUDA=1 and collect program + libraries in build/cuda-bundle
+#                     (runs where only the CUDA runtime is installed; tests/cuda/bundle.sh)
 
 CC      ?= cc
 PREFIX  ?= /usr/local
@@ -61,7 +63,7 @@ CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard test
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
 
-.PHONY: all test bench demo install uninstall clean deps cuda-check test-cuda iddpm iddpm.so
+.PHONY: all test bench demo install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
 
 # the binaries are linked per build mode (release, debug, release-cuda) and copied to
@@ -88,6 +90,10 @@ test-cuda:
 	@$(MAKE) --no-print-directory CUDA=1 all
 	./iddpm run tests/cuda/test_backend_ops.lua $(TEST_ARGS)
 	./iddpm run tests/cuda/test_diffusion_ops.lua
+
+cuda-bundle:
+	@$(MAKE) --no-print-directory CUDA=1 all
+	BUILD=$(BUILD)-cuda sh tests/cuda/bundle.sh build/cuda-bundle $(BUNDLE_ARGS)
 
 $(BUILD)/%.o: %.c $(wildcard include/iddpm/*.h) $(wildcard lua/*.h) $(wildcard engine/*/*.h)
 	@mkdir -p $(dir $@)

@@ -41,8 +41,9 @@ static int l_num_threads(lua_State *L) {
     return 1;
 }
 
-/* iddpm.cuda: available(), reason(), device_name(), synchronize(), memory(),
- * empty_cache(), tf32(on). A build without CUDA answers available() = false. */
+/* iddpm.cuda: available(), reason(), device_name(), synchronize(), memory() -> in use,
+ * cached, peak in use, peak reserved; reset_peak_memory(), empty_cache(), tf32(on). A
+ * build without CUDA answers available() = false. */
 static int c_available(lua_State *L) { lua_pushboolean(L, idd_backend_get(IDD_CUDA) != NULL); return 1; }
 static int c_reason(lua_State *L) {
     if (idd_backend_get(IDD_CUDA)) lua_pushnil(L); else lua_pushstring(L, idd_backend_unavailable_reason(IDD_CUDA));
@@ -55,18 +56,31 @@ static int c_synchronize(lua_State *L) {
     return 0;
 }
 static int c_memory(lua_State *L) {
-    size_t used = 0, cached = 0;
-    if (idd_backend_get(IDD_CUDA)) idd_cuda_memory(&used, &cached);
+    size_t used = 0, cached = 0, peak_used = 0, peak_reserved = 0;
+    if (idd_backend_get(IDD_CUDA)) {
+        idd_cuda_memory(&used, &cached);
+        idd_cuda_memory_peak(&peak_used, &peak_reserved, 0);
+    }
     lua_pushinteger(L, (lua_Integer)used);
     lua_pushinteger(L, (lua_Integer)cached);
-    return 2;
+    lua_pushinteger(L, (lua_Integer)peak_used);
+    lua_pushinteger(L, (lua_Integer)peak_reserved);
+    return 4;
+}
+static int c_reset_peak(lua_State *L) {
+    if (idd_backend_get(IDD_CUDA)) idd_cuda_memory_peak(NULL, NULL, 1);
+    return 0;
 }
 static int c_empty_cache(lua_State *L) { if (idd_backend_get(IDD_CUDA)) idd_cuda_empty_cache(); return 0; }
 static int c_tf32(lua_State *L) { idd_cuda_set_tf32(lua_toboolean(L, 1)); return 0; }
 #else
 static int c_device_name(lua_State *L) { lua_pushstring(L, ""); return 1; }
 static int c_synchronize(lua_State *L) { return 0; }
-static int c_memory(lua_State *L) { lua_pushinteger(L, 0); lua_pushinteger(L, 0); return 2; }
+static int c_memory(lua_State *L) {
+    for (int i = 0; i < 4; i++) lua_pushinteger(L, 0);
+    return 4;
+}
+static int c_reset_peak(lua_State *L) { return 0; }
 static int c_empty_cache(lua_State *L) { return 0; }
 static int c_tf32(lua_State *L) { return 0; }
 #endif
@@ -82,7 +96,7 @@ static int c_wall_time(lua_State *L) {
 static const luaL_Reg cuda_fns[] = {
     {"available", c_available}, {"reason", c_reason}, {"device_name", c_device_name},
     {"synchronize", c_synchronize}, {"memory", c_memory}, {"empty_cache", c_empty_cache},
-    {"tf32", c_tf32}, {"wall_time", c_wall_time}, {NULL, NULL},
+    {"tf32", c_tf32}, {"wall_time", c_wall_time}, {"reset_peak_memory", c_reset_peak}, {NULL, NULL},
 };
 
 /* A script may require a sub-module first ("iddpm.recipe" requires "iddpm.tensor"):

@@ -1,8 +1,17 @@
 -- tests/bench.lua — `make bench`: images/second of the training and sampling steps of
 -- issue 8, with the official code's figures beside ours where they can be measured.
 --
---   iddpm run tests/bench.lua [quick] [reps=N] [rows=a,b] [mem=0]
+--   iddpm run tests/bench.lua [quick] [reps=N] [rows=a,b] [mem=0] [gpu=0] [cpu=0]
+--       [gpu_args=iters=10;precisions=fp32,tf32] [peer_modes=eager,compiled]
 --   iddpm run tests/bench.lua mem ROW [STEPS]     (internal: VmHWM of a training run)
+--
+-- With a GPU (a `make CUDA=1` build on a machine with one; gpu=0 skips it) the GPU rows
+-- come first: tests/cuda/bench_gpu.lua (CIFAR-10 config, training batch 128, sampling
+-- batch 256, per precision, with the allocator's peak memory), and where IDDPM_PEER
+-- names the official code and python3 (IDDPM_PEER_PYTHON) has torch with CUDA,
+-- tests/cuda/bench_peer_gpu.py runs the official code in eager bf16 and torch.compile
+-- bf16 in the same run, after ours; ratios and peak memory are printed side by side.
+-- cpu=0 skips the CPU rows below.
 --
 -- Rows: cifar_train (CIFAR-10 config, batch 8: hybrid loss + backward + AdamW),
 -- cifar_sample (forward, no grad, batch 64), small_train (1x32x32, 32 channels,
@@ -88,15 +97,20 @@ end
 
 -- ---------------------------------------------------------------- options
 
-local opts = {quick = false, reps = nil, rows = nil, mem = true}
+local opts = {quick = false, reps = nil, rows = nil, mem = true, gpu = true, cpu = true, gpu_args = {},
+  peer_modes = "eager,compiled"}
 for _, a in ipairs(arg) do
   if a == "quick" then opts.quick = true
   else
-    local k, v = a:match("^(%w+)=(.*)$")
+    local k, v = a:match("^([%w_]+)=(.*)$")
     if k == "reps" then opts.reps = tonumber(v)
     elseif k == "rows" then opts.rows = {}; for r in v:gmatch("[%w_]+") do opts.rows[#opts.rows + 1] = r end
     elseif k == "mem" then opts.mem = v ~= "0"
-    else error("bench: unknown argument " .. a .. " (quick, reps=N, rows=a,b, mem=0)") end
+    elseif k == "gpu" then opts.gpu = v ~= "0"
+    elseif k == "cpu" then opts.cpu = v ~= "0"
+    elseif k == "gpu_args" then for g in v:gmatch("[^;]+") do opts.gpu_args[#opts.gpu_args + 1] = g end
+    elseif k == "peer_modes" then opts.peer_modes = v
+    else error("bench: unknown argument " .. a .. " (quick, reps=N, rows=a,b, mem=0, gpu=0, cpu=0, gpu_args=, peer_modes=)") end
   end
 end
 local rows = opts.rows or (opts.quick and {"small_train", "small_sample"} or ORDER)
@@ -107,6 +121,67 @@ local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" e
 local script_dir = (arg[0] or "tests/bench.lua"):match("^(.*)/[^/]*$") or "."
 local self_exe = "./iddpm"
 do local i = -1; while arg[i] do self_exe = arg[i]; i = i - 1 end end
+
+-- ---------------------------------------------------------------- the GPU rows
+
+local GiB = 2 ^ 30
+local function gpu_rows()
+  local ours = assert(loadfile(script_dir .. "/cuda/bench_gpu.lua"))(table.unpack(opts.gpu_args))
+  local pdir, py = os.getenv("IDDPM_PEER"), os.getenv("IDDPM_PEER_PYTHON") or "python3"
+  local peer_rows = {}
+  if pdir and pdir ~= "" and not opts.quick then
+    iddpm.cuda.empty_cache()   -- the peer gets the GPU's memory back
+    local probe = ("%s -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1"):format(py)
+    if os.execute(probe) then
+      print(("# peer: the official code at %s, %s"):format(pdir, opts.peer_modes))
+      local p = io.popen(("IDDPM_PEER=%s %s %s modes=%s 2>&1"):format(sh_quote(pdir), py,
+        sh_quote(script_dir .. "/cuda/bench_peer_gpu.py"), opts.peer_modes))
+      for line in p:lines() do
+        if line:match("^{") then
+          local ok, r = pcall(iddpm.io.json_decode, line)
+          if ok and r.error then print("# peer " .. tostring(r.mode) .. " failed: " .. r.error)
+          elseif ok then peer_rows[#peer_rows + 1] = r
+            print(("# peer %s %s batch %d: %.1f ms, %.0f /s (first step %.1f s), peak %.2f GiB reserved, %.2f GiB allocated")
+              :format(r.mode, r.row, r.batch, r.ms, r.per_s, r.first_step_s or 0, (r.mem_reserved or 0) / GiB,
+              (r.mem_allocated or 0) / GiB))
+          end
+        elseif not line:find("^%s*$") then print("# peer: " .. line) end
+      end
+      p:close()
+    else
+      print(("# peer: IDDPM_PEER=%s set, but %s has no torch with CUDA: no GPU peer"):format(pdir, py))
+    end
+  end
+  -- the summary: each of our precisions against each peer mode
+  print(("GPU %s, CIFAR-10 config (ours: iddpm; peer: official improved-diffusion, autocast bf16)"):format(ours.device or "?"))
+  for _, row in ipairs({"train", "sample"}) do
+    local unit = row == "train" and "img/s" or "images x steps/s"
+    for _, r in ipairs(ours.rows or {}) do
+      if r.row == row then
+        io.write(("  %-6s batch %3d  ours %-4s %8.0f %s"):format(row, r.batch, r.precision, r.per_s, unit))
+        for _, q in ipairs(peer_rows) do
+          if q.row == row then io.write(("   peer %s %6.0f (x%.2f)"):format(q.mode, q.per_s, r.per_s / q.per_s)) end
+        end
+        io.write("\n")
+      end
+    end
+  end
+  for _, r in ipairs(ours.rows or {}) do
+    if r.row == "train" then
+      io.write(("  memory of training (%s): ours peak %.2f GiB reserved (%.2f in use)"):format(r.precision,
+        r.peak_reserved / GiB, r.peak_in_use / GiB))
+      for _, q in ipairs(peer_rows) do
+        if q.row == "train" and q.mem_reserved then
+          io.write(("   peer %s %.2f GiB reserved (%.2f allocated, x%.2f)"):format(q.mode, q.mem_reserved / GiB,
+            q.mem_allocated / GiB, r.peak_reserved / q.mem_reserved))
+        end
+      end
+      io.write("\n")
+    end
+  end
+end
+if opts.gpu and iddpm.cuda.available() then gpu_rows() end
+if not opts.cpu then return end
 
 -- ---------------------------------------------------------------- the peer
 

@@ -6,7 +6,13 @@
  * stops calling cudaMalloc after the first. Every kernel runs on one stream, so a block
  * freed while kernels that use it are still queued can be handed out again at once:
  * its next user is ordered after them. On cudaMalloc failure the free lists are given
- * back and the allocation retried once. */
+ * back and the allocation retried once.
+ * When a class's list is empty, a cached block of a larger class up to BESTFIT_NUM /
+ * BESTFIT_DEN of the request is reused before cudaMalloc is called (the smallest such
+ * block): the forward and backward passes of a step allocate different size mixes, and
+ * without this reuse the cache keeps the peak of each class separately. It is off with
+ * IDDPM_CUDA_BESTFIT=0. Peaks of the bytes in use and reserved (in use + cached) are
+ * tracked for the benchmark (idd_cuda_memory_peak). */
 #include "cuda_common.cuh"
 
 #include <stdio.h>
@@ -31,7 +37,15 @@ static char device_name[320];
 static std::mutex mem_lock;
 static std::map<size_t, std::vector<void *>> free_lists;
 static std::unordered_map<void *, size_t> block_size;
-static size_t bytes_in_use, bytes_cached;
+static size_t bytes_in_use, bytes_cached, peak_in_use, peak_reserved;
+static int bestfit = -1;   /* -1: read IDDPM_CUDA_BESTFIT on first use */
+#define BESTFIT_NUM 5      /* reuse a cached block of at most 5/4 of the request */
+#define BESTFIT_DEN 4
+
+static void note_peaks_locked(void) {
+    if (bytes_in_use > peak_in_use) peak_in_use = bytes_in_use;
+    if (bytes_in_use + bytes_cached > peak_reserved) peak_reserved = bytes_in_use + bytes_cached;
+}
 
 static size_t size_class(size_t n) {
     if (n <= 512) return 512;
@@ -59,7 +73,24 @@ static void *cu_alloc(size_t n) {
         it->second.pop_back();
         bytes_cached -= sz;
         bytes_in_use += sz;
+        note_peaks_locked();
         return p;
+    }
+    if (bestfit < 0) {
+        const char *e = getenv("IDDPM_CUDA_BESTFIT");
+        bestfit = !(e && *e == '0');
+    }
+    if (bestfit) {   /* the smallest cached block of a class in (sz, sz * 5/4] */
+        for (auto jt = free_lists.upper_bound(sz); jt != free_lists.end() && jt->first <= sz / BESTFIT_DEN * BESTFIT_NUM;
+             ++jt) {
+            if (jt->second.empty()) continue;
+            void *p = jt->second.back();
+            jt->second.pop_back();
+            bytes_cached -= jt->first;
+            bytes_in_use += jt->first;
+            note_peaks_locked();
+            return p;
+        }
     }
     void *p = NULL;
     if (cudaMalloc(&p, sz) != cudaSuccess) {
@@ -77,6 +108,7 @@ static void *cu_alloc(size_t n) {
     }
     block_size[p] = sz;
     bytes_in_use += sz;
+    note_peaks_locked();
     return p;
 }
 
@@ -95,6 +127,16 @@ extern "C" void idd_cuda_memory(size_t *in_use, size_t *cached) {
     std::lock_guard<std::mutex> g(mem_lock);
     if (in_use) *in_use = bytes_in_use;
     if (cached) *cached = bytes_cached;
+}
+
+extern "C" void idd_cuda_memory_peak(size_t *in_use, size_t *reserved, int reset) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    if (in_use) *in_use = peak_in_use;
+    if (reserved) *reserved = peak_reserved;
+    if (reset) {
+        peak_in_use = bytes_in_use;
+        peak_reserved = bytes_in_use + bytes_cached;
+    }
 }
 
 extern "C" void idd_cuda_empty_cache(void) {

@@ -15,6 +15,9 @@ idd_status idd_cuda_init(void);
 idd_status idd_cuda_synchronize(void);
 /* bytes held by live tensors and by the caching allocator's free lists */
 void idd_cuda_memory(size_t *in_use, size_t *cached);
+/* the peaks of the bytes in use and reserved (in use + cached) since the last reset;
+ * reset != 0 starts new peaks from the current values */
+void idd_cuda_memory_peak(size_t *in_use, size_t *reserved, int reset);
 /* give cached (free) blocks back to the driver */
 void idd_cuda_empty_cache(void);
 /* the device's name, or "" before init */

@@ -1,24 +1,43 @@
--- bench_gpu.lua — GPU throughput of the CIFAR-10 recipe (the issue 9 targets):
---   training: one full step (q_sample, UNet forward, hybrid loss, backward, AdamW,
---   EMA), batch 128, img/s; only the loss value comes back to the host;
---   sampling: one p_sample step (UNet forward + p_mean_variance + p_sample),
---   batch 256, images x steps / s; and the device memory the allocator holds.
--- ./iddpm run tests/cuda/bench_gpu.lua [iters]   (IDDPM_TF32=1 or tf32=on in env to
--- use TF32 for fp32 matmuls/convs; SMALL=1 shrinks the model for a smoke test)
+-- bench_gpu.lua — GPU throughput of the CIFAR-10 recipe (the issue 9 targets), per
+-- precision (fp32, tf32, bf16 where the build has it):
+--   train: one full step (q_sample, UNet forward, hybrid loss, backward, AdamW, EMA),
+--   batch 128, img/s; only the loss value comes back to the host, once per window;
+--   sample: one p_sample step (UNet forward + p_mean_variance + p_sample) and the UNet
+--   forward alone, batch 256, images x steps / s;
+-- and the memory of the caching allocator: peak in use and peak reserved during the
+-- training steps (the cache emptied and the peaks reset before each precision).
+-- Timing: synchronised wall time of `iters` steps after 2 warm-up steps, best of
+-- `windows` windows.
+--   ./iddpm run tests/cuda/bench_gpu.lua [iters=10] [windows=3] [precisions=fp32,tf32,bf16]
+--       [rows=train,sample] [small=1]
+-- (a bare number as the first argument is iters, as before). Loaded by tests/bench.lua,
+-- which passes the same arguments and gets the results table back.
 local iddpm = require "iddpm"
 local T = iddpm.tensor
-if not iddpm.cuda.available() then print("# no GPU: " .. tostring(iddpm.cuda.reason())); return end
-local ITERS = tonumber(({...})[1]) or 10
-local SMALL = os.getenv("SMALL") == "1"
-local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
+local device = require "iddpm.device"
+local args = {...}
+if not iddpm.cuda.available() then print("# no GPU: " .. tostring(iddpm.cuda.reason())); return {} end
+
+local o = {iters = 10, windows = 3, precisions = "fp32,tf32,bf16", rows = "train,sample", small = os.getenv("SMALL") == "1"}
+for i, a in ipairs(args) do
+  local k, v = tostring(a):match("^(%w+)=(.*)$")
+  if not k and i == 1 and tonumber(a) then k, v = "iters", a end
+  if k == "iters" or k == "windows" then o[k] = tonumber(v)
+  elseif k == "precisions" or k == "rows" then o[k] = v
+  elseif k == "small" then o.small = v == "1"
+  elseif k then error("bench_gpu: unknown argument " .. a .. " (iters, windows, precisions, rows, small)") end
+end
+local function has(list, x) return ("," .. list .. ","):find("," .. x .. ",", 1, true) ~= nil end
 local wall, sync = iddpm.cuda.wall_time, iddpm.cuda.synchronize
-print("# device: " .. iddpm.cuda.device_name() .. (os.getenv("IDDPM_TF32") == "1" and ", TF32 on" or ", fp32"))
+local GiB = 2 ^ 30
+print(("# device: %s; %d iters x best of %d windows"):format(iddpm.cuda.device_name(), o.iters, o.windows))
 
 local cfg = {image_size = 32, num_channels = 128, num_res_blocks = 3, learn_sigma = true, dropout = 0.3,
   attention_resolutions = {16, 8}, num_heads = 4}
 local TB, SB = 128, 256
-if SMALL then cfg.num_channels, cfg.num_res_blocks, cfg.channel_mult, TB, SB = 32, 1, {1, 2}, 4, 4 end
+if o.small then cfg.num_channels, cfg.num_res_blocks, cfg.channel_mult, TB, SB = 32, 1, {1, 2}, 4, 4 end
 local diff = iddpm.diffusion.new{steps = 4000, noise_schedule = "cosine", learn_sigma = true}
+local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
 local model = UNet.new(cfg):to("cuda")
 print(("# model: %.1fM parameters"):format(model:num_params() / 1e6))
 local opt = iddpm.optim.adamw(model:parameters(), {lr = 1e-4})
@@ -35,33 +54,54 @@ local function train_step()
   loss:backward()
   opt:step()
   ema:update()
-  return loss
+  return loss:detach()
 end
 local function time_it(fn, n)
   fn(); fn(); sync()
-  local t0 = wall()
-  local last
-  for _ = 1, n do last = fn() end
-  local v = last and last.item and last:item()   -- the one host round trip: the loss for logging
-  sync()
-  return (wall() - t0) / n, v
+  local best, v = math.huge, nil
+  for _ = 1, o.windows do
+    local t0 = wall()
+    local last
+    for _ = 1, n do last = fn() end
+    v = last and last.item and last:item()   -- the one host round trip: the loss for logging
+    sync()
+    best = math.min(best, (wall() - t0) / n)
+  end
+  return best, v
 end
-model:train(true)
-local s, loss = time_it(train_step, ITERS)
-print(("# bench train step (hybrid loss + AdamW + EMA) batch %d: %.1f ms/step, %.0f img/s, loss %.4f"):format(TB,
-  s * 1e3, TB / s, loss or 0/0))
-local used, cached = iddpm.cuda.memory()
-print(("# bench memory after training: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved (the peak)"):format(used / 2^20,
-  cached / 2^20, (used + cached) / 2^20))
 
-model:train(false)
-local x = T.randn({SB, 3, 32, 32}, nil, "float32", "cuda")
-local ss = time_it(function()
-  T.no_grad(function() diff:p_sample(model, x, 500, {generator = gen}) end)
-end, ITERS)
-print(("# bench sample p_sample step batch %d: %.1f ms, %.0f images x steps/s"):format(SB, ss * 1e3, SB / ss))
-local sf = time_it(function() T.no_grad(function() model:forward(x, T.full({SB}, 500):cuda()) end) end, ITERS)
-print(("# bench sample forward only batch %d: %.1f ms, %.0f images x steps/s"):format(SB, sf * 1e3, SB / sf))
-used, cached = iddpm.cuda.memory()
-print(("# bench memory after sampling: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved"):format(used / 2^20,
-  cached / 2^20, (used + cached) / 2^20))
+local results = {device = iddpm.cuda.device_name(), rows = {}}
+local function add(r) results.rows[#results.rows + 1] = r end
+local xs = T.randn({SB, 3, 32, 32}, nil, "float32", "cuda")
+local ts = T.full({SB}, 500):cuda()
+for p in o.precisions:gmatch("[%w]+") do
+  local got = device.set_precision(p)
+  if got ~= p then
+    print(("# precision %s: not available in this build (it runs as %s); row skipped"):format(p, got))
+  else
+    if has(o.rows, "train") then
+      model:train(true)
+      iddpm.cuda.empty_cache(); iddpm.cuda.reset_peak_memory()
+      local s, loss = time_it(train_step, o.iters)
+      local _, _, peak_used, peak_res = iddpm.cuda.memory()
+      print(("# bench train step %s (hybrid loss + AdamW + EMA) batch %d: %.1f ms/step, %.0f img/s, loss %.4f; "
+        .. "peak %.2f GiB in use, %.2f GiB reserved"):format(p, TB, s * 1e3, TB / s, loss or 0 / 0, peak_used / GiB, peak_res / GiB))
+      add{row = "train", precision = p, batch = TB, per_s = TB / s, ms = s * 1e3, peak_in_use = peak_used, peak_reserved = peak_res}
+    end
+    if has(o.rows, "sample") then
+      model:train(false)
+      iddpm.cuda.reset_peak_memory()
+      local ss = time_it(function()
+        T.no_grad(function() diff:p_sample(model, xs, 500, {generator = gen}) end)
+      end, o.iters)
+      local sf = time_it(function() T.no_grad(function() model:forward(xs, ts) end) end, o.iters)
+      local _, _, peak_used, peak_res = iddpm.cuda.memory()
+      print(("# bench sample %s batch %d: p_sample step %.1f ms, %.0f images x steps/s; forward only %.1f ms, %.0f images x steps/s")
+        :format(p, SB, ss * 1e3, SB / ss, sf * 1e3, SB / sf))
+      add{row = "sample", precision = p, batch = SB, per_s = SB / sf, ms = sf * 1e3, p_sample_per_s = SB / ss,
+        peak_in_use = peak_used, peak_reserved = peak_res}
+    end
+  end
+end
+device.set_precision("fp32")
+return results
