@@ -283,6 +283,8 @@ end
 
 -- wall-clock seconds (os.clock is CPU time summed over the engine's threads)
 local function now() return require("iddpm").wall_time() end
+-- a GC when much tensor memory waits in Lua garbage (iddpm/device.lua)
+local function collect() require("iddpm.device").collect() end
 
 local function progress_line(i, n, t0)
   local dt = now() - t0
@@ -315,6 +317,7 @@ local function progressive(self, model, shape, opts, step, fname)
     local ok, sample, pred = pcall(step, img, i, B)
     T.set_grad_enabled(prev)
     if not ok then error(sample, 2) end
+    collect()   -- the step's intermediate tensors (Lua garbage) give their memory back
     img = sample
     local res = {sample = sample, pred_xstart = pred, t = i}
     i = i - 1
@@ -423,6 +426,7 @@ function Diffusion:calc_bpd_loop(model, x0, opts)
       local v, pred = ccall("diff:calc_bpd_loop", self._c.vb_terms_bpd, self._c, mo, x0, xt, t, clip)
       local eps = ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, t, pred)
       cols[col] = {v, C.mean_flat_sq_diff(pred, x0), C.mean_flat_sq_diff(eps, noise)}
+      collect()
       if on_cpu then read(col, cols[col]); cols[col] = nil end
       if opts.progress then progress_line(col, n, t0) end
     end

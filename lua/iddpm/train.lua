@@ -330,6 +330,7 @@ function Trainer:step_once()
     local loss = (losses.loss * wd):mean()
     if not c.microbatch_sum and n ~= B then loss = loss * (n / B) end
     loss:backward()
+    device.collect()   -- the activations, freed by the tape, still held by Lua garbage
     self:accumulate(t, w, losses)
   end
   -- the norm waits for the device: there, only on log steps (unless clipping needs it)
