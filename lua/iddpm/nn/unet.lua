@@ -28,12 +28,24 @@ end
 
 local function fail(path, err) error(nn.where(path, err), 0) end
 
+-- Intermediates are freed (t:free()) as soon as the forward no longer needs them: a
+-- tensor's memory otherwise waits for Lua's collector, which does not know its size,
+-- and on the GPU a training step then held every unsaved intermediate of the forward
+-- (about as much again as the activations the tape saves). Freeing drops only this
+-- reference: a tensor the tape saved for the backward stays alive. `keep` is a tensor
+-- that must survive (e.g. a module that returned its input unchanged).
+local function drop(t, keep)
+  if t ~= nil and t ~= keep then t:free() end
+end
+
 -- x (N, ch, H, W), emb (N, emb_ch) -> (N, out, H, W)
 function ResBlock:forward(x, emb)
   local ok, r = pcall(function()
     local il = self.in_layers
     local h = il:child(0):forward(x, {silu = true})             -- GN + SiLU fused
-    return il:call("2", h)
+    local o = il:call("2", h)
+    drop(h, o)
+    return o
   end)
   if not ok then fail("in_layers", r) end
   local h = r
@@ -41,19 +53,30 @@ function ResBlock:forward(x, emb)
   local ol = self.out_layers
   ok, r = pcall(function()
     local n = ol:child(0)
+    local g
     if self.scale_shift then
       local scale, shift = e:narrow(2, 1, self.out_ch), e:narrow(2, self.out_ch + 1, self.out_ch)
-      h = n:forward(h, {scale = scale, shift = shift, silu = true})
+      g = n:forward(h, {scale = scale, shift = shift, silu = true})
     else
-      h = n:forward(h + e:reshape(e:size(1), self.out_ch, 1, 1), {silu = true})
+      local he = h + e:reshape(e:size(1), self.out_ch, 1, 1)
+      g = n:forward(he, {silu = true})
+      drop(he, g)
     end
-    h = ol:call("2", h)                                           -- dropout
-    return ol:call("3", h)
+    drop(h, g)
+    local d = ol:call("2", g)                                     -- dropout
+    drop(g, d)
+    local o = ol:call("3", d)
+    drop(d, o)
+    return o
   end)
   if not ok then fail("out_layers", r) end
   h = r
+  drop(e)
   local skip = self.skip and self:call("skip_connection", x) or x
-  return skip + h
+  local out = skip + h
+  drop(h)
+  drop(skip, x)
+  return out
 end
 function ResBlock:describe() return ("ResBlock(%d -> %d)"):format(self.ch, self.out_ch) end
 
@@ -74,10 +97,18 @@ end
 function AttentionBlock:forward(x)
   local s = x:shape()
   local xf = x:reshape(s[1], s[2], s[3] * s[4])
-  local qkv = self:call("qkv", self:call("norm", xf))
+  local normed = self:call("norm", xf)
+  local qkv = self:call("qkv", normed)
+  drop(normed, qkv)
   local a = T.qkv_attention(qkv, self.heads)
+  drop(qkv, a)
   local h = self:call("proj_out", a)
-  return (xf + h):reshape(s)
+  drop(a, h)
+  local sum = xf + h
+  drop(h)
+  local out = sum:reshape(s)
+  drop(sum, out)
+  return out
 end
 function AttentionBlock:describe() return ("AttentionBlock(%d, heads %d)"):format(self.ch, self.heads) end
 
@@ -118,11 +149,15 @@ function TimestepBlock.new(list)
   return setmetatable(self, TimestepBlock)
 end
 function TimestepBlock:forward(x, emb)
+  local cur = x
   for _, name in ipairs(self._child_names) do
     local c = self._children[name]
-    if getmetatable(c) == ResBlock then x = self:call(name, x, emb) else x = self:call(name, x) end
+    local nxt
+    if getmetatable(c) == ResBlock then nxt = self:call(name, cur, emb) else nxt = self:call(name, cur) end
+    if cur ~= x then drop(cur, nxt) end   -- the caller's x is not ours to free
+    cur = nxt
   end
-  return x
+  return cur
 end
 
 -- ---------------------------------------------------------------- UNet
@@ -269,15 +304,27 @@ function UNet:forward(x, t, y)
   local ob = self.output_blocks
   for _, name in ipairs(ob._child_names) do
     local skip = table.remove(hs)
-    local ok, r = pcall(function() return ob._children[name]:forward(T.cat({h, skip}, 2), emb) end)
+    local ok, r = pcall(function()
+      local cat = T.cat({h, skip}, 2)
+      drop(skip, x)
+      drop(h, x)
+      local o = ob._children[name]:forward(cat, emb)
+      drop(cat, o)
+      return o
+    end)
     if not ok then fail("output_blocks." .. name, r) end
     h = r
   end
   local o = self.out
   local ok, r = pcall(function()
-    return o:call("2", o:child(0):forward(h, {silu = true}))
+    local g = o:child(0):forward(h, {silu = true})
+    local out = o:call("2", g)
+    drop(g, out)
+    return out
   end)
   if not ok then fail("out", r) end
+  drop(h, x)
+  drop(emb)
   return r
 end
 
