@@ -330,8 +330,11 @@ function Trainer:step_once()
     local loss = (losses.loss * wd):mean()
     if not c.microbatch_sum and n ~= B then loss = loss * (n / B) end
     loss:backward()
-    device.collect()   -- the activations, freed by the tape, still held by Lua garbage
-    self:accumulate(t, w, losses)
+    self:accumulate(t, w, losses)   -- keeps detached copies
+    -- drop the graph: its nodes hold their input tensors (the activations) until the
+    -- root is collected; collect() then frees them before the next forward
+    loss, losses = nil, nil
+    device.collect()
   end
   -- the norm waits for the device: there, only on log steps (unless clipping needs it)
   local gn

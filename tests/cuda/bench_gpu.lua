@@ -52,10 +52,12 @@ local function train_step()
   local l = diff:training_losses(model, x0, t, {generator = gen})
   local loss = l.loss:mean()
   loss:backward()
-  device.collect()   -- as the trainer does: activations held by Lua garbage go back
+  local value = loss:detach()
+  l, loss = nil, nil
+  device.collect()   -- as the trainer does: the graph and the activations it holds go back
   opt:step()
   ema:update()
-  return loss:detach()
+  return value
 end
 local function time_it(fn, n)
   fn(); fn(); sync()
