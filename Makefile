@@ -5,7 +5,7 @@
 #   make bench        images/second of the training and sampling steps
 #   make demo         train the Fashion-MNIST demo and sample from it
 #   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
-#   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS) into build/*-cuda
+#   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS, cuDNN 9) into build/*-cuda
 #   make cuda-check   only compile the CUDA sources (CI runs it where nvcc exists)
 #   make test-cuda    build with CUDA=1 and run the CPU-vs-GPU tests (needs a GPU)
 
@@ -37,7 +37,7 @@ ifeq ($(CUDA),1)
 endif
 
 # CUDA sources: compiled for sm_90 (H100/H200) plus PTX for compute_80 that newer
-# cards JIT-compile; linked with the CUDA runtime and cuBLAS.
+# cards JIT-compile; linked with the CUDA runtime, cuBLAS and cuDNN 9.
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local/cuda)
 NVCC      ?= $(CUDA_HOME)/bin/nvcc
 CU_ARCH   ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80
@@ -45,7 +45,7 @@ NVFLAGS   := -O3 -std=c++17 -lineinfo $(CU_ARCH) -Xcompiler -fPIC,-Wall -Iinclud
 CU_SRC    := $(sort $(wildcard engine/cuda/*.cu))
 CU_OBJ    := $(CU_SRC:%.cu=$(BUILD)/%.o)
 ifeq ($(CUDA),1)
-  CU_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+  CU_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas -lcudart -lstdc++
 endif
 
 ENGINE_SRC := $(sort $(shell find engine -name '*.c'))

@@ -52,8 +52,8 @@ __global__ void k_softmax_back_rows(float *d, const float *w, int64_t rows, int 
 static cublasStatus_t rm_gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda, int64_t sA,
                               const float *Bm, int ldb, int64_t sB, float beta, float *Cm, int ldc, int64_t sC,
                               int batch) {
-    return cublasSgemmStridedBatched(idd_cu_blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M,
-                                     K, &alpha, Bm, ldb, sB, A, lda, sA, &beta, Cm, ldc, sC, batch);
+    return cu_sgemm(tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, alpha, Bm, ldb, sB, A, lda,
+                    sA, beta, Cm, ldc, sC, batch);
 }
 
 extern "C" idd_status cu_attention_forward(float *out, float *weight, const float *qkv, int B, int C, int T, int H) {

@@ -1,4 +1,5 @@
-/* conv.cu — conv2d forward and backward as im2col + cuBLAS.
+/* conv.cu — conv2d forward and backward: cuDNN (conv_cudnn.cu) unless
+ * IDDPM_CUDA_CONV=im2col / iddpm.cuda.conv_impl("im2col"), else im2col + cuBLAS here.
  *
  * Samples are processed in chunks of nc so that the column buffer stays under a
  * budget. col (CKK, nc*P) holds, for row (c,ky,kx) and column (n,oy,ox), the input
@@ -112,6 +113,8 @@ extern "C" idd_status cu_conv2d_forward(float *out, const float *x, const float 
     int Ho, Wo;
     idd_status st = conv_check("conv2d_forward", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;
+    if (idd_cu_conv_impl == IDD_CONV_CUDNN && cu_cudnn_ready())
+        return cu_cudnn_conv_forward(out, x, w, b, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     int64_t P = (int64_t)Ho * Wo, CKK = (int64_t)C * KH * KW;
     bool direct = KH == 1 && KW == 1 && stride == 1 && pad == 0;
     int64_t per = CKK * P * (int64_t)sizeof(float);
@@ -138,8 +141,8 @@ extern "C" idd_status cu_conv2d_forward(float *out, const float *x, const float 
             lda = (int64_t)m * P;
             sA = P;
         }
-        BLAS_TRY(cublasSgemmStridedBatched(idd_cu_blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)P, O, (int)CKK, &one, A, (int)lda,
-                                           sA, w, (int)CKK, 0, b ? &one : &zero, o, (int)P, (int64_t)O * P, m),
+        BLAS_TRY(cu_sgemm(CUBLAS_OP_N, CUBLAS_OP_N, (int)P, O, (int)CKK, one, A, (int)lda, sA, w, (int)CKK, 0,
+                          b ? one : zero, o, (int)P, (int64_t)O * P, m),
                  "conv2d_forward", CONV_SIZES, CONV_ARGS);
     }
     CU_CHECK_LAUNCH("conv2d_forward", CONV_SIZES, CONV_ARGS);
@@ -153,6 +156,8 @@ extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const 
     idd_status st = conv_check("conv2d_backward", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;
     if (!dx && !dw && !db) return IDD_OK;
+    if (idd_cu_conv_impl == IDD_CONV_CUDNN && cu_cudnn_ready())
+        return cu_cudnn_conv_backward(dx, dw, db, dout, x, w, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     int64_t P = (int64_t)Ho * Wo, CKK = (int64_t)C * KH * KW;
     bool direct = KH == 1 && KW == 1 && stride == 1 && pad == 0;
     const float one = 1.0f, zero = 0.0f;
@@ -180,21 +185,19 @@ extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const 
                                                                         KW, stride, pad, Ho, Wo);
             k_perm_dout<<<grid_for((int64_t)m * O * P), 256, 0, idd_cu_stream>>>(dp, d, m, O, P);
             int64_t Q = (int64_t)m * P;
-            BLAS_TRY(cublasSgemm(idd_cu_blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)CKK, O, (int)Q, &one, col, (int)Q, dp,
-                                 (int)Q, &one, dw, (int)CKK),
+            BLAS_TRY(cu_sgemm(CUBLAS_OP_T, CUBLAS_OP_N, (int)CKK, O, (int)Q, one, col, (int)Q, 0, dp, (int)Q, 0, one,
+                              dw, (int)CKK, 0, 1),
                      "conv2d_backward (dw)", CONV_SIZES, CONV_ARGS);
         }
         if (dx) {
             if (direct) {
                 /* dx_n (C,P) += W^T dout_n */
-                BLAS_TRY(cublasSgemmStridedBatched(idd_cu_blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)P, C, O, &one, d, (int)P,
-                                                   (int64_t)O * P, w, C, 0, &one, dx + (int64_t)n0 * C * P, (int)P,
-                                                   (int64_t)C * P, m),
+                BLAS_TRY(cu_sgemm(CUBLAS_OP_N, CUBLAS_OP_T, (int)P, C, O, one, d, (int)P, (int64_t)O * P, w, C, 0, one,
+                                  dx + (int64_t)n0 * C * P, (int)P, (int64_t)C * P, m),
                          "conv2d_backward (dx)", CONV_SIZES, CONV_ARGS);
             } else {
-                BLAS_TRY(cublasSgemmStridedBatched(idd_cu_blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)P, (int)CKK, O, &one, d,
-                                                   (int)P, (int64_t)O * P, w, (int)CKK, 0, &zero, dcol,
-                                                   (int)((int64_t)m * P), P, m),
+                BLAS_TRY(cu_sgemm(CUBLAS_OP_N, CUBLAS_OP_T, (int)P, (int)CKK, O, one, d, (int)P, (int64_t)O * P, w,
+                                  (int)CKK, 0, zero, dcol, (int)((int64_t)m * P), P, m),
                          "conv2d_backward (dx)", CONV_SIZES, CONV_ARGS);
                 k_col2im<<<grid_for((int64_t)m * C * H * W), 256, 0, idd_cu_stream>>>(
                     dx + (int64_t)n0 * C * H * W, dcol, m, C, H, W, KH, KW, stride, pad, Ho, Wo);

@@ -13,11 +13,15 @@ extern "C" {
 #include "iddpm/backend.h"
 #include "iddpm/core.h"
 #include "iddpm/tensor.h"
+#include "iddpm/cuda.h"
 }
 
 /* the one stream every kernel, copy and cuBLAS call of the backend runs on */
 extern cudaStream_t idd_cu_stream;
 extern cublasHandle_t idd_cu_blas;
+/* IDD_PREC_* and IDD_CONV_* (include/iddpm/cuda.h), set by idd_cuda_set_precision/_conv_impl */
+extern int idd_cu_precision;
+extern int idd_cu_conv_impl;
 
 /* After a launch: turn a pending CUDA error into "cuda <op> (<sizes>): <message>". */
 #define CU_CHECK_LAUNCH(opname, fmt, ...)                                                          \
@@ -86,6 +90,22 @@ __device__ __forceinline__ void cu_store(void *p, int dt, int64_t i, double v) {
     default: ((uint8_t *)p)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
     }
 }
+
+/* float32 column-major strided-batched C = alpha op(A) op(B) + beta C (cuBLAS argument
+ * order) in the current precision: exact fp32, TF32 or bf16 tensor cores (gemm.cu) */
+cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float *A,
+                        int lda, int64_t sA, const float *B, int ldb, int64_t sB, float beta, float *C, int ldc,
+                        int64_t sC, int batch);
+
+/* conv_cudnn.cu: the cuDNN convolution, same contract as cu_conv2d_forward/backward
+ * (sizes already checked). cu_cudnn_ready() opens cuDNN on first use; false (after one
+ * note on stderr) when it cannot, and conv.cu then runs im2col. */
+bool cu_cudnn_ready(void);
+idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H, int W,
+                                 int O, int KH, int KW, int stride, int pad, int Ho, int Wo);
+idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                                  int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
+                                  int Wo);
 
 /* C-linkage entry points of each file, gathered into the table in memory.cu */
 extern "C" {

@@ -105,7 +105,7 @@ extern "C" void idd_cuda_empty_cache(void) {
 
 // ---------------------------------------------------------------- scratch
 
-#define N_SCRATCH 6
+#define N_SCRATCH 12
 static void *scratch_ptr[N_SCRATCH];
 static size_t scratch_cap[N_SCRATCH];
 
@@ -239,11 +239,20 @@ extern "C" idd_status cu_fill(idd_tensor *t, double v) {
 
 // ---------------------------------------------------------------- registration
 
-static bool tf32_on;
-extern "C" void idd_cuda_set_tf32(int on) {
-    tf32_on = on != 0;
-    if (idd_cu_blas) cublasSetMathMode(idd_cu_blas, tf32_on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
+int idd_cu_precision = IDD_PREC_FP32;
+int idd_cu_conv_impl = IDD_CONV_CUDNN;
+extern "C" void idd_cuda_set_precision(int p) {
+    if (p < IDD_PREC_FP32 || p > IDD_PREC_BF16) return;
+    idd_cu_precision = p;
+    /* cuBLAS calls name their compute type (cu_sgemm); the handle's own mode is the fp32 default */
+    if (idd_cu_blas) cublasSetMathMode(idd_cu_blas, CUBLAS_DEFAULT_MATH);
 }
+extern "C" int idd_cuda_precision(void) { return idd_cu_precision; }
+extern "C" void idd_cuda_set_tf32(int on) { idd_cuda_set_precision(on ? IDD_PREC_TF32 : IDD_PREC_FP32); }
+extern "C" void idd_cuda_set_conv_impl(int impl) {
+    if (impl == IDD_CONV_CUDNN || impl == IDD_CONV_IM2COL) idd_cu_conv_impl = impl;
+}
+extern "C" int idd_cuda_conv_impl(void) { return idd_cu_conv_impl; }
 
 extern "C" const char *idd_cuda_device_name(void) { return device_name; }
 
@@ -325,8 +334,22 @@ extern "C" idd_status idd_cuda_init(void) {
         return idd_error("%s", why);
     }
     cublasSetStream(idd_cu_blas, idd_cu_stream);
-    const char *tf = getenv("IDDPM_TF32");
-    idd_cuda_set_tf32(tf && *tf == '1');
+    /* defaults from the environment: IDDPM_PRECISION=fp32|tf32|bf16 (IDDPM_TF32=1 is the older
+     * spelling of tf32), IDDPM_CUDA_CONV=cudnn|im2col */
+    const char *tf = getenv("IDDPM_TF32"), *pr = getenv("IDDPM_PRECISION"), *cv = getenv("IDDPM_CUDA_CONV");
+    int prec = tf && *tf == '1' ? IDD_PREC_TF32 : IDD_PREC_FP32;
+    if (pr && *pr) {
+        prec = idd_cuda_precision_from_name(pr);
+        if (prec < 0) {
+            fprintf(stderr, "iddpm: IDDPM_PRECISION=%s is not fp32, tf32 or bf16; using fp32\n", pr);
+            prec = IDD_PREC_FP32;
+        }
+    }
+    idd_cuda_set_precision(prec);
+    if (cv && *cv) {
+        if (!strcmp(cv, "im2col")) idd_cuda_set_conv_impl(IDD_CONV_IM2COL);
+        else if (strcmp(cv, "cudnn")) fprintf(stderr, "iddpm: IDDPM_CUDA_CONV=%s is not cudnn or im2col; using cudnn\n", cv);
+    }
     idd_backend_register(IDD_CUDA, &cuda_backend);
     state = 1;
     return IDD_OK;

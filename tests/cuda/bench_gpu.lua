@@ -3,8 +3,10 @@
 --   EMA), batch 128, img/s; only the loss value comes back to the host;
 --   sampling: one p_sample step (UNet forward + p_mean_variance + p_sample),
 --   batch 256, images x steps / s; and the device memory the allocator holds.
--- ./iddpm run tests/cuda/bench_gpu.lua [iters]   (IDDPM_TF32=1 or tf32=on in env to
--- use TF32 for fp32 matmuls/convs; SMALL=1 shrinks the model for a smoke test)
+-- ./iddpm run tests/cuda/bench_gpu.lua [iters]   (IDDPM_PRECISION=fp32|tf32|bf16 picks
+-- the arithmetic of convs/matmuls/attention, IDDPM_CUDA_CONV=im2col the old conv;
+-- SMALL=1 shrinks the model for a smoke test; OPS=1 adds per-op conv timings, cuDNN
+-- and im2col, in the current precision)
 local iddpm = require "iddpm"
 local T = iddpm.tensor
 if not iddpm.cuda.available() then print("# no GPU: " .. tostring(iddpm.cuda.reason())); return end
@@ -12,7 +14,8 @@ local ITERS = tonumber(({...})[1]) or 10
 local SMALL = os.getenv("SMALL") == "1"
 local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
 local wall, sync = iddpm.cuda.wall_time, iddpm.cuda.synchronize
-print("# device: " .. iddpm.cuda.device_name() .. (os.getenv("IDDPM_TF32") == "1" and ", TF32 on" or ", fp32"))
+print(("# device: %s, precision %s, conv %s"):format(iddpm.cuda.device_name(), iddpm.cuda.precision(),
+  iddpm.cuda.conv_impl()))
 
 local cfg = {image_size = 32, num_channels = 128, num_res_blocks = 3, learn_sigma = true, dropout = 0.3,
   attention_resolutions = {16, 8}, num_heads = 4}
@@ -65,3 +68,40 @@ print(("# bench sample forward only batch %d: %.1f ms, %.0f images x steps/s"):f
 used, cached = iddpm.cuda.memory()
 print(("# bench memory after sampling: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved"):format(used / 2^20,
   cached / 2^20, (used + cached) / 2^20))
+
+-- per-op conv timings at CIFAR-10 sizes (batch 128): forward, and forward + backward
+-- (dx, dw, db), for cuDNN and im2col, minimum over 3 rounds of ITERS calls each
+if os.getenv("OPS") == "1" and not SMALL then
+  local ops = {
+    {"conv3x3 128->128 @32x32", {128, 128, 32, 32}, {128, 128, 3, 3}, 1},
+    {"conv3x3 256->256 @16x16", {128, 256, 16, 16}, {256, 256, 3, 3}, 1},
+    {"conv3x3 256->256 @8x8", {128, 256, 8, 8}, {256, 256, 3, 3}, 1},
+    {"conv3x3 384->256 @16x16", {128, 384, 16, 16}, {256, 384, 3, 3}, 1},
+    {"conv1x1 384->256 @16x16", {128, 384, 16, 16}, {256, 384, 1, 1}, 0},
+  }
+  local function best(fn)
+    local m = math.huge
+    for _ = 1, 3 do m = math.min(m, (time_it(fn, ITERS))) end
+    return m
+  end
+  for _, o in ipairs(ops) do
+    local x = T.randn(o[2], nil, "float32", "cuda")
+    local w = T.randn(o[3], nil, "float32", "cuda")
+    local b = T.randn({o[3][1]}, nil, "float32", "cuda")
+    x.requires_grad, w.requires_grad, b.requires_grad = true, true, true
+    local line = ("# op %-26s"):format(o[1])
+    for _, impl in ipairs({"cudnn", "im2col"}) do
+      iddpm.cuda.conv_impl(impl)
+      local f = best(function() T.no_grad(function() T.conv2d(x, w, b, 1, o[4]) end) end)
+      local g
+      local fb = best(function()
+        local y = T.conv2d(x, w, b, 1, o[4])
+        g = g or T.randn(y:shape(), nil, "float32", "cuda")
+        y:backward(g)
+      end)
+      line = line .. ("  %s fwd %6.3f fwd+bwd %6.3f ms"):format(impl, f * 1e3, fb * 1e3)
+    end
+    iddpm.cuda.conv_impl("cudnn")
+    print(line)
+  end
+end

@@ -20,6 +20,12 @@ if not iddpm.cuda.available() then
 end
 print("# device: " .. iddpm.cuda.device_name())
 T.manual_seed(1234)
+print("# seed 1234")
+-- the tolerances below are fp32 ones: run in fp32 whatever IDDPM_PRECISION says; the
+-- tensor-core precisions are tested in their own section with their own tolerances
+local START_PRECISION = iddpm.cuda.precision()
+iddpm.cuda.precision("fp32")
+local FAKE = iddpm.cuda.device_name() == ""   -- IDDPM_FAKE_CUDA=1: the CPU stands in
 
 local F32 = 2e-6       -- pointwise float32
 local SUMS = 1e-5      -- reductions / products over many terms
@@ -181,11 +187,26 @@ local convs = {
   {"1x1", {2, 12, 6, 6}, {5, 12, 1, 1}, 1, 0},
   {"5x3 no pad", {2, 3, 10, 7}, {4, 3, 5, 3}, 1, 0},
   {"3x3 64ch 16x16", {4, 64, 16, 16}, {64, 64, 3, 3}, 1, 1},
+  {"3x3 96->160ch 8x8", {3, 96, 8, 8}, {160, 96, 3, 3}, 1, 1},
 }
-for _, c in ipairs(convs) do
-  case("conv2d " .. c[1], {{c[2]}, {c[3]}, {{c[3][1]}}}, function(x, w, b) return T.conv2d(x, w, b, c[4], c[5]) end, LAYER)
-  case("conv2d " .. c[1] .. " no bias", {{c[2]}, {c[3]}}, function(x, w) return T.conv2d(x, w, nil, c[4], c[5]) end, LAYER)
+-- tol, btol: forward and gradient tolerances; every conv runs cuDNN (the default) and
+-- the im2col fallback, each against the CPU
+local function conv_cases(tag, tol, btol)
+  for _, c in ipairs(convs) do
+    case(tag .. "conv2d " .. c[1], {{c[2]}, {c[3]}, {{c[3][1]}}}, function(x, w, b) return T.conv2d(x, w, b, c[4], c[5]) end,
+      tol, {btol = btol})
+    case(tag .. "conv2d " .. c[1] .. " no bias", {{c[2]}, {c[3]}}, function(x, w) return T.conv2d(x, w, nil, c[4], c[5]) end,
+      tol, {btol = btol})
+  end
 end
+H.check("conv_impl() defaults to cudnn", iddpm.cuda.conv_impl() == (os.getenv("IDDPM_CUDA_CONV") or "cudnn"),
+  iddpm.cuda.conv_impl())
+for _, impl in ipairs({"cudnn", "im2col"}) do
+  H.check("conv_impl(" .. impl .. ") returns it", iddpm.cuda.conv_impl(impl) == impl or FAKE)
+  conv_cases(impl .. " ", LAYER)
+end
+iddpm.cuda.conv_impl("cudnn")
+H.raises("conv_impl with a bad name", function() return iddpm.cuda.conv_impl("winograd") end, "invalid option")
 for _, g in ipairs({{"plain", false, false}, {"silu", true, false}, {"scale-shift silu", true, true}}) do
   case("group_norm " .. g[1], {{{3, 16, 5, 6}}, {{16}}, {{16}}, {{3, 16}}, {{3, 16}}},
     function(x, ga, be, sc, sh)
@@ -248,6 +269,59 @@ end
 local ok, e = pcall(unet_case, "UNet 32px ch32 attn16", {image_size = 32, num_channels = 32, num_res_blocks = 1,
   channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2, 1e-4)
 if not ok then H.check("UNet small config", false, e) end
+
+-- ---------------------------------------------------------------- tensor-core precisions
+-- iddpm.cuda.precision("tf32" | "bf16"): convs, matmuls and attention on tensor cores,
+-- tensors stay float32. Tolerances per op (relative to max |cpu|): TF32 keeps 10
+-- mantissa bits of each operand (rounding 2^-11), bf16 7 (2^-8); sums are fp32, so the
+-- error of a K-term product grows like sqrt(K) * rounding, and a UNet compounds layers.
+local PREC_TOL = {
+  tf32 = {conv = 2e-3, matmul = 2e-3, attention = 5e-3, unet = 5e-3},      -- unet: forward; gradients 10x
+  bf16 = {conv = 2e-2, matmul = 2e-2, attention = 3e-2, unet = 2e-2},
+}
+do
+  H.check("precision() is fp32 here", iddpm.cuda.precision() == "fp32")
+  H.check("precision(bf16) returns bf16", iddpm.cuda.precision("bf16") == "bf16")
+  H.check("precision() queries", iddpm.cuda.precision() == "bf16")
+  iddpm.cuda.tf32(true)
+  H.check("tf32(true) is precision tf32", iddpm.cuda.precision() == "tf32")
+  iddpm.cuda.tf32(false)
+  H.check("tf32(false) is precision fp32", iddpm.cuda.precision() == "fp32")
+  H.raises("precision with a bad name", function() return iddpm.cuda.precision("fp8") end, "not fp32, tf32 or bf16")
+  H.check("a bad name leaves the precision", iddpm.cuda.precision() == "fp32")
+end
+for _, pr in ipairs({"tf32", "bf16"}) do
+  local tol = PREC_TOL[pr]
+  iddpm.cuda.precision(pr)
+  for _, impl in ipairs({"cudnn", "im2col"}) do
+    iddpm.cuda.conv_impl(impl)
+    conv_cases(pr .. " " .. impl .. " ", tol.conv, tol.conv)
+  end
+  iddpm.cuda.conv_impl("cudnn")
+  case(pr .. " matmul batched", {{{3, 40, 70}}, {{3, 70, 24}}}, function(a, b) return a:matmul(b) end, tol.matmul)
+  case(pr .. " matmul shared left (conv1d)", {{{48, 96}}, {{4, 96, 50}}}, function(a, b) return a:matmul(b) end, tol.matmul)
+  case(pr .. " qkv_attention heads 2 C 64 T 64", {{{2, 192, 64}}}, function(q) return T.qkv_attention(q, 2) end,
+    tol.attention)
+  local okp, ep = pcall(unet_case, pr .. " UNet 32px ch32 attn16", {image_size = 32, num_channels = 32,
+    num_res_blocks = 1, channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2,
+    tol.unet)
+  if not okp then H.check(pr .. " UNet small config", false, ep) end
+  iddpm.cuda.precision("fp32")
+end
+-- the switch must really change the arithmetic: a 576-term conv differs from the CPU
+-- by bf16 rounding (far above fp32's error), and fp32 again afterwards is exact-ish
+if not FAKE then
+  local x, w = T.randn({4, 64, 16, 16}), T.randn({64, 64, 3, 3})
+  local want = T.conv2d(x, w, nil, 1, 1)
+  local function gpu_err(pr)
+    iddpm.cuda.precision(pr)
+    local e = err(T.conv2d(x:cuda(), w:cuda(), nil, 1, 1), want)
+    iddpm.cuda.precision("fp32")
+    return e
+  end
+  local e32, ebf = gpu_err("fp32"), gpu_err("bf16")
+  H.check(("bf16 conv rounds (err %.2e) and fp32 does not (err %.2e)"):format(ebf, e32), ebf > 1e-4 and e32 < 1e-5)
+end
 
 -- ---------------------------------------------------------------- diffusion kernels
 -- every device diffusion op against the CPU one, for the mean/variance/loss types;
@@ -413,6 +487,79 @@ do
   end)
   if not ok then H.check("full training step", false, e) end
 end
+
+-- ---------------------------------------------------------------- bf16 training reaches the fp32 loss
+-- The same small UNet (same initial weights), data, timesteps and noise trained STEPS
+-- AdamW steps in fp32 and in bf16 on the GPU; then both models are scored in fp32 on
+-- one fixed evaluation set (every data image at EVAL_T timesteps, fixed noise), which
+-- averages out the step-to-step noise of small-batch losses. The two evaluation losses
+-- must agree within TRAIN_REL, and both models must have learnt (eval loss below LEARNT
+-- x the untrained model's).
+if not QUICK and not FAKE then
+  local ok, e = pcall(function()
+    local cfg = {image_size = 16, num_channels = 32, num_res_blocks = 1, channel_mult = {1, 2},
+      attention_resolutions = {8}, num_heads = 2, learn_sigma = true, dropout = 0}
+    local d = D.new{steps = 1000, noise_schedule = "cosine", learn_sigma = true}
+    local STEPS, B, NDATA, TRAIN_REL, LEARNT = 300, 16, 64, 0.05, 0.5
+    local EVAL_T = {5, 50, 150, 300, 500, 700, 900, 990}
+    math.randomseed(21)
+    print("# bf16 training: seeds 21 (data), 5 (t), generators 11 (noise), 12 (eval noise), weights seed 99")
+    -- data: smooth random waves, so that denoising is learnable
+    local vals = {}
+    for _ = 1, NDATA do
+      local a, b, c = math.random() * 0.8, math.random() * 0.8, math.random() * 6
+      for ch = 0, 2 do
+        for y = 0, 15 do
+          for xx = 0, 15 do vals[#vals + 1] = math.sin(a * xx + b * y + c + ch) * 0.9 end
+        end
+      end
+    end
+    local data = T.from_table(vals, {NDATA, 3, 16, 16}):cuda()
+    T.manual_seed(99)
+    local init = UNet.new(cfg):state_dict()
+    local function eval_loss(m)
+      iddpm.cuda.precision("fp32")
+      m:train(false)
+      local gen, sum = T.generator(12), 0
+      T.no_grad(function()
+        for _, tv in ipairs(EVAL_T) do
+          local t = {}
+          for i = 1, NDATA do t[i] = tv end
+          sum = sum + d:training_losses(m, data, t, {generator = gen}).loss:mean():item() / #EVAL_T
+        end
+      end)
+      return sum
+    end
+    local function run(pr)
+      local m = UNet.new(cfg)
+      m:load_state_dict(init)
+      m:to("cuda")
+      local before = eval_loss(m)
+      iddpm.cuda.precision(pr)
+      m:train(true)
+      local opt = iddpm.optim.adamw(m:parameters(), {lr = 1e-3})
+      local gen = T.generator(11)
+      math.randomseed(5)
+      for s = 1, STEPS do
+        local x0 = data:narrow(1, ((s - 1) * B) % NDATA + 1, B)
+        local t = {}
+        for i = 1, B do t[i] = math.random(0, 999) end
+        m:zero_grad()
+        d:training_losses(m, x0, t, {generator = gen}).loss:mean():backward()
+        opt:step()
+      end
+      return before, eval_loss(m)
+    end
+    local b32, l32 = run("fp32")
+    local bbf, lbf = run("bf16")
+    print(("# bf16 training: eval loss before %.4f / %.4f, after %d steps fp32 %.4f bf16 %.4f"):format(b32, bbf, STEPS,
+      l32, lbf))
+    H.check("fp32 and bf16 training both learn", l32 < LEARNT * b32 and lbf < LEARNT * bbf)
+    record("bf16 training eval loss vs fp32", math.abs(lbf - l32) / l32, TRAIN_REL)
+  end)
+  if not ok then H.check("bf16 training run", false, e) end
+end
+iddpm.cuda.precision(START_PRECISION)
 
 -- ---------------------------------------------------------------- worst errors
 table.sort(worst, function(a, b) return a[2] / math.max(a[3], 1e-30) > b[2] / math.max(b[3], 1e-30) end)
