@@ -8,9 +8,7 @@
 #include "l_common.h"
 
 #include "iddpm/backend.h"
-#ifdef IDDPM_CUDA
-#include "iddpm/cuda.h"
-#endif
+#include "iddpm/cuda.h"   /* declarations only; the CUDA calls below are under IDDPM_CUDA */
 
 #ifndef IDDPM_VERSION
 #define IDDPM_VERSION "0.1.0"

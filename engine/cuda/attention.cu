@@ -57,6 +57,7 @@ static cublasStatus_t rm_gemm(bool ta, bool tb, int M, int N, int K, float alpha
 }
 
 extern "C" idd_status cu_attention_forward(float *out, float *weight, const float *qkv, int B, int C, int T, int H) {
+    CU_PROF("attention_forward");
     if (B <= 0 || C <= 0 || T <= 0 || H <= 0 || C % H)
         return idd_error("cuda attention_forward: bad sizes: " ATT_SIZES, ATT_ARGS);
     int ch = C / H, BH = B * H;
@@ -77,6 +78,7 @@ extern "C" idd_status cu_attention_forward(float *out, float *weight, const floa
 
 extern "C" idd_status cu_attention_backward(float *dqkv, const float *dout, const float *weight, const float *qkv, int B,
                                             int C, int T, int H) {
+    CU_PROF("attention_backward");
     if (B <= 0 || C <= 0 || T <= 0 || H <= 0 || C % H)
         return idd_error("cuda attention_backward: bad sizes: " ATT_SIZES, ATT_ARGS);
     int ch = C / H, BH = B * H;

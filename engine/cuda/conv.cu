@@ -110,6 +110,7 @@ static idd_status conv_check(const char *fn, int N, int C, int H, int W, int O, 
 
 extern "C" idd_status cu_conv2d_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H,
                                         int W, int O, int KH, int KW, int stride, int pad) {
+    CU_PROF("conv2d_forward");
     int Ho, Wo;
     idd_status st = conv_check("conv2d_forward", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;
@@ -152,6 +153,7 @@ extern "C" idd_status cu_conv2d_forward(float *out, const float *x, const float 
 extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const float *dout, const float *x,
                                          const float *w, int N, int C, int H, int W, int O, int KH, int KW, int stride,
                                          int pad) {
+    CU_PROF("conv2d_backward");
     int Ho, Wo;
     idd_status st = conv_check("conv2d_backward", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;

@@ -58,6 +58,17 @@ int64_t cu_coalesce(int n, const idd_tensor *const *ts, cu_desc *d);
  * call for the same slot). NULL on out-of-memory, with the message set. */
 void *cu_scratch(int slot, size_t nbytes, const char *op);
 
+/* IDDPM_CUDA_PROFILE=1: each backend entry point that opens a CU_PROF scope waits for
+ * the stream before and after itself and adds the wall time to a per-name total; the
+ * table (calls, ms, share) is printed to stderr at exit. Off: one branch per call. */
+struct cu_prof_scope {
+    int slot;
+    double t0;
+    explicit cu_prof_scope(const char *name);
+    ~cu_prof_scope();
+};
+#define CU_PROF(name) cu_prof_scope prof_scope_(name)
+
 static inline unsigned cu_blocks(int64_t n, int threads) {
     int64_t b = (n + threads - 1) / threads;
     return (unsigned)(b > 2147483647 ? 2147483647 : (b < 1 ? 1 : b));

@@ -19,6 +19,7 @@ cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n
 
 extern "C" idd_status cu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *b, bool ta, bool tb, double alpha,
                              double beta) {
+    CU_PROF("bmm");
     int nd = c->ndim;
     int64_t M = c->shape[nd - 2], N = c->shape[nd - 1];
     int64_t K = ta ? a->shape[a->ndim - 2] : a->shape[a->ndim - 1];

@@ -6,7 +6,9 @@
 -- ./iddpm run tests/cuda/bench_gpu.lua [iters]   (IDDPM_PRECISION=fp32|tf32|bf16 picks
 -- the arithmetic of convs/matmuls/attention, IDDPM_CUDA_CONV=im2col the old conv;
 -- SMALL=1 shrinks the model for a smoke test; OPS=1 adds per-op conv timings, cuDNN
--- and im2col, in the current precision)
+-- and im2col, in the current precision; PART=train or PART=sample runs only that part,
+-- e.g. under IDDPM_CUDA_PROFILE=1 for a per-op table of one of them)
+local PART = os.getenv("PART")
 local iddpm = require "iddpm"
 local T = iddpm.tensor
 if not iddpm.cuda.available() then print("# no GPU: " .. tostring(iddpm.cuda.reason())); return end
@@ -50,24 +52,28 @@ local function time_it(fn, n)
   return (wall() - t0) / n, v
 end
 model:train(true)
-local s, loss = time_it(train_step, ITERS)
-print(("# bench train step (hybrid loss + AdamW + EMA) batch %d: %.1f ms/step, %.0f img/s, loss %.4f"):format(TB,
-  s * 1e3, TB / s, loss or 0/0))
-local used, cached = iddpm.cuda.memory()
-print(("# bench memory after training: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved (the peak)"):format(used / 2^20,
-  cached / 2^20, (used + cached) / 2^20))
+if PART ~= "sample" then
+  local s, loss = time_it(train_step, ITERS)
+  print(("# bench train step (hybrid loss + AdamW + EMA) batch %d: %.1f ms/step, %.0f img/s, loss %.4f"):format(TB,
+    s * 1e3, TB / s, loss or 0/0))
+  local used, cached = iddpm.cuda.memory()
+  print(("# bench memory after training: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved (the peak)"):format(used / 2^20,
+    cached / 2^20, (used + cached) / 2^20))
+end
 
 model:train(false)
-local x = T.randn({SB, 3, 32, 32}, nil, "float32", "cuda")
-local ss = time_it(function()
-  T.no_grad(function() diff:p_sample(model, x, 500, {generator = gen}) end)
-end, ITERS)
-print(("# bench sample p_sample step batch %d: %.1f ms, %.0f images x steps/s"):format(SB, ss * 1e3, SB / ss))
-local sf = time_it(function() T.no_grad(function() model:forward(x, T.full({SB}, 500):cuda()) end) end, ITERS)
-print(("# bench sample forward only batch %d: %.1f ms, %.0f images x steps/s"):format(SB, sf * 1e3, SB / sf))
-used, cached = iddpm.cuda.memory()
-print(("# bench memory after sampling: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved"):format(used / 2^20,
-  cached / 2^20, (used + cached) / 2^20))
+if PART ~= "train" then
+  local x = T.randn({SB, 3, 32, 32}, nil, "float32", "cuda")
+  local ss = time_it(function()
+    T.no_grad(function() diff:p_sample(model, x, 500, {generator = gen}) end)
+  end, ITERS)
+  print(("# bench sample p_sample step batch %d: %.1f ms, %.0f images x steps/s"):format(SB, ss * 1e3, SB / ss))
+  local sf = time_it(function() T.no_grad(function() model:forward(x, T.full({SB}, 500):cuda()) end) end, ITERS)
+  print(("# bench sample forward only batch %d: %.1f ms, %.0f images x steps/s"):format(SB, sf * 1e3, SB / sf))
+  local used, cached = iddpm.cuda.memory()
+  print(("# bench memory after sampling: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved"):format(used / 2^20,
+    cached / 2^20, (used + cached) / 2^20))
+end
 
 -- per-op conv timings at CIFAR-10 sizes (batch 128): forward, and forward + backward
 -- (dx, dw, db), for cuDNN and im2col, minimum over 3 rounds of ITERS calls each
