@@ -7,7 +7,7 @@
  *   forward   out_n (O,P) = W (O,CKK) . col_n (CKK,P)       strided batched, W shared
  *   dx        dcol_n (CKK,P) = W^T . dout_n, then col2im (a gather, +=)
  *   dw       += doutP (O, nc*P) . col^T                      one GEMM per chunk
- *   db       += sum over n and p of dout
+ *   db       += sum over n and p of dout (cu_conv_bias_grad, conv_cudnn.cu)
  * A 1x1 convolution with stride 1 and no padding uses x itself as col_n (no im2col)
  * in the forward and writes dx straight from the GEMM. */
 #include "cuda_common.cuh"
@@ -68,24 +68,6 @@ __global__ void k_perm_dout(float *dp, const float *d, int nc, int O, int64_t P)
         int64_t p = e % P, n = (e / P) % nc, o = e / (P * nc);
         dp[e] = d[(n * O + o) * P + p];
     }
-}
-
-/* db[o] += sum_{n,p} dout[n,o,p]; one block per o */
-__global__ void k_bias_grad(float *db, const float *dout, int N, int O, int64_t P) {
-    __shared__ double sh[256];
-    int o = blockIdx.x;
-    double s = 0;
-    for (int64_t e = threadIdx.x; e < (int64_t)N * P; e += blockDim.x) {
-        int64_t n = e / P, p = e % P;
-        s += dout[(n * O + o) * P + p];
-    }
-    sh[threadIdx.x] = s;
-    __syncthreads();
-    for (int k = 128; k > 0; k >>= 1) {
-        if ((int)threadIdx.x < k) sh[threadIdx.x] += sh[threadIdx.x + k];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) db[o] += (float)sh[0];
 }
 
 static unsigned grid_for(int64_t n) {
@@ -163,7 +145,10 @@ extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const 
     int64_t P = (int64_t)Ho * Wo, CKK = (int64_t)C * KH * KW;
     bool direct = KH == 1 && KW == 1 && stride == 1 && pad == 0;
     const float one = 1.0f, zero = 0.0f;
-    if (db) k_bias_grad<<<O, 256, 0, idd_cu_stream>>>(db, dout, N, O, P);
+    if (db) {
+        st = cu_conv_bias_grad(db, dout, N, O, (int)P);
+        if (st) return st;
+    }
     /* per-sample bytes: col (CKK*P) for dw, dcol (CKK*P) for dx, doutP (O*P) for dw */
     int64_t per = ((dw ? CKK * P + O * P : 0) + (dx && !direct ? CKK * P : 0)) * (int64_t)sizeof(float);
     int nc = per ? (int)(COL_BUDGET / (size_t)per) : N;

@@ -19,8 +19,8 @@
 #include <stdio.h>
 #include <vector>
 
-/* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw */
-enum { S_WS = 6, S_X = 7, S_W = 8, S_Y = 9, S_DX = 10, S_DW = 11 };
+/* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw; bias partials */
+enum { S_WS = 6, S_X = 7, S_W = 8, S_Y = 9, S_DX = 10, S_DW = 11, S_DB = 12 };
 /* workspace offered to cudnnFind*Ex; algorithms that need more are not considered */
 #define FIND_WS ((size_t)256 << 20)
 
@@ -116,19 +116,44 @@ static void from_bias(float *out, const float *b, int N, int O, int64_t P) {
     k_add_bias<<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>(out, b, O, P, total);
 }
 
-/* db[o] += sum over n and p of dout[n,o,p]; one block per o, double partial sums */
-__global__ void k_dnn_bias_grad(float *db, const float *dout, int N, int O, int64_t P) {
-    __shared__ double sh[256];
-    int o = blockIdx.x;
-    double s = 0;
-    for (int64_t e = threadIdx.x; e < (int64_t)N * P; e += blockDim.x) s += dout[((e / P) * O + o) * P + e % P];
-    sh[threadIdx.x] = s;
-    __syncthreads();
-    for (int k = 128; k > 0; k >>= 1) {
-        if ((int)threadIdx.x < k) sh[threadIdx.x] += sh[threadIdx.x + k];
-        __syncthreads();
+/* part[o*S + s] = sum over the samples n = s, s+S, ... and all p of dout[n,o,p]: block
+ * (o, s), the threads stride over p (no divisions), double partial sums */
+#define BG_SPLIT 16
+__global__ void k_bias_grad_part(double *part, const float *dout, int N, int O, int P) {
+    __shared__ double sh[8];
+    int o = blockIdx.x, sp = blockIdx.y, S = gridDim.y;
+    double acc = 0;
+    for (int n = sp; n < N; n += S) {
+        const float *d = dout + ((int64_t)n * O + o) * P;
+        for (int q = threadIdx.x; q < P; q += blockDim.x) acc += d[q];
     }
-    if (threadIdx.x == 0) db[o] += (float)sh[0];
+    for (int k = 16; k > 0; k >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, k);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += sh[w];
+        part[(int64_t)o * S + sp] = t;
+    }
+}
+
+/* db[o] += sum of its S partials, in a fixed order */
+__global__ void k_bias_grad_sum(float *db, const double *part, int O, int S) {
+    int o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= O) return;
+    double t = 0;
+    for (int s = 0; s < S; s++) t += part[(int64_t)o * S + s];
+    db[o] += (float)t;
+}
+
+idd_status cu_conv_bias_grad(float *db, const float *dout, int N, int O, int P) {
+    int S = N < BG_SPLIT ? N : BG_SPLIT;
+    double *part = (double *)cu_scratch(S_DB, (size_t)O * S * sizeof(double), "conv2d_backward (bias)");
+    if (!part) return IDD_ENOMEM;
+    int threads = P >= 256 ? 256 : P >= 128 ? 128 : 64;
+    k_bias_grad_part<<<dim3((unsigned)O, (unsigned)S), threads, 0, idd_cu_stream>>>(part, dout, N, O, P);
+    k_bias_grad_sum<<<(O + 127) / 128, 128, 0, idd_cu_stream>>>(db, part, O, S);
+    return IDD_OK;
 }
 
 // ---------------------------------------------------------------- plans
@@ -297,7 +322,10 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
     bool bf = idd_cu_precision == IDD_PREC_BF16;
     const float one = 1.0f, zero = 0.0f;
     int64_t P = (int64_t)Ho * Wo;
-    if (db) k_dnn_bias_grad<<<O, 256, 0, idd_cu_stream>>>(db, dout, N, O, P);
+    if (db) {
+        idd_status st = cu_conv_bias_grad(db, dout, N, O, (int)P);
+        if (st) return st;
+    }
     const void *dya = dout;
     if (bf && (dx || dw)) {
         dya = to_bf16(S_Y, dout, N, O, (int)P, op);

@@ -112,6 +112,8 @@ cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n
  * (sizes already checked). cu_cudnn_ready() opens cuDNN on first use; false (after one
  * note on stderr) when it cannot, and conv.cu then runs im2col. */
 bool cu_cudnn_ready(void);
+/* db (O) += sum over n and p of dout (N,O,P), float32 with double partial sums (both convs) */
+idd_status cu_conv_bias_grad(float *db, const float *dout, int N, int O, int P);
 idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H, int W,
                                  int O, int KH, int KW, int stride, int pad, int Ho, int Wo);
 idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,

@@ -106,7 +106,7 @@ extern "C" void idd_cuda_empty_cache(void) {
 
 // ---------------------------------------------------------------- scratch
 
-#define N_SCRATCH 12
+#define N_SCRATCH 13
 static void *scratch_ptr[N_SCRATCH];
 static size_t scratch_cap[N_SCRATCH];
 
@@ -152,6 +152,10 @@ cu_prof_scope::~cu_prof_scope() {
     cudaStreamSynchronize(idd_cu_stream);
     prof_ms[slot] += now_ms() - t0;
     prof_calls[slot]++;
+}
+
+extern "C" void idd_cuda_profile_reset(void) {
+    for (int i = 0; i < prof_n; i++) prof_ms[i] = 0, prof_calls[i] = 0;
 }
 
 static void prof_report(void) {

@@ -37,6 +37,9 @@ enum { IDD_CONV_CUDNN = 0, IDD_CONV_IM2COL = 1 };
 void idd_cuda_set_conv_impl(int impl);
 int idd_cuda_conv_impl(void);
 
+/* IDDPM_CUDA_PROFILE=1: zero the per-op totals (after a warm-up; the table prints at exit) */
+void idd_cuda_profile_reset(void);
+
 static inline int idd_cuda_precision_from_name(const char *s) {
     if (!strcmp(s, "fp32")) return IDD_PREC_FP32;
     if (!strcmp(s, "tf32")) return IDD_PREC_TF32;

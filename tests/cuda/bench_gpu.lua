@@ -44,6 +44,7 @@ local function train_step()
 end
 local function time_it(fn, n)
   fn(); fn(); sync()
+  iddpm.cuda.profile_reset()   -- IDDPM_CUDA_PROFILE=1: count the timed calls only (cuDNN's search is in the warm-up)
   local t0 = wall()
   local last
   for _ = 1, n do last = fn() end

@@ -245,7 +245,15 @@ end, "channels")
 local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
 local function unet_case(name, cfg, N, tol)
   local mc = UNet.new(cfg)
-  local mg = UNet.new(cfg):to("cuda")
+  -- the zero-initialised layers (out conv, each block's last conv, proj_out) get small
+  -- random weights, else the output is exactly 0 and the forward check says nothing
+  local pgen = T.generator(31)
+  for _, p in ipairs(mc:parameters()) do
+    if p:abs():max():item() == 0 then p:copy_(T.randn(p:shape(), pgen) * 0.05) end
+  end
+  local mg = UNet.new(cfg)
+  mg:load_state_dict(mc:state_dict())
+  mg:to("cuda")
   mc:train(false); mg:train(false)
   local x = T.randn({N, cfg.in_channels or 3, cfg.image_size, cfg.image_size})
   local t = T.from_table({1, 250, 500, 999, 3, 17, 40, 800}, {8}):narrow(1, 1, N)
@@ -277,7 +285,7 @@ if not ok then H.check("UNet small config", false, e) end
 -- error of a K-term product grows like sqrt(K) * rounding, and a UNet compounds layers.
 local PREC_TOL = {
   tf32 = {conv = 2e-3, matmul = 2e-3, attention = 5e-3, unet = 5e-3},      -- unet: forward; gradients 10x
-  bf16 = {conv = 2e-2, matmul = 2e-2, attention = 3e-2, unet = 2e-2},
+  bf16 = {conv = 2e-2, matmul = 2e-2, attention = 3e-2, unet = 1e-2},
 }
 do
   H.check("precision() is fp32 here", iddpm.cuda.precision() == "fp32")
@@ -489,21 +497,22 @@ do
 end
 
 -- ---------------------------------------------------------------- bf16 training reaches the fp32 loss
--- The same small UNet (same initial weights), data, timesteps and noise trained STEPS
--- AdamW steps in fp32 and in bf16 on the GPU; then both models are scored in fp32 on
--- one fixed evaluation set (every data image at EVAL_T timesteps, fixed noise), which
--- averages out the step-to-step noise of small-batch losses. The two evaluation losses
--- must agree within TRAIN_REL, and both models must have learnt (eval loss below LEARNT
--- x the untrained model's).
+-- The same small UNet (same initial weights) and data trained STEPS AdamW steps in fp32
+-- and in bf16 on the GPU, each with two seeds for timesteps and noise (the same two for
+-- both precisions); every model is then scored in fp32 on one fixed evaluation set
+-- (every data image at EVAL_T timesteps, fixed noise). Training is chaotic: two fp32
+-- seeds already end a few percent apart. So the mean bf16 evaluation loss must be
+-- within TRAIN_REL of the mean fp32 one, TRAIN_REL = max(REL_FLOOR, 2 x the fp32
+-- seed-to-seed spread), and every model must have learnt (below LEARNT x untrained).
 if not QUICK and not FAKE then
   local ok, e = pcall(function()
     local cfg = {image_size = 16, num_channels = 32, num_res_blocks = 1, channel_mult = {1, 2},
       attention_resolutions = {8}, num_heads = 2, learn_sigma = true, dropout = 0}
     local d = D.new{steps = 1000, noise_schedule = "cosine", learn_sigma = true}
-    local STEPS, B, NDATA, TRAIN_REL, LEARNT = 300, 16, 64, 0.05, 0.5
+    local STEPS, B, NDATA, REL_FLOOR, LEARNT = 300, 16, 64, 0.05, 0.5
     local EVAL_T = {5, 50, 150, 300, 500, 700, 900, 990}
     math.randomseed(21)
-    print("# bf16 training: seeds 21 (data), 5 (t), generators 11 (noise), 12 (eval noise), weights seed 99")
+    print("# bf16 training: seeds 21 (data), 5/6 (t), generators 11/13 (noise), 12 (eval noise), weights seed 99")
     -- data: smooth random waves, so that denoising is learnable
     local vals = {}
     for _ = 1, NDATA do
@@ -530,7 +539,7 @@ if not QUICK and not FAKE then
       end)
       return sum
     end
-    local function run(pr)
+    local function run(pr, seed)
       local m = UNet.new(cfg)
       m:load_state_dict(init)
       m:to("cuda")
@@ -538,8 +547,8 @@ if not QUICK and not FAKE then
       iddpm.cuda.precision(pr)
       m:train(true)
       local opt = iddpm.optim.adamw(m:parameters(), {lr = 1e-3})
-      local gen = T.generator(11)
-      math.randomseed(5)
+      local gen = T.generator(seed == 1 and 11 or 13)
+      math.randomseed(seed == 1 and 5 or 6)
       for s = 1, STEPS do
         local x0 = data:narrow(1, ((s - 1) * B) % NDATA + 1, B)
         local t = {}
@@ -550,12 +559,22 @@ if not QUICK and not FAKE then
       end
       return before, eval_loss(m)
     end
-    local b32, l32 = run("fp32")
-    local bbf, lbf = run("bf16")
-    print(("# bf16 training: eval loss before %.4f / %.4f, after %d steps fp32 %.4f bf16 %.4f"):format(b32, bbf, STEPS,
-      l32, lbf))
-    H.check("fp32 and bf16 training both learn", l32 < LEARNT * b32 and lbf < LEARNT * bbf)
-    record("bf16 training eval loss vs fp32", math.abs(lbf - l32) / l32, TRAIN_REL)
+    local before, l32, lbf, learnt = nil, {}, {}, true
+    for k = 1, 2 do
+      local b0
+      b0, l32[k] = run("fp32", k)
+      before = b0
+      learnt = learnt and l32[k] < LEARNT * b0
+      b0, lbf[k] = run("bf16", k)
+      learnt = learnt and lbf[k] < LEARNT * b0
+    end
+    local m32, mbf = (l32[1] + l32[2]) / 2, (lbf[1] + lbf[2]) / 2
+    local spread = math.abs(l32[1] - l32[2]) / m32
+    local TRAIN_REL = math.max(REL_FLOOR, 2 * spread)
+    print(("# bf16 training: eval loss untrained %.4f; after %d steps fp32 %.4f %.4f, bf16 %.4f %.4f (fp32 seed spread %.1f%%)")
+      :format(before, STEPS, l32[1], l32[2], lbf[1], lbf[2], 100 * spread))
+    H.check("fp32 and bf16 training both learn", learnt)
+    record("bf16 training mean eval loss vs fp32", math.abs(mbf - m32) / m32, TRAIN_REL)
   end)
   if not ok then H.check("bf16 training run", false, e) end
 end
