@@ -214,6 +214,11 @@ for _, g in ipairs({{"plain", false, false}, {"silu", true, false}, {"scale-shif
       return T.group_norm(x, 4, ga, be, nil, nil, g[2])
     end, LAYER)
 end
+-- the CIFAR-10 shape (4 channels x 1024 pixels per group) and a wide group (24 channels)
+case("group_norm scale-shift silu 128ch 32x32", {{{2, 128, 32, 32}}, {{128}}, {{128}}, {{2, 128}},
+  {{2, 128}}}, function(x, ga, be, sc, sh) return T.group_norm(x, 32, ga, be, sc, sh, true) end, LAYER)
+case("group_norm 96ch 4 groups 4x4", {{{3, 96, 4, 4}}, {{96}}, {{96}}},
+  function(x, ga, be) return T.group_norm(x, 4, ga, be, nil, nil, true) end, LAYER)
 case("group_norm 32 groups 128ch 8x8", {{{2, 128, 8, 8}}, {{128}}, {{128}}}, function(x, ga, be) return T.group_norm(x, 32, ga, be, nil, nil, true) end, LAYER)
 for _, a in ipairs({{1, 8, 16}, {2, 16, 64}, {4, 32, 20}}) do
   local heads, C, Tn = a[1], a[2], a[3]
@@ -243,7 +248,7 @@ end, "channels")
 
 -- ---------------------------------------------------------------- small UNet
 local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
-local function unet_case(name, cfg, N, tol)
+local function unet_case(name, cfg, N, tol, gtol)
   local mc = UNet.new(cfg)
   -- the zero-initialised layers (out conv, each block's last conv, proj_out) get small
   -- random weights, else the output is exactly 0 and the forward check says nothing
@@ -265,14 +270,21 @@ local function unet_case(name, cfg, N, tol)
   local pc, pg = mc:named_parameters(), mg:named_parameters()
   local we, wn = 0, ""
   local names = mc:parameter_names()
+  -- a conv bias just before a one-channel-per-group norm has an exactly-zero gradient
+  -- (roundoff on both sides): each parameter's error is taken relative to at least
+  -- GRAD_FLOOR x the largest gradient of the network
+  local GRAD_FLOOR, gmax = 1e-3, 0
+  for _, n in ipairs(names) do if pc[n].grad then gmax = math.max(gmax, pc[n].grad:abs():max():item()) end end
   for _, n in ipairs(names) do
     local a, b = pc[n].grad, pg[n].grad
     if a and b then
-      local e = err(b, a)
+      local scale = math.max(a:abs():max():item(), GRAD_FLOOR * gmax)
+      local e = (b:cpu():double() - a:double()):abs():max():item() / (scale > 0 and scale or 1)
+      if e ~= e then e = math.huge end
       if e > we then we, wn = e, n end
     elseif a or b then we, wn = math.huge, n .. " (grad missing on one side)" end
   end
-  record(name .. " backward, worst param grad " .. wn, we, tol * 10)
+  record(name .. " backward, worst param grad " .. wn, we, gtol or tol * 10)
 end
 local ok, e = pcall(unet_case, "UNet 32px ch32 attn16", {image_size = 32, num_channels = 32, num_res_blocks = 1,
   channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2, 1e-4)
@@ -284,8 +296,8 @@ if not ok then H.check("UNet small config", false, e) end
 -- mantissa bits of each operand (rounding 2^-11), bf16 7 (2^-8); sums are fp32, so the
 -- error of a K-term product grows like sqrt(K) * rounding, and a UNet compounds layers.
 local PREC_TOL = {
-  tf32 = {conv = 2e-3, matmul = 2e-3, attention = 5e-3, unet = 5e-3},      -- unet: forward; gradients 10x
-  bf16 = {conv = 2e-2, matmul = 2e-2, attention = 3e-2, unet = 1e-2},
+  tf32 = {conv = 2e-3, matmul = 2e-3, attention = 5e-3, unet = 2e-3, unet_grad = 2e-2},
+  bf16 = {conv = 2e-2, matmul = 2e-2, attention = 3e-2, unet = 4e-2, unet_grad = 1e-1},
 }
 do
   H.check("precision() is fp32 here", iddpm.cuda.precision() == "fp32")
@@ -312,7 +324,7 @@ for _, pr in ipairs({"tf32", "bf16"}) do
     tol.attention)
   local okp, ep = pcall(unet_case, pr .. " UNet 32px ch32 attn16", {image_size = 32, num_channels = 32,
     num_res_blocks = 1, channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2,
-    tol.unet)
+    tol.unet, tol.unet_grad)
   if not okp then H.check(pr .. " UNet small config", false, ep) end
   iddpm.cuda.precision("fp32")
 end
