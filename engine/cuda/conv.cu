@@ -8,7 +8,7 @@
  *   forward   out_n (O,P) = W (O,CKK) . col_n (CKK,P)       strided batched, W shared
  *   dx        dcol_n (CKK,P) = W^T . dout_n, then col2im (a gather, +=)
  *   dw       += doutP (O, nc*P) . col^T                      one GEMM per chunk
- *   db       += sum over n and p of dout (cu_conv_bias_grad, conv_cudnn.cu)
+ *   db       += sum over n and p of dout (cu_conv_bias_grad, also used by conv_cudnn.cu)
  * A 1x1 convolution with stride 1 and no padding uses x itself as col_n (no im2col)
  * in the forward and writes dx straight from the GEMM. */
 #include "cuda_common.cuh"
@@ -69,6 +69,47 @@ __global__ void k_perm_dout(float *dp, const float *d, int nc, int O, int64_t P)
         int64_t p = e % P, n = (e / P) % nc, o = e / (P * nc);
         dp[e] = d[(n * O + o) * P + p];
     }
+}
+
+/* part[o*S + s] = sum over the samples n = s, s+S, ... and all p of dout[n,o,p]: block
+ * (o, s), the threads stride over p (no divisions), double partial sums */
+#define BG_SPLIT 16
+__global__ void k_bias_grad_part(double *part, const float *dout, int N, int O, int P) {
+    __shared__ double sh[8];
+    int o = blockIdx.x, sp = blockIdx.y, S = gridDim.y;
+    double acc = 0;
+    for (int n = sp; n < N; n += S) {
+        const float *d = dout + ((int64_t)n * O + o) * P;
+        for (int q = threadIdx.x; q < P; q += blockDim.x) acc += d[q];
+    }
+    for (int k = 16; k > 0; k >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, k);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += sh[w];
+        part[(int64_t)o * S + sp] = t;
+    }
+}
+
+/* db[o] += sum of its S partials, in a fixed order */
+__global__ void k_bias_grad_sum(float *db, const double *part, int O, int S) {
+    int o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= O) return;
+    double t = 0;
+    for (int s = 0; s < S; s++) t += part[(int64_t)o * S + s];
+    db[o] += (float)t;
+}
+
+/* scratch slot 12 (memory.cu) holds the partials */
+idd_status cu_conv_bias_grad(float *db, const float *dout, int N, int O, int P) {
+    int S = N < BG_SPLIT ? N : BG_SPLIT;
+    double *part = (double *)cu_scratch(12, (size_t)O * S * sizeof(double), "conv2d_backward (bias)");
+    if (!part) return IDD_ENOMEM;
+    int threads = P >= 256 ? 256 : P >= 128 ? 128 : 64;
+    k_bias_grad_part<<<dim3((unsigned)O, (unsigned)S), threads, 0, idd_cu_stream>>>(part, dout, N, O, P);
+    k_bias_grad_sum<<<(O + 127) / 128, 128, 0, idd_cu_stream>>>(db, part, O, S);
+    return IDD_OK;
 }
 
 static unsigned grid_for(int64_t n) {

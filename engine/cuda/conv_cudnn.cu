@@ -11,16 +11,29 @@
  *         kernel each), cuDNN bf16 tensor cores with fp32 accumulation, the bf16 NHWC
  *         result converted back into the float32 NCHW output (+ bias, or += for the
  *         gradients). Tensors outside the op stay float32.
- * The bias gradient is a float32 reduction (double partial sums) in every mode. */
+ * The bias gradient is conv.cu's float32 reduction (double partial sums) in every mode. */
 #include "cuda_common.cuh"
+
+#ifdef IDDPM_NO_CUDNN
+/* built without cuDNN's header (Makefile): conv.cu always runs im2col + cuBLAS */
+bool cu_cudnn_ready(void) { return false; }
+idd_status cu_cudnn_conv_forward(float *, const float *, const float *, const float *, int, int, int, int, int, int,
+                                 int, int, int, int, int) {
+    return idd_error("cuda conv2d_forward: built without cuDNN");
+}
+idd_status cu_cudnn_conv_backward(float *, float *, float *, const float *, const float *, const float *, int, int,
+                                  int, int, int, int, int, int, int, int, int) {
+    return idd_error("cuda conv2d_backward: built without cuDNN");
+}
+#else
 
 #include <cuda_bf16.h>
 #include <cudnn.h>
 #include <stdio.h>
 #include <vector>
 
-/* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw; bias partials */
-enum { S_WS = 6, S_X = 7, S_W = 8, S_Y = 9, S_DX = 10, S_DW = 11, S_DB = 12 };
+/* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw */
+enum { S_WS = 6, S_X = 7, S_W = 8, S_Y = 9, S_DX = 10, S_DW = 11 };
 /* workspace offered to cudnnFind*Ex; algorithms that need more are not considered */
 #define FIND_WS ((size_t)256 << 20)
 
@@ -114,46 +127,6 @@ static void from_bias(float *out, const float *b, int N, int O, int64_t P) {
     int64_t total = (int64_t)N * O * P;
     unsigned nb = cu_blocks(total, 256);
     k_add_bias<<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>(out, b, O, P, total);
-}
-
-/* part[o*S + s] = sum over the samples n = s, s+S, ... and all p of dout[n,o,p]: block
- * (o, s), the threads stride over p (no divisions), double partial sums */
-#define BG_SPLIT 16
-__global__ void k_bias_grad_part(double *part, const float *dout, int N, int O, int P) {
-    __shared__ double sh[8];
-    int o = blockIdx.x, sp = blockIdx.y, S = gridDim.y;
-    double acc = 0;
-    for (int n = sp; n < N; n += S) {
-        const float *d = dout + ((int64_t)n * O + o) * P;
-        for (int q = threadIdx.x; q < P; q += blockDim.x) acc += d[q];
-    }
-    for (int k = 16; k > 0; k >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, k);
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += sh[w];
-        part[(int64_t)o * S + sp] = t;
-    }
-}
-
-/* db[o] += sum of its S partials, in a fixed order */
-__global__ void k_bias_grad_sum(float *db, const double *part, int O, int S) {
-    int o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= O) return;
-    double t = 0;
-    for (int s = 0; s < S; s++) t += part[(int64_t)o * S + s];
-    db[o] += (float)t;
-}
-
-idd_status cu_conv_bias_grad(float *db, const float *dout, int N, int O, int P) {
-    int S = N < BG_SPLIT ? N : BG_SPLIT;
-    double *part = (double *)cu_scratch(S_DB, (size_t)O * S * sizeof(double), "conv2d_backward (bias)");
-    if (!part) return IDD_ENOMEM;
-    int threads = P >= 256 ? 256 : P >= 128 ? 128 : 64;
-    k_bias_grad_part<<<dim3((unsigned)O, (unsigned)S), threads, 0, idd_cu_stream>>>(part, dout, N, O, P);
-    k_bias_grad_sum<<<(O + 127) / 128, 128, 0, idd_cu_stream>>>(db, part, O, S);
-    return IDD_OK;
 }
 
 // ---------------------------------------------------------------- plans
@@ -282,8 +255,8 @@ static idd_status plan_get(conv_plan **out_plan, int pass, const void *a, const 
 
 // ---------------------------------------------------------------- forward
 
-idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, const float *b, int N, int C,
-                                            int H, int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
+idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H, int W,
+                                 int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
     const char *op = "conv2d_forward";
     bool bf = idd_cu_precision == IDD_PREC_BF16;
     const void *xa = x, *wa = w;
@@ -315,9 +288,9 @@ idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, con
 
 // ---------------------------------------------------------------- backward
 
-idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x,
-                                             const float *w, int N, int C, int H, int W, int O, int KH, int KW,
-                                             int stride, int pad, int Ho, int Wo) {
+idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                                  int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
+                                  int Wo) {
     const char *op = "conv2d_backward";
     bool bf = idd_cu_precision == IDD_PREC_BF16;
     const float one = 1.0f, zero = 0.0f;
@@ -370,3 +343,5 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
     CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
     return IDD_OK;
 }
+
+#endif /* IDDPM_NO_CUDNN */

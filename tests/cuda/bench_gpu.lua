@@ -71,6 +71,16 @@ if PART ~= "train" then
   print(("# bench sample p_sample step batch %d: %.1f ms, %.0f images x steps/s"):format(SB, ss * 1e3, SB / ss))
   local sf = time_it(function() T.no_grad(function() model:forward(x, T.full({SB}, 500):cuda()) end) end, ITERS)
   print(("# bench sample forward only batch %d: %.1f ms, %.0f images x steps/s"):format(SB, sf * 1e3, SB / sf))
+  -- host cost: how long queuing one forward takes, against the forward (CUDA graphs
+  -- would only remove the former, and only matter when it is close to the latter)
+  local tt = T.full({SB}, 500):cuda()
+  sync()
+  local h0 = wall()
+  T.no_grad(function() model:forward(x, tt) end)
+  local enq = wall() - h0
+  sync()
+  print(("# bench sample forward batch %d: host queues it in %.1f ms, the GPU finishes at %.1f ms"):format(SB,
+    enq * 1e3, (wall() - h0) * 1e3))
   local used, cached = iddpm.cuda.memory()
   print(("# bench memory after sampling: %.0f MiB in use + %.0f MiB cached = %.0f MiB reserved"):format(used / 2^20,
     cached / 2^20, (used + cached) / 2^20))
