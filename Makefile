@@ -5,7 +5,7 @@
 #   make bench        images/second of the training and sampling steps
 #   make demo         train the Fashion-MNIST demo and sample from it
 #   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
-#   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS) into build/*-cuda
+#   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS; cuDNN 9 if found) into build/*-cuda
 #   make cuda-check   only compile the CUDA sources (CI runs it where nvcc exists)
 #   make test-cuda    build with CUDA=1 and run the CPU-vs-GPU tests (needs a GPU)
 #   make cuda-bundle  build with CUDA=1 and collect program + libraries in build/cuda-bundle
@@ -39,15 +39,20 @@ ifeq ($(CUDA),1)
 endif
 
 # CUDA sources: compiled for sm_90 (H100/H200) plus PTX for compute_80 that newer
-# cards JIT-compile; linked with the CUDA runtime and cuBLAS.
+# cards JIT-compile; linked with the CUDA runtime, cuBLAS and cuDNN 9.
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local/cuda)
 NVCC      ?= $(CUDA_HOME)/bin/nvcc
 CU_ARCH   ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80
 NVFLAGS   := -O3 -std=c++17 -lineinfo $(CU_ARCH) -Xcompiler -fPIC,-Wall -Iinclude $(EXTRA_NVFLAGS)
 CU_SRC    := $(sort $(wildcard engine/cuda/*.cu))
 CU_OBJ    := $(CU_SRC:%.cu=$(BUILD)/%.o)
+# cuDNN when its header is found (conv2d); without it conv2d runs im2col + cuBLAS
+CUDNN_H   := $(firstword $(wildcard $(CUDA_HOME)/include/cudnn.h /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h))
+ifeq ($(CUDNN_H),)
+  NVFLAGS += -DIDDPM_NO_CUDNN
+endif
 ifeq ($(CUDA),1)
-  CU_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+  CU_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 $(if $(CUDNN_H),-lcudnn) -lcublas -lcudart -lstdc++
 endif
 
 ENGINE_SRC := $(sort $(shell find engine -name '*.c'))

@@ -4,7 +4,8 @@
  *        :position() -> epoch, index; :set_position(epoch, index); :close()
  *   resize_center_crop(u8 (H,W,C), size) -> u8 (C,size,size)
  *   now() -> wall-clock seconds (monotonic), for images/s and ETA
- *   clear_interrupt() -> lets engine loops run again after a caught Ctrl-C (to save) */
+ *   clear_interrupt() -> lets engine loops run again after a caught Ctrl-C (to save)
+ *   defer_interrupt(on) -> Ctrl-C only recorded while on; raised when turned off */
 #include <time.h>
 
 #include "iddpm/io.h"
@@ -130,12 +131,22 @@ static int l_clear_interrupt(lua_State *L) {
     return 0;
 }
 
+/* defer_interrupt(on): while on, Ctrl-C is only recorded; turning it off raises
+ * "interrupted!" if one came in between (the section it guarded has completed). */
+static int l_defer_interrupt(lua_State *L) {
+    int on = lua_toboolean(L, 1);
+    idd_interrupt_deferred = on;
+    if (!on && idd_interrupted) return luaL_error(L, "interrupted!");
+    return 0;
+}
+
 int luaopen_iddpm_data_c(lua_State *L);
 int luaopen_iddpm_data_c(lua_State *L) {
     static const luaL_Reg methods[] = {{"next", m_next}, {"position", m_position}, {"set_position", m_set_position},
                                        {"close", m_close}, {NULL, NULL}};
     static const luaL_Reg fns[] = {{"loader", l_loader}, {"resize_center_crop", l_resize}, {"now", l_now},
-                                   {"clear_interrupt", l_clear_interrupt}, {NULL, NULL}};
+                                   {"clear_interrupt", l_clear_interrupt},
+                                   {"defer_interrupt", l_defer_interrupt}, {NULL, NULL}};
     luaL_newmetatable(L, LOADER_MT);
     lua_newtable(L);
     luaL_setfuncs(L, methods, 0);

@@ -8,9 +8,7 @@
 #include "l_common.h"
 
 #include "iddpm/backend.h"
-#ifdef IDDPM_CUDA
-#include "iddpm/cuda.h"
-#endif
+#include "iddpm/cuda.h"   /* declarations only; the CUDA calls below are under IDDPM_CUDA */
 
 #ifndef IDDPM_VERSION
 #define IDDPM_VERSION "0.1.0"
@@ -42,8 +40,9 @@ static int l_num_threads(lua_State *L) {
 }
 
 /* iddpm.cuda: available(), reason(), device_name(), synchronize(), memory() -> in use,
- * cached, peak in use, peak reserved; reset_peak_memory(), empty_cache(), tf32(on). A
- * build without CUDA answers available() = false. */
+ * cached, peak in use, peak reserved; reset_peak_memory(), empty_cache(), tf32(on),
+ * precision([name]), conv_impl([name]), profile_reset(). A build without CUDA answers
+ * available() = false and remembers the precision name (no effect on the CPU). */
 static int c_available(lua_State *L) { lua_pushboolean(L, idd_backend_get(IDD_CUDA) != NULL); return 1; }
 static int c_reason(lua_State *L) {
     if (idd_backend_get(IDD_CUDA)) lua_pushnil(L); else lua_pushstring(L, idd_backend_unavailable_reason(IDD_CUDA));
@@ -73,7 +72,18 @@ static int c_reset_peak(lua_State *L) {
 }
 static int c_empty_cache(lua_State *L) { if (idd_backend_get(IDD_CUDA)) idd_cuda_empty_cache(); return 0; }
 static int c_tf32(lua_State *L) { idd_cuda_set_tf32(lua_toboolean(L, 1)); return 0; }
+static int get_precision(void) { return idd_cuda_precision(); }
+static void set_precision(int p) { idd_cuda_set_precision(p); }
+/* iddpm.cuda.conv_impl([name]) -> "cudnn" | "im2col": the conv2d implementation */
+static int c_conv_impl(lua_State *L) {
+    static const char *const names[] = {"cudnn", "im2col", NULL};
+    if (!lua_isnoneornil(L, 1)) idd_cuda_set_conv_impl(luaL_checkoption(L, 1, NULL, names));
+    lua_pushstring(L, names[idd_cuda_conv_impl()]);
+    return 1;
+}
+static int c_profile_reset(lua_State *L) { idd_cuda_profile_reset(); return 0; }
 #else
+static int c_profile_reset(lua_State *L) { return 0; }
 static int c_device_name(lua_State *L) { lua_pushstring(L, ""); return 1; }
 static int c_synchronize(lua_State *L) { return 0; }
 static int c_memory(lua_State *L) {
@@ -82,8 +92,31 @@ static int c_memory(lua_State *L) {
 }
 static int c_reset_peak(lua_State *L) { return 0; }
 static int c_empty_cache(lua_State *L) { return 0; }
-static int c_tf32(lua_State *L) { return 0; }
+/* without CUDA the switches are only remembered, so that scripts behave the same */
+static int cpu_precision, cpu_conv_impl;
+static int c_tf32(lua_State *L) { cpu_precision = lua_toboolean(L, 1) ? IDD_PREC_TF32 : IDD_PREC_FP32; return 0; }
+static int get_precision(void) { return cpu_precision; }
+static void set_precision(int p) { cpu_precision = p; }
+static int c_conv_impl(lua_State *L) {
+    static const char *const names[] = {"cudnn", "im2col", NULL};
+    if (!lua_isnoneornil(L, 1)) cpu_conv_impl = luaL_checkoption(L, 1, NULL, names);
+    lua_pushstring(L, names[cpu_conv_impl]);
+    return 1;
+}
 #endif
+
+/* iddpm.cuda.precision([name]) -> "fp32" | "tf32" | "bf16": the arithmetic of GPU convs,
+ * matmuls and attention (include/iddpm/cuda.h); no argument only queries */
+static int c_precision(lua_State *L) {
+    if (!lua_isnoneornil(L, 1)) {
+        const char *name = luaL_checkstring(L, 1);
+        int p = idd_cuda_precision_from_name(name);
+        if (p < 0) return luaL_error(L, "iddpm.cuda.precision: '%s' is not fp32, tf32 or bf16", name);
+        set_precision(p);
+    }
+    lua_pushstring(L, idd_cuda_precision_name(get_precision()));
+    return 1;
+}
 
 /* iddpm.wall_time() -> seconds of a monotonic wall clock (os.clock is CPU time) */
 static int c_wall_time(lua_State *L) {
@@ -96,7 +129,9 @@ static int c_wall_time(lua_State *L) {
 static const luaL_Reg cuda_fns[] = {
     {"available", c_available}, {"reason", c_reason}, {"device_name", c_device_name},
     {"synchronize", c_synchronize}, {"memory", c_memory}, {"empty_cache", c_empty_cache},
-    {"tf32", c_tf32}, {"wall_time", c_wall_time}, {"reset_peak_memory", c_reset_peak}, {NULL, NULL},
+    {"tf32", c_tf32}, {"precision", c_precision}, {"conv_impl", c_conv_impl}, {"profile_reset", c_profile_reset},
+    {"wall_time", c_wall_time}, {"reset_peak_memory", c_reset_peak},
+    {NULL, NULL},
 };
 
 /* A script may require a sub-module first ("iddpm.recipe" requires "iddpm.tensor"):

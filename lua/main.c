@@ -103,6 +103,7 @@ static void stop_hook(lua_State *L, lua_Debug *ar) {
 static void on_sigint_running(int sig) {
     (void)sig; /* SA_RESETHAND: the next Ctrl-C kills the process */
     idd_interrupted = 1;
+    if (idd_interrupt_deferred) return; /* raised when the section ends (l_data.c) */
     lua_sethook(globalL, stop_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT, 1);
 }
 
@@ -132,12 +133,14 @@ static int docall(lua_State *L, int narg, int nres) {
     lua_insert(L, base);
     globalL = L;
     idd_interrupted = 0;
+    idd_interrupt_deferred = 0;
     set_sigint(on_sigint_running, SA_RESETHAND);
     int status = lua_pcall(L, narg, nres, base);
     set_sigint(SIG_DFL, 0);
     last_interrupted = idd_interrupted;
     lua_sethook(L, NULL, 0, 0); /* a Ctrl-C that came too late must not hit the next call */
     idd_interrupted = 0;
+    idd_interrupt_deferred = 0;
     lua_remove(L, base);
     return status;
 }

@@ -8,6 +8,7 @@
 
 static _Thread_local char err_buf[1024];
 volatile int idd_interrupted = 0;
+volatile int idd_interrupt_deferred = 0;
 
 static void vset(const char *fmt, va_list ap) { vsnprintf(err_buf, sizeof err_buf, fmt, ap); }
 

@@ -52,11 +52,12 @@ __global__ void k_softmax_back_rows(float *d, const float *w, int64_t rows, int 
 static cublasStatus_t rm_gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda, int64_t sA,
                               const float *Bm, int ldb, int64_t sB, float beta, float *Cm, int ldc, int64_t sC,
                               int batch) {
-    return cublasSgemmStridedBatched(idd_cu_blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M,
-                                     K, &alpha, Bm, ldb, sB, A, lda, sA, &beta, Cm, ldc, sC, batch);
+    return cu_sgemm(tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, alpha, Bm, ldb, sB, A, lda,
+                    sA, beta, Cm, ldc, sC, batch);
 }
 
 extern "C" idd_status cu_attention_forward(float *out, float *weight, const float *qkv, int B, int C, int T, int H) {
+    CU_PROF("attention_forward");
     if (B <= 0 || C <= 0 || T <= 0 || H <= 0 || C % H)
         return idd_error("cuda attention_forward: bad sizes: " ATT_SIZES, ATT_ARGS);
     int ch = C / H, BH = B * H;
@@ -77,6 +78,7 @@ extern "C" idd_status cu_attention_forward(float *out, float *weight, const floa
 
 extern "C" idd_status cu_attention_backward(float *dqkv, const float *dout, const float *weight, const float *qkv, int B,
                                             int C, int T, int H) {
+    CU_PROF("attention_backward");
     if (B <= 0 || C <= 0 || T <= 0 || H <= 0 || C % H)
         return idd_error("cuda attention_backward: bad sizes: " ATT_SIZES, ATT_ARGS);
     int ch = C / H, BH = B * H;

@@ -1,4 +1,6 @@
-/* conv.cu — conv2d forward and backward as im2col + cuBLAS.
+/* conv.cu — conv2d forward and backward: cuDNN (conv_cudnn.cu) unless
+ * IDDPM_CUDA_CONV=im2col / iddpm.cuda.conv_impl("im2col"), else im2col + cuBLAS here
+ * (and the forward of a 1x1 convolution, one GEMM, always here).
  *
  * Samples are processed in chunks of nc so that the column buffer stays under a
  * budget. col (CKK, nc*P) holds, for row (c,ky,kx) and column (n,oy,ox), the input
@@ -6,7 +8,7 @@
  *   forward   out_n (O,P) = W (O,CKK) . col_n (CKK,P)       strided batched, W shared
  *   dx        dcol_n (CKK,P) = W^T . dout_n, then col2im (a gather, +=)
  *   dw       += doutP (O, nc*P) . col^T                      one GEMM per chunk
- *   db       += sum over n and p of dout
+ *   db       += sum over n and p of dout (cu_conv_bias_grad, also used by conv_cudnn.cu)
  * A 1x1 convolution with stride 1 and no padding uses x itself as col_n (no im2col)
  * in the forward and writes dx straight from the GEMM. */
 #include "cuda_common.cuh"
@@ -69,22 +71,45 @@ __global__ void k_perm_dout(float *dp, const float *d, int nc, int O, int64_t P)
     }
 }
 
-/* db[o] += sum_{n,p} dout[n,o,p]; one block per o */
-__global__ void k_bias_grad(float *db, const float *dout, int N, int O, int64_t P) {
-    __shared__ double sh[256];
-    int o = blockIdx.x;
-    double s = 0;
-    for (int64_t e = threadIdx.x; e < (int64_t)N * P; e += blockDim.x) {
-        int64_t n = e / P, p = e % P;
-        s += dout[(n * O + o) * P + p];
+/* part[o*S + s] = sum over the samples n = s, s+S, ... and all p of dout[n,o,p]: block
+ * (o, s), the threads stride over p (no divisions), double partial sums */
+#define BG_SPLIT 16
+__global__ void k_bias_grad_part(double *part, const float *dout, int N, int O, int P) {
+    __shared__ double sh[8];
+    int o = blockIdx.x, sp = blockIdx.y, S = gridDim.y;
+    double acc = 0;
+    for (int n = sp; n < N; n += S) {
+        const float *d = dout + ((int64_t)n * O + o) * P;
+        for (int q = threadIdx.x; q < P; q += blockDim.x) acc += d[q];
     }
-    sh[threadIdx.x] = s;
+    for (int k = 16; k > 0; k >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, k);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
     __syncthreads();
-    for (int k = 128; k > 0; k >>= 1) {
-        if ((int)threadIdx.x < k) sh[threadIdx.x] += sh[threadIdx.x + k];
-        __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += sh[w];
+        part[(int64_t)o * S + sp] = t;
     }
-    if (threadIdx.x == 0) db[o] += (float)sh[0];
+}
+
+/* db[o] += sum of its S partials, in a fixed order */
+__global__ void k_bias_grad_sum(float *db, const double *part, int O, int S) {
+    int o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= O) return;
+    double t = 0;
+    for (int s = 0; s < S; s++) t += part[(int64_t)o * S + s];
+    db[o] += (float)t;
+}
+
+/* scratch slot 12 (memory.cu) holds the partials */
+idd_status cu_conv_bias_grad(float *db, const float *dout, int N, int O, int P) {
+    int S = N < BG_SPLIT ? N : BG_SPLIT;
+    double *part = (double *)cu_scratch(12, (size_t)O * S * sizeof(double), "conv2d_backward (bias)");
+    if (!part) return IDD_ENOMEM;
+    int threads = P >= 256 ? 256 : P >= 128 ? 128 : 64;
+    k_bias_grad_part<<<dim3((unsigned)O, (unsigned)S), threads, 0, idd_cu_stream>>>(part, dout, N, O, P);
+    k_bias_grad_sum<<<(O + 127) / 128, 128, 0, idd_cu_stream>>>(db, part, O, S);
+    return IDD_OK;
 }
 
 static unsigned grid_for(int64_t n) {
@@ -109,11 +134,15 @@ static idd_status conv_check(const char *fn, int N, int C, int H, int W, int O, 
 
 extern "C" idd_status cu_conv2d_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H,
                                         int W, int O, int KH, int KW, int stride, int pad) {
+    CU_PROF("conv2d_forward");
     int Ho, Wo;
     idd_status st = conv_check("conv2d_forward", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;
-    int64_t P = (int64_t)Ho * Wo, CKK = (int64_t)C * KH * KW;
     bool direct = KH == 1 && KW == 1 && stride == 1 && pad == 0;
+    /* a 1x1 convolution's forward is one GEMM below, faster than cuDNN's (bench_gpu OPS=1) */
+    if (!direct && idd_cu_conv_impl == IDD_CONV_CUDNN && cu_cudnn_ready())
+        return cu_cudnn_conv_forward(out, x, w, b, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    int64_t P = (int64_t)Ho * Wo, CKK = (int64_t)C * KH * KW;
     int64_t per = CKK * P * (int64_t)sizeof(float);
     int nc = direct ? N : (int)(COL_BUDGET / (size_t)per);
     if (nc < 1) nc = 1;
@@ -138,8 +167,8 @@ extern "C" idd_status cu_conv2d_forward(float *out, const float *x, const float 
             lda = (int64_t)m * P;
             sA = P;
         }
-        BLAS_TRY(cublasSgemmStridedBatched(idd_cu_blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)P, O, (int)CKK, &one, A, (int)lda,
-                                           sA, w, (int)CKK, 0, b ? &one : &zero, o, (int)P, (int64_t)O * P, m),
+        BLAS_TRY(cu_sgemm(CUBLAS_OP_N, CUBLAS_OP_N, (int)P, O, (int)CKK, one, A, (int)lda, sA, w, (int)CKK, 0,
+                          b ? one : zero, o, (int)P, (int64_t)O * P, m),
                  "conv2d_forward", CONV_SIZES, CONV_ARGS);
     }
     CU_CHECK_LAUNCH("conv2d_forward", CONV_SIZES, CONV_ARGS);
@@ -149,14 +178,20 @@ extern "C" idd_status cu_conv2d_forward(float *out, const float *x, const float 
 extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const float *dout, const float *x,
                                          const float *w, int N, int C, int H, int W, int O, int KH, int KW, int stride,
                                          int pad) {
+    CU_PROF("conv2d_backward");
     int Ho, Wo;
     idd_status st = conv_check("conv2d_backward", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;
     if (!dx && !dw && !db) return IDD_OK;
+    if (idd_cu_conv_impl == IDD_CONV_CUDNN && cu_cudnn_ready())
+        return cu_cudnn_conv_backward(dx, dw, db, dout, x, w, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     int64_t P = (int64_t)Ho * Wo, CKK = (int64_t)C * KH * KW;
     bool direct = KH == 1 && KW == 1 && stride == 1 && pad == 0;
     const float one = 1.0f, zero = 0.0f;
-    if (db) k_bias_grad<<<O, 256, 0, idd_cu_stream>>>(db, dout, N, O, P);
+    if (db) {
+        st = cu_conv_bias_grad(db, dout, N, O, (int)P);
+        if (st) return st;
+    }
     /* per-sample bytes: col (CKK*P) for dw, dcol (CKK*P) for dx, doutP (O*P) for dw */
     int64_t per = ((dw ? CKK * P + O * P : 0) + (dx && !direct ? CKK * P : 0)) * (int64_t)sizeof(float);
     int nc = per ? (int)(COL_BUDGET / (size_t)per) : N;
@@ -180,21 +215,19 @@ extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const 
                                                                         KW, stride, pad, Ho, Wo);
             k_perm_dout<<<grid_for((int64_t)m * O * P), 256, 0, idd_cu_stream>>>(dp, d, m, O, P);
             int64_t Q = (int64_t)m * P;
-            BLAS_TRY(cublasSgemm(idd_cu_blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)CKK, O, (int)Q, &one, col, (int)Q, dp,
-                                 (int)Q, &one, dw, (int)CKK),
+            BLAS_TRY(cu_sgemm(CUBLAS_OP_T, CUBLAS_OP_N, (int)CKK, O, (int)Q, one, col, (int)Q, 0, dp, (int)Q, 0, one,
+                              dw, (int)CKK, 0, 1),
                      "conv2d_backward (dw)", CONV_SIZES, CONV_ARGS);
         }
         if (dx) {
             if (direct) {
                 /* dx_n (C,P) += W^T dout_n */
-                BLAS_TRY(cublasSgemmStridedBatched(idd_cu_blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)P, C, O, &one, d, (int)P,
-                                                   (int64_t)O * P, w, C, 0, &one, dx + (int64_t)n0 * C * P, (int)P,
-                                                   (int64_t)C * P, m),
+                BLAS_TRY(cu_sgemm(CUBLAS_OP_N, CUBLAS_OP_T, (int)P, C, O, one, d, (int)P, (int64_t)O * P, w, C, 0, one,
+                                  dx + (int64_t)n0 * C * P, (int)P, (int64_t)C * P, m),
                          "conv2d_backward (dx)", CONV_SIZES, CONV_ARGS);
             } else {
-                BLAS_TRY(cublasSgemmStridedBatched(idd_cu_blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)P, (int)CKK, O, &one, d,
-                                                   (int)P, (int64_t)O * P, w, (int)CKK, 0, &zero, dcol,
-                                                   (int)((int64_t)m * P), P, m),
+                BLAS_TRY(cu_sgemm(CUBLAS_OP_N, CUBLAS_OP_T, (int)P, (int)CKK, O, one, d, (int)P, (int64_t)O * P, w,
+                                  (int)CKK, 0, zero, dcol, (int)((int64_t)m * P), P, m),
                          "conv2d_backward (dx)", CONV_SIZES, CONV_ARGS);
                 k_col2im<<<grid_for((int64_t)m * C * H * W), 256, 0, idd_cu_stream>>>(
                     dx + (int64_t)n0 * C * H * W, dcol, m, C, H, W, KH, KW, stride, pad, Ho, Wo);

@@ -13,11 +13,15 @@ extern "C" {
 #include "iddpm/backend.h"
 #include "iddpm/core.h"
 #include "iddpm/tensor.h"
+#include "iddpm/cuda.h"
 }
 
 /* the one stream every kernel, copy and cuBLAS call of the backend runs on */
 extern cudaStream_t idd_cu_stream;
 extern cublasHandle_t idd_cu_blas;
+/* IDD_PREC_* and IDD_CONV_* (include/iddpm/cuda.h), set by idd_cuda_set_precision/_conv_impl */
+extern int idd_cu_precision;
+extern int idd_cu_conv_impl;
 
 /* After a launch: turn a pending CUDA error into "cuda <op> (<sizes>): <message>". */
 #define CU_CHECK_LAUNCH(opname, fmt, ...)                                                          \
@@ -54,6 +58,17 @@ int64_t cu_coalesce(int n, const idd_tensor *const *ts, cu_desc *d);
  * call for the same slot). NULL on out-of-memory, with the message set. */
 void *cu_scratch(int slot, size_t nbytes, const char *op);
 
+/* IDDPM_CUDA_PROFILE=1: each backend entry point that opens a CU_PROF scope waits for
+ * the stream before and after itself and adds the wall time to a per-name total; the
+ * table (calls, ms, share) is printed to stderr at exit. Off: one branch per call. */
+struct cu_prof_scope {
+    int slot;
+    double t0;
+    explicit cu_prof_scope(const char *name);
+    ~cu_prof_scope();
+};
+#define CU_PROF(name) cu_prof_scope prof_scope_(name)
+
 static inline unsigned cu_blocks(int64_t n, int threads) {
     int64_t b = (n + threads - 1) / threads;
     return (unsigned)(b > 2147483647 ? 2147483647 : (b < 1 ? 1 : b));
@@ -86,6 +101,24 @@ __device__ __forceinline__ void cu_store(void *p, int dt, int64_t i, double v) {
     default: ((uint8_t *)p)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
     }
 }
+
+/* float32 column-major strided-batched C = alpha op(A) op(B) + beta C (cuBLAS argument
+ * order) in the current precision: exact fp32, TF32 or bf16 tensor cores (gemm.cu) */
+cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float *A,
+                        int lda, int64_t sA, const float *B, int ldb, int64_t sB, float beta, float *C, int ldc,
+                        int64_t sC, int batch);
+
+/* conv_cudnn.cu: the cuDNN convolution, same contract as cu_conv2d_forward/backward
+ * (sizes already checked). cu_cudnn_ready() opens cuDNN on first use; false (after one
+ * note on stderr) when it cannot, and conv.cu then runs im2col. */
+bool cu_cudnn_ready(void);
+/* db (O) += sum over n and p of dout (N,O,P), float32 with double partial sums (both convs) */
+idd_status cu_conv_bias_grad(float *db, const float *dout, int N, int O, int P);
+idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H, int W,
+                                 int O, int KH, int KW, int stride, int pad, int Ho, int Wo);
+idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                                  int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
+                                  int Wo);
 
 /* C-linkage entry points of each file, gathered into the table in memory.cu */
 extern "C" {

@@ -1,10 +1,25 @@
-/* gemm.cu — batched matrix products through cuBLAS (strided batched sgemm/dgemm).
- * Row-major C (M,N) = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, so B goes
- * first. A single matrix shared over the batch gets stride 0. */
+/* gemm.cu — batched matrix products through cuBLAS (strided batched gemm; float32 in
+ * the current precision, float64 exact). Row-major C (M,N) = op(A) op(B) is column-major
+ * C^T = op(B)^T op(A)^T, so B goes first. A single matrix shared over the batch gets
+ * stride 0. */
 #include "cuda_common.cuh"
+
+/* fp32 data in and out; the compute type picks the arithmetic: exact fp32, TF32 tensor
+ * cores, or bf16 tensor cores with the fp32 operands rounded inside the kernel (fp32
+ * accumulation either way) */
+cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float *A,
+                        int lda, int64_t sA, const float *B, int ldb, int64_t sB, float beta, float *C, int ldc,
+                        int64_t sC, int batch) {
+    cublasComputeType_t ct = idd_cu_precision == IDD_PREC_BF16   ? CUBLAS_COMPUTE_32F_FAST_16BF
+                             : idd_cu_precision == IDD_PREC_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                                                 : CUBLAS_COMPUTE_32F;
+    return cublasGemmStridedBatchedEx(idd_cu_blas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, sA, B, CUDA_R_32F, ldb,
+                                      sB, &beta, C, CUDA_R_32F, ldc, sC, batch, ct, CUBLAS_GEMM_DEFAULT);
+}
 
 extern "C" idd_status cu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *b, bool ta, bool tb, double alpha,
                              double beta) {
+    CU_PROF("bmm");
     int nd = c->ndim;
     int64_t M = c->shape[nd - 2], N = c->shape[nd - 1];
     int64_t K = ta ? a->shape[a->ndim - 2] : a->shape[a->ndim - 1];
@@ -22,9 +37,8 @@ extern "C" idd_status cu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tenso
     }
     if (c->dtype == IDD_F32) {
         float al = (float)alpha, be = (float)beta;
-        BLAS_TRY(cublasSgemmStridedBatched(idd_cu_blas, opb, opa, (int)N, (int)M, (int)K, &al,
-                                           (const float *)idd_data(b), (int)ldb, sb, (const float *)idd_data(a),
-                                           (int)lda, sa, &be, (float *)idd_data(c), (int)N, M * N, (int)batch),
+        BLAS_TRY(cu_sgemm(opb, opa, (int)N, (int)M, (int)K, al, (const float *)idd_data(b), (int)ldb, sb,
+                          (const float *)idd_data(a), (int)lda, sa, be, (float *)idd_data(c), (int)N, M * N, (int)batch),
                  "bmm", "a %s b %s", idd_shape_str(a, s1, 96), idd_shape_str(b, s2, 96));
     } else {
         BLAS_TRY(cublasDgemmStridedBatched(idd_cu_blas, opb, opa, (int)N, (int)M, (int)K, &alpha,

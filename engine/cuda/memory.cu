@@ -21,6 +21,7 @@
 #include <map>
 #include <mutex>
 #include <string.h>
+#include <time.h>
 #include <unordered_map>
 #include <vector>
 
@@ -147,7 +148,7 @@ extern "C" void idd_cuda_empty_cache(void) {
 
 // ---------------------------------------------------------------- scratch
 
-#define N_SCRATCH 6
+#define N_SCRATCH 13
 static void *scratch_ptr[N_SCRATCH];
 static size_t scratch_cap[N_SCRATCH];
 
@@ -160,6 +161,62 @@ void *cu_scratch(int slot, size_t nbytes, const char *op) {
     scratch_cap[slot] = scratch_ptr[slot] ? size_class(want) : 0;
     if (!scratch_ptr[slot]) idd_error_prefix(op);
     return scratch_ptr[slot];
+}
+
+// ---------------------------------------------------------------- profile (IDDPM_CUDA_PROFILE=1)
+
+#define N_PROF 48
+static bool prof_on;
+static const char *prof_name[N_PROF];
+static double prof_ms[N_PROF];
+static long prof_calls[N_PROF];
+static int prof_n;
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+cu_prof_scope::cu_prof_scope(const char *name) : slot(-1), t0(0) {
+    if (!prof_on) return;
+    for (slot = 0; slot < prof_n && strcmp(prof_name[slot], name); slot++) {}
+    if (slot == prof_n) {
+        if (prof_n == N_PROF) { slot = -1; return; }
+        prof_name[prof_n++] = name;
+    }
+    cudaStreamSynchronize(idd_cu_stream);
+    t0 = now_ms();
+}
+
+cu_prof_scope::~cu_prof_scope() {
+    if (slot < 0) return;
+    cudaStreamSynchronize(idd_cu_stream);
+    prof_ms[slot] += now_ms() - t0;
+    prof_calls[slot]++;
+}
+
+extern "C" void idd_cuda_profile_reset(void) {
+    for (int i = 0; i < prof_n; i++) prof_ms[i] = 0, prof_calls[i] = 0;
+}
+
+static void prof_report(void) {
+    double total = 0;
+    int order[N_PROF];
+    for (int i = 0; i < prof_n; i++) total += prof_ms[i], order[i] = i;
+    for (int i = 1; i < prof_n; i++)   /* insertion sort, largest total first */
+        for (int j = i; j > 0 && prof_ms[order[j]] > prof_ms[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    fprintf(stderr, "# cuda profile (stream waits around each op; %s):\n", idd_cuda_precision_name(idd_cu_precision));
+    for (int k = 0; k < prof_n; k++) {
+        int i = order[k];
+        fprintf(stderr, "#   %-24s %8ld calls %10.1f ms %6.3f ms/call %5.1f%%\n", prof_name[i], prof_calls[i], prof_ms[i],
+                prof_ms[i] / (double)(prof_calls[i] ? prof_calls[i] : 1), total > 0 ? 100 * prof_ms[i] / total : 0.0);
+    }
+    fprintf(stderr, "#   %-24s %8s       %10.1f ms\n", "total", "", total);
 }
 
 // ---------------------------------------------------------------- host <-> device
@@ -227,6 +284,7 @@ __global__ void k_copy_any(void *dst, int ddt, cu_desc dd, const void *src, int 
 }
 
 extern "C" idd_status cu_copy(idd_tensor *dst, const idd_tensor *src) {
+    CU_PROF("copy");
     int64_t n = idd_numel(dst);
     if (n == 0) return IDD_OK;
     if (dst->dtype == src->dtype && idd_is_contiguous(dst) && idd_is_contiguous(src)) {
@@ -258,6 +316,7 @@ __global__ void k_fill_any(void *p, int dt, cu_desc d, double v, int64_t n) {
 }
 
 extern "C" idd_status cu_fill(idd_tensor *t, double v) {
+    CU_PROF("fill");
     int64_t n = idd_numel(t);
     if (n == 0) return IDD_OK;
     unsigned nb = cu_blocks(n, 256);
@@ -281,11 +340,20 @@ extern "C" idd_status cu_fill(idd_tensor *t, double v) {
 
 // ---------------------------------------------------------------- registration
 
-static bool tf32_on;
-extern "C" void idd_cuda_set_tf32(int on) {
-    tf32_on = on != 0;
-    if (idd_cu_blas) cublasSetMathMode(idd_cu_blas, tf32_on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
+int idd_cu_precision = IDD_PREC_FP32;
+int idd_cu_conv_impl = IDD_CONV_CUDNN;
+extern "C" void idd_cuda_set_precision(int p) {
+    if (p < IDD_PREC_FP32 || p > IDD_PREC_BF16) return;
+    idd_cu_precision = p;
+    /* cuBLAS calls name their compute type (cu_sgemm); the handle's own mode is the fp32 default */
+    if (idd_cu_blas) cublasSetMathMode(idd_cu_blas, CUBLAS_DEFAULT_MATH);
 }
+extern "C" int idd_cuda_precision(void) { return idd_cu_precision; }
+extern "C" void idd_cuda_set_tf32(int on) { idd_cuda_set_precision(on ? IDD_PREC_TF32 : IDD_PREC_FP32); }
+extern "C" void idd_cuda_set_conv_impl(int impl) {
+    if (impl == IDD_CONV_CUDNN || impl == IDD_CONV_IM2COL) idd_cu_conv_impl = impl;
+}
+extern "C" int idd_cuda_conv_impl(void) { return idd_cu_conv_impl; }
 
 extern "C" const char *idd_cuda_device_name(void) { return device_name; }
 
@@ -367,8 +435,27 @@ extern "C" idd_status idd_cuda_init(void) {
         return idd_error("%s", why);
     }
     cublasSetStream(idd_cu_blas, idd_cu_stream);
-    const char *tf = getenv("IDDPM_TF32");
-    idd_cuda_set_tf32(tf && *tf == '1');
+    /* defaults from the environment: IDDPM_PRECISION=fp32|tf32|bf16 (IDDPM_TF32=1 is the older
+     * spelling of tf32), IDDPM_CUDA_CONV=cudnn|im2col */
+    const char *tf = getenv("IDDPM_TF32"), *pr = getenv("IDDPM_PRECISION"), *cv = getenv("IDDPM_CUDA_CONV");
+    int prec = tf && *tf == '1' ? IDD_PREC_TF32 : IDD_PREC_FP32;
+    if (pr && *pr) {
+        prec = idd_cuda_precision_from_name(pr);
+        if (prec < 0) {
+            fprintf(stderr, "iddpm: IDDPM_PRECISION=%s is not fp32, tf32 or bf16; using fp32\n", pr);
+            prec = IDD_PREC_FP32;
+        }
+    }
+    idd_cuda_set_precision(prec);
+    const char *pf = getenv("IDDPM_CUDA_PROFILE");
+    if (pf && *pf == '1') {
+        prof_on = true;
+        atexit(prof_report);
+    }
+    if (cv && *cv) {
+        if (!strcmp(cv, "im2col")) idd_cuda_set_conv_impl(IDD_CONV_IM2COL);
+        else if (strcmp(cv, "cudnn")) fprintf(stderr, "iddpm: IDDPM_CUDA_CONV=%s is not cudnn or im2col; using cudnn\n", cv);
+    }
     idd_backend_register(IDD_CUDA, &cuda_backend);
     state = 1;
     return IDD_OK;

@@ -66,6 +66,7 @@ __global__ void k_gn_forward(float *out, float *mean, float *rstd, const float *
 extern "C" idd_status cu_groupnorm_forward(float *out, float *mean, float *rstd, const float *x, const float *gamma,
                                            const float *beta, const float *scale, const float *shift, int N, int C,
                                            int HW, int G, float eps, int silu) {
+    CU_PROF("groupnorm_forward");
     if (N <= 0 || C <= 0 || HW <= 0 || G <= 0 || C % G)
         return idd_error("cuda groupnorm_forward: bad sizes: input (%d,%d,%d), %d groups", N, C, HW, G);
     k_gn_forward<<<N * G, GN_THREADS, 0, idd_cu_stream>>>(out, mean, rstd, x, gamma, beta, scale, shift, C, HW, G, eps,
@@ -152,6 +153,7 @@ extern "C" idd_status cu_groupnorm_backward(float *dx, float *dgamma, float *dbe
                                             const float *dout, const float *mean, const float *rstd, const float *x,
                                             const float *gamma, const float *beta, const float *scale,
                                             const float *shift, int N, int C, int HW, int G, int silu) {
+    CU_PROF("groupnorm_backward");
     if (N <= 0 || C <= 0 || HW <= 0 || G <= 0 || C % G)
         return idd_error("cuda groupnorm_backward: bad sizes: input (%d,%d,%d), %d groups", N, C, HW, G);
     if (!dx && !dgamma && !dbeta && !dscale && !dshift) return IDD_OK;

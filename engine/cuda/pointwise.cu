@@ -88,6 +88,7 @@ __global__ void k_bin_any(int op, void *o, int odt, cu_desc od, const void *a, i
 }
 
 extern "C" idd_status cu_binary(idd_binop op, idd_tensor *out, const idd_tensor *a, const idd_tensor *b) {
+    CU_PROF("binary");
     int64_t n = idd_numel(out);
     if (n == 0) return IDD_OK;
     unsigned nb = grid_for(n);
@@ -156,11 +157,14 @@ static idd_status un_common(int kind, int op, double lo, double hi, idd_tensor *
 }
 
 extern "C" idd_status cu_unary(idd_unop op, idd_tensor *out, const idd_tensor *a) {
+    CU_PROF("unary");
     return un_common(0, op, 0, 0, out, a, "unary");
 }
 extern "C" idd_status cu_clamp(idd_tensor *out, const idd_tensor *a, double lo, double hi) {
+    CU_PROF("clamp");
     return un_common(1, 0, lo, hi, out, a, "clamp");
 }
 extern "C" idd_status cu_affine(idd_tensor *out, const idd_tensor *a, double s, double b) {
+    CU_PROF("affine");
     return un_common(2, 0, s, b, out, a, "affine");
 }

@@ -113,6 +113,7 @@ __global__ void k_reduce_block(int op, void *out, int odt, int64_t *idx, const v
 }
 
 extern "C" idd_status cu_reduce(idd_redop op, idd_tensor *out, idd_tensor *idx, const idd_tensor *a, int dim) {
+    CU_PROF("reduce");
     red_geom g;
     g.nouter = 0;
     int64_t total = 1;

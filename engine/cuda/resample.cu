@@ -53,6 +53,7 @@ __global__ void k_pool_bwd(float *dx, const float *dout, int64_t planes, int H, 
         return idd_error("cuda %s: bad sizes: input (%d,%d,%d,%d)", fn, N, C, H, W);
 
 extern "C" idd_status cu_upsample2x_forward(float *out, const float *x, int N, int C, int H, int W) {
+    CU_PROF("upsample2x_forward");
     CHECK_SIZES("upsample2x_forward");
     int64_t pl = (int64_t)N * C;
     k_up_fwd<<<grid_for(pl * 4 * H * W), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
@@ -60,6 +61,7 @@ extern "C" idd_status cu_upsample2x_forward(float *out, const float *x, int N, i
     return IDD_OK;
 }
 extern "C" idd_status cu_upsample2x_backward(float *dx, const float *dout, int N, int C, int H, int W) {
+    CU_PROF("upsample2x_backward");
     CHECK_SIZES("upsample2x_backward");
     int64_t pl = (int64_t)N * C;
     k_up_bwd<<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
@@ -67,6 +69,7 @@ extern "C" idd_status cu_upsample2x_backward(float *dx, const float *dout, int N
     return IDD_OK;
 }
 extern "C" idd_status cu_avgpool2x_forward(float *out, const float *x, int N, int C, int H, int W) {
+    CU_PROF("avgpool2x_forward");
     CHECK_SIZES("avgpool2x_forward");
     int64_t pl = (int64_t)N * C;
     if (H / 2 == 0 || W / 2 == 0) return IDD_OK;
@@ -75,6 +78,7 @@ extern "C" idd_status cu_avgpool2x_forward(float *out, const float *x, int N, in
     return IDD_OK;
 }
 extern "C" idd_status cu_avgpool2x_backward(float *dx, const float *dout, int N, int C, int H, int W) {
+    CU_PROF("avgpool2x_backward");
     CHECK_SIZES("avgpool2x_backward");
     int64_t pl = (int64_t)N * C;
     k_pool_bwd<<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
@@ -101,6 +105,7 @@ __global__ void k_temb(float *out, const float *t, int N, int dim, int half, flo
 }
 
 extern "C" idd_status cu_timestep_embedding(float *out, const float *t, int N, int dim, float max_period) {
+    CU_PROF("timestep_embedding");
     if (N <= 0 || dim <= 0) return idd_error("cuda timestep_embedding: bad sizes: %d timesteps, dim %d", N, dim);
     if (!(max_period > 0))
         return idd_error("cuda timestep_embedding: max_period must be positive, got %g", (double)max_period);

@@ -62,8 +62,14 @@ static idd_status rand_common(idd_tensor *t, uint64_t seed, uint64_t stream, uin
     return IDD_OK;
 }
 
-extern "C" idd_status cu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return rand_common(t, s, st, o, 1); }
-extern "C" idd_status cu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return rand_common(t, s, st, o, 0); }
+extern "C" idd_status cu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) {
+    CU_PROF("rand");
+    return rand_common(t, s, st, o, 1);
+}
+extern "C" idd_status cu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) {
+    CU_PROF("rand");
+    return rand_common(t, s, st, o, 0);
+}
 
 __global__ void k_dropout(float *out, const float *x, int64_t n, float p, uint64_t seed, uint64_t stream,
                           uint64_t offset, int backward) {
@@ -82,6 +88,7 @@ __global__ void k_dropout(float *out, const float *x, int64_t n, float p, uint64
 
 extern "C" idd_status cu_dropout_forward(float *out, const float *x, int64_t n, float p, uint64_t seed, uint64_t stream,
                                          uint64_t offset) {
+    CU_PROF("dropout_forward");
     if (n == 0) return IDD_OK;
     unsigned nb = cu_blocks((n + 1) / 2, 256);
     if (nb > 65536) nb = 65536;
@@ -92,6 +99,7 @@ extern "C" idd_status cu_dropout_forward(float *out, const float *x, int64_t n, 
 
 extern "C" idd_status cu_dropout_backward(float *dx, const float *dout, int64_t n, float p, uint64_t seed,
                                           uint64_t stream, uint64_t offset) {
+    CU_PROF("dropout_backward");
     if (n == 0) return IDD_OK;
     unsigned nb = cu_blocks((n + 1) / 2, 256);
     if (nb > 65536) nb = 65536;

@@ -41,5 +41,9 @@ void idd_set_num_threads(int n);
 /* Cooperative interruption: set from a signal handler (Ctrl-C in the REPL); long
  * engine loops poll it and fail with "interrupted". */
 extern volatile int idd_interrupted;
+/* While set, the program's Ctrl-C handler only records the interrupt (idd_interrupted)
+ * and raises nothing: a section that must complete (a weight update) runs to its end,
+ * and the Lua side raises afterwards (iddpm.data.defer_interrupt). */
+extern volatile int idd_interrupt_deferred;
 
 #endif

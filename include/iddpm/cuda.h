@@ -7,6 +7,7 @@
 #define IDDPM_CUDA_H
 
 #include <stddef.h>
+#include <string.h>
 
 #include "iddpm/core.h"
 
@@ -22,7 +23,34 @@ void idd_cuda_memory_peak(size_t *in_use, size_t *reserved, int reset);
 void idd_cuda_empty_cache(void);
 /* the device's name, or "" before init */
 const char *idd_cuda_device_name(void);
-/* 1: let cuBLAS use TF32 tensor cores for float32 products (default 0: exact fp32) */
+/* The arithmetic of convolutions, matrix products and attention on the GPU. Tensors stay
+ * float32 in every mode; only the products change (engine/cuda/README.md):
+ *   fp32  exact float32 (the default)
+ *   tf32  float32 data on TF32 tensor cores (10-bit mantissa products, fp32 sums)
+ *   bf16  operands rounded to bfloat16 inside the op, bf16 tensor cores, fp32 sums and
+ *         fp32 results; parameters, gradients, optimizer state stay float32 */
+enum { IDD_PREC_FP32 = 0, IDD_PREC_TF32 = 1, IDD_PREC_BF16 = 2 };
+void idd_cuda_set_precision(int prec);
+int idd_cuda_precision(void);
+/* the older switch: 1 = tf32, 0 = fp32 */
 void idd_cuda_set_tf32(int on);
+/* conv2d implementation: cuDNN (default) or the im2col + cuBLAS fallback
+ * (IDDPM_CUDA_CONV=im2col) */
+enum { IDD_CONV_CUDNN = 0, IDD_CONV_IM2COL = 1 };
+void idd_cuda_set_conv_impl(int impl);
+int idd_cuda_conv_impl(void);
+
+/* IDDPM_CUDA_PROFILE=1: zero the per-op totals (after a warm-up; the table prints at exit) */
+void idd_cuda_profile_reset(void);
+
+static inline int idd_cuda_precision_from_name(const char *s) {
+    if (!strcmp(s, "fp32")) return IDD_PREC_FP32;
+    if (!strcmp(s, "tf32")) return IDD_PREC_TF32;
+    if (!strcmp(s, "bf16")) return IDD_PREC_BF16;
+    return -1;
+}
+static inline const char *idd_cuda_precision_name(int prec) {
+    return prec == IDD_PREC_BF16 ? "bf16" : prec == IDD_PREC_TF32 ? "tf32" : "fp32";
+}
 
 #endif

@@ -23,6 +23,7 @@ local C = require "iddpm._data"
 local data = {}
 data.now = C.now
 data.clear_interrupt = C.clear_interrupt
+data.defer_interrupt = C.defer_interrupt
 
 data.CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 data.FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -343,13 +343,18 @@ function Trainer:step_once()
   if gn then self.acc.grad_norm, self.acc.gn_steps = self.acc.grad_norm + gn, self.acc.gn_steps + 1 end
   self.acc.steps = self.acc.steps + 1
   self.opt.lr = self:lr_at(self.step)
-  -- the update: from here on the step must complete (see run())
+  -- the update: from here on the step must complete. A Ctrl-C is held back until the
+  -- weights, EMAs and sampler are updated, then raised (and run() saves this step).
   self.phase = "update"
-  self.opt:step()
-  for _, e in ipairs(self.emas) do e.ema:update() end
-  for _, u in ipairs(updates) do self.sampler:update(u[1], u[2]:to("cpu")) end
-  self.step = self.step + 1
-  self.phase = "idle"
+  data.defer_interrupt(true)
+  local ok, err = pcall(function()
+    self.opt:step()
+    for _, e in ipairs(self.emas) do e.ema:update() end
+    for _, u in ipairs(updates) do self.sampler:update(u[1], u[2]:to("cpu")) end
+  end)
+  if ok then self.step, self.phase = self.step + 1, "idle" end
+  data.defer_interrupt(false)   -- raises "interrupted!" here if Ctrl-C came during the update
+  if not ok then error(err, 0) end
 end
 
 -- ---------------------------------------------------------------- logging and samples

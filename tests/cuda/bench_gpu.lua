@@ -12,6 +12,8 @@
 --       [rows=train,sample] [small=1]
 -- (a bare number as the first argument is iters, as before). Loaded by tests/bench.lua,
 -- which passes the same arguments and gets the results table back.
+-- IDDPM_CUDA_CONV=im2col picks the old conv; IDDPM_CUDA_PROFILE=1 prints a per-op table
+-- of the timed calls; OPS=1 adds per-op conv timings (cuDNN and im2col) at CIFAR sizes.
 local iddpm = require "iddpm"
 local T = iddpm.tensor
 local device = require "iddpm.device"
@@ -30,7 +32,8 @@ end
 local function has(list, x) return ("," .. list .. ","):find("," .. x .. ",", 1, true) ~= nil end
 local wall, sync = iddpm.cuda.wall_time, iddpm.cuda.synchronize
 local GiB = 2 ^ 30
-print(("# device: %s; %d iters x best of %d windows"):format(iddpm.cuda.device_name(), o.iters, o.windows))
+print(("# device: %s; conv %s; %d iters x best of %d windows"):format(iddpm.cuda.device_name(),
+  iddpm.cuda.conv_impl(), o.iters, o.windows))
 
 local cfg = {image_size = 32, num_channels = 128, num_res_blocks = 3, learn_sigma = true, dropout = 0.3,
   attention_resolutions = {16, 8}, num_heads = 4}
@@ -61,6 +64,7 @@ local function train_step()
 end
 local function time_it(fn, n)
   fn(); fn(); sync()
+  iddpm.cuda.profile_reset()   -- IDDPM_CUDA_PROFILE=1: count the timed calls only (cuDNN's search is in the warm-up)
   local best, v = math.huge, nil
   for _ = 1, o.windows do
     local t0 = wall()
@@ -102,9 +106,51 @@ for p in o.precisions:gmatch("[%w]+") do
       local _, _, peak_used, peak_res = iddpm.cuda.memory()
       print(("# bench sample %s batch %d: p_sample step %.1f ms, %.0f images x steps/s; forward only %.1f ms, %.0f images x steps/s")
         :format(p, SB, ss * 1e3, SB / ss, sf * 1e3, SB / sf))
+      -- host cost: how long queuing one forward takes, against the forward (CUDA graphs
+      -- would only remove the former, and only matter when it is close to the latter)
+      sync()
+      local h0 = wall()
+      T.no_grad(function() model:forward(xs, ts) end)
+      local enq = wall() - h0
+      sync()
+      print(("# bench sample forward %s batch %d: the host queues it in %.1f ms, the GPU finishes at %.1f ms"):format(p, SB,
+        enq * 1e3, (wall() - h0) * 1e3))
+      device.collect()
       add{row = "sample", precision = p, batch = SB, per_s = SB / sf, ms = sf * 1e3, p_sample_per_s = SB / ss,
         peak_in_use = peak_used, peak_reserved = peak_res}
     end
+  end
+end
+
+-- per-op conv timings at CIFAR-10 sizes (batch 128), in the last precision: forward, and
+-- forward + backward (dx, dw, db), for cuDNN and im2col, the best window of each
+if os.getenv("OPS") == "1" and not o.small then
+  local ops = {
+    {"conv3x3 128->128 @32x32", {128, 128, 32, 32}, {128, 128, 3, 3}, 1},
+    {"conv3x3 256->256 @16x16", {128, 256, 16, 16}, {256, 256, 3, 3}, 1},
+    {"conv3x3 256->256 @8x8", {128, 256, 8, 8}, {256, 256, 3, 3}, 1},
+    {"conv3x3 384->256 @16x16", {128, 384, 16, 16}, {256, 384, 3, 3}, 1},
+    {"conv1x1 384->256 @16x16", {128, 384, 16, 16}, {256, 384, 1, 1}, 0},
+  }
+  for _, c in ipairs(ops) do
+    local x = T.randn(c[2], nil, "float32", "cuda")
+    local w = T.randn(c[3], nil, "float32", "cuda")
+    local b = T.randn({c[3][1]}, nil, "float32", "cuda")
+    x.requires_grad, w.requires_grad, b.requires_grad = true, true, true
+    local line = ("# op %-26s"):format(c[1])
+    for _, impl in ipairs({"cudnn", "im2col"}) do
+      iddpm.cuda.conv_impl(impl)
+      local f = time_it(function() T.no_grad(function() T.conv2d(x, w, b, 1, c[4]) end) end, o.iters)
+      local g
+      local fb = time_it(function()
+        local y = T.conv2d(x, w, b, 1, c[4])
+        g = g or T.randn(y:shape(), nil, "float32", "cuda")
+        y:backward(g)
+      end, o.iters)
+      line = line .. ("  %s fwd %6.3f fwd+bwd %6.3f ms"):format(impl, f * 1e3, fb * 1e3)
+    end
+    iddpm.cuda.conv_impl("cudnn")
+    print(line)
   end
 end
 device.set_precision("fp32")

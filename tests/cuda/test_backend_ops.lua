@@ -20,6 +20,12 @@ if not iddpm.cuda.available() then
 end
 print("# device: " .. iddpm.cuda.device_name())
 T.manual_seed(1234)
+print("# seed 1234")
+-- the tolerances below are fp32 ones: run in fp32 whatever IDDPM_PRECISION says; the
+-- tensor-core precisions are tested in their own section with their own tolerances
+local START_PRECISION = iddpm.cuda.precision()
+iddpm.cuda.precision("fp32")
+local FAKE = iddpm.cuda.device_name() == ""   -- IDDPM_FAKE_CUDA=1: the CPU stands in
 
 local F32 = 2e-6       -- pointwise float32
 local SUMS = 1e-5      -- reductions / products over many terms
@@ -181,11 +187,26 @@ local convs = {
   {"1x1", {2, 12, 6, 6}, {5, 12, 1, 1}, 1, 0},
   {"5x3 no pad", {2, 3, 10, 7}, {4, 3, 5, 3}, 1, 0},
   {"3x3 64ch 16x16", {4, 64, 16, 16}, {64, 64, 3, 3}, 1, 1},
+  {"3x3 96->160ch 8x8", {3, 96, 8, 8}, {160, 96, 3, 3}, 1, 1},
 }
-for _, c in ipairs(convs) do
-  case("conv2d " .. c[1], {{c[2]}, {c[3]}, {{c[3][1]}}}, function(x, w, b) return T.conv2d(x, w, b, c[4], c[5]) end, LAYER)
-  case("conv2d " .. c[1] .. " no bias", {{c[2]}, {c[3]}}, function(x, w) return T.conv2d(x, w, nil, c[4], c[5]) end, LAYER)
+-- tol, btol: forward and gradient tolerances; every conv runs cuDNN (the default) and
+-- the im2col fallback, each against the CPU
+local function conv_cases(tag, tol, btol)
+  for _, c in ipairs(convs) do
+    case(tag .. "conv2d " .. c[1], {{c[2]}, {c[3]}, {{c[3][1]}}}, function(x, w, b) return T.conv2d(x, w, b, c[4], c[5]) end,
+      tol, {btol = btol})
+    case(tag .. "conv2d " .. c[1] .. " no bias", {{c[2]}, {c[3]}}, function(x, w) return T.conv2d(x, w, nil, c[4], c[5]) end,
+      tol, {btol = btol})
+  end
 end
+H.check("conv_impl() defaults to cudnn", iddpm.cuda.conv_impl() == (os.getenv("IDDPM_CUDA_CONV") or "cudnn"),
+  iddpm.cuda.conv_impl())
+for _, impl in ipairs({"cudnn", "im2col"}) do
+  H.check("conv_impl(" .. impl .. ") returns it", iddpm.cuda.conv_impl(impl) == impl or FAKE)
+  conv_cases(impl .. " ", LAYER)
+end
+iddpm.cuda.conv_impl("cudnn")
+H.raises("conv_impl with a bad name", function() return iddpm.cuda.conv_impl("winograd") end, "invalid option")
 for _, g in ipairs({{"plain", false, false}, {"silu", true, false}, {"scale-shift silu", true, true}}) do
   case("group_norm " .. g[1], {{{3, 16, 5, 6}}, {{16}}, {{16}}, {{3, 16}}, {{3, 16}}},
     function(x, ga, be, sc, sh)
@@ -193,6 +214,11 @@ for _, g in ipairs({{"plain", false, false}, {"silu", true, false}, {"scale-shif
       return T.group_norm(x, 4, ga, be, nil, nil, g[2])
     end, LAYER)
 end
+-- the CIFAR-10 shape (4 channels x 1024 pixels per group) and a wide group (24 channels)
+case("group_norm scale-shift silu 128ch 32x32", {{{2, 128, 32, 32}}, {{128}}, {{128}}, {{2, 128}},
+  {{2, 128}}}, function(x, ga, be, sc, sh) return T.group_norm(x, 32, ga, be, sc, sh, true) end, LAYER)
+case("group_norm 96ch 4 groups 4x4", {{{3, 96, 4, 4}}, {{96}}, {{96}}},
+  function(x, ga, be) return T.group_norm(x, 4, ga, be, nil, nil, true) end, LAYER)
 case("group_norm 32 groups 128ch 8x8", {{{2, 128, 8, 8}}, {{128}}, {{128}}}, function(x, ga, be) return T.group_norm(x, 32, ga, be, nil, nil, true) end, LAYER)
 for _, a in ipairs({{1, 8, 16}, {2, 16, 64}, {4, 32, 20}}) do
   local heads, C, Tn = a[1], a[2], a[3]
@@ -222,9 +248,17 @@ end, "channels")
 
 -- ---------------------------------------------------------------- small UNet
 local UNet = iddpm.nn.UNet or require("iddpm.nn.unet").UNet
-local function unet_case(name, cfg, N, tol)
+local function unet_case(name, cfg, N, tol, gtol)
   local mc = UNet.new(cfg)
-  local mg = UNet.new(cfg):to("cuda")
+  -- the zero-initialised layers (out conv, each block's last conv, proj_out) get small
+  -- random weights, else the output is exactly 0 and the forward check says nothing
+  local pgen = T.generator(31)
+  for _, p in ipairs(mc:parameters()) do
+    if p:abs():max():item() == 0 then p:copy_(T.randn(p:shape(), pgen) * 0.05) end
+  end
+  local mg = UNet.new(cfg)
+  mg:load_state_dict(mc:state_dict())
+  mg:to("cuda")
   mc:train(false); mg:train(false)
   local x = T.randn({N, cfg.in_channels or 3, cfg.image_size, cfg.image_size})
   local t = T.from_table({1, 250, 500, 999, 3, 17, 40, 800}, {8}):narrow(1, 1, N)
@@ -236,18 +270,78 @@ local function unet_case(name, cfg, N, tol)
   local pc, pg = mc:named_parameters(), mg:named_parameters()
   local we, wn = 0, ""
   local names = mc:parameter_names()
+  -- a conv bias just before a one-channel-per-group norm has an exactly-zero gradient
+  -- (roundoff on both sides): each parameter's error is taken relative to at least
+  -- GRAD_FLOOR x the largest gradient of the network
+  local GRAD_FLOOR, gmax = 1e-3, 0
+  for _, n in ipairs(names) do if pc[n].grad then gmax = math.max(gmax, pc[n].grad:abs():max():item()) end end
   for _, n in ipairs(names) do
     local a, b = pc[n].grad, pg[n].grad
     if a and b then
-      local e = err(b, a)
+      local scale = math.max(a:abs():max():item(), GRAD_FLOOR * gmax)
+      local e = (b:cpu():double() - a:double()):abs():max():item() / (scale > 0 and scale or 1)
+      if e ~= e then e = math.huge end
       if e > we then we, wn = e, n end
     elseif a or b then we, wn = math.huge, n .. " (grad missing on one side)" end
   end
-  record(name .. " backward, worst param grad " .. wn, we, tol * 10)
+  record(name .. " backward, worst param grad " .. wn, we, gtol or tol * 10)
 end
 local ok, e = pcall(unet_case, "UNet 32px ch32 attn16", {image_size = 32, num_channels = 32, num_res_blocks = 1,
   channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2, 1e-4)
 if not ok then H.check("UNet small config", false, e) end
+
+-- ---------------------------------------------------------------- tensor-core precisions
+-- iddpm.cuda.precision("tf32" | "bf16"): convs, matmuls and attention on tensor cores,
+-- tensors stay float32. Tolerances per op (relative to max |cpu|): TF32 keeps 10
+-- mantissa bits of each operand (rounding 2^-11), bf16 7 (2^-8); sums are fp32, so the
+-- error of a K-term product grows like sqrt(K) * rounding, and a UNet compounds layers.
+local PREC_TOL = {
+  tf32 = {conv = 2e-3, matmul = 2e-3, attention = 5e-3, unet = 2e-3, unet_grad = 2e-2},
+  bf16 = {conv = 2e-2, matmul = 2e-2, attention = 3e-2, unet = 4e-2, unet_grad = 1e-1},
+}
+do
+  H.check("precision() is fp32 here", iddpm.cuda.precision() == "fp32")
+  H.check("precision(bf16) returns bf16", iddpm.cuda.precision("bf16") == "bf16")
+  H.check("precision() queries", iddpm.cuda.precision() == "bf16")
+  iddpm.cuda.tf32(true)
+  H.check("tf32(true) is precision tf32", iddpm.cuda.precision() == "tf32")
+  iddpm.cuda.tf32(false)
+  H.check("tf32(false) is precision fp32", iddpm.cuda.precision() == "fp32")
+  H.raises("precision with a bad name", function() return iddpm.cuda.precision("fp8") end, "not fp32, tf32 or bf16")
+  H.check("a bad name leaves the precision", iddpm.cuda.precision() == "fp32")
+end
+for _, pr in ipairs({"tf32", "bf16"}) do
+  local tol = PREC_TOL[pr]
+  iddpm.cuda.precision(pr)
+  for _, impl in ipairs({"cudnn", "im2col"}) do
+    iddpm.cuda.conv_impl(impl)
+    conv_cases(pr .. " " .. impl .. " ", tol.conv, tol.conv)
+  end
+  iddpm.cuda.conv_impl("cudnn")
+  case(pr .. " matmul batched", {{{3, 40, 70}}, {{3, 70, 24}}}, function(a, b) return a:matmul(b) end, tol.matmul)
+  case(pr .. " matmul shared left (conv1d)", {{{48, 96}}, {{4, 96, 50}}}, function(a, b) return a:matmul(b) end, tol.matmul)
+  case(pr .. " qkv_attention heads 2 C 64 T 64", {{{2, 192, 64}}}, function(q) return T.qkv_attention(q, 2) end,
+    tol.attention)
+  local okp, ep = pcall(unet_case, pr .. " UNet 32px ch32 attn16", {image_size = 32, num_channels = 32,
+    num_res_blocks = 1, channel_mult = {1, 2}, attention_resolutions = {16}, num_heads = 2, learn_sigma = true}, 2,
+    tol.unet, tol.unet_grad)
+  if not okp then H.check(pr .. " UNet small config", false, ep) end
+  iddpm.cuda.precision("fp32")
+end
+-- the switch must really change the arithmetic: a 576-term conv differs from the CPU
+-- by bf16 rounding (far above fp32's error), and fp32 again afterwards is exact-ish
+if not FAKE then
+  local x, w = T.randn({4, 64, 16, 16}), T.randn({64, 64, 3, 3})
+  local want = T.conv2d(x, w, nil, 1, 1)
+  local function gpu_err(pr)
+    iddpm.cuda.precision(pr)
+    local e = err(T.conv2d(x:cuda(), w:cuda(), nil, 1, 1), want)
+    iddpm.cuda.precision("fp32")
+    return e
+  end
+  local e32, ebf = gpu_err("fp32"), gpu_err("bf16")
+  H.check(("bf16 conv rounds (err %.2e) and fp32 does not (err %.2e)"):format(ebf, e32), ebf > 1e-4 and e32 < 1e-5)
+end
 
 -- ---------------------------------------------------------------- diffusion kernels
 -- every device diffusion op against the CPU one, for the mean/variance/loss types;
@@ -413,6 +507,90 @@ do
   end)
   if not ok then H.check("full training step", false, e) end
 end
+
+-- ---------------------------------------------------------------- bf16 training reaches the fp32 loss
+-- The same small UNet (same initial weights) and data trained STEPS AdamW steps in fp32
+-- and in bf16 on the GPU, each with two seeds for timesteps and noise (the same two for
+-- both precisions); every model is then scored in fp32 on one fixed evaluation set
+-- (every data image at EVAL_T timesteps, fixed noise). Training is chaotic: two fp32
+-- seeds already end a few percent apart. So the mean bf16 evaluation loss must be
+-- within TRAIN_REL of the mean fp32 one, TRAIN_REL = max(REL_FLOOR, 2 x the fp32
+-- seed-to-seed spread), and every model must have learnt (below LEARNT x untrained).
+if not QUICK and not FAKE then
+  local ok, e = pcall(function()
+    local cfg = {image_size = 16, num_channels = 32, num_res_blocks = 1, channel_mult = {1, 2},
+      attention_resolutions = {8}, num_heads = 2, learn_sigma = true, dropout = 0}
+    local d = D.new{steps = 1000, noise_schedule = "cosine", learn_sigma = true}
+    local STEPS, B, NDATA, REL_FLOOR, LEARNT = 300, 16, 64, 0.05, 0.5
+    local EVAL_T = {5, 50, 150, 300, 500, 700, 900, 990}
+    math.randomseed(21)
+    print("# bf16 training: seeds 21 (data), 5/6 (t), generators 11/13 (noise), 12 (eval noise), weights seed 99")
+    -- data: smooth random waves, so that denoising is learnable
+    local vals = {}
+    for _ = 1, NDATA do
+      local a, b, c = math.random() * 0.8, math.random() * 0.8, math.random() * 6
+      for ch = 0, 2 do
+        for y = 0, 15 do
+          for xx = 0, 15 do vals[#vals + 1] = math.sin(a * xx + b * y + c + ch) * 0.9 end
+        end
+      end
+    end
+    local data = T.from_table(vals, {NDATA, 3, 16, 16}):cuda()
+    T.manual_seed(99)
+    local init = UNet.new(cfg):state_dict()
+    local function eval_loss(m)
+      iddpm.cuda.precision("fp32")
+      m:train(false)
+      local gen, sum = T.generator(12), 0
+      T.no_grad(function()
+        for _, tv in ipairs(EVAL_T) do
+          local t = {}
+          for i = 1, NDATA do t[i] = tv end
+          sum = sum + d:training_losses(m, data, t, {generator = gen}).loss:mean():item() / #EVAL_T
+        end
+      end)
+      return sum
+    end
+    local function run(pr, seed)
+      local m = UNet.new(cfg)
+      m:load_state_dict(init)
+      m:to("cuda")
+      local before = eval_loss(m)
+      iddpm.cuda.precision(pr)
+      m:train(true)
+      local opt = iddpm.optim.adamw(m:parameters(), {lr = 1e-3})
+      local gen = T.generator(seed == 1 and 11 or 13)
+      math.randomseed(seed == 1 and 5 or 6)
+      for s = 1, STEPS do
+        local x0 = data:narrow(1, ((s - 1) * B) % NDATA + 1, B)
+        local t = {}
+        for i = 1, B do t[i] = math.random(0, 999) end
+        m:zero_grad()
+        d:training_losses(m, x0, t, {generator = gen}).loss:mean():backward()
+        opt:step()
+      end
+      return before, eval_loss(m)
+    end
+    local before, l32, lbf, learnt = nil, {}, {}, true
+    for k = 1, 2 do
+      local b0
+      b0, l32[k] = run("fp32", k)
+      before = b0
+      learnt = learnt and l32[k] < LEARNT * b0
+      b0, lbf[k] = run("bf16", k)
+      learnt = learnt and lbf[k] < LEARNT * b0
+    end
+    local m32, mbf = (l32[1] + l32[2]) / 2, (lbf[1] + lbf[2]) / 2
+    local spread = math.abs(l32[1] - l32[2]) / m32
+    local TRAIN_REL = math.max(REL_FLOOR, 2 * spread)
+    print(("# bf16 training: eval loss untrained %.4f; after %d steps fp32 %.4f %.4f, bf16 %.4f %.4f (fp32 seed spread %.1f%%)")
+      :format(before, STEPS, l32[1], l32[2], lbf[1], lbf[2], 100 * spread))
+    H.check("fp32 and bf16 training both learn", learnt)
+    record("bf16 training mean eval loss vs fp32", math.abs(mbf - m32) / m32, TRAIN_REL)
+  end)
+  if not ok then H.check("bf16 training run", false, e) end
+end
+iddpm.cuda.precision(START_PRECISION)
 
 -- ---------------------------------------------------------------- worst errors
 table.sort(worst, function(a, b) return a[2] / math.max(a[3], 1e-30) > b[2] / math.max(b[3], 1e-30) end)

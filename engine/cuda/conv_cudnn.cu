@@ -1,0 +1,347 @@
+/* conv_cudnn.cu — conv2d forward, backward data, backward filter through cuDNN (the
+ * legacy convolution API of cuDNN 9), the default conv of the CUDA backend (conv.cu
+ * dispatches here; IDDPM_CUDA_CONV=im2col keeps the old path).
+ *
+ * A plan per (pass, sizes, precision) holds the cuDNN descriptors and the algorithm
+ * that cudnnFind*AlgorithmEx measured fastest on the first call with those sizes; the
+ * workspace is one grow-only scratch slot of the caching allocator.
+ *   fp32  float32 NCHW tensors, CUDNN_FMA_MATH (no tensor cores: exact fp32 products)
+ *   tf32  float32 NCHW tensors, tensor-op math (TF32)
+ *   bf16  x, w, dout converted on the fly to bfloat16 NHWC (one tiled transpose-cast
+ *         kernel each), cuDNN bf16 tensor cores with fp32 accumulation, the bf16 NHWC
+ *         result converted back into the float32 NCHW output (+ bias, or += for the
+ *         gradients). Tensors outside the op stay float32.
+ * The bias gradient is conv.cu's float32 reduction (double partial sums) in every mode. */
+#include "cuda_common.cuh"
+
+#ifdef IDDPM_NO_CUDNN
+/* built without cuDNN's header (Makefile): conv.cu always runs im2col + cuBLAS */
+bool cu_cudnn_ready(void) { return false; }
+idd_status cu_cudnn_conv_forward(float *, const float *, const float *, const float *, int, int, int, int, int, int,
+                                 int, int, int, int, int) {
+    return idd_error("cuda conv2d_forward: built without cuDNN");
+}
+idd_status cu_cudnn_conv_backward(float *, float *, float *, const float *, const float *, const float *, int, int,
+                                  int, int, int, int, int, int, int, int, int) {
+    return idd_error("cuda conv2d_backward: built without cuDNN");
+}
+#else
+
+#include <cuda_bf16.h>
+#include <cudnn.h>
+#include <stdio.h>
+#include <vector>
+
+/* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw */
+enum { S_WS = 6, S_X = 7, S_W = 8, S_Y = 9, S_DX = 10, S_DW = 11 };
+/* workspace offered to cudnnFind*Ex; algorithms that need more are not considered */
+#define FIND_WS ((size_t)256 << 20)
+
+static cudnnHandle_t dnn;
+
+#define CONV_SIZES "input (%d,%d,%d,%d) weight (%d,%d,%d,%d) stride %d pad %d"
+#define CONV_ARGS N, C, H, W, O, C, KH, KW, stride, pad
+#define DNN_TRY(call, opname)                                                                                       \
+    do {                                                                                                            \
+        cudnnStatus_t s_ = (call);                                                                                  \
+        if (s_ != CUDNN_STATUS_SUCCESS)                                                                             \
+            return idd_error("cuda %s " CONV_SIZES ": cuDNN: %s", opname, CONV_ARGS, cudnnGetErrorString(s_));      \
+    } while (0)
+
+bool cu_cudnn_ready(void) {
+    static int state = 0;   /* 0 not tried, 1 open, -1 unavailable */
+    if (state == 0) {
+        cudnnStatus_t s = cudnnCreate(&dnn);
+        if (s == CUDNN_STATUS_SUCCESS) s = cudnnSetStream(dnn, idd_cu_stream);
+        state = s == CUDNN_STATUS_SUCCESS ? 1 : -1;
+        if (state < 0)
+            fprintf(stderr, "iddpm: cuDNN could not be opened (%s); conv2d runs im2col + cuBLAS\n",
+                    cudnnGetErrorString(s));
+    }
+    return state == 1;
+}
+
+// ---------------------------------------------------------------- layout casts
+
+/* dst (B,S,R) bf16 = src (B,R,S) float32, transposed through a 32x32 shared tile:
+ * NCHW -> NHWC with R = C, S = H*W; OIHW -> OHWI with R = I, S = KH*KW */
+__global__ void k_to_bf16_t(__nv_bfloat16 *dst, const float *src, int R, int S) {
+    __shared__ float tile[32][33];
+    int64_t b = blockIdx.z;
+    int s0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    const float *sp = src + b * R * (int64_t)S;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int r = r0 + i, s = s0 + threadIdx.x;
+        if (r < R && s < S) tile[i][threadIdx.x] = sp[(int64_t)r * S + s];
+    }
+    __syncthreads();
+    __nv_bfloat16 *dp = dst + b * R * (int64_t)S;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int s = s0 + i, r = r0 + threadIdx.x;
+        if (r < R && s < S) dp[(int64_t)s * R + r] = __float2bfloat16(tile[threadIdx.x][i]);
+    }
+}
+
+/* dst (B,R,S) float32 = beta * dst + src (B,S,R) bf16 (+ bias[r]): the way back */
+__global__ void k_from_bf16_t(float *dst, const __nv_bfloat16 *src, const float *bias, float beta, int R, int S) {
+    __shared__ float tile[32][33];
+    int64_t b = blockIdx.z;
+    int s0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    const __nv_bfloat16 *sp = src + b * R * (int64_t)S;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int s = s0 + i, r = r0 + threadIdx.x;
+        if (r < R && s < S) tile[threadIdx.x][i] = __bfloat162float(sp[(int64_t)s * R + r]);
+    }
+    __syncthreads();
+    float *dp = dst + b * R * (int64_t)S;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int r = r0 + i, s = s0 + threadIdx.x;
+        if (r < R && s < S) {
+            float v = tile[i][threadIdx.x] + (bias ? bias[r] : 0.0f);
+            int64_t e = (int64_t)r * S + s;
+            dp[e] = beta != 0.0f ? beta * dp[e] + v : v;
+        }
+    }
+}
+
+static dim3 tgrid(int B, int R, int S) {
+    return dim3((unsigned)((S + 31) / 32), (unsigned)((R + 31) / 32), (unsigned)B);
+}
+
+/* (B,R,S) float32 -> bf16 (B,S,R) in scratch slot; NULL on out-of-memory */
+static __nv_bfloat16 *to_bf16(int slot, const float *src, int B, int R, int S, const char *op) {
+    __nv_bfloat16 *d = (__nv_bfloat16 *)cu_scratch(slot, (size_t)B * R * S * sizeof(__nv_bfloat16), op);
+    if (d) k_to_bf16_t<<<tgrid(B, R, S), dim3(32, 8), 0, idd_cu_stream>>>(d, src, R, S);
+    return d;
+}
+static void from_bf16(float *dst, const __nv_bfloat16 *src, const float *bias, float beta, int B, int R, int S) {
+    k_from_bf16_t<<<tgrid(B, R, S), dim3(32, 8), 0, idd_cu_stream>>>(dst, src, bias, beta, R, S);
+}
+
+/* out (N,O,P) += b[o] */
+__global__ void k_add_bias(float *out, const float *b, int O, int64_t P, int64_t total) {
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x)
+        out[e] += b[(e / P) % O];
+}
+static void from_bias(float *out, const float *b, int N, int O, int64_t P) {
+    int64_t total = (int64_t)N * O * P;
+    unsigned nb = cu_blocks(total, 256);
+    k_add_bias<<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>(out, b, O, P, total);
+}
+
+// ---------------------------------------------------------------- plans
+
+enum { FWD = 0, BWD_DATA = 1, BWD_FILTER = 2 };
+
+struct conv_plan {
+    int key[11];   /* pass, N, C, H, W, O, KH, KW, stride, pad, precision */
+    cudnnTensorDescriptor_t xd = NULL, yd = NULL;
+    cudnnFilterDescriptor_t wd = NULL;
+    cudnnConvolutionDescriptor_t cd = NULL;
+    int algo = -1;
+    size_t ws = 0;
+};
+static std::vector<conv_plan *> plans;
+
+static conv_plan *plan_lookup(const int key[11]) {
+    for (conv_plan *p : plans) {
+        bool same = true;
+        for (int i = 0; i < 11 && same; i++) same = p->key[i] == key[i];
+        if (same) return p;
+    }
+    return NULL;
+}
+
+/* descriptors for the sizes; the algorithm is found by plan_find */
+static idd_status plan_make(conv_plan *p, int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad,
+                            int Ho, int Wo) {
+    const char *op = "conv2d (cuDNN descriptors)";
+    bool bf = idd_cu_precision == IDD_PREC_BF16;
+    cudnnDataType_t dt = bf ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
+    cudnnTensorFormat_t fmt = bf ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+    DNN_TRY(cudnnCreateTensorDescriptor(&p->xd), op);
+    DNN_TRY(cudnnCreateTensorDescriptor(&p->yd), op);
+    DNN_TRY(cudnnCreateFilterDescriptor(&p->wd), op);
+    DNN_TRY(cudnnCreateConvolutionDescriptor(&p->cd), op);
+    DNN_TRY(cudnnSetTensor4dDescriptor(p->xd, fmt, dt, N, C, H, W), op);
+    DNN_TRY(cudnnSetTensor4dDescriptor(p->yd, fmt, dt, N, O, Ho, Wo), op);
+    DNN_TRY(cudnnSetFilter4dDescriptor(p->wd, dt, fmt, O, C, KH, KW), op);
+    DNN_TRY(cudnnSetConvolution2dDescriptor(p->cd, pad, pad, stride, stride, 1, 1, CUDNN_CROSS_CORRELATION,
+                                            CUDNN_DATA_FLOAT),
+            op);
+    DNN_TRY(cudnnSetConvolutionMathType(p->cd, idd_cu_precision == IDD_PREC_FP32 ? CUDNN_FMA_MATH
+                                                                                 : CUDNN_TENSOR_OP_MATH),
+            op);
+    return IDD_OK;
+}
+
+/* the fastest algorithm that ran and fits FIND_WS; in fp32 only FMA algorithms count */
+template <typename Perf> static int pick(const Perf *r, int n, size_t *ws, cudnnMathType_t *math) {
+    for (int i = 0; i < n; i++) {
+        if (r[i].status != CUDNN_STATUS_SUCCESS || r[i].memory > FIND_WS) continue;
+        if (idd_cu_precision == IDD_PREC_FP32 && r[i].mathType != CUDNN_FMA_MATH && r[i].mathType != CUDNN_DEFAULT_MATH)
+            continue;
+        *ws = r[i].memory;
+        *math = idd_cu_precision == IDD_PREC_FP32 ? CUDNN_FMA_MATH : r[i].mathType;
+        return (int)r[i].algo;
+    }
+    return -1;
+}
+
+/* times the algorithms of the pass with cudnnFind*Ex on the operands given and keeps
+ * the fastest in p (algo, ws, math type) */
+static idd_status plan_find(conv_plan *p, int pass, const void *a, const void *b, void *out, int N, int C, int H,
+                            int W, int O, int KH, int KW, int stride, int pad) {
+    const char *op = pass == FWD        ? "conv2d_forward (cuDNN find)"
+                     : pass == BWD_DATA ? "conv2d_backward dx (cuDNN find)"
+                                        : "conv2d_backward dw (cuDNN find)";
+    void *ws = cu_scratch(S_WS, FIND_WS, op);
+    if (!ws) return IDD_ENOMEM;
+    int got = 0, algo = -1;
+    cudnnMathType_t math = CUDNN_DEFAULT_MATH;
+    if (pass == FWD) {
+        cudnnConvolutionFwdAlgoPerf_t r[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
+        DNN_TRY(cudnnFindConvolutionForwardAlgorithmEx(dnn, p->xd, a, p->wd, b, p->cd, p->yd, out,
+                                                       CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &got, r, ws, FIND_WS),
+                op);
+        algo = pick(r, got, &p->ws, &math);
+    } else if (pass == BWD_DATA) {
+        cudnnConvolutionBwdDataAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
+        DNN_TRY(cudnnFindConvolutionBackwardDataAlgorithmEx(dnn, p->wd, a, p->yd, b, p->cd, p->xd, out,
+                                                            CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, r, ws,
+                                                            FIND_WS),
+                op);
+        algo = pick(r, got, &p->ws, &math);
+    } else {
+        cudnnConvolutionBwdFilterAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
+        DNN_TRY(cudnnFindConvolutionBackwardFilterAlgorithmEx(dnn, p->xd, a, p->yd, b, p->cd, p->wd, out,
+                                                              CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, r, ws,
+                                                              FIND_WS),
+                op);
+        algo = pick(r, got, &p->ws, &math);
+    }
+    if (algo < 0)
+        return idd_error("cuda %s " CONV_SIZES ": no cuDNN algorithm ran (of %d tried) in %s", op, CONV_ARGS, got,
+                         idd_cuda_precision_name(idd_cu_precision));
+    DNN_TRY(cudnnSetConvolutionMathType(p->cd, math), op);
+    p->algo = algo;
+    return IDD_OK;
+}
+
+static void plan_free(conv_plan *p) {
+    if (p->xd) cudnnDestroyTensorDescriptor(p->xd);
+    if (p->yd) cudnnDestroyTensorDescriptor(p->yd);
+    if (p->wd) cudnnDestroyFilterDescriptor(p->wd);
+    if (p->cd) cudnnDestroyConvolutionDescriptor(p->cd);
+    delete p;
+}
+
+/* The plan for these sizes in the current precision, made and timed on first use (out
+ * is a scratch buffer for the passes that accumulate into their result). */
+static idd_status plan_get(conv_plan **out_plan, int pass, const void *a, const void *b, void *out, int N, int C,
+                           int H, int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
+    int key[11] = {pass, N, C, H, W, O, KH, KW, stride, pad, idd_cu_precision};
+    conv_plan *p = plan_lookup(key);
+    if (p) { *out_plan = p; return IDD_OK; }
+    p = new conv_plan();
+    for (int i = 0; i < 11; i++) p->key[i] = key[i];
+    idd_status st = plan_make(p, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    if (!st) st = plan_find(p, pass, a, b, out, N, C, H, W, O, KH, KW, stride, pad);
+    if (st) { plan_free(p); return st; }
+    plans.push_back(p);
+    *out_plan = p;
+    return IDD_OK;
+}
+
+// ---------------------------------------------------------------- forward
+
+idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H, int W,
+                                 int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
+    const char *op = "conv2d_forward";
+    bool bf = idd_cu_precision == IDD_PREC_BF16;
+    const void *xa = x, *wa = w;
+    void *ya = out;
+    if (bf) {
+        xa = to_bf16(S_X, x, N, C, H * W, op);
+        wa = to_bf16(S_W, w, O, C, KH * KW, op);
+        ya = cu_scratch(S_Y, (size_t)N * O * Ho * Wo * sizeof(__nv_bfloat16), op);
+        if (!xa || !wa || !ya) return IDD_ENOMEM;
+    }
+    conv_plan *p;
+    idd_status st = plan_get(&p, FWD, xa, wa, ya, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    if (st) return st;
+    void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
+    if (p->ws && !ws) return IDD_ENOMEM;
+    const float one = 1.0f, zero = 0.0f;
+    DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, xa, p->wd, wa, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
+                                    p->ws, &zero, p->yd, ya),
+            op);
+    if (bf) {
+        from_bf16(out, (const __nv_bfloat16 *)ya, b, 0.0f, N, O, Ho * Wo);
+    } else if (b) {
+        /* out (N,O,P) += b (1,O,1,1): the forward's bias in fp32 */
+        from_bias(out, b, N, O, (int64_t)Ho * Wo);
+    }
+    CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+    return IDD_OK;
+}
+
+// ---------------------------------------------------------------- backward
+
+idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                                  int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
+                                  int Wo) {
+    const char *op = "conv2d_backward";
+    bool bf = idd_cu_precision == IDD_PREC_BF16;
+    const float one = 1.0f, zero = 0.0f;
+    int64_t P = (int64_t)Ho * Wo;
+    if (db) {
+        idd_status st = cu_conv_bias_grad(db, dout, N, O, (int)P);
+        if (st) return st;
+    }
+    const void *dya = dout;
+    if (bf && (dx || dw)) {
+        dya = to_bf16(S_Y, dout, N, O, (int)P, op);
+        if (!dya) return IDD_ENOMEM;
+    }
+    if (dx) {
+        /* bf16: dxb = conv^T(dout, w) in scratch, then dx += dxb; fp32: dx += directly (beta 1) */
+        const void *wa = w;
+        void *dxa = NULL;
+        size_t dxbytes = (size_t)N * C * H * W * (bf ? sizeof(__nv_bfloat16) : sizeof(float));
+        if (bf) wa = to_bf16(S_W, w, O, C, KH * KW, op);
+        dxa = cu_scratch(S_DX, dxbytes, op);
+        if (!wa || !dxa) return IDD_ENOMEM;
+        conv_plan *p;
+        idd_status st = plan_get(&p, BWD_DATA, wa, dya, dxa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        if (st) return st;
+        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
+        if (p->ws && !ws) return IDD_ENOMEM;
+        DNN_TRY(cudnnConvolutionBackwardData(dnn, &one, p->wd, wa, p->yd, dya, p->cd,
+                                             (cudnnConvolutionBwdDataAlgo_t)p->algo, ws, p->ws, bf ? &zero : &one,
+                                             p->xd, bf ? dxa : (void *)dx),
+                op);
+        if (bf) from_bf16(dx, (const __nv_bfloat16 *)dxa, NULL, 1.0f, N, C, H * W);
+    }
+    if (dw) {
+        const void *xa = x;
+        size_t dwbytes = (size_t)O * C * KH * KW * (bf ? sizeof(__nv_bfloat16) : sizeof(float));
+        void *dwa = cu_scratch(S_DW, dwbytes, op);
+        if (bf) xa = to_bf16(S_X, x, N, C, H * W, op);
+        if (!xa || !dwa) return IDD_ENOMEM;
+        conv_plan *p;
+        idd_status st = plan_get(&p, BWD_FILTER, xa, dya, dwa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        if (st) return st;
+        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
+        if (p->ws && !ws) return IDD_ENOMEM;
+        DNN_TRY(cudnnConvolutionBackwardFilter(dnn, &one, p->xd, xa, p->yd, dya, p->cd,
+                                               (cudnnConvolutionBwdFilterAlgo_t)p->algo, ws, p->ws,
+                                               bf ? &zero : &one, p->wd, bf ? dwa : (void *)dw),
+                op);
+        if (bf) from_bf16(dw, (const __nv_bfloat16 *)dwa, NULL, 1.0f, O, C, KH * KW);
+    }
+    CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+    return IDD_OK;
+}
+
+#endif /* IDDPM_NO_CUDNN */
