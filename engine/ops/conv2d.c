@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conv_winograd.h"
 #include "vmath.h"
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -555,6 +556,39 @@ static idd_status direct_backward_dx(float *dx, const float *dout, const float *
 }
 #endif
 
+/* ---- algorithm choice for 3x3 stride-1 pad-1 convs ----------------------------------
+ * IDDPM_CONV (read once) or idd_conv2d_set_algo: auto (default), im2col (im2col + sgemm
+ * or the direct kernel, as before Winograd), winograd (F(4x4,3x3) for every such conv),
+ * winograd2 (F(2x2,3x3)). Auto: see winograd_m. */
+static int conv_algo = -1;
+
+void idd_conv2d_set_algo(int algo) { conv_algo = algo >= 0 && algo <= 3 ? algo : 0; }
+
+static int get_algo(void) {
+    if (conv_algo < 0) {
+        const char *e = getenv("IDDPM_CONV");
+        conv_algo = !e ? IDD_CONV_AUTO
+                    : !strcmp(e, "im2col") ? IDD_CONV_IM2COL
+                    : !strcmp(e, "winograd") ? IDD_CONV_WINOGRAD
+                    : !strcmp(e, "winograd2") ? IDD_CONV_WINOGRAD2
+                                              : IDD_CONV_AUTO;
+    }
+    return conv_algo;
+}
+
+/* tile size m of the Winograd conv to use for this shape (forward and dx), 0 for none */
+static int winograd_m(const conv_shape *s) {
+    if (s->KH != 3 || s->KW != 3 || s->stride != 1 || s->pad_h != 1 || s->pad_w != 1) return 0;
+    switch (get_algo()) {
+    case IDD_CONV_IM2COL: return 0;
+    case IDD_CONV_WINOGRAD: return 4;
+    case IDD_CONV_WINOGRAD2: return 2;
+    default: break;
+    }
+    if (use_direct(s)) return 0;
+    return s->C >= 64 && s->O >= 64 ? 4 : 0;
+}
+
 /* Per-sample mode when there are at least as many samples as threads (see the header
  * comment); otherwise chunks with multithreaded BLAS. */
 static int use_per_sample(int N) {
@@ -593,6 +627,11 @@ idd_status idd_conv2d_forward_hw_f32(float *out, const float *x, const float *w,
     conv_shape s;
     idd_status st = conv_check("conv2d_forward", &s, N, C, H, W, O, KH, KW, stride, pad_h, pad_w);
     if (st) return st;
+    int wm = winograd_m(&s);
+    if (wm)
+        return idd_winograd_conv3x3(out, x, w, b, N, C, H, W, O, wm, 0, 0)
+                   ? nomem("conv2d_forward", &s)
+                   : IDD_OK;
     if (use_direct(&s))
         return direct_forward(out, x, w, b, &s) ? nomem("conv2d_forward", &s) : IDD_OK;
     if (use_per_sample(N)) {
@@ -646,6 +685,14 @@ idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const flo
         }
     }
     if (!dx && !dw) return IDD_OK;
+    int wm = dx ? winograd_m(&s) : 0;
+    if (wm) {
+        /* dx += conv(dout, w flipped and transposed), see conv_winograd.h */
+        if (idd_winograd_conv3x3(dx, dout, w, NULL, N, O, H, W, C, wm, 1, 1))
+            return nomem("conv2d_backward", &s);
+        dx = NULL; /* dw below, by im2col */
+        if (!dw) return IDD_OK;
+    }
     if (dx && use_direct(&s)) {
         if (direct_backward_dx(dx, dout, w, &s)) return nomem("conv2d_backward", &s);
         dx = NULL; /* dw below, by im2col */

@@ -1,0 +1,339 @@
+/* conv_winograd.c — 3x3 stride-1 pad-1 convolution by Winograd's minimal filtering,
+ * F(2x2,3x3) and F(4x4,3x3), for conv2d.c (forward, and dx of the backward pass).
+ *
+ * Algorithm. One output row segment of m values of a 3-tap correlation,
+ *   y_i = sum_j d_{i+j} g_j    (i < m, j < 3, d has a = m+2 values)
+ * is y = A^T [ (G g) .* (B^T d) ]: a products instead of 3m. In 2-D the same identity
+ * nests: for an a x a input tile d and a 3x3 filter g, the m x m output tile is
+ *   Y = A^T [ U .* V ] A,   U = G g G^T (a x a),   V = B^T d B (a x a).
+ * Summing over input channels commutes with A^T(.)A, so for every one of the a*a tile
+ * positions p the channel sum is one GEMM over all tiles t:
+ *   M_p (tiles, Co) = V_p (tiles, Ci) . U_p (Ci, Co),   Y_t = A^T M_t A  (+ bias)
+ * i.e. a*a/(9 m*m) of the multiplies of a direct conv: 16/36 for m = 2, 36/144 for m = 4.
+ *
+ * Matrices. Derived by Toom-Cook interpolation at the points p_k (k < a-1) and infinity:
+ * A^T[i][k] = p_k^i (the infinity column is e_{m-1}); G[k][j] = p_k^j / prod_{l!=k}(p_k-p_l)
+ * (the infinity row is e_2); B^T then solves sum_k A^T[i][k] G[k][j] B^T[k][l] = [l==i+j]
+ * for all i, j, l (an exact rational linear system, solved once offline and checked
+ * exactly). m = 2 uses the points 0, 1, -1:
+ *   B^T = [-1 0 1 0; 0 1 1 0; 0 -1 1 0; 0 -1 0 1]
+ *   G   = [-1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+ *   A^T = [1 1 1 0; 0 1 -1 1]
+ * m = 4 uses 0, 1, -1, 1/2, -2. The common 0, +-1, +-2 gave about 2.5x the float32 error
+ * in a simulation (relative to sum |d g| over 128 channels: 1.0e-6 vs 4.1e-7; 0, +-1,
+ * +-1/2 also 1.0e-6), because A^T then holds 8 and B^T only integers up to 5 on one side:
+ *   B^T = [1 -3/2 -2 3/2 1 0; 0 -1 1/2 5/2 1 0; 0 1 -5/2 1/2 1 0;
+ *          0 -2 -1 2 1 0; 0 1/2 -1 -1/2 1 0; 0 1 -3/2 -2 3/2 1]
+ *   G   = [1 0 0; 1/3 1/3 1/3; -1/3 1/3 -1/3; -16/15 -8/15 -4/15; 1/15 -2/15 4/15; 0 0 1]
+ *   A^T = [1 1 1 1 1 0; 0 1 -1 1/2 -2 0; 0 1 1 1/4 4 0; 0 1 -1 1/8 -8 1]
+ * All B^T and A^T entries are exact in float32; U is computed in double and rounded once.
+ * Measured error (tests/c/test_kernels.c, against a double-precision direct conv): see
+ * WINO_TOL there.
+ *
+ * Layout and steps (one call):
+ *  1. U[p][ci][co] for all positions (co padded to Op, a multiple of 8, with zeros).
+ *  2. the input, NCHW, is copied to a zero-bordered channels-last buffer
+ *     xh[n][th*m+2][tw*m+2][Cp] (Cp = Ci rounded up to 8), so a tile's a x a inputs of 8
+ *     channels are 8 adjacent floats each: the tile transforms run on 8-channel vectors.
+ *  3. tiles are processed in blocks of TB (all images' tiles in one sequence): input
+ *     transform V[p][t][ci], a*a sgemms M_p = V_p U_p, output transform to NCHW (+ bias,
+ *     or added to out when accumulating). Tiles past the bottom/right edge read zeros
+ *     and their extra outputs are dropped.
+ * Threads: OpenBLAS is set to 1 thread for the call (restored after). With at least one
+ * block per thread, threads take whole blocks (scratch V, M in each thread's workspace
+ * slots 2, 3: a block stays in that core's cache); with fewer tiles, one block is shared:
+ * tiles split for the transforms, positions split for the GEMMs. */
+#include "conv_winograd.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <string.h>
+
+#include "iddpm/kernels.h"
+#include "vmath.h"
+
+#define DEFAULT_BLOCK 96
+
+static int block_tiles = DEFAULT_BLOCK;
+
+void idd_winograd_set_block(int tiles) { block_tiles = tiles > 0 ? tiles : DEFAULT_BLOCK; }
+
+/* F(2x2,3x3): a = 4 */
+static const float BT2[4 * 4] = {-1, 0, 1, 0, 0, 1, 1, 0, 0, -1, 1, 0, 0, -1, 0, 1};
+static const double G2[4 * 3] = {-1, 0, 0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0, 0, 1};
+static const float AT2[2 * 4] = {1, 1, 1, 0, 0, 1, -1, 1};
+/* F(4x4,3x3): a = 6 */
+static const float BT4[6 * 6] = {1, -1.5f, -2,    1.5f, 1,    0, 0, -1,    0.5f, 2.5f,  1,    0,
+                                 0, 1,     -2.5f, 0.5f, 1,    0, 0, -2,    -1,   2,     1,    0,
+                                 0, 0.5f,  -1,    -0.5f, 1,   0, 0, 1,     -1.5f, -2,   1.5f, 1};
+static const double G4[6 * 3] = {1,           0,          0,          1.0 / 3,   1.0 / 3,
+                                 1.0 / 3,     -1.0 / 3,   1.0 / 3,    -1.0 / 3,  -16.0 / 15,
+                                 -8.0 / 15,   -4.0 / 15,  1.0 / 15,   -2.0 / 15, 4.0 / 15,
+                                 0,           0,          1};
+static const float AT4[4 * 6] = {1, 1, 1,  1,     1,  0, 0, 1, -1, 0.5f,   -2, 0,
+                                 0, 1, 1,  0.25f, 4,  0, 0, 1, -1, 0.125f, -8, 1};
+
+/* acc + c x for a coefficient c known at compile time once inlined and unrolled (the
+ * tests on c fold away; zero coefficients are skipped by the callers); first: acc unset */
+static inline __attribute__((always_inline)) v8f mac(v8f acc, float c, v8f x, int first) {
+    if (first) return c == 1.0f ? x : c == -1.0f ? -x : v8_set1(c) * x;
+    return c == 1.0f ? acc + x : c == -1.0f ? acc - x : v8_fma(v8_set1(c), x, acc);
+}
+
+/* out[(k*a + l)*ostride] = (B^T d B)[k][l] for 8 channels; d[i][j] at src + i*rs + j*cs */
+static inline __attribute__((always_inline)) void tile_in(float *out, long ostride,
+                                                          const float *src, long rs, long cs,
+                                                          int a, const float *bt) {
+    v8f t[36];
+#pragma GCC unroll 6
+    for (int j = 0; j < a; j++) {
+        v8f d[6];
+#pragma GCC unroll 6
+        for (int i = 0; i < a; i++) d[i] = v8_load(src + i * rs + j * cs);
+#pragma GCC unroll 6
+        for (int k = 0; k < a; k++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 6
+            for (int i = 0; i < a; i++)
+                if (bt[k * a + i] != 0.0f) acc = mac(acc, bt[k * a + i], d[i], first), first = 0;
+            t[k * a + j] = acc;
+        }
+    }
+#pragma GCC unroll 6
+    for (int k = 0; k < a; k++) {
+#pragma GCC unroll 6
+        for (int l = 0; l < a; l++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 6
+            for (int j = 0; j < a; j++)
+                if (bt[l * a + j] != 0.0f)
+                    acc = mac(acc, bt[l * a + j], t[k * a + j], first), first = 0;
+            v8_store(out + (k * a + l) * ostride, acc);
+        }
+    }
+}
+
+/* y[i*m + j] = (A^T M A)[i][j] for 8 channels; M[k][l] at src + (k*a + l)*sstride */
+static inline __attribute__((always_inline)) void tile_out(v8f *y, const float *src,
+                                                           long sstride, int a, int m,
+                                                           const float *at) {
+    v8f t[24];
+#pragma GCC unroll 6
+    for (int l = 0; l < a; l++) {
+        v8f c[6];
+#pragma GCC unroll 6
+        for (int k = 0; k < a; k++) c[k] = v8_load(src + (k * a + l) * sstride);
+#pragma GCC unroll 4
+        for (int i = 0; i < m; i++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 6
+            for (int k = 0; k < a; k++)
+                if (at[i * a + k] != 0.0f) acc = mac(acc, at[i * a + k], c[k], first), first = 0;
+            t[i * a + l] = acc;
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < m; i++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < m; j++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 6
+            for (int l = 0; l < a; l++)
+                if (at[j * a + l] != 0.0f)
+                    acc = mac(acc, at[j * a + l], t[i * a + l], first), first = 0;
+            y[i * m + j] = acc;
+        }
+    }
+}
+
+/* sizes of one call */
+typedef struct {
+    int N, Ci, Co, H, W, m, a, th, tw, Cp, Op, Hp, Wp, accumulate;
+    long TI, T; /* tiles per image, in all */
+} wg_plan;
+
+static int round8(int n) { return (n + 7) & ~7; }
+
+/* U[p][ci][co] (co < Op) = (G g G^T)[p] of filter g[co][ci] (or the flipped transpose);
+ * columns co in [Co, Op) zero. This call fills the columns co in [o0, o1). */
+static void weights(float *U, const float *g, const wg_plan *q, int flip, int o0, int o1) {
+    const int a = q->a, Ci = q->Ci, Co = q->Co, Op = q->Op;
+    const double *G = q->m == 2 ? G2 : G4;
+    for (int co = o0; co < o1; co++) {
+        for (int ci = 0; ci < Ci; ci++) {
+            double f[9], t[6 * 3];
+            if (co >= Co) {
+                for (int p = 0; p < a * a; p++) U[((long)p * Ci + ci) * Op + co] = 0.0f;
+                continue;
+            }
+            for (int r = 0; r < 9; r++)
+                f[r] = flip ? g[((long)ci * Co + co) * 9 + (8 - r)] : g[((long)co * Ci + ci) * 9 + r];
+            for (int k = 0; k < a; k++) /* t = G f (a x 3) */
+                for (int j = 0; j < 3; j++)
+                    t[k * 3 + j] = G[k * 3] * f[j] + G[k * 3 + 1] * f[3 + j] + G[k * 3 + 2] * f[6 + j];
+            for (int k = 0; k < a; k++) /* U = t G^T */
+                for (int l = 0; l < a; l++)
+                    U[((long)(k * a + l) * Ci + ci) * Op + co] =
+                        (float)(t[k * 3] * G[l * 3] + t[k * 3 + 1] * G[l * 3 + 1] +
+                                t[k * 3 + 2] * G[l * 3 + 2]);
+        }
+    }
+}
+
+/* xh[n][y][.][.] (Wp x Cp, channels last) <- row y-1 of sample n, zero border/padding */
+static void pad_row(float *xh, const float *in, const wg_plan *q, int n, int y) {
+    const int Cp = q->Cp, Wp = q->Wp, W = q->W, H = q->H, Ci = q->Ci;
+    float *row = xh + ((long)n * q->Hp + y) * Wp * Cp;
+    if (y == 0 || y > H) {
+        memset(row, 0, sizeof(float) * (size_t)Wp * Cp);
+        return;
+    }
+    memset(row, 0, sizeof(float) * Cp);
+    const long HW = (long)H * W;
+    const float *src = in + ((long)n * Ci * H + (y - 1)) * W;
+    for (int x = 1; x <= W; x++) {
+        float *d = row + (long)x * Cp;
+        const float *s = src + x - 1;
+        int c = 0;
+        for (; c < Ci; c++) d[c] = s[c * HW];
+        for (; c < Cp; c++) d[c] = 0.0f;
+    }
+    memset(row + (long)(W + 1) * Cp, 0, sizeof(float) * (size_t)(Wp - W - 1) * Cp);
+}
+
+/* V[p][t - t0][.] for tiles t in [t0 + u0, t0 + u1) of a block starting at tile t0 */
+static void input_tiles(float *V, long tb, const float *xh, const wg_plan *q, long t0, long u0,
+                        long u1) {
+    const int m = q->m, Cp = q->Cp;
+    const long rs = (long)q->Wp * Cp, vs = tb * Cp;
+    for (long u = u0; u < u1; u++) {
+        long t = t0 + u, n = t / q->TI, r = t % q->TI;
+        int ty = (int)(r / q->tw), tx = (int)(r % q->tw);
+        const float *src = xh + ((n * q->Hp + (long)ty * m) * q->Wp + (long)tx * m) * Cp;
+        float *dst = V + u * Cp;
+        for (int c = 0; c < Cp; c += 8) {
+            if (m == 4) tile_in(dst + c, vs, src + c, rs, Cp, 6, BT4);
+            else tile_in(dst + c, vs, src + c, rs, Cp, 4, BT2);
+        }
+    }
+}
+
+/* out (NCHW) (+)= A^T M A + bias for tiles [t0 + u0, t0 + u1); bias padded to Op */
+static void output_tiles(float *out, const float *M, long tb, const float *bias,
+                         const wg_plan *q, long t0, long u0, long u1) {
+    const int m = q->m, Op = q->Op, Co = q->Co, H = q->H, W = q->W;
+    const long HW = (long)H * W, ms = tb * Op;
+    for (long u = u0; u < u1; u++) {
+        long t = t0 + u, n = t / q->TI, r = t % q->TI;
+        int ty = (int)(r / q->tw), tx = (int)(r % q->tw);
+        int hi = H - ty * m < m ? H - ty * m : m, wi = W - tx * m < m ? W - tx * m : m;
+        float *dst = out + (n * Co * H + (long)ty * m) * W + (long)tx * m;
+        for (int o = 0; o < Op; o += 8) {
+            v8f y[16];
+            float buf[16][8];
+            if (m == 4) tile_out(y, M + u * Op + o, ms, 6, 4, AT4);
+            else tile_out(y, M + u * Op + o, ms, 4, 2, AT2);
+            v8f bv = bias ? v8_load(bias + o) : v8_set1(0.0f);
+            for (int k = 0; k < m * m; k++) v8_store(buf[k], y[k] + bv);
+            int qn = Co - o < 8 ? Co - o : 8;
+            for (int c = 0; c < qn; c++) {
+                float *d = dst + (long)(o + c) * HW;
+                for (int i = 0; i < hi; i++)
+                    for (int j = 0; j < wi; j++) {
+                        float v = buf[i * m + j][c];
+                        d[(long)i * W + j] = q->accumulate ? d[(long)i * W + j] + v : v;
+                    }
+            }
+        }
+    }
+}
+
+/* M_p = V_p U_p for positions [p0, p1) and rows of tiles [0, cnt) */
+static void gemms(float *M, const float *V, const float *U, long tb, long cnt, const wg_plan *q,
+                  int p0, int p1) {
+    for (int p = p0; p < p1; p++)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cnt, q->Op, q->Ci, 1.0f,
+                    V + (long)p * tb * q->Cp, q->Cp, U + (long)p * q->Ci * q->Op, q->Op, 0.0f,
+                    M + (long)p * tb * q->Op, q->Op);
+}
+
+idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, const float *b,
+                                int N, int Ci, int H, int W, int Co, int m, int flip,
+                                int accumulate) {
+    wg_plan q = {N, Ci, Co, H, W, m, m + 2, (H + m - 1) / m, (W + m - 1) / m, round8(Ci),
+                 round8(Co), 0, 0, accumulate, 0, 0};
+    q.Hp = q.th * m + 2;
+    q.Wp = q.tw * m + 2;
+    q.TI = (long)q.th * q.tw;
+    q.T = (long)N * q.TI;
+    const int P = q.a * q.a;
+    const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+
+    /* blocks: per-thread when there is at least one block per thread (count rounded up
+     * to a multiple of the threads, so they get equal shares), else one shared block */
+    long tb = q.T < block_tiles ? q.T : block_tiles, nblk = (q.T + tb - 1) / tb;
+    const int shared = nt > 1 && nblk < nt;
+    if (shared) tb = q.T, nblk = 1;
+    else if (nt > 1) nblk = (nblk + nt - 1) / nt * nt, tb = (q.T + nblk - 1) / nblk;
+
+    float *xh = idd_workspace_get(0, sizeof(float) * (size_t)N * q.Hp * q.Wp * q.Cp);
+    float *U = idd_workspace_get(1, sizeof(float) * ((size_t)P * Ci * q.Op + q.Op));
+    float *sV = NULL, *sM = NULL;
+    if (shared) {
+        sV = idd_workspace_get(2, sizeof(float) * (size_t)P * tb * q.Cp);
+        sM = idd_workspace_get(3, sizeof(float) * (size_t)P * tb * q.Op);
+        if (!sV || !sM) return IDD_ENOMEM;
+    }
+    if (!xh || !U) return IDD_ENOMEM;
+    float *bias = NULL;
+    if (b) {
+        bias = U + (size_t)P * Ci * q.Op;
+        for (int o = 0; o < q.Op; o++) bias[o] = o < Co ? b[o] : 0.0f;
+    }
+
+    int failed = 0, blas_threads = 0;
+    if (!omp_in_parallel()) {
+        blas_threads = openblas_get_num_threads();
+        openblas_set_num_threads(1);
+    }
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+        for (int o = 0; o < q.Op; o += 8) weights(U, g, &q, flip, o, o + 8);
+#pragma omp for collapse(2) schedule(static)
+        for (int n = 0; n < N; n++)
+            for (int y = 0; y < q.Hp; y++) pad_row(xh, in, &q, n, y);
+        /* implicit barrier: U and xh complete */
+        if (shared) {
+            int team = omp_get_num_threads(), me = omp_get_thread_num();
+            long u0 = q.T * me / team, u1 = q.T * (me + 1) / team;
+            input_tiles(sV, tb, xh, &q, 0, u0, u1);
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int p = 0; p < P; p++) gemms(sM, sV, U, tb, q.T, &q, p, p + 1);
+            /* implicit barrier */
+            output_tiles(out, sM, tb, bias, &q, 0, u0, u1);
+        } else {
+            float *V = idd_workspace_get(2, sizeof(float) * (size_t)P * tb * q.Cp);
+            float *M = idd_workspace_get(3, sizeof(float) * (size_t)P * tb * q.Op);
+            if (!V || !M) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (long k = 0; k < nblk; k++) {
+                long t0 = k * tb, cnt = q.T - t0 < tb ? q.T - t0 : tb;
+                if (!V || !M || cnt <= 0) continue;
+                input_tiles(V, tb, xh, &q, t0, 0, cnt);
+                gemms(M, V, U, tb, cnt, &q, 0, P);
+                output_tiles(out, M, tb, bias, &q, t0, 0, cnt);
+            }
+        }
+    }
+    if (!omp_in_parallel()) openblas_set_num_threads(blas_threads);
+    return failed ? IDD_ENOMEM : IDD_OK;
+}
