@@ -26,8 +26,8 @@
  *          0 -2 -1 2 1 0; 0 1/2 -1 -1/2 1 0; 0 1 -3/2 -2 3/2 1]
  *   G   = [1 0 0; 1/3 1/3 1/3; -1/3 1/3 -1/3; -16/15 -8/15 -4/15; 1/15 -2/15 4/15; 0 0 1]
  *   A^T = [1 1 1 1 1 0; 0 1 -1 1/2 -2 0; 0 1 1 1/4 4 0; 0 1 -1 1/8 -8 1]
- * All B^T and A^T entries are exact in float32; U is computed in double and rounded once.
- * Measured error (tests/c/test_kernels.c, against a double-precision direct conv): see
+ * All B^T and A^T entries are exact in float32 (G's thirds and fifteenths are not).
+ * Measured error (tests/c/test_winograd.c, against a double-precision direct conv): see
  * WINO_TOL there.
  *
  * Layout and steps (one call):
@@ -60,16 +60,16 @@ void idd_winograd_set_block(int tiles) { block_tiles = tiles > 0 ? tiles : DEFAU
 
 /* F(2x2,3x3): a = 4 */
 static const float BT2[4 * 4] = {-1, 0, 1, 0, 0, 1, 1, 0, 0, -1, 1, 0, 0, -1, 0, 1};
-static const double G2[4 * 3] = {-1, 0, 0, 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0, 0, 1};
+static const float G2[4 * 3] = {-1, 0, 0, 0.5f, 0.5f, 0.5f, 0.5f, -0.5f, 0.5f, 0, 0, 1};
 static const float AT2[2 * 4] = {1, 1, 1, 0, 0, 1, -1, 1};
 /* F(4x4,3x3): a = 6 */
 static const float BT4[6 * 6] = {1, -1.5f, -2,    1.5f, 1,    0, 0, -1,    0.5f, 2.5f,  1,    0,
                                  0, 1,     -2.5f, 0.5f, 1,    0, 0, -2,    -1,   2,     1,    0,
                                  0, 0.5f,  -1,    -0.5f, 1,   0, 0, 1,     -1.5f, -2,   1.5f, 1};
-static const double G4[6 * 3] = {1,           0,          0,          1.0 / 3,   1.0 / 3,
-                                 1.0 / 3,     -1.0 / 3,   1.0 / 3,    -1.0 / 3,  -16.0 / 15,
-                                 -8.0 / 15,   -4.0 / 15,  1.0 / 15,   -2.0 / 15, 4.0 / 15,
-                                 0,           0,          1};
+static const float G4[6 * 3] = {1,           0,           0,          1.0f / 3,  1.0f / 3,
+                                1.0f / 3,    -1.0f / 3,   1.0f / 3,   -1.0f / 3, -16.0f / 15,
+                                -8.0f / 15,  -4.0f / 15,  1.0f / 15,  -2.0f / 15, 4.0f / 15,
+                                0,           0,           1};
 static const float AT4[4 * 6] = {1, 1, 1,  1,     1,  0, 0, 1, -1, 0.5f,   -2, 0,
                                  0, 1, 1,  0.25f, 4,  0, 0, 1, -1, 0.125f, -8, 1};
 
@@ -158,33 +158,58 @@ typedef struct {
 
 static int round8(int n) { return (n + 7) & ~7; }
 
-/* U[p][ci][co] (co < Op) = (G g G^T)[p] of filter g[co][ci] (or the flipped transpose);
- * columns co in [Co, Op) zero. This call fills the columns co in [o0, o1). */
-static void weights(float *U, const float *g, const wg_plan *q, int flip, int o0, int o1) {
+/* U[p][ci][co] (co < Op) = (G g G^T)[p] of filter g[co][ci] (or the flipped transpose)
+ * for the 8 output channels [o0, o0+8), 8-wide over co; columns co >= Co are zero. */
+static void weights8(float *U, const float *g, const wg_plan *q, int flip, int o0) {
     const int a = q->a, Ci = q->Ci, Co = q->Co, Op = q->Op;
-    const double *G = q->m == 2 ? G2 : G4;
-    for (int co = o0; co < o1; co++) {
-        for (int ci = 0; ci < Ci; ci++) {
-            double f[9], t[6 * 3];
-            if (co >= Co) {
-                for (int p = 0; p < a * a; p++) U[((long)p * Ci + ci) * Op + co] = 0.0f;
-                continue;
-            }
-            for (int r = 0; r < 9; r++)
-                f[r] = flip ? g[((long)ci * Co + co) * 9 + (8 - r)] : g[((long)co * Ci + ci) * 9 + r];
-            for (int k = 0; k < a; k++) /* t = G f (a x 3) */
-                for (int j = 0; j < 3; j++)
-                    t[k * 3 + j] = G[k * 3] * f[j] + G[k * 3 + 1] * f[3 + j] + G[k * 3 + 2] * f[6 + j];
-            for (int k = 0; k < a; k++) /* U = t G^T */
-                for (int l = 0; l < a; l++)
-                    U[((long)(k * a + l) * Ci + ci) * Op + co] =
-                        (float)(t[k * 3] * G[l * 3] + t[k * 3 + 1] * G[l * 3 + 1] +
-                                t[k * 3 + 2] * G[l * 3 + 2]);
+    const float *G = q->m == 2 ? G2 : G4;
+    const int nq = Co - o0 < 8 ? Co - o0 : 8;
+    for (int ci = 0; ci < Ci; ci++) {
+        v8f f[9], t[6 * 3];
+        for (int r = 0; r < 9; r++) {
+            f[r] = v8_set1(0.0f);
+            for (int k = 0; k < nq; k++)
+                f[r][k] = flip ? g[((long)ci * Co + o0 + k) * 9 + (8 - r)]
+                               : g[((long)(o0 + k) * Ci + ci) * 9 + r];
         }
+        for (int k = 0; k < a; k++) /* t = G f (a x 3) */
+            for (int j = 0; j < 3; j++)
+                t[k * 3 + j] = v8_fma(v8_set1(G[k * 3]), f[j],
+                                      v8_fma(v8_set1(G[k * 3 + 1]), f[3 + j],
+                                             v8_set1(G[k * 3 + 2]) * f[6 + j]));
+        for (int k = 0; k < a; k++) /* U = t G^T */
+            for (int l = 0; l < a; l++)
+                v8_store(U + ((long)(k * a + l) * Ci + ci) * Op + o0,
+                         v8_fma(t[k * 3], v8_set1(G[l * 3]),
+                                v8_fma(t[k * 3 + 1], v8_set1(G[l * 3 + 1]),
+                                       t[k * 3 + 2] * v8_set1(G[l * 3 + 2]))));
     }
 }
 
-/* xh[n][y][.][.] (Wp x Cp, channels last) <- row y-1 of sample n, zero border/padding */
+/* r[i][j] <- r[j][i] for an 8x8 block */
+static inline void transpose8(v8f r[8]) {
+    const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const v8i p0 = {0, 1, 8, 9, 4, 5, 12, 13}, p1 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i h0 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8f t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+    }
+    for (int i = 0; i < 8; i += 4) { /* u[i + c] holds columns c and c + 4 of rows i..i+3 */
+        u[i] = __builtin_shuffle(t[i], t[i + 2], p0);
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], p1);
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], p0);
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], p1);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = __builtin_shuffle(u[c], u[c + 4], h0);
+        r[c + 4] = __builtin_shuffle(u[c], u[c + 4], h1);
+    }
+}
+
+/* xh[n][y][.][.] (Wp x Cp, channels last) <- row y-1 of sample n, zero border/padding;
+ * 8 channels x 8 pixels at a time through an 8x8 transpose */
 static void pad_row(float *xh, const float *in, const wg_plan *q, int n, int y) {
     const int Cp = q->Cp, Wp = q->Wp, W = q->W, H = q->H, Ci = q->Ci;
     float *row = xh + ((long)n * q->Hp + y) * Wp * Cp;
@@ -195,12 +220,23 @@ static void pad_row(float *xh, const float *in, const wg_plan *q, int n, int y) 
     memset(row, 0, sizeof(float) * Cp);
     const long HW = (long)H * W;
     const float *src = in + ((long)n * Ci * H + (y - 1)) * W;
-    for (int x = 1; x <= W; x++) {
-        float *d = row + (long)x * Cp;
-        const float *s = src + x - 1;
+    int x0 = 0;
+    for (; x0 + 8 <= W; x0 += 8) {
         int c = 0;
-        for (; c < Ci; c++) d[c] = s[c * HW];
-        for (; c < Cp; c++) d[c] = 0.0f;
+        for (; c + 8 <= Ci; c += 8) {
+            v8f r[8];
+            for (int i = 0; i < 8; i++) r[i] = v8_load(src + (c + i) * HW + x0);
+            transpose8(r);
+            for (int j = 0; j < 8; j++) v8_store(row + (long)(1 + x0 + j) * Cp + c, r[j]);
+        }
+        for (int x = x0; x < x0 + 8; x++) {
+            float *d = row + (long)(1 + x) * Cp;
+            for (int cc = c; cc < Cp; cc++) d[cc] = cc < Ci ? src[cc * HW + x] : 0.0f;
+        }
+    }
+    for (int x = x0; x < W; x++) {
+        float *d = row + (long)(1 + x) * Cp;
+        for (int c = 0; c < Cp; c++) d[c] = c < Ci ? src[c * HW + x] : 0.0f;
     }
     memset(row + (long)(W + 1) * Cp, 0, sizeof(float) * (size_t)(Wp - W - 1) * Cp);
 }
@@ -222,6 +258,16 @@ static void input_tiles(float *V, long tb, const float *xh, const wg_plan *q, lo
     }
 }
 
+/* d[0..3] (+)= v[0..3], d[W..W+3] (+)= v[4..7] */
+static inline void store_rows(float *d, int W, v8f v, int accumulate) {
+    float *e = d + W;
+    if (accumulate) {
+        for (int k = 0; k < 4; k++) d[k] += v[k], e[k] += v[4 + k];
+    } else {
+        for (int k = 0; k < 4; k++) d[k] = v[k], e[k] = v[4 + k];
+    }
+}
+
 /* out (NCHW) (+)= A^T M A + bias for tiles [t0 + u0, t0 + u1); bias padded to Op */
 static void output_tiles(float *out, const float *M, long tb, const float *bias,
                          const wg_plan *q, long t0, long u0, long u1) {
@@ -238,8 +284,19 @@ static void output_tiles(float *out, const float *M, long tb, const float *bias,
             if (m == 4) tile_out(y, M + u * Op + o, ms, 6, 4, AT4);
             else tile_out(y, M + u * Op + o, ms, 4, 2, AT2);
             v8f bv = bias ? v8_load(bias + o) : v8_set1(0.0f);
-            for (int k = 0; k < m * m; k++) v8_store(buf[k], y[k] + bv);
             int qn = Co - o < 8 ? Co - o : 8;
+            if (m == 4 && hi == 4 && wi == 4 && qn == 8) {
+                /* whole tile: two 8x8 transposes give each channel's rows 0-1 and 2-3 */
+                for (int k = 0; k < 16; k++) y[k] += bv;
+                transpose8(y), transpose8(y + 8);
+                for (int c = 0; c < 8; c++) {
+                    float *d = dst + (long)(o + c) * HW;
+                    store_rows(d, W, y[c], q->accumulate);
+                    store_rows(d + 2 * W, W, y[8 + c], q->accumulate);
+                }
+                continue;
+            }
+            for (int k = 0; k < m * m; k++) v8_store(buf[k], y[k] + bv);
             for (int c = 0; c < qn; c++) {
                 float *d = dst + (long)(o + c) * HW;
                 for (int i = 0; i < hi; i++)
@@ -303,7 +360,7 @@ idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, con
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static) nowait
-        for (int o = 0; o < q.Op; o += 8) weights(U, g, &q, flip, o, o + 8);
+        for (int o = 0; o < q.Op; o += 8) weights8(U, g, &q, flip, o);
 #pragma omp for collapse(2) schedule(static)
         for (int n = 0; n < N; n++)
             for (int y = 0; y < q.Hp; y++) pad_row(xh, in, &q, n, y);
