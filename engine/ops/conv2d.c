@@ -585,8 +585,13 @@ static int winograd_m(const conv_shape *s) {
     case IDD_CONV_WINOGRAD2: return 2;
     default: break;
     }
-    if (use_direct(s)) return 0;
-    return s->C >= 64 && s->O >= 64 ? 4 : 0;
+    /* measured (tests/c/bench_winograd.c, 2 threads): F(4x4) beat im2col + sgemm 1.5-3x
+     * on 64-256 channels from 8x8 up (and 4x4 with batch 64), and the direct kernel
+     * 1.4x (64 channels, 16x16) to 3x (8x8); it lost with under ~32 tiles in all (4x4
+     * maps at batch 8: the weight transform costs as much as the GEMMs) and tied the
+     * direct kernel at 32 channels. F(2x2) was never the fastest. */
+    long tiles = (long)s->N * ((s->H + 3) / 4) * ((s->W + 3) / 4);
+    return s->C >= 64 && s->O >= 64 && tiles >= 32 ? 4 : 0;
 }
 
 /* Per-sample mode when there are at least as many samples as threads (see the header

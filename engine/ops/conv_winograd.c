@@ -158,6 +158,13 @@ typedef struct {
 
 static int round8(int n) { return (n + 7) & ~7; }
 
+/* floats from one tile position to the next in U, V, M: the matrix size plus 16, so that
+ * the a*a values of one tile (read or written together) do not all fall into one L1
+ * cache set when the size is a multiple of 4 KiB */
+static long ustride(const wg_plan *q) { return (long)q->Ci * q->Op + 16; }
+static long vstride(const wg_plan *q, long tb) { return tb * q->Cp + 16; }
+static long mstride(const wg_plan *q, long tb) { return tb * q->Op + 16; }
+
 /* U[p][ci][co] (co < Op) = (G g G^T)[p] of filter g[co][ci] (or the flipped transpose)
  * for the 8 output channels [o0, o0+8), 8-wide over co; columns co >= Co are zero. */
 static void weights8(float *U, const float *g, const wg_plan *q, int flip, int o0) {
@@ -179,33 +186,32 @@ static void weights8(float *U, const float *g, const wg_plan *q, int flip, int o
                                              v8_set1(G[k * 3 + 2]) * f[6 + j]));
         for (int k = 0; k < a; k++) /* U = t G^T */
             for (int l = 0; l < a; l++)
-                v8_store(U + ((long)(k * a + l) * Ci + ci) * Op + o0,
+                v8_store(U + (k * a + l) * ustride(q) + (long)ci * Op + o0,
                          v8_fma(t[k * 3], v8_set1(G[l * 3]),
                                 v8_fma(t[k * 3 + 1], v8_set1(G[l * 3 + 1]),
                                        t[k * 3 + 2] * v8_set1(G[l * 3 + 2]))));
     }
 }
 
-/* r[i][j] <- r[j][i] for an 8x8 block */
-static inline void transpose8(v8f r[8]) {
+/* r[i][j] <- r[j][i] for an 8x8 block (written out so that it stays in registers) */
+static inline __attribute__((always_inline)) void transpose8(v8f r[8]) {
     const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
     const v8i p0 = {0, 1, 8, 9, 4, 5, 12, 13}, p1 = {2, 3, 10, 11, 6, 7, 14, 15};
     const v8i h0 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = {4, 5, 6, 7, 12, 13, 14, 15};
-    v8f t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
-    }
-    for (int i = 0; i < 8; i += 4) { /* u[i + c] holds columns c and c + 4 of rows i..i+3 */
-        u[i] = __builtin_shuffle(t[i], t[i + 2], p0);
-        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], p1);
-        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], p0);
-        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], p1);
-    }
-    for (int c = 0; c < 4; c++) {
-        r[c] = __builtin_shuffle(u[c], u[c + 4], h0);
-        r[c + 4] = __builtin_shuffle(u[c], u[c + 4], h1);
-    }
+    /* pairs of rows interleaved */
+    v8f t0 = __builtin_shuffle(r[0], r[1], lo), t1 = __builtin_shuffle(r[0], r[1], hi);
+    v8f t2 = __builtin_shuffle(r[2], r[3], lo), t3 = __builtin_shuffle(r[2], r[3], hi);
+    v8f t4 = __builtin_shuffle(r[4], r[5], lo), t5 = __builtin_shuffle(r[4], r[5], hi);
+    v8f t6 = __builtin_shuffle(r[6], r[7], lo), t7 = __builtin_shuffle(r[6], r[7], hi);
+    /* u_c: columns c and c+4 of rows 0-3 (u0..u3) or rows 4-7 (w0..w3) */
+    v8f u0 = __builtin_shuffle(t0, t2, p0), u1 = __builtin_shuffle(t0, t2, p1);
+    v8f u2 = __builtin_shuffle(t1, t3, p0), u3 = __builtin_shuffle(t1, t3, p1);
+    v8f w0 = __builtin_shuffle(t4, t6, p0), w1 = __builtin_shuffle(t4, t6, p1);
+    v8f w2 = __builtin_shuffle(t5, t7, p0), w3 = __builtin_shuffle(t5, t7, p1);
+    r[0] = __builtin_shuffle(u0, w0, h0), r[4] = __builtin_shuffle(u0, w0, h1);
+    r[1] = __builtin_shuffle(u1, w1, h0), r[5] = __builtin_shuffle(u1, w1, h1);
+    r[2] = __builtin_shuffle(u2, w2, h0), r[6] = __builtin_shuffle(u2, w2, h1);
+    r[3] = __builtin_shuffle(u3, w3, h0), r[7] = __builtin_shuffle(u3, w3, h1);
 }
 
 /* xh[n][y][.][.] (Wp x Cp, channels last) <- row y-1 of sample n, zero border/padding;
@@ -245,7 +251,7 @@ static void pad_row(float *xh, const float *in, const wg_plan *q, int n, int y) 
 static void input_tiles(float *V, long tb, const float *xh, const wg_plan *q, long t0, long u0,
                         long u1) {
     const int m = q->m, Cp = q->Cp;
-    const long rs = (long)q->Wp * Cp, vs = tb * Cp;
+    const long rs = (long)q->Wp * Cp, vs = vstride(q, tb);
     for (long u = u0; u < u1; u++) {
         long t = t0 + u, n = t / q->TI, r = t % q->TI;
         int ty = (int)(r / q->tw), tx = (int)(r % q->tw);
@@ -272,7 +278,7 @@ static inline void store_rows(float *d, int W, v8f v, int accumulate) {
 static void output_tiles(float *out, const float *M, long tb, const float *bias,
                          const wg_plan *q, long t0, long u0, long u1) {
     const int m = q->m, Op = q->Op, Co = q->Co, H = q->H, W = q->W;
-    const long HW = (long)H * W, ms = tb * Op;
+    const long HW = (long)H * W, ms = mstride(q, tb);
     for (long u = u0; u < u1; u++) {
         long t = t0 + u, n = t / q->TI, r = t % q->TI;
         int ty = (int)(r / q->tw), tx = (int)(r % q->tw);
@@ -314,8 +320,8 @@ static void gemms(float *M, const float *V, const float *U, long tb, long cnt, c
                   int p0, int p1) {
     for (int p = p0; p < p1; p++)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)cnt, q->Op, q->Ci, 1.0f,
-                    V + (long)p * tb * q->Cp, q->Cp, U + (long)p * q->Ci * q->Op, q->Op, 0.0f,
-                    M + (long)p * tb * q->Op, q->Op);
+                    V + p * vstride(q, tb), q->Cp, U + p * ustride(q), q->Op, 0.0f,
+                    M + p * mstride(q, tb), q->Op);
 }
 
 idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, const float *b,
@@ -338,17 +344,17 @@ idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, con
     else if (nt > 1) nblk = (nblk + nt - 1) / nt * nt, tb = (q.T + nblk - 1) / nblk;
 
     float *xh = idd_workspace_get(0, sizeof(float) * (size_t)N * q.Hp * q.Wp * q.Cp);
-    float *U = idd_workspace_get(1, sizeof(float) * ((size_t)P * Ci * q.Op + q.Op));
+    float *U = idd_workspace_get(1, sizeof(float) * ((size_t)P * ustride(&q) + q.Op));
     float *sV = NULL, *sM = NULL;
     if (shared) {
-        sV = idd_workspace_get(2, sizeof(float) * (size_t)P * tb * q.Cp);
-        sM = idd_workspace_get(3, sizeof(float) * (size_t)P * tb * q.Op);
+        sV = idd_workspace_get(2, sizeof(float) * (size_t)P * vstride(&q, tb));
+        sM = idd_workspace_get(3, sizeof(float) * (size_t)P * mstride(&q, tb));
         if (!sV || !sM) return IDD_ENOMEM;
     }
     if (!xh || !U) return IDD_ENOMEM;
     float *bias = NULL;
     if (b) {
-        bias = U + (size_t)P * Ci * q.Op;
+        bias = U + (size_t)P * ustride(&q);
         for (int o = 0; o < q.Op; o++) bias[o] = o < Co ? b[o] : 0.0f;
     }
 
@@ -375,8 +381,8 @@ idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, con
             /* implicit barrier */
             output_tiles(out, sM, tb, bias, &q, 0, u0, u1);
         } else {
-            float *V = idd_workspace_get(2, sizeof(float) * (size_t)P * tb * q.Cp);
-            float *M = idd_workspace_get(3, sizeof(float) * (size_t)P * tb * q.Op);
+            float *V = idd_workspace_get(2, sizeof(float) * (size_t)P * vstride(&q, tb));
+            float *M = idd_workspace_get(3, sizeof(float) * (size_t)P * mstride(&q, tb));
             if (!V || !M) {
 #pragma omp atomic write
                 failed = 1;
