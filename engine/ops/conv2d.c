@@ -690,14 +690,19 @@ idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const flo
         }
     }
     if (!dx && !dw) return IDD_OK;
-    int wm = dx ? winograd_m(&s) : 0;
-    if (wm) {
+    int wm = winograd_m(&s);
+    if (wm && dx) {
         /* dx += conv(dout, w flipped and transposed), see conv_winograd.h */
         if (idd_winograd_conv3x3(dx, dout, w, NULL, N, O, H, W, C, wm, 1, 1))
             return nomem("conv2d_backward", &s);
-        dx = NULL; /* dw below, by im2col */
-        if (!dw) return IDD_OK;
+        dx = NULL;
     }
+    if (wm && dw) {
+        if (idd_winograd_conv3x3_dw(dw, dout, x, N, C, H, W, O, wm))
+            return nomem("conv2d_backward", &s);
+        dw = NULL;
+    }
+    if (!dx && !dw) return IDD_OK;
     if (dx && use_direct(&s)) {
         if (direct_backward_dx(dx, dout, w, &s)) return nomem("conv2d_backward", &s);
         dx = NULL; /* dw below, by im2col */

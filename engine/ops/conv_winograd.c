@@ -150,6 +150,42 @@ static inline __attribute__((always_inline)) void tile_out(v8f *y, const float *
     }
 }
 
+/* out[(k*a + l)*ostride] = (A dY A^T)[k][l] for 8 channels, dY[i][j] (m x m) at
+ * src + i*rs + j*cs: the adjoint of tile_out, for the weight gradient */
+static inline __attribute__((always_inline)) void tile_dy(float *out, long ostride,
+                                                          const float *src, long rs, long cs,
+                                                          int a, int m, const float *at) {
+    v8f t[24]; /* t[k*m + j] = sum_i A^T[i][k] dY[i][j] */
+#pragma GCC unroll 4
+    for (int j = 0; j < m; j++) {
+        v8f d[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < m; i++) d[i] = v8_load(src + i * rs + j * cs);
+#pragma GCC unroll 6
+        for (int k = 0; k < a; k++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 4
+            for (int i = 0; i < m; i++)
+                if (at[i * a + k] != 0.0f) acc = mac(acc, at[i * a + k], d[i], first), first = 0;
+            t[k * m + j] = acc;
+        }
+    }
+#pragma GCC unroll 6
+    for (int k = 0; k < a; k++) {
+#pragma GCC unroll 6
+        for (int l = 0; l < a; l++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 4
+            for (int j = 0; j < m; j++)
+                if (at[j * a + l] != 0.0f)
+                    acc = mac(acc, at[j * a + l], t[k * m + j], first), first = 0;
+            v8_store(out + (k * a + l) * ostride, acc);
+        }
+    }
+}
+
 /* sizes of one call */
 typedef struct {
     int N, Ci, Co, H, W, m, a, th, tw, Cp, Op, Hp, Wp, accumulate;
@@ -214,37 +250,39 @@ static inline __attribute__((always_inline)) void transpose8(v8f r[8]) {
     r[3] = __builtin_shuffle(u3, w3, h0), r[7] = __builtin_shuffle(u3, w3, h1);
 }
 
-/* xh[n][y][.][.] (Wp x Cp, channels last) <- row y-1 of sample n, zero border/padding;
- * 8 channels x 8 pixels at a time through an 8x8 transpose */
-static void pad_row(float *xh, const float *in, const wg_plan *q, int n, int y) {
-    const int Cp = q->Cp, Wp = q->Wp, W = q->W, H = q->H, Ci = q->Ci;
-    float *row = xh + ((long)n * q->Hp + y) * Wp * Cp;
-    if (y == 0 || y > H) {
-        memset(row, 0, sizeof(float) * (size_t)Wp * Cp);
+/* Row y of sample n of a channels-last copy dst[n][rows][cols][Cp] of src (N,C,H,W),
+ * shifted by off rows and columns (off = 1: a zero border for the padding), zero outside
+ * src and in channels C..Cp; 8 channels x 8 pixels at a time through an 8x8 transpose */
+static void pad_row(float *dst, const float *src, int C, int Cp, int H, int W, int rows, int cols,
+                    int off, int n, int y) {
+    float *row = dst + ((long)n * rows + y) * cols * Cp;
+    const int sy = y - off;
+    if (sy < 0 || sy >= H) {
+        memset(row, 0, sizeof(float) * (size_t)cols * Cp);
         return;
     }
-    memset(row, 0, sizeof(float) * Cp);
+    memset(row, 0, sizeof(float) * (size_t)off * Cp);
     const long HW = (long)H * W;
-    const float *src = in + ((long)n * Ci * H + (y - 1)) * W;
+    const float *s = src + ((long)n * C * H + sy) * W;
     int x0 = 0;
     for (; x0 + 8 <= W; x0 += 8) {
         int c = 0;
-        for (; c + 8 <= Ci; c += 8) {
+        for (; c + 8 <= C; c += 8) {
             v8f r[8];
-            for (int i = 0; i < 8; i++) r[i] = v8_load(src + (c + i) * HW + x0);
+            for (int i = 0; i < 8; i++) r[i] = v8_load(s + (c + i) * HW + x0);
             transpose8(r);
-            for (int j = 0; j < 8; j++) v8_store(row + (long)(1 + x0 + j) * Cp + c, r[j]);
+            for (int j = 0; j < 8; j++) v8_store(row + (long)(off + x0 + j) * Cp + c, r[j]);
         }
         for (int x = x0; x < x0 + 8; x++) {
-            float *d = row + (long)(1 + x) * Cp;
-            for (int cc = c; cc < Cp; cc++) d[cc] = cc < Ci ? src[cc * HW + x] : 0.0f;
+            float *d = row + (long)(off + x) * Cp;
+            for (int cc = c; cc < Cp; cc++) d[cc] = cc < C ? s[cc * HW + x] : 0.0f;
         }
     }
     for (int x = x0; x < W; x++) {
-        float *d = row + (long)(1 + x) * Cp;
-        for (int c = 0; c < Cp; c++) d[c] = c < Ci ? src[c * HW + x] : 0.0f;
+        float *d = row + (long)(off + x) * Cp;
+        for (int c = 0; c < Cp; c++) d[c] = c < C ? s[c * HW + x] : 0.0f;
     }
-    memset(row + (long)(W + 1) * Cp, 0, sizeof(float) * (size_t)(Wp - W - 1) * Cp);
+    memset(row + (long)(off + W) * Cp, 0, sizeof(float) * (size_t)(cols - W - off) * Cp);
 }
 
 /* V[p][t - t0][.] for tiles t in [t0 + u0, t0 + u1) of a block starting at tile t0 */
@@ -324,15 +362,20 @@ static void gemms(float *M, const float *V, const float *U, long tb, long cnt, c
                     M + p * mstride(q, tb), q->Op);
 }
 
-idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, const float *b,
-                                int N, int Ci, int H, int W, int Co, int m, int flip,
-                                int accumulate) {
+static wg_plan plan(int N, int Ci, int H, int W, int Co, int m, int accumulate) {
     wg_plan q = {N, Ci, Co, H, W, m, m + 2, (H + m - 1) / m, (W + m - 1) / m, round8(Ci),
                  round8(Co), 0, 0, accumulate, 0, 0};
     q.Hp = q.th * m + 2;
     q.Wp = q.tw * m + 2;
     q.TI = (long)q.th * q.tw;
     q.T = (long)N * q.TI;
+    return q;
+}
+
+idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, const float *b,
+                                int N, int Ci, int H, int W, int Co, int m, int flip,
+                                int accumulate) {
+    wg_plan q = plan(N, Ci, H, W, Co, m, accumulate);
     const int P = q.a * q.a;
     const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
 
@@ -369,7 +412,8 @@ idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, con
         for (int o = 0; o < q.Op; o += 8) weights8(U, g, &q, flip, o);
 #pragma omp for collapse(2) schedule(static)
         for (int n = 0; n < N; n++)
-            for (int y = 0; y < q.Hp; y++) pad_row(xh, in, &q, n, y);
+            for (int y = 0; y < q.Hp; y++)
+                pad_row(xh, in, Ci, q.Cp, H, W, q.Hp, q.Wp, 1, n, y);
         /* implicit barrier: U and xh complete */
         if (shared) {
             int team = omp_get_num_threads(), me = omp_get_thread_num();
@@ -395,6 +439,117 @@ idd_status idd_winograd_conv3x3(float *out, const float *in, const float *g, con
                 gemms(M, V, U, tb, cnt, &q, 0, P);
                 output_tiles(out, M, tb, bias, &q, t0, 0, cnt);
             }
+        }
+    }
+    if (!omp_in_parallel()) openblas_set_num_threads(blas_threads);
+    return failed ? IDD_ENOMEM : IDD_OK;
+}
+
+/* ---- weight gradient ------------------------------------------------------------------
+ * With Y_t = A^T [sum_ci U .* V_t] A per tile and output channel, the gradient of the
+ * loss w.r.t. U is dU_p (Ci, Co) = sum_t V_p[t]^T dM_p[t], dM_t = A dY_t A^T (a x a;
+ * dY is zero past the bottom/right edge), and dw = G^T dU G (3x3) per (co, ci). Each
+ * thread sums the GEMMs of its tile blocks into a private dU (workspace slot 3; V and dM
+ * share slot 2), then the partials are added while transforming back. */
+
+/* dM[p][t - t0][.] for tiles [t0, t0 + cnt), from dyh[n][th*m][tw*m][Op] */
+static void dy_tiles(float *dM, long tb, const float *dyh, const wg_plan *q, long t0, long cnt) {
+    const int m = q->m, Op = q->Op;
+    const long rs = (long)q->tw * m * Op, ms = mstride(q, tb);
+    for (long u = 0; u < cnt; u++) {
+        long t = t0 + u, n = t / q->TI, r = t % q->TI;
+        int ty = (int)(r / q->tw), tx = (int)(r % q->tw);
+        const float *src = dyh + ((n * q->th * m + (long)ty * m) * q->tw * m + (long)tx * m) * Op;
+        for (int o = 0; o < Op; o += 8) {
+            if (m == 4) tile_dy(dM + u * Op + o, ms, src + o, rs, Op, 6, 4, AT4);
+            else tile_dy(dM + u * Op + o, ms, src + o, rs, Op, 4, 2, AT2);
+        }
+    }
+}
+
+/* dw[co][ci] += G^T (sum of the team's dU partials) G for ci in [c0, c0+1), all co */
+static void dw_back(float *dw, float *const *parts, int team, const wg_plan *q, int ci) {
+    const int a = q->a, Ci = q->Ci, Co = q->Co, Op = q->Op;
+    const float *G = q->m == 2 ? G2 : G4;
+    const long us = ustride(q);
+    for (int o = 0; o < Op; o += 8) {
+        v8f d[36], r[6 * 3];
+        for (int p = 0; p < a * a; p++) {
+            d[p] = v8_load(parts[0] + p * us + (long)ci * Op + o);
+            for (int u = 1; u < team; u++) d[p] += v8_load(parts[u] + p * us + (long)ci * Op + o);
+        }
+        for (int k = 0; k < a; k++) /* r = dU G (a x 3) */
+            for (int j = 0; j < 3; j++) {
+                v8f acc = v8_set1(0.0f);
+                for (int l = 0; l < a; l++) acc = v8_fma(d[k * a + l], v8_set1(G[l * 3 + j]), acc);
+                r[k * 3 + j] = acc;
+            }
+        const int nq = Co - o < 8 ? Co - o : 8;
+        for (int i = 0; i < 3; i++) /* G^T r */
+            for (int j = 0; j < 3; j++) {
+                v8f acc = v8_set1(0.0f);
+                for (int k = 0; k < a; k++) acc = v8_fma(r[k * 3 + j], v8_set1(G[k * 3 + i]), acc);
+                for (int c = 0; c < nq; c++) dw[((long)(o + c) * Ci + ci) * 9 + i * 3 + j] += acc[c];
+            }
+    }
+}
+
+idd_status idd_winograd_conv3x3_dw(float *dw, const float *dout, const float *in, int N, int Ci,
+                                   int H, int W, int Co, int m) {
+    wg_plan q = plan(N, Ci, H, W, Co, m, 0);
+    const int P = q.a * q.a;
+    const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (nt > 256) return IDD_ERR;
+    /* blocks: a multiple of the thread count, at most block_tiles tiles each */
+    long nblk = (q.T + block_tiles - 1) / block_tiles;
+    nblk = (nblk + nt - 1) / nt * nt;
+    const long tb = (q.T + nblk - 1) / nblk;
+    const int dyr = q.th * m, dyc = q.tw * m;
+    float *xh = idd_workspace_get(0, sizeof(float) * (size_t)N * q.Hp * q.Wp * q.Cp);
+    float *dyh = idd_workspace_get(1, sizeof(float) * (size_t)N * dyr * dyc * q.Op);
+    if (!xh || !dyh) return IDD_ENOMEM;
+    float *parts[256];
+    int failed = 0, blas_threads = 0;
+    if (!omp_in_parallel()) {
+        blas_threads = openblas_get_num_threads();
+        openblas_set_num_threads(1);
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        int me = omp_get_thread_num(), team = omp_get_num_threads();
+        float *VM = idd_workspace_get(2, sizeof(float) * (size_t)P * (vstride(&q, tb) + mstride(&q, tb)));
+        float *dU = idd_workspace_get(3, sizeof(float) * (size_t)P * ustride(&q));
+        parts[me] = dU;
+        if (!VM || !dU) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(dU, 0, sizeof(float) * (size_t)P * ustride(&q));
+        }
+#pragma omp for collapse(2) schedule(static) nowait
+        for (int n = 0; n < N; n++)
+            for (int y = 0; y < q.Hp; y++)
+                pad_row(xh, in, Ci, q.Cp, H, W, q.Hp, q.Wp, 1, n, y);
+#pragma omp for collapse(2) schedule(static)
+        for (int n = 0; n < N; n++)
+            for (int y = 0; y < dyr; y++) pad_row(dyh, dout, Co, q.Op, H, W, dyr, dyc, 0, n, y);
+        /* implicit barrier: xh, dyh and failed complete */
+        if (!failed) {
+            float *V = VM, *dM = VM + (size_t)P * vstride(&q, tb);
+#pragma omp for schedule(static)
+            for (long k = 0; k < nblk; k++) {
+                long t0 = k * tb, cnt = q.T - t0 < tb ? q.T - t0 : tb;
+                if (cnt <= 0) continue;
+                input_tiles(V, tb, xh, &q, t0, 0, cnt);
+                dy_tiles(dM, tb, dyh, &q, t0, cnt);
+                for (int p = 0; p < P; p++)
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, q.Op, (int)cnt, 1.0f,
+                                V + p * vstride(&q, tb), q.Cp, dM + p * mstride(&q, tb), q.Op,
+                                1.0f, dU + p * ustride(&q), q.Op);
+            }
+            /* implicit barrier: every partial complete */
+#pragma omp for schedule(static)
+            for (int ci = 0; ci < Ci; ci++) dw_back(dw, parts, team, &q, ci);
         }
     }
     if (!omp_in_parallel()) openblas_set_num_threads(blas_threads);

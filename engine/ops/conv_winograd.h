@@ -19,6 +19,13 @@ idd_status idd_winograd_conv3x3(float *out,       /* (N,Co,H,W) */
                                 int N, int Ci, int H, int W, int Co, int m, int flip,
                                 int accumulate);
 
+/* dw (Co,Ci,3,3) += the gradient of the conv above (flip = 0) w.r.t. its weight, given
+ * dout = dL/d(out). IDD_OK, IDD_ENOMEM, or IDD_ERR with over 256 threads. */
+idd_status idd_winograd_conv3x3_dw(float *dw,         /* (Co,Ci,3,3) */
+                                   const float *dout, /* (N,Co,H,W) */
+                                   const float *in,   /* (N,Ci,H,W) */
+                                   int N, int Ci, int H, int W, int Co, int m);
+
 /* Tiles per GEMM block (rows of each per-position GEMM); 0 restores the default. */
 void idd_winograd_set_block(int tiles);
 

@@ -1,7 +1,7 @@
 /* bench_winograd.c — 3x3 stride-1 pad-1 conv layers of the UNet configs: forward and dx
  * by im2col + sgemm (or the direct kernel where conv2d.c picks it), Winograd F(2x2,3x3)
- * and F(4x4,3x3), and the auto choice. Rates are "GFLOP/s equivalent": the direct conv's
- * 2*N*O*H*W*C*9 flops (dx the same) over the time, so they compare across algorithms.
+ * and F(4x4,3x3), and the auto choice; dw likewise. Rates are "GFLOP/s equivalent": the direct conv's
+ * 2*N*O*H*W*C*9 flops (dx and dw the same) over the time, so they compare across algorithms.
  * The algorithms are timed alternately, best of reps rounds (the machine is shared).
  *
  *   bench_winograd [threads [reps [block]]]   (default 2 threads, 5 rounds)
@@ -34,8 +34,9 @@ static const char *names[NALGO] = {"im2col/direct", "winograd F2", "winograd F4"
 static void layer(int N, int C, int H, int W, int O, int reps) {
     size_t nx = (size_t)N * C * H * W, no = (size_t)N * O * H * W, nw = (size_t)O * C * 9;
     float *x = frand(nx), *w = frand(nw), *b = frand(O), *out = frand(no), *dx = frand(nx);
-    double fl = 2.0 * N * O * H * W * (double)C * 9, bf[NALGO], bb[NALGO];
-    for (int a = 0; a < NALGO; a++) bf[a] = bb[a] = 1e30;
+    float *dw = frand(nw);
+    double fl = 2.0 * N * O * H * W * (double)C * 9, bf[NALGO], bb[NALGO], bw[NALGO];
+    for (int a = 0; a < NALGO; a++) bf[a] = bb[a] = bw[a] = 1e30;
     for (int r = 0; r < reps + 1; r++) /* round 0 warms the workspaces */
         for (int a = 0; a < NALGO; a++) {
             idd_conv2d_set_algo(algos[a]);
@@ -44,17 +45,22 @@ static void layer(int N, int C, int H, int W, int O, int reps) {
             double t1 = now();
             idd_conv2d_backward_f32(dx, NULL, NULL, out, NULL, w, N, C, H, W, O, 3, 3, 1, 1);
             double t2 = now();
+            idd_conv2d_backward_f32(NULL, dw, NULL, out, x, NULL, N, C, H, W, O, 3, 3, 1, 1);
+            double t3 = now();
             if (r && t1 - t0 < bf[a]) bf[a] = t1 - t0;
             if (r && t2 - t1 < bb[a]) bb[a] = t2 - t1;
+            if (r && t3 - t2 < bw[a]) bw[a] = t3 - t2;
         }
     printf("N=%-3d C=%-3d %2dx%-2d O=%-3d (%.2f GFLOP)", N, C, H, W, O, fl * 1e-9);
     for (int a = 0; a < NALGO; a++)
-        printf(" | %s fwd %6.2f ms %5.0f dx %6.2f ms %5.0f", names[a], bf[a] * 1e3,
-               fl / bf[a] * 1e-9, bb[a] * 1e3, fl / bb[a] * 1e-9);
-    printf(" | speedup F4/im2col fwd %.2f dx %.2f\n", bf[0] / bf[2], bb[0] / bb[2]);
+        printf(" | %s fwd %6.2f ms %5.0f dx %6.2f ms %5.0f dw %6.2f ms %5.0f", names[a],
+               bf[a] * 1e3, fl / bf[a] * 1e-9, bb[a] * 1e3, fl / bb[a] * 1e-9, bw[a] * 1e3,
+               fl / bw[a] * 1e-9);
+    printf(" | speedup F4/im2col fwd %.2f dx %.2f dw %.2f\n", bf[0] / bf[2], bb[0] / bb[2],
+           bw[0] / bw[2]);
     fflush(stdout);
     idd_conv2d_set_algo(IDD_CONV_AUTO);
-    free(x), free(w), free(b), free(out), free(dx);
+    free(x), free(w), free(b), free(out), free(dx), free(dw);
 }
 
 int main(int argc, char **argv) {

@@ -20,6 +20,8 @@
 
 #define WINO2_TOL 5e-7
 #define WINO4_TOL 5e-6
+#define WINO2_DW_TOL 8e-7
+#define WINO4_DW_TOL 4e-6
 
 static uint64_t rng_state;
 static float urand(void) {
@@ -56,6 +58,28 @@ static void naive(double *out, double *scale, const float *x, const float *w, co
                 }
 }
 
+/* exact dw[o][c][i][j] = sum dout[n][o][y][x] in[n][c][y-1+i][x-1+j], and its scale */
+static void naive_dw(double *dw, double *scale, const float *dout, const float *in, int N, int C,
+                     int H, int W, int O) {
+    for (int o = 0; o < O; o++)
+        for (int c = 0; c < C; c++)
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++) {
+                    double s = 0, a = 0;
+                    for (int n = 0; n < N; n++)
+                        for (int y = 0; y < H; y++)
+                            for (int x = 0; x < W; x++) {
+                                int yy = y - 1 + i, xx = x - 1 + j;
+                                if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+                                double p = (double)dout[(((long)n * O + o) * H + y) * W + x] *
+                                           in[(((long)n * C + c) * H + yy) * W + xx];
+                                s += p, a += fabs(p);
+                            }
+                    long k = ((long)o * C + c) * 9 + i * 3 + j;
+                    dw[k] = s, scale[k] = a > 1e-30 ? a : 1e-30;
+                }
+}
+
 static double worst_err(const float *got, const float *base, const double *exact,
                         const double *scale, long n) {
     double e = 0;
@@ -66,7 +90,7 @@ static double worst_err(const float *got, const float *base, const double *exact
     return e;
 }
 
-static double measured[2]; /* worst error seen, F(2x2) and F(4x4) */
+static double measured[2], measured_dw[2]; /* worst errors seen, F(2x2) and F(4x4) */
 
 /* forward by idd_winograd_conv3x3 directly (block size blk), then through conv2d with
  * the algorithm forced, and dx through idd_conv2d_backward_f32 */
@@ -109,6 +133,22 @@ static void check_shape(int N, int C, int H, int W, int O, int bias, int m, int 
     snprintf(detail, sizeof detail, "status %d, err %.3g > tol %.3g", (int)st, e, tol);
     snprintf(nm, sizeof nm, "%s dx accumulated (err %.2g)", name, e);
     check_report(e <= tol, nm, detail);
+
+    /* dw += the weight gradient, by idd_winograd_conv3x3_dw directly */
+    float *dw = frand(nw), *dw0 = malloc(sizeof(float) * nw);
+    memcpy(dw0, dw, sizeof(float) * nw);
+    double *exw = calloc(nw, sizeof(double)), *scw = calloc(nw, sizeof(double));
+    naive_dw(exw, scw, R, x, N, C, H, W, O);
+    for (long i = 0; i < nw; i++) scw[i] += fabs(dw0[i]);
+    st = idd_winograd_conv3x3_dw(dw, R, x, N, C, H, W, O, m);
+    e = st ? INFINITY : worst_err(dw, dw0, exw, scw, nw);
+    if (e > measured_dw[m / 4]) measured_dw[m / 4] = e;
+    const double tolw = m == 2 ? WINO2_DW_TOL : WINO4_DW_TOL;
+    snprintf(detail, sizeof detail, "status %d, err %.3g > tol %.3g", (int)st, e, tolw);
+    snprintf(nm, sizeof nm, "%s dw accumulated (err %.2g)", name, e);
+    check_report(e <= tolw, nm, detail);
+    free(dw), free(dw0), free(exw), free(scw);
+
     idd_conv2d_set_algo(IDD_CONV_AUTO);
     idd_winograd_set_block(0);
     free(x), free(w), free(b), free(out), free(out2), free(R), free(dx), free(dx0), free(ex);
@@ -149,6 +189,8 @@ int main(int argc, char **argv) {
     }
     printf("# worst error: F(2x2) %.3g (tol %.3g), F(4x4) %.3g (tol %.3g)\n", measured[0],
            WINO2_TOL, measured[1], WINO4_TOL);
+    printf("# worst dw error: F(2x2) %.3g (tol %.3g), F(4x4) %.3g (tol %.3g)\n", measured_dw[0],
+           WINO2_DW_TOL, measured_dw[1], WINO4_DW_TOL);
     check_auto(8, 128, 8, 8, 128); /* 32 tiles: auto picks F(4x4) */
     check_auto(2, 64, 16, 16, 96);
     check_auto(4, 32, 32, 32, 32);
