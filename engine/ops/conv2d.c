@@ -576,8 +576,9 @@ static int get_algo(void) {
     return conv_algo;
 }
 
-/* tile size m of the Winograd conv to use for this shape (forward and dx), 0 for none */
-static int winograd_m(const conv_shape *s) {
+/* tile size m of the Winograd conv to use for this shape, 0 for none; dw: for the weight
+ * gradient (else forward and dx) */
+static int winograd_m(const conv_shape *s, int dw) {
     if (s->KH != 3 || s->KW != 3 || s->stride != 1 || s->pad_h != 1 || s->pad_w != 1) return 0;
     switch (get_algo()) {
     case IDD_CONV_IM2COL: return 0;
@@ -585,13 +586,17 @@ static int winograd_m(const conv_shape *s) {
     case IDD_CONV_WINOGRAD2: return 2;
     default: break;
     }
-    /* measured (tests/c/bench_winograd.c, 2 threads): F(4x4) beat im2col + sgemm 1.5-3x
-     * on 64-256 channels from 8x8 up (and 4x4 with batch 64), and the direct kernel
-     * 1.4x (64 channels, 16x16) to 3x (8x8); it lost with under ~32 tiles in all (4x4
-     * maps at batch 8: the weight transform costs as much as the GEMMs) and tied the
-     * direct kernel at 32 channels. F(2x2) was never the fastest. */
+    /* measured (tests/c/bench_winograd.c, 2 threads, UNet layers): F(4x4) beat im2col +
+     * sgemm 1.5-3x on 64-256 channels from 8x8 maps up (4x4 too at batch 64), forward, dx
+     * and dw; it beat the direct kernel (forward, dx) 1.4-3x at 64 channels but only tied
+     * it at 32, and beat im2col for dw 2.5x at 32 channels. It lost (0.5x) with under ~32
+     * tiles in all (4x4 maps at batch 8: the weight transform costs as much as the
+     * GEMMs). F(2x2) was never the fastest. Below 32 channels (the first and last convs)
+     * it is not used. */
     long tiles = (long)s->N * ((s->H + 3) / 4) * ((s->W + 3) / 4);
-    return s->C >= 64 && s->O >= 64 && tiles >= 32 ? 4 : 0;
+    if (tiles < 32 || s->C < 32 || s->O < 32) return 0;
+    if (!dw && (s->C < 64 || s->O < 64) && use_direct(s)) return 0;
+    return 4;
 }
 
 /* Per-sample mode when there are at least as many samples as threads (see the header
@@ -632,7 +637,7 @@ idd_status idd_conv2d_forward_hw_f32(float *out, const float *x, const float *w,
     conv_shape s;
     idd_status st = conv_check("conv2d_forward", &s, N, C, H, W, O, KH, KW, stride, pad_h, pad_w);
     if (st) return st;
-    int wm = winograd_m(&s);
+    int wm = winograd_m(&s, 0);
     if (wm)
         return idd_winograd_conv3x3(out, x, w, b, N, C, H, W, O, wm, 0, 0)
                    ? nomem("conv2d_forward", &s)
@@ -690,13 +695,14 @@ idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const flo
         }
     }
     if (!dx && !dw) return IDD_OK;
-    int wm = winograd_m(&s);
+    int wm = winograd_m(&s, 0);
     if (wm && dx) {
         /* dx += conv(dout, w flipped and transposed), see conv_winograd.h */
         if (idd_winograd_conv3x3(dx, dout, w, NULL, N, O, H, W, C, wm, 1, 1))
             return nomem("conv2d_backward", &s);
         dx = NULL;
     }
+    wm = winograd_m(&s, 1);
     if (wm && dw) {
         if (idd_winograd_conv3x3_dw(dw, dout, x, N, C, H, W, O, wm))
             return nomem("conv2d_backward", &s);
