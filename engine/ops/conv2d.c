@@ -25,7 +25,11 @@
  * multiple of 4) take a direct kernel instead (forward and dx; dw stays on im2col) when
  * the CPU has AVX-512F/VL: see "direct" below. On 1 core, batch 32, it ran the small
  * config's 3x3 layers forward at ~140 GFLOP/s (32x32 and 16x16, 32-64 channels) and
- * ~55 (8x8) vs 50-70 and ~40 by im2col + sgemm. */
+ * ~55 (8x8) vs 50-70 and ~40 by im2col + sgemm.
+ *
+ * 3x3 stride-1 pad-1 convs with 32+ channels and enough tiles go to Winograd F(4x4,3x3)
+ * (conv_winograd.c: forward, dx and dw), 1.5-3x faster than either path above on the
+ * UNet layers; winograd_m has the rule and IDDPM_CONV / idd_conv2d_set_algo override it. */
 #include "iddpm/kernels.h"
 
 #include <cblas.h>
