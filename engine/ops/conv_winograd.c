@@ -225,15 +225,45 @@ static long ustride(const wg_plan *q) { return (long)q->Ci * q->Op + 16; }
 static long vstride(const wg_plan *q, long tb) { return tb * q->Cp + 16; }
 static long mstride(const wg_plan *q, long tb) { return tb * q->Op + 16; }
 
+/* out[(k*a + l)*ostride] = (G f G^T)[k][l] for 8 filters, f[i*3 + j] (3 x 3) */
+static inline __attribute__((always_inline)) void filter_tile(float *out, long ostride,
+                                                              const v8f *f, int a,
+                                                              const float *G) {
+    v8f t[18]; /* G f (a x 3) */
+#pragma GCC unroll 6
+    for (int k = 0; k < a; k++) {
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 3
+            for (int i = 0; i < 3; i++)
+                if (G[k * 3 + i] != 0.0f) acc = mac(acc, G[k * 3 + i], f[i * 3 + j], first), first = 0;
+            t[k * 3 + j] = acc;
+        }
+    }
+#pragma GCC unroll 6
+    for (int k = 0; k < a; k++) {
+#pragma GCC unroll 6
+        for (int l = 0; l < a; l++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 3
+            for (int j = 0; j < 3; j++)
+                if (G[l * 3 + j] != 0.0f) acc = mac(acc, G[l * 3 + j], t[k * 3 + j], first), first = 0;
+            v8_store(out + (k * a + l) * ostride, acc);
+        }
+    }
+}
+
 /* U[p][ci][co] (co < Op) = (G g G^T)[p] of filter g[co][ci] (or the flipped transpose)
  * for one input channel ci, 8-wide over co (row ci of every U_p is written in order);
  * columns co >= Co are zero. */
 static void weights_row(float *U, const float *g, const wg_plan *q, int flip, int ci) {
-    const int a = q->a, Ci = q->Ci, Co = q->Co, Op = q->Op;
-    const float *G = q->m == 2 ? G2 : G4;
+    const int Ci = q->Ci, Co = q->Co, Op = q->Op;
     for (int o0 = 0; o0 < Op; o0 += 8) {
         const int nq = Co - o0 < 8 ? Co - o0 : 8;
-        v8f f[9], t[6 * 3];
+        v8f f[9];
         if (nq == 8) {
             /* taps 0-7 (flip: 1-8) of the 8 filters as rows, transposed to one vector
              * per tap; the remaining tap element by element */
@@ -253,17 +283,9 @@ static void weights_row(float *U, const float *g, const wg_plan *q, int flip, in
                                    : g[((long)(o0 + k) * Ci + ci) * 9 + r];
             }
         }
-        for (int k = 0; k < a; k++) /* t = G f (a x 3) */
-            for (int j = 0; j < 3; j++)
-                t[k * 3 + j] = v8_fma(v8_set1(G[k * 3]), f[j],
-                                      v8_fma(v8_set1(G[k * 3 + 1]), f[3 + j],
-                                             v8_set1(G[k * 3 + 2]) * f[6 + j]));
-        for (int k = 0; k < a; k++) /* U = t G^T */
-            for (int l = 0; l < a; l++)
-                v8_store(U + (k * a + l) * ustride(q) + (long)ci * Op + o0,
-                         v8_fma(t[k * 3], v8_set1(G[l * 3]),
-                                v8_fma(t[k * 3 + 1], v8_set1(G[l * 3 + 1]),
-                                       t[k * 3 + 2] * v8_set1(G[l * 3 + 2]))));
+        float *u = U + (long)ci * Op + o0;
+        if (q->m == 4) filter_tile(u, ustride(q), f, 6, G4);
+        else filter_tile(u, ustride(q), f, 4, G2);
     }
 }
 
@@ -484,32 +506,52 @@ static void dy_tiles(float *dM, long tb, const float *dyh, const wg_plan *q, lon
     }
 }
 
+/* e[i*3 + j] = (G^T d G)[i][j] for 8 filters, d[k*a + l] (a x a): the adjoint of
+ * filter_tile */
+static inline __attribute__((always_inline)) void filter_grad_tile(v8f *e, const v8f *d, int a,
+                                                                   const float *G) {
+    v8f r[18]; /* d G (a x 3) */
+#pragma GCC unroll 6
+    for (int k = 0; k < a; k++) {
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 6
+            for (int l = 0; l < a; l++)
+                if (G[l * 3 + j] != 0.0f) acc = mac(acc, G[l * 3 + j], d[k * a + l], first), first = 0;
+            r[k * 3 + j] = acc;
+        }
+    }
+#pragma GCC unroll 3
+    for (int i = 0; i < 3; i++) {
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; j++) {
+            v8f acc = v8_set1(0.0f);
+            int first = 1;
+#pragma GCC unroll 6
+            for (int k = 0; k < a; k++)
+                if (G[k * 3 + i] != 0.0f) acc = mac(acc, G[k * 3 + i], r[k * 3 + j], first), first = 0;
+            e[i * 3 + j] = acc;
+        }
+    }
+}
+
 /* dw[co][ci] += G^T (sum of the team's dU partials) G for co in [o, o+8), all ci (so the
  * 8 rows of dw are written in order) */
 static void dw_back(float *dw, float *const *parts, int team, const wg_plan *q, int o) {
     const int a = q->a, Ci = q->Ci, Co = q->Co, Op = q->Op;
-    const float *G = q->m == 2 ? G2 : G4;
     const long us = ustride(q);
     for (int ci = 0; ci < Ci; ci++) {
-        v8f d[36], r[6 * 3];
+        v8f d[36];
         for (int p = 0; p < a * a; p++) {
             d[p] = v8_load(parts[0] + p * us + (long)ci * Op + o);
             for (int u = 1; u < team; u++) d[p] += v8_load(parts[u] + p * us + (long)ci * Op + o);
         }
-        for (int k = 0; k < a; k++) /* r = dU G (a x 3) */
-            for (int j = 0; j < 3; j++) {
-                v8f acc = v8_set1(0.0f);
-                for (int l = 0; l < a; l++) acc = v8_fma(d[k * a + l], v8_set1(G[l * 3 + j]), acc);
-                r[k * 3 + j] = acc;
-            }
         const int nq = Co - o < 8 ? Co - o : 8;
         v8f e[9];
-        for (int i = 0; i < 3; i++) /* e = G^T r: tap i*3+j, lanes co */
-            for (int j = 0; j < 3; j++) {
-                v8f acc = v8_set1(0.0f);
-                for (int k = 0; k < a; k++) acc = v8_fma(r[k * 3 + j], v8_set1(G[k * 3 + i]), acc);
-                e[i * 3 + j] = acc;
-            }
+        if (q->m == 4) filter_grad_tile(e, d, 6, G4);
+        else filter_grad_tile(e, d, 4, G2);
         if (nq == 8) { /* taps 0-7 transposed to one vector per filter, tap 8 alone */
             float *dwo = dw + ((long)o * Ci + ci) * 9;
             for (int c = 0; c < 8; c++) dwo[(long)c * Ci * 9 + 8] += e[8][c];
