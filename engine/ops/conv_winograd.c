@@ -571,8 +571,8 @@ idd_status idd_winograd_conv3x3_dw(float *dw, const float *dout, const float *in
                                    int H, int W, int Co, int m) {
     wg_plan q = plan(N, Ci, H, W, Co, m, 0);
     const int P = q.a * q.a;
-    const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
-    if (nt > 256) return IDD_ERR;
+    int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (nt > 256) nt = 256; /* parts[] */
     /* blocks: a multiple of the thread count, at most block_tiles tiles each */
     long nblk = (q.T + block_tiles - 1) / block_tiles;
     nblk = (nblk + nt - 1) / nt * nt;

@@ -20,7 +20,7 @@ idd_status idd_winograd_conv3x3(float *out,       /* (N,Co,H,W) */
                                 int accumulate);
 
 /* dw (Co,Ci,3,3) += the gradient of the conv above (flip = 0) w.r.t. its weight, given
- * dout = dL/d(out). IDD_OK, IDD_ENOMEM, or IDD_ERR with over 256 threads. */
+ * dout = dL/d(out). IDD_OK or IDD_ENOMEM. */
 idd_status idd_winograd_conv3x3_dw(float *dw,         /* (Co,Ci,3,3) */
                                    const float *dout, /* (N,Co,H,W) */
                                    const float *in,   /* (N,Ci,H,W) */
