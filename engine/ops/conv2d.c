@@ -590,13 +590,15 @@ static int winograd_m(const conv_shape *s, int dw) {
     case IDD_CONV_WINOGRAD2: return 2;
     default: break;
     }
-    /* measured (tests/c/bench_winograd.c, 2 threads, UNet layers): F(4x4) beat im2col +
-     * sgemm 1.5-3x on 64-256 channels from 8x8 maps up (4x4 too at batch 64), forward, dx
-     * and dw; it beat the direct kernel (forward, dx) 1.4-3x at 64 channels but only tied
-     * it at 32, and beat im2col for dw 2.5x at 32 channels. It lost (0.5x) with under ~32
-     * tiles in all (4x4 maps at batch 8: the weight transform costs as much as the
-     * GEMMs). F(2x2) was never the fastest. Below 32 channels (the first and last convs)
-     * it is not used. */
+    /* measured (tests/c/bench_winograd.c, 2 threads, UNet layers, shared machine):
+     * F(4x4) beat im2col + sgemm 1.6-2.8x on 64-256 channels from 8x8 maps up (4x4 too
+     * at batch 64), forward, dx and dw; the direct kernel (forward, dx) 1.6-3.5x at 64
+     * channels; im2col for dw 2.9x at 32 channels. It lost (0.4-0.7x) with under ~32
+     * tiles in all (4x4 maps at batch 8: the transforms cost as much as the GEMMs).
+     * F(2x2) was never the fastest. At 32 channels it beat the direct kernel only 1.1-1.3x
+     * (forward, dx), and its error there (up to ~2e-4 of O(1) outputs, tests/c/
+     * test_kernels.c allows 1e-4) is not worth it: the direct kernel stays. Below 32
+     * channels (the first and last convs) it is not used. */
     long tiles = (long)s->N * ((s->H + 3) / 4) * ((s->W + 3) / 4);
     if (tiles < 32 || s->C < 32 || s->O < 32) return 0;
     if (!dw && (s->C < 64 || s->O < 64) && use_direct(s)) return 0;
