@@ -1,15 +1,16 @@
 /* test_winograd.c — Winograd 3x3 convolution (engine/ops/conv_winograd.c) against a
- * double-precision direct convolution: forward (with and without bias) and dx (through
- * idd_conv2d_backward_f32, which accumulates), F(2x2,3x3) and F(4x4,3x3), odd sizes,
- * H/W not multiples of the tile, batch 1 and > 1, Ci != Co, 1..256 channels, blocks of
- * several sizes (one shared block, blocks per thread, ragged last block).
+ * double-precision direct convolution: forward (with and without bias), dx (through
+ * idd_conv2d_backward_f32, which accumulates) and dw (idd_winograd_conv3x3_dw, also
+ * accumulating), F(2x2,3x3) and F(4x4,3x3), odd sizes, H/W not multiples of the tile,
+ * batch 1 and > 1, Ci != Co, 1..256 channels, blocks of several sizes (one shared
+ * block, blocks per thread, ragged last block); and the auto choice against im2col.
  *
- * Error measure: |got - exact| / (sum over the 9*Ci terms of |x w| + |b|) per output, the
- * rounding scale of any float32 dot product of those terms (a plain relative error is
+ * Error measure: |got - exact| / (sum of |terms| + |b| + |old value|) per output, the
+ * rounding scale of any float32 sum of those terms (a plain relative error is
  * meaningless where an output cancels to near zero). Measured (seed 20240611, 2 threads):
- * F(2x2) up to 1.2e-7, F(4x4) up to 1.8e-6 (dx, 128 channels).
- * Tolerances, about 3-4x the measured worst:
- *   WINO2_TOL  F(2x2,3x3)   WINO4_TOL  F(4x4,3x3)
+ * F(2x2) up to 1.5e-7 (dw 1.9e-7), F(4x4) up to 1.8e-6 (dx, 128 channels; dw 8.6e-7);
+ * im2col + sgemm is ~5e-8. Tolerances, 2.8-5x the measured worst:
+ *   WINO2_TOL, WINO2_DW_TOL  F(2x2,3x3)    WINO4_TOL, WINO4_DW_TOL  F(4x4,3x3)
  * Run: test_winograd [seed] (the seed is printed). */
 #include <stdint.h>
 #include <string.h>
