@@ -8,8 +8,9 @@
  * Error measure: |got - exact| / (sum of |terms| + |b| + |old value|) per output, the
  * rounding scale of any float32 sum of those terms (a plain relative error is
  * meaningless where an output cancels to near zero). Measured (seed 20240611, 2 threads):
- * F(2x2) up to 1.5e-7 (dw 1.9e-7), F(4x4) up to 1.8e-6 (dx, 128 channels; dw 8.6e-7);
- * im2col + sgemm is ~5e-8. Tolerances, 2.8-5x the measured worst:
+ * F(2x2) up to 1.5e-7 (2.6e-7 with seed 5; dw 1.9e-7), F(4x4) up to 1.8e-6 (dx, 128
+ * channels; dw 1.1e-6 with seed 4);
+ * im2col + sgemm is ~5e-8. Tolerances, about 3-4x the measured worst:
  *   WINO2_TOL, WINO2_DW_TOL  F(2x2,3x3)    WINO4_TOL, WINO4_DW_TOL  F(4x4,3x3)
  * Run: test_winograd [seed] (the seed is printed). */
 #include <stdint.h>
@@ -19,7 +20,7 @@
 #include "check.h"
 #include "iddpm/kernels.h"
 
-#define WINO2_TOL 5e-7
+#define WINO2_TOL 8e-7
 #define WINO4_TOL 5e-6
 #define WINO2_DW_TOL 8e-7
 #define WINO4_DW_TOL 4e-6
