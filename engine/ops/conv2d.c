@@ -25,7 +25,11 @@
  * multiple of 4) take a direct kernel instead (forward and dx; dw stays on im2col) when
  * the CPU has AVX-512F/VL: see "direct" below. On 1 core, batch 32, it ran the small
  * config's 3x3 layers forward at ~140 GFLOP/s (32x32 and 16x16, 32-64 channels) and
- * ~55 (8x8) vs 50-70 and ~40 by im2col + sgemm. */
+ * ~55 (8x8) vs 50-70 and ~40 by im2col + sgemm.
+ *
+ * 3x3 stride-1 pad-1 convs with 32+ channels and enough tiles go to Winograd F(4x4,3x3)
+ * (conv_winograd.c: forward, dx and dw), 1.5-3x faster than either path above on the
+ * UNet layers; winograd_m has the rule and IDDPM_CONV / idd_conv2d_set_algo override it. */
 #include "iddpm/kernels.h"
 
 #include <cblas.h>
@@ -33,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conv_winograd.h"
 #include "vmath.h"
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -555,6 +560,51 @@ static idd_status direct_backward_dx(float *dx, const float *dout, const float *
 }
 #endif
 
+/* ---- algorithm choice for 3x3 stride-1 pad-1 convs ----------------------------------
+ * IDDPM_CONV (read once) or idd_conv2d_set_algo: auto (default), im2col (im2col + sgemm
+ * or the direct kernel, as before Winograd), winograd (F(4x4,3x3) for every such conv),
+ * winograd2 (F(2x2,3x3)). Auto: see winograd_m. */
+static int conv_algo = -1;
+
+void idd_conv2d_set_algo(int algo) { conv_algo = algo >= 0 && algo <= 3 ? algo : 0; }
+
+static int get_algo(void) {
+    if (conv_algo < 0) {
+        const char *e = getenv("IDDPM_CONV");
+        conv_algo = !e ? IDD_CONV_AUTO
+                    : !strcmp(e, "im2col") ? IDD_CONV_IM2COL
+                    : !strcmp(e, "winograd") ? IDD_CONV_WINOGRAD
+                    : !strcmp(e, "winograd2") ? IDD_CONV_WINOGRAD2
+                                              : IDD_CONV_AUTO;
+    }
+    return conv_algo;
+}
+
+/* tile size m of the Winograd conv to use for this shape, 0 for none; dw: for the weight
+ * gradient (else forward and dx) */
+static int winograd_m(const conv_shape *s, int dw) {
+    if (s->KH != 3 || s->KW != 3 || s->stride != 1 || s->pad_h != 1 || s->pad_w != 1) return 0;
+    switch (get_algo()) {
+    case IDD_CONV_IM2COL: return 0;
+    case IDD_CONV_WINOGRAD: return 4;
+    case IDD_CONV_WINOGRAD2: return 2;
+    default: break;
+    }
+    /* measured (tests/c/bench_winograd.c, 2 threads, UNet layers, shared machine):
+     * F(4x4) beat im2col + sgemm 1.6-2.8x on 64-256 channels from 8x8 maps up (4x4 too
+     * at batch 64), forward, dx and dw; the direct kernel (forward, dx) 1.6-3.5x at 64
+     * channels; im2col for dw 2.9x at 32 channels. It lost (0.4-0.7x) with under ~32
+     * tiles in all (4x4 maps at batch 8: the transforms cost as much as the GEMMs).
+     * F(2x2) was never the fastest. At 32 channels it beat the direct kernel only 1.1-1.3x
+     * (forward, dx), and its error there (up to ~2e-4 of O(1) outputs, tests/c/
+     * test_kernels.c allows 1e-4) is not worth it: the direct kernel stays. Below 32
+     * channels (the first and last convs) it is not used. */
+    long tiles = (long)s->N * ((s->H + 3) / 4) * ((s->W + 3) / 4);
+    if (tiles < 32 || s->C < 32 || s->O < 32) return 0;
+    if (!dw && (s->C < 64 || s->O < 64) && use_direct(s)) return 0;
+    return 4;
+}
+
 /* Per-sample mode when there are at least as many samples as threads (see the header
  * comment); otherwise chunks with multithreaded BLAS. */
 static int use_per_sample(int N) {
@@ -593,6 +643,11 @@ idd_status idd_conv2d_forward_hw_f32(float *out, const float *x, const float *w,
     conv_shape s;
     idd_status st = conv_check("conv2d_forward", &s, N, C, H, W, O, KH, KW, stride, pad_h, pad_w);
     if (st) return st;
+    int wm = winograd_m(&s, 0);
+    if (wm)
+        return idd_winograd_conv3x3(out, x, w, b, N, C, H, W, O, wm, 0, 0)
+                   ? nomem("conv2d_forward", &s)
+                   : IDD_OK;
     if (use_direct(&s))
         return direct_forward(out, x, w, b, &s) ? nomem("conv2d_forward", &s) : IDD_OK;
     if (use_per_sample(N)) {
@@ -644,6 +699,20 @@ idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const flo
             }
             db[o] += (float)acc;
         }
+    }
+    if (!dx && !dw) return IDD_OK;
+    int wm = winograd_m(&s, 0);
+    if (wm && dx) {
+        /* dx += conv(dout, w flipped and transposed), see conv_winograd.h */
+        if (idd_winograd_conv3x3(dx, dout, w, NULL, N, O, H, W, C, wm, 1, 1))
+            return nomem("conv2d_backward", &s);
+        dx = NULL;
+    }
+    wm = winograd_m(&s, 1);
+    if (wm && dw) {
+        if (idd_winograd_conv3x3_dw(dw, dout, x, N, C, H, W, O, wm))
+            return nomem("conv2d_backward", &s);
+        dw = NULL;
     }
     if (!dx && !dw) return IDD_OK;
     if (dx && use_direct(&s)) {

@@ -105,6 +105,12 @@ idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const flo
  * mode 0 auto, 1 always chunked, 2 always per-sample (if more than one thread). */
 void idd_conv2d_set_target_cols(long cols);
 void idd_conv2d_set_mode(int mode);
+/* Algorithm for 3x3 stride-1 pad-1 convs (forward, dx and dw):
+ * Winograd F(4x4,3x3) or F(2x2,3x3) (engine/ops/conv_winograd.c) or im2col + sgemm /
+ * the direct kernel. The default comes from IDDPM_CONV=auto|im2col|winograd|winograd2
+ * (auto when unset); auto picks per shape (see conv2d.c). */
+enum { IDD_CONV_AUTO = 0, IDD_CONV_IM2COL = 1, IDD_CONV_WINOGRAD = 2, IDD_CONV_WINOGRAD2 = 3 };
+void idd_conv2d_set_algo(int algo);
 
 /* ---- group norm + scale-shift + SiLU (engine/ops/norm.c) -------------------------- */
 
