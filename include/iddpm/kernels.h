@@ -143,6 +143,13 @@ idd_status idd_groupnorm_backward_f32(float *dx,          /* (N,C,HW) or NULL */
                                       const float *scale, /* (N,C) or NULL */
                                       const float *shift, /* (N,C) or NULL */
                                       int N, int C, int HW, int G, int silu);
+/* The same, but dx is written, not accumulated (it may be uninitialised): saves the
+ * zero fill and a read of dx when the caller's buffer is fresh (the CPU tape). */
+idd_status idd_groupnorm_backward_into_f32(float *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                           const float *dout, const float *mean, const float *rstd,
+                                           const float *x, const float *gamma, const float *beta,
+                                           const float *scale, const float *shift, int N, int C, int HW,
+                                           int G, int silu);
 
 /* ---- SiLU (engine/ops/silu.c) -------------------------------------------------------- */
 
