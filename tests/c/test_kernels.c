@@ -364,11 +364,14 @@ static void test_attention(int B, int C, int T, int H) {
     fd_grad(at_loss, &c, c.qkv, nq, g);
     snprintf(nm, sizeof nm, "%s dqkv vs finite diff", name);
     cmp_acc(nm, dq, dq0, g, nq);
-    /* without a weight buffer (no grad): the same output */
+    /* without a weight buffer (no grad; the rows are normalised after the product, so
+     * the rounding differs from the path above): against the naive loop */
     float *out2 = malloc(sizeof(float) * (size_t)B * C * T);
+    at_naive(&c);   /* c.out again, after the finite differences moved qkv about */
     s = idd_attention_forward_f32(out2, NULL, qkv, B, C, T, H);
     snprintf(nm, sizeof nm, "%s forward without saved softmax", name);
-    check_report(s == IDD_OK && memcmp(out, out2, sizeof(float) * (size_t)B * C * T) == 0, nm, idd_last_error());
+    if (s) check_report(0, nm, idd_last_error());
+    else cmp_d(nm, out2, c.out, (long)B * C * T, FWD_RTOL);
     free(out2);
     free(g), free(R), free(c.R), free(dq), free(dq0), free(qkv), free(out), free(w);
     free(c.qkv), free(c.out), free(c.w);
@@ -560,6 +563,7 @@ int main(int argc, char **argv) {
     test_attention(2, 4, 4, 1);
     test_attention(1, 16, 64, 4); /* T >= 64: OpenMP softmax path */
     test_attention(1, 8, 69, 2);  /* vector softmax with a tail */
+    test_attention(2, 8, 40, 2);  /* 4-chain row max (32 wide) with an 8-wide step */
     test_vexp();
 
     test_resample(2, 3, 4, 5);
