@@ -1,6 +1,7 @@
 /* backend_cpu.c — the CPU backend: aligned host memory, strided copy/fill, the
  * generic pointwise and reduction kernels (float32 fast paths, double elsewhere),
- * batched GEMM through OpenBLAS and the Philox random streams.
+ * batched GEMM through OpenBLAS and the Philox random streams (dropout's are in
+ * engine/ops/dropout.c).
  * Layer kernels (conv, norm, attention) live in engine/ops and are reached from the
  * op files directly while the CPU is the only backend that has them. */
 #include "iddpm/backend.h"
@@ -449,34 +450,6 @@ static idd_status cpu_rand(idd_tensor *t, uint64_t seed, uint64_t stream, uint64
 static idd_status cpu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, true); }
 static idd_status cpu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, false); }
 
-/* ------------------------------------------------------------ dropout */
-
-/* element i keeps when the i-th uniform of the stream is >= p (two per counter) */
-static idd_status cpu_dropout_forward(float *out, const float *x, int64_t n, float p, uint64_t seed, uint64_t stream,
-                                      uint64_t offset) {
-    float scale = 1.0f / (1.0f - p);
-    #pragma omp parallel for if (n > PAR_MIN)
-    for (int64_t j = 0; j < (n + 1) / 2; j++) {
-        double u[2];
-        idd_philox_uniform2(seed, stream, offset + (uint64_t)j, u);
-        for (int k = 0; k < 2 && 2 * j + k < n; k++) out[2 * j + k] = u[k] >= p ? x[2 * j + k] * scale : 0.0f;
-    }
-    return IDD_OK;
-}
-
-static idd_status cpu_dropout_backward(float *dx, const float *dout, int64_t n, float p, uint64_t seed,
-                                       uint64_t stream, uint64_t offset) {
-    float scale = 1.0f / (1.0f - p);
-    #pragma omp parallel for if (n > PAR_MIN)
-    for (int64_t j = 0; j < (n + 1) / 2; j++) {
-        double u[2];
-        idd_philox_uniform2(seed, stream, offset + (uint64_t)j, u);
-        for (int k = 0; k < 2 && 2 * j + k < n; k++)
-            if (u[k] >= p) dx[2 * j + k] += dout[2 * j + k] * scale;
-    }
-    return IDD_OK;
-}
-
 /* ------------------------------------------------------------ registry */
 
 #include "../diffusion/kernels_cpu.h"
@@ -513,8 +486,8 @@ static const idd_backend cpu_backend = {
     .avgpool2x_forward = idd_avgpool2x_forward_f32,
     .avgpool2x_backward = idd_avgpool2x_backward_f32,
     .timestep_embedding = idd_timestep_embedding_f32,
-    .dropout_forward = cpu_dropout_forward,
-    .dropout_backward = cpu_dropout_backward,
+    .dropout_forward = idd_dropout_forward_f32,
+    .dropout_backward = idd_dropout_backward_f32,
     .upload_async = idd_cpu_upload_async,
     .diff_pointwise = idd_cpu_diff_pointwise,
     .diff_p_finish = idd_cpu_diff_p_finish,

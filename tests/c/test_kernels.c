@@ -22,6 +22,7 @@
 
 #include "check.h"
 #include "../../engine/ops/vmath.h"
+#include "../../engine/core/rng_philox.h"
 
 #define FWD_RTOL 1e-4
 #define GRAD_RTOL 1e-3
@@ -377,6 +378,37 @@ static void test_attention(int B, int C, int T, int H) {
     free(c.qkv), free(c.out), free(c.w);
 }
 
+/* ---- dropout ------------------------------------------------------------------------ */
+
+/* the vectorised draw against the scalar generator, element by element: the kept set
+ * and the values must be identical (the mask is part of the reproducibility contract) */
+static void test_dropout(int64_t n, float p, uint64_t seed, uint64_t stream, uint64_t offset) {
+    char nm[200];
+    float *x = frand(n, -2, 2), *out = frand(n, -9, 9), *dout = frand(n, -1, 1);
+    float *dx = frand(n, -1, 1), *dx0 = fcopy(dx, n);
+    const float scale = 1.0f / (1.0f - p);
+    idd_status s = idd_dropout_forward_f32(out, x, n, p, seed, stream, offset);
+    idd_status s2 = idd_dropout_backward_f32(dx, dout, n, p, seed, stream, offset);
+    long bad_f = 0, bad_b = 0, kept = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double u[2];
+        idd_philox_uniform2(seed, stream, offset + (uint64_t)i / 2, u);
+        int keep = u[i % 2] >= p;
+        kept += keep;
+        float want = keep ? x[i] * scale : 0.0f;
+        float wantd = keep ? dx0[i] + dout[i] * scale : dx0[i];
+        bad_f += memcmp(&out[i], &want, sizeof want) != 0;
+        bad_b += memcmp(&dx[i], &wantd, sizeof wantd) != 0;
+    }
+    snprintf(nm, sizeof nm, "dropout n%lld p%.2f offset %#llx: forward = scalar Philox draw (%ld kept)",
+             (long long)n, (double)p, (unsigned long long)offset, kept);
+    check_report(s == IDD_OK && bad_f == 0, nm, "elements differ");
+    snprintf(nm, sizeof nm, "dropout n%lld p%.2f offset %#llx: backward = scalar Philox draw",
+             (long long)n, (double)p, (unsigned long long)offset);
+    check_report(s2 == IDD_OK && bad_b == 0, nm, "elements differ");
+    free(x), free(out), free(dout), free(dx), free(dx0);
+}
+
 /* ---- resampling --------------------------------------------------------------------- */
 
 static void test_resample(int N, int C, int H, int W) {
@@ -554,6 +586,12 @@ int main(int argc, char **argv) {
     test_gn(2, 4, 6, 4, 1, 0, 0);   /* Cg = 1 (instance-norm-like) */
     test_gn(2, 64, 64, 32, 1, 1, 1); /* 8-lane vector path, Cg = 2 */
     test_gn(1, 8, 1030, 2, 1, 1, 1); /* HW over the 1024-element block, with a tail */
+    test_dropout(1, 0.3f, 1, 2, 0);
+    test_dropout(17, 0.3f, 5, 0, 3);             /* a tail of one element */
+    test_dropout(1000, 0.5f, 0x5eed, 9, 12345);
+    test_dropout(40001, 0.3f, 7, 1, 0xFFFFFFF0ull); /* threads; counters cross 2^32 */
+    test_dropout(333, 0.0f, 3, 3, 0);            /* p = 0 keeps everything */
+    test_dropout(64, 0.9999f, 3, 3, 0);          /* nearly everything dropped */
     gn_offset = 1000;                /* mean 1000, spread 3: the one-pass variance */
     test_gn(2, 16, 300, 4, 1, 1, 1);
     gn_offset = 0;
