@@ -64,13 +64,30 @@ typedef void (*run_fn)(void *ud, int64_t len, const int64_t *off, const int64_t 
 
 static void iterate(iter_set *s, run_fn fn, void *ud) {
     const idd_tensor *t0 = s->t[0];
-    int nd = t0->ndim;
-    int64_t len = nd ? t0->shape[nd - 1] : 1;
+    /* coalesce: dims d and d+1 merge when every operand steps over d exactly as over the
+     * whole of d+1 (a narrow along C of NCHW runs over C*H*W, not W, at a time) */
+    int64_t shape[IDD_MAX_DIMS], stride[3][IDD_MAX_DIMS];
+    int nd = 0;
+    for (int d = 0; d < t0->ndim; d++) {
+        if (t0->shape[d] == 1) continue;   /* a size-1 dim steps nowhere */
+        bool merge = nd > 0;
+        for (int k = 0; k < s->n && merge; k++)
+            merge = stride[k][nd - 1] == s->t[k]->stride[d] * t0->shape[d];
+        if (merge) {
+            shape[nd - 1] *= t0->shape[d];
+            for (int k = 0; k < s->n; k++) stride[k][nd - 1] = s->t[k]->stride[d];
+        } else {
+            shape[nd] = t0->shape[d];
+            for (int k = 0; k < s->n; k++) stride[k][nd] = s->t[k]->stride[d];
+            nd++;
+        }
+    }
+    int64_t len = nd ? shape[nd - 1] : 1;
     int64_t st[3];
-    for (int k = 0; k < s->n; k++) st[k] = nd ? s->t[k]->stride[nd - 1] : 0;
+    for (int k = 0; k < s->n; k++) st[k] = nd ? stride[k][nd - 1] : 0;
     int64_t outer = 1;
-    for (int d = 0; d < nd - 1; d++) outer *= t0->shape[d];
-    if (len == 0) return;
+    for (int d = 0; d < nd - 1; d++) outer *= shape[d];
+    if (idd_numel(t0) == 0) return;
     /* rows are independent (the output never overlaps itself): large iterations split
      * their rows over OpenMP threads; fn's own OpenMP loops then run serially */
     #pragma omp parallel for schedule(static) if (!s->serial && outer > 1 && outer * len > PAR_MIN)
@@ -79,9 +96,9 @@ static void iterate(iter_set *s, run_fn fn, void *ud) {
         int64_t rem = o;
         for (int k = 0; k < s->n; k++) off[k] = s->t[k]->offset;
         for (int d = nd - 2; d >= 0; d--) {
-            int64_t i = rem % t0->shape[d];
-            rem /= t0->shape[d];
-            for (int k = 0; k < s->n; k++) off[k] += i * s->t[k]->stride[d];
+            int64_t i = rem % shape[d];
+            rem /= shape[d];
+            for (int k = 0; k < s->n; k++) off[k] += i * stride[k][d];
         }
         fn(ud, len, off, st);
     }
