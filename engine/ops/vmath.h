@@ -92,6 +92,17 @@ static inline v8f v8_exp(v8f x) {
     return p * (v8f)e;
 }
 
+/* the square root of each lane, correctly rounded (as sqrtf, without its errno path,
+ * which keeps GCC from vectorising a loop that calls it) */
+static inline v8f v8_sqrt(v8f x) {
+#if defined(__AVX__)
+    return (v8f)_mm256_sqrt_ps((__m256)x);
+#else
+    for (int i = 0; i < 8; i++) x[i] = __builtin_sqrtf(x[i]);
+    return x;
+#endif
+}
+
 /* 1 / d for d >= 1: the hardware estimate (12 bits) and one Newton step, r(2 - d r),
  * within about 2 ulp of the division at a fraction of its cost; d beyond ~2^126 gives
  * 0 (the true value is below 1e-38) */
