@@ -607,6 +607,7 @@ int main(int argc, char **argv) {
     test_resample(2, 3, 4, 5);
     test_resample(1, 2, 5, 3); /* odd H: avgpool floors */
     test_resample(1, 1, 1, 1);
+    test_resample(2, 2, 3, 12); /* upsample: vector blocks of 4 inputs, and a tail */
     test_silu(100003);
     test_embedding(5, 128);
     test_embedding(3, 7);
