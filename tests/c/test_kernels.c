@@ -602,6 +602,8 @@ int main(int argc, char **argv) {
     test_attention(1, 16, 64, 4); /* T >= 64: OpenMP softmax path */
     test_attention(1, 8, 69, 2);  /* vector softmax with a tail */
     test_attention(2, 8, 40, 2);  /* 4-chain row max (32 wide) with an 8-wide step */
+    test_attention(2, 12, 37, 2); /* ch 6 (channel tail), T 37: row, key and column tails */
+    test_attention(1, 8, 70, 1);  /* one head: OpenMP inside the products, tails */
     test_vexp();
 
     test_resample(2, 3, 4, 5);
