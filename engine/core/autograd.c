@@ -224,6 +224,9 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
     }
     node_list order = {0};
     st = topo(root->grad_fn, &order);
+    /* every node of the walk is held until its end: releasing a node's inputs (below) can
+     * free an input tensor, and with it that tensor's node, still due in the walk */
+    for (int i = 0; i < order.n; i++) order.v[i]->refcount++;
     if (st == IDD_OK) st = accumulate(&root->grad_fn->gout, g, root->ndim, root->shape, root->dtype);
     idd_tensor_release(g);
     /* order is post-order (inputs before users): walk it backwards */
@@ -249,6 +252,9 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
         n->gout = NULL;
         node_free_saved(n);
         n->backward = NULL;   /* the graph is consumed: a second backward says so */
+        /* and its inputs (the activations, for most ops) go now, not when the output
+         * holding this node is garbage-collected: peak memory and heap growth */
+        for (int k = 0; k < n->n_in; k++) { idd_tensor_release(n->in[k]); n->in[k] = NULL; }
     }
     for (int i = 0; i < order.n; i++) {
         order.v[i]->mark = 0;
@@ -256,6 +262,8 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
         idd_tensor_release(order.v[i]->gout);
         order.v[i]->gout = NULL;
     }
+    /* users before inputs: a node freed here releases only nodes already visited */
+    for (int i = order.n - 1; i >= 0; i--) idd_node_release(order.v[i]);
     free(order.v);
     idd_set_grad_enabled(prev);
     return st;

@@ -26,7 +26,7 @@ static void cpu_malloc_tuning(void) {
     if (done) return;
     done = 1;
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    mallopt(M_TRIM_THRESHOLD, -1);   /* never: a step frees its peak at the top of the heap */
 }
 
 static void *cpu_alloc(size_t n) {

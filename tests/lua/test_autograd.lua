@@ -135,6 +135,29 @@ do
   H.close("aliased node gradients: a sibling's gradient is not changed", v.grad, w3, 1e-12)
 end
 
+-- backward releases each node's inputs once the node is done: the activations go even
+-- while the loss (which holds the graph) is still referenced
+do
+  collectgarbage(); collectgarbage()
+  local w = T.randn({256, 256}); w.requires_grad = true
+  local base = T.live_bytes()
+  local function chain()
+    local h = T.randn({64, 256})
+    for _ = 1, 8 do h = (h:matmul(w)):tanh() end   -- 16 activations of 64 KiB
+    return h:sum()
+  end
+  local loss = chain()
+  collectgarbage(); collectgarbage()                 -- only the graph holds them now
+  local before = T.live_bytes() - base
+  loss:backward()
+  collectgarbage(); collectgarbage()
+  local after = T.live_bytes() - base
+  -- left: w.grad (256 KiB) and the scalar loss
+  H.check("backward frees the activations while the loss is alive", after <= 256 * 1024 + 4096,
+    ("live bytes over the start: %d before backward, %d after"):format(before, after))
+  H.raises("the consumed graph still refuses a second backward", function() loss:backward() end, "no backward")
+end
+
 -- gradients handed over without a copy (a gradient that reaches a tensor once) must not
 -- leak: repeated steps leave the live tensor bytes where they were
 do
