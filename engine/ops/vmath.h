@@ -1,5 +1,5 @@
-/* vmath.h — 8-wide float vectors (GCC vector extensions) and a polynomial exp for the
- * CPU kernels: group norm + SiLU, SiLU, softmax.
+/* vmath.h — 8-wide float vectors (GCC vector extensions), a polynomial exp, sigmoid and
+ * sqrt for the CPU kernels: group norm + SiLU, SiLU, softmax, AdamW.
  *
  * v8f is 8 floats; with -march=x86-64-v3 (AVX2 + FMA) each operation is one
  * instruction, elsewhere GCC lowers it to SSE pairs or scalar code, so the same source
@@ -9,7 +9,10 @@
  * v8_exp: exp(x) with x clamped to [-87.3, 88.0] (results below 1.2e-38 or above
  * 1.65e38 are not produced), Cody–Waite reduction x = n ln2 + r, |r| <= ln2/2, and a
  * degree-7 polynomial (Cephes expf coefficients): relative error within about 2 ulp of
- * expf over the clamped range (tests/c/test_kernels.c checks 3e-7). */
+ * expf over the clamped range (tests/c/test_kernels.c checks 3e-7).
+ * v8_sigmoid divides by the reciprocal estimate plus one Newton step (v8_recip_ge1),
+ * v8_sqrt is the correctly rounded root; both are used by the CPU kernels (group norm,
+ * SiLU, softmax, AdamW). */
 #ifndef IDDPM_VMATH_H
 #define IDDPM_VMATH_H
 

@@ -26,6 +26,7 @@
 
 #define FWD_RTOL 1e-4
 #define GRAD_RTOL 1e-3
+#define SIGMOID_RTOL 1e-6   /* exp's 3e-7 plus the Newton-refined reciprocal's ~2 ulp */
 #define FLOOR_FRAC 1e-2
 #define FD_H 1e-5
 
@@ -484,6 +485,18 @@ static void test_vexp(void) {
         if (fabs(v[i] - t) / t > 3e-7) lanes = 0;
     }
     check_report(lanes, "vector exp lanes", NULL);
+    /* sigmoid by reciprocal estimate + Newton step: relative error against the double
+     * formula over [-100, 100] (values below 1e-37 may come out as 0: the estimate of
+     * 1/d for d near FLT_MAX is flushed) */
+    worst = 0;
+    for (double x = -100.0; x < 100.0; x += 0.00731) {
+        float y = v8_sigmoid(v8_set1((float)x))[0];
+        double t = 1.0 / (1.0 + exp(-(double)(float)x));
+        double e = t < 1e-37 ? (y <= 2e-37 ? 0 : 1) : fabs(y - t) / t;
+        if (!(e <= worst)) worst = e;
+    }
+    snprintf(buf, sizeof buf, "max rel err %.3g over [-100, 100], want < %g", worst, SIGMOID_RTOL);
+    check_report(worst < SIGMOID_RTOL, "vector sigmoid accuracy", buf);
 }
 
 /* ---- silu ------------------------------------------------------------------------- */
