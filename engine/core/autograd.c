@@ -81,11 +81,24 @@ idd_tensor *idd_sum_to_shape(idd_tensor *g, int ndim, const int64_t *shape) {
     return r;
 }
 
+/* a tensor that nothing else shares: this reference is its only one, it owns all of
+ * its contiguous storage and nothing records through it */
+static bool exclusive(const idd_tensor *t, int refs) {
+    return idd_is_contiguous(t) && t->refcount == refs && t->storage && t->storage->refcount == 1 &&
+           t->offset == 0 && !t->requires_grad &&
+           t->storage->nbytes == (size_t)idd_numel(t) * idd_dtype_size(t->dtype);
+}
+
 /* *acc += g (g reduced to acc's shape); creates *acc if NULL. steal: the caller
  * releases its one reference to g right after, so a g that nothing else shares (tensor
- * and storage referenced once, by the caller) becomes *acc without a copy. */
+ * and storage referenced once, by the caller) becomes *acc without a copy.
+ * shared_ok: *acc is a node's incoming gradient, which only that node's backward reads
+ * (never writes): it may alias a tensor held elsewhere (the same g handed to both
+ * inputs of an add, a reshaped view of g), so it is referenced instead of copied, and
+ * a later gradient is added out of place unless *acc is exclusively ours. A leaf's
+ * .grad is the user's to scale or zero in place: it never aliases. */
 static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const int64_t *shape,
-                                idd_dtype dt, bool steal) {
+                                idd_dtype dt, bool steal, bool shared_ok) {
     idd_tensor *gg = g;
     idd_tensor_retain(gg);
     if (gg->ndim != ndim || memcmp(gg->shape, shape, sizeof(int64_t) * ndim)) {
@@ -104,9 +117,7 @@ static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const
         /* a fresh tensor (reduced or converted here: one reference, ours), or the caller's
          * g that it hands over (two references: its and ours) with unshared storage */
         int owners = gg == g ? (steal ? 2 : 0) : 1;
-        if (owners && idd_is_contiguous(gg) && gg->refcount == owners && gg->storage &&
-            gg->storage->refcount == 1 && gg->offset == 0 && !gg->requires_grad &&
-            gg->storage->nbytes == (size_t)idd_numel(gg) * idd_dtype_size(gg->dtype)) {
+        if ((owners && exclusive(gg, owners)) || (shared_ok && !gg->requires_grad)) {
             *acc = gg;   /* our reference (taken above); the caller's goes with its release */
             return IDD_OK;
         }
@@ -114,13 +125,22 @@ static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const
         idd_tensor_release(gg);
         return *acc ? IDD_OK : IDD_ERR;
     }
-    idd_status st = idd_backend_of(*acc)->binary(IDD_BIN_ADD, *acc, *acc, gg);
+    idd_status st;
+    if (!shared_ok || exclusive(*acc, 1)) {
+        st = idd_backend_of(*acc)->binary(IDD_BIN_ADD, *acc, *acc, gg);
+    } else {
+        /* *acc is shared (shared_ok only): the sum goes to a new tensor */
+        idd_tensor *sum = idd_tensor_new(dt, (*acc)->device, ndim, shape);
+        st = sum ? idd_backend_of(sum)->binary(IDD_BIN_ADD, sum, *acc, gg) : IDD_ERR;
+        if (st == IDD_OK) { idd_tensor_release(*acc); *acc = sum; }
+        else idd_tensor_release(sum);
+    }
     idd_tensor_release(gg);
     return st;
 }
 
 static idd_status accumulate(idd_tensor **acc, idd_tensor *g, int ndim, const int64_t *shape, idd_dtype dt) {
-    return accumulate_ex(acc, g, ndim, shape, dt, false);
+    return accumulate_ex(acc, g, ndim, shape, dt, false, false);
 }
 
 idd_status idd_accumulate_grad(idd_tensor *t, idd_tensor *g) {
@@ -204,6 +224,9 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
     }
     node_list order = {0};
     st = topo(root->grad_fn, &order);
+    /* every node of the walk is held until its end: releasing a node's inputs (below) can
+     * free an input tensor, and with it that tensor's node, still due in the walk */
+    for (int i = 0; i < order.n; i++) order.v[i]->refcount++;
     if (st == IDD_OK) st = accumulate(&root->grad_fn->gout, g, root->ndim, root->shape, root->dtype);
     idd_tensor_release(g);
     /* order is post-order (inputs before users): walk it backwards */
@@ -219,14 +242,19 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
             idd_tensor *in = n->in[k];
             if (!gin[k] || !n->needs[k]) continue;
             /* gin[k] is released below: hand it over when nothing else holds it */
-            if (in->grad_fn) st = accumulate_ex(&in->grad_fn->gout, gin[k], in->ndim, in->shape, in->dtype, true);
-            else if (in->requires_grad) st = accumulate_ex(&in->grad, gin[k], in->ndim, in->shape, in->dtype, true);
+            if (in->grad_fn)
+                st = accumulate_ex(&in->grad_fn->gout, gin[k], in->ndim, in->shape, in->dtype, true, true);
+            else if (in->requires_grad)
+                st = accumulate_ex(&in->grad, gin[k], in->ndim, in->shape, in->dtype, true, false);
         }
         for (int k = 0; k < n->n_in; k++) idd_tensor_release(gin[k]);
         idd_tensor_release(n->gout);
         n->gout = NULL;
         node_free_saved(n);
         n->backward = NULL;   /* the graph is consumed: a second backward says so */
+        /* and its inputs (the activations, for most ops) go now, not when the output
+         * holding this node is garbage-collected: peak memory and heap growth */
+        for (int k = 0; k < n->n_in; k++) { idd_tensor_release(n->in[k]); n->in[k] = NULL; }
     }
     for (int i = 0; i < order.n; i++) {
         order.v[i]->mark = 0;
@@ -234,6 +262,8 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
         idd_tensor_release(order.v[i]->gout);
         order.v[i]->gout = NULL;
     }
+    /* users before inputs: a node freed here releases only nodes already visited */
+    for (int i = order.n - 1; i >= 0; i--) idd_node_release(order.v[i]);
     free(order.v);
     idd_set_grad_enabled(prev);
     return st;

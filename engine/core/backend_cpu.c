@@ -1,6 +1,7 @@
 /* backend_cpu.c — the CPU backend: aligned host memory, strided copy/fill, the
  * generic pointwise and reduction kernels (float32 fast paths, double elsewhere),
- * batched GEMM through OpenBLAS and the Philox random streams.
+ * batched GEMM through OpenBLAS and the Philox random streams (dropout's are in
+ * engine/ops/dropout.c).
  * Layer kernels (conv, norm, attention) live in engine/ops and are reached from the
  * op files directly while the CPU is the only backend that has them. */
 #include "iddpm/backend.h"
@@ -25,7 +26,7 @@ static void cpu_malloc_tuning(void) {
     if (done) return;
     done = 1;
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    mallopt(M_TRIM_THRESHOLD, -1);   /* never: a step frees its peak at the top of the heap */
 }
 
 static void *cpu_alloc(size_t n) {
@@ -63,13 +64,30 @@ typedef void (*run_fn)(void *ud, int64_t len, const int64_t *off, const int64_t 
 
 static void iterate(iter_set *s, run_fn fn, void *ud) {
     const idd_tensor *t0 = s->t[0];
-    int nd = t0->ndim;
-    int64_t len = nd ? t0->shape[nd - 1] : 1;
+    /* coalesce: dims d and d+1 merge when every operand steps over d exactly as over the
+     * whole of d+1 (a narrow along C of NCHW runs over C*H*W, not W, at a time) */
+    int64_t shape[IDD_MAX_DIMS], stride[3][IDD_MAX_DIMS];
+    int nd = 0;
+    for (int d = 0; d < t0->ndim; d++) {
+        if (t0->shape[d] == 1) continue;   /* a size-1 dim steps nowhere */
+        bool merge = nd > 0;
+        for (int k = 0; k < s->n && merge; k++)
+            merge = stride[k][nd - 1] == s->t[k]->stride[d] * t0->shape[d];
+        if (merge) {
+            shape[nd - 1] *= t0->shape[d];
+            for (int k = 0; k < s->n; k++) stride[k][nd - 1] = s->t[k]->stride[d];
+        } else {
+            shape[nd] = t0->shape[d];
+            for (int k = 0; k < s->n; k++) stride[k][nd] = s->t[k]->stride[d];
+            nd++;
+        }
+    }
+    int64_t len = nd ? shape[nd - 1] : 1;
     int64_t st[3];
-    for (int k = 0; k < s->n; k++) st[k] = nd ? s->t[k]->stride[nd - 1] : 0;
+    for (int k = 0; k < s->n; k++) st[k] = nd ? stride[k][nd - 1] : 0;
     int64_t outer = 1;
-    for (int d = 0; d < nd - 1; d++) outer *= t0->shape[d];
-    if (len == 0) return;
+    for (int d = 0; d < nd - 1; d++) outer *= shape[d];
+    if (idd_numel(t0) == 0) return;
     /* rows are independent (the output never overlaps itself): large iterations split
      * their rows over OpenMP threads; fn's own OpenMP loops then run serially */
     #pragma omp parallel for schedule(static) if (!s->serial && outer > 1 && outer * len > PAR_MIN)
@@ -78,9 +96,9 @@ static void iterate(iter_set *s, run_fn fn, void *ud) {
         int64_t rem = o;
         for (int k = 0; k < s->n; k++) off[k] = s->t[k]->offset;
         for (int d = nd - 2; d >= 0; d--) {
-            int64_t i = rem % t0->shape[d];
-            rem /= t0->shape[d];
-            for (int k = 0; k < s->n; k++) off[k] += i * s->t[k]->stride[d];
+            int64_t i = rem % shape[d];
+            rem /= shape[d];
+            for (int k = 0; k < s->n; k++) off[k] += i * stride[k][d];
         }
         fn(ud, len, off, st);
     }
@@ -133,7 +151,14 @@ static idd_status cpu_fill(idd_tensor *t, double v) {
     if (t->dtype == IDD_F32 && idd_is_contiguous(t)) {
         float *p = idd_data(t), fv = (float)v;
         int64_t n = idd_numel(t);
-        for (int64_t i = 0; i < n; i++) p[i] = fv;
+        /* zero-filled gradient buffers are the common case: memset, both cores when large */
+        const int64_t chunk = 16384;
+        #pragma omp parallel for schedule(static) if (n > 4 * PAR_MIN)
+        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+            int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+            if (fv == 0.0f && !signbit(fv)) memset(p + c0, 0, sizeof(float) * (size_t)(c1 - c0));
+            else for (int64_t i = c0; i < c1; i++) p[i] = fv;
+        }
         return IDD_OK;
     }
     fill_ud f = {t, v};
@@ -184,23 +209,24 @@ static inline double un_apply(idd_unop op, double x) {
     }
 }
 
-/* float32 contiguous fast path for the common binary ops */
+/* float32 contiguous fast path for the common binary ops ("simd": -O2 leaves these
+ * loops scalar; vector add/sub/mul/div round exactly as the scalar ones) */
 static void bin_f32(idd_binop op, int64_t n, float *o, const float *a, const float *b) {
     switch (op) {
     case IDD_BIN_ADD:
-        #pragma omp parallel for if (n > PAR_MIN)
+        #pragma omp parallel for simd if (n > PAR_MIN)
         for (int64_t i = 0; i < n; i++) o[i] = a[i] + b[i];
         break;
     case IDD_BIN_SUB:
-        #pragma omp parallel for if (n > PAR_MIN)
+        #pragma omp parallel for simd if (n > PAR_MIN)
         for (int64_t i = 0; i < n; i++) o[i] = a[i] - b[i];
         break;
     case IDD_BIN_MUL:
-        #pragma omp parallel for if (n > PAR_MIN)
+        #pragma omp parallel for simd if (n > PAR_MIN)
         for (int64_t i = 0; i < n; i++) o[i] = a[i] * b[i];
         break;
     case IDD_BIN_DIV:
-        #pragma omp parallel for if (n > PAR_MIN)
+        #pragma omp parallel for simd if (n > PAR_MIN)
         for (int64_t i = 0; i < n; i++) o[i] = a[i] / b[i];
         break;
     default:
@@ -258,11 +284,11 @@ static bool is_single_value(const idd_tensor *t) {
 static void bin_f32_scalar(idd_binop op, int64_t n, float *o, const float *a, float s, bool s_first) {
     switch (op) {
     case IDD_BIN_ADD:
-        #pragma omp parallel for if (n > PAR_MIN)
+        #pragma omp parallel for simd if (n > PAR_MIN)
         for (int64_t i = 0; i < n; i++) o[i] = a[i] + s;
         break;
     case IDD_BIN_MUL:
-        #pragma omp parallel for if (n > PAR_MIN)
+        #pragma omp parallel for simd if (n > PAR_MIN)
         for (int64_t i = 0; i < n; i++) o[i] = a[i] * s;
         break;
     case IDD_BIN_MAX:   /* ReLU is maximum(x, 0) */
@@ -442,34 +468,6 @@ static idd_status cpu_rand(idd_tensor *t, uint64_t seed, uint64_t stream, uint64
 static idd_status cpu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, true); }
 static idd_status cpu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, false); }
 
-/* ------------------------------------------------------------ dropout */
-
-/* element i keeps when the i-th uniform of the stream is >= p (two per counter) */
-static idd_status cpu_dropout_forward(float *out, const float *x, int64_t n, float p, uint64_t seed, uint64_t stream,
-                                      uint64_t offset) {
-    float scale = 1.0f / (1.0f - p);
-    #pragma omp parallel for if (n > PAR_MIN)
-    for (int64_t j = 0; j < (n + 1) / 2; j++) {
-        double u[2];
-        idd_philox_uniform2(seed, stream, offset + (uint64_t)j, u);
-        for (int k = 0; k < 2 && 2 * j + k < n; k++) out[2 * j + k] = u[k] >= p ? x[2 * j + k] * scale : 0.0f;
-    }
-    return IDD_OK;
-}
-
-static idd_status cpu_dropout_backward(float *dx, const float *dout, int64_t n, float p, uint64_t seed,
-                                       uint64_t stream, uint64_t offset) {
-    float scale = 1.0f / (1.0f - p);
-    #pragma omp parallel for if (n > PAR_MIN)
-    for (int64_t j = 0; j < (n + 1) / 2; j++) {
-        double u[2];
-        idd_philox_uniform2(seed, stream, offset + (uint64_t)j, u);
-        for (int k = 0; k < 2 && 2 * j + k < n; k++)
-            if (u[k] >= p) dx[2 * j + k] += dout[2 * j + k] * scale;
-    }
-    return IDD_OK;
-}
-
 /* ------------------------------------------------------------ registry */
 
 #include "../diffusion/kernels_cpu.h"
@@ -506,8 +504,8 @@ static const idd_backend cpu_backend = {
     .avgpool2x_forward = idd_avgpool2x_forward_f32,
     .avgpool2x_backward = idd_avgpool2x_backward_f32,
     .timestep_embedding = idd_timestep_embedding_f32,
-    .dropout_forward = cpu_dropout_forward,
-    .dropout_backward = cpu_dropout_backward,
+    .dropout_forward = idd_dropout_forward_f32,
+    .dropout_backward = idd_dropout_backward_f32,
     .upload_async = idd_cpu_upload_async,
     .diff_pointwise = idd_cpu_diff_pointwise,
     .diff_p_finish = idd_cpu_diff_p_finish,

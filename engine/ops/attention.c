@@ -44,19 +44,34 @@ static int use_per_head(int BH) {
     return nt > 1 && BH >= nt && !omp_in_parallel();
 }
 
-/* in-place softmax of each row of w (T,T), float32 with the row max subtracted */
-static void softmax_rows(float *w, int T, int par) {
+/* the largest of row[0..T): four independent max chains, so the loop runs at the load
+ * rate rather than at the latency of one max */
+static float row_max(const float *row, int T) {
+    v8f m0 = v8_set1(row[0]), m1 = m0, m2 = m0, m3 = m0;
+    int j = 0;
+    for (; j + 32 <= T; j += 32) {
+        m0 = v8_max(m0, v8_load(row + j));
+        m1 = v8_max(m1, v8_load(row + j + 8));
+        m2 = v8_max(m2, v8_load(row + j + 16));
+        m3 = v8_max(m3, v8_load(row + j + 24));
+    }
+    for (; j + 8 <= T; j += 8) m0 = v8_max(m0, v8_load(row + j));
+    float mx = v8_hmax(v8_max(v8_max(m0, m1), v8_max(m2, m3)));
+    for (; j < T; j++) mx = row[j] > mx ? row[j] : mx;
+    return mx;
+}
+
+/* in-place softmax of each row of w (T,T), float32 with the row max subtracted. With
+ * inv_sum set, the rows are left unnormalised (exp(w - max)) and inv_sum[t] gets
+ * 1/sum of row t, for the caller to apply to a smaller product instead. */
+static void softmax_rows(float *w, int T, int par, float *inv_sum) {
 #pragma omp parallel for schedule(static) if (par && T >= 64)
     for (int t = 0; t < T; t++) {
         float *row = w + (size_t)t * T;
+        const v8f m = v8_set1(row_max(row, T));
+        v8f vs = v8_set1(0.0f);   /* one sum: a second one spills (16 vector registers) */
         int j = 0;
-        v8f vm = v8_set1(row[0]);
-        for (; j + 8 <= T; j += 8) vm = v8_max(vm, v8_load(row + j));
-        float mx = v8_hmax(vm);
-        for (; j < T; j++) mx = row[j] > mx ? row[j] : mx;
-        const v8f m = v8_set1(mx);
-        v8f vs = v8_set1(0.0f);
-        for (j = 0; j + 8 <= T; j += 8) {
+        for (; j + 8 <= T; j += 8) {
             v8f e = v8_exp(v8_load(row + j) - m);
             v8_store(row + j, e);
             vs += e;
@@ -68,9 +83,14 @@ static void softmax_rows(float *w, int T, int par) {
             v8_store_n(row + j, e, k);
             vs += e;
         }
-        const v8f inv = v8_set1(1.0f / v8_hsum(vs));
-        for (j = 0; j + 8 <= T; j += 8) v8_store(row + j, v8_load(row + j) * inv);
-        for (; j < T; j++) row[j] *= inv[0];
+        const float inv = 1.0f / v8_hsum(vs);
+        if (inv_sum) {
+            inv_sum[t] = inv;
+            continue;
+        }
+        const v8f vinv = v8_set1(inv);
+        for (j = 0; j + 8 <= T; j += 8) v8_store(row + j, v8_load(row + j) * vinv);
+        for (; j < T; j++) row[j] *= inv;
     }
 }
 
@@ -107,11 +127,14 @@ idd_status idd_attention_forward_f32(float *out, float *weight, const float *qkv
 #pragma omp parallel if (par) reduction(| : oom)
     {
     /* no weight to keep: this thread's scratch (workspace slot 0) holds each block */
+    /* no weight to keep: this thread's scratch (workspace slot 0) holds each block, left
+     * unnormalised; the 1/sum of its rows (slot 1) scales the (ch,T) result instead */
     float *scratch = weight ? NULL : idd_workspace_get(0, sizeof(float) * (size_t)T * T);
-    if (!weight && !scratch) oom = 1;
+    float *inv = weight ? NULL : idd_workspace_get(1, sizeof(float) * (size_t)T);
+    if (!weight && (!scratch || !inv)) oom = 1;
 #pragma omp for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
-        if (!weight && !scratch) continue;
+        if (!weight && (!scratch || !inv)) continue;
         const int b = bh / H, h = bh % H;
         const float *q = qkv + ((size_t)b * 3 * C + (size_t)h * 3 * ch) * T;
         const float *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
@@ -120,10 +143,18 @@ idd_status idd_attention_forward_f32(float *out, float *weight, const float *qkv
         /* w (T,T) = s2 * q^T (T,ch) . k (ch,T) */
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, T, ch, s2, q, T, k, T, 0.0f, w,
                     T);
-        softmax_rows(w, T, !par);
+        softmax_rows(w, T, !par, inv);
         /* a (ch,T) = v (ch,T) . w^T (T,T) */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch, T, T, 1.0f, v, T, w, T, 0.0f, a,
                     T);
+        if (inv) {   /* column t of a is over row t of the unnormalised block */
+            for (int c = 0; c < ch; c++) {
+                float *ac = a + (size_t)c * T;
+                int j = 0;
+                for (; j + 8 <= T; j += 8) v8_store(ac + j, v8_load(ac + j) * v8_load(inv + j));
+                for (; j < T; j++) ac[j] *= inv[j];
+            }
+        }
     }
     }
     if (par) openblas_set_num_threads(blas_threads);

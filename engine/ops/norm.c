@@ -2,7 +2,8 @@
  * backward.
  *
  * Forward, for sample n, group g (Cg = C/G channels, M = Cg*HW elements), channel c:
- *   mean, var over the M elements (two passes, accumulated in double), rstd = 1/sqrt(var+eps)
+ *   mean, var over the M elements (one read: the sums of x-k and (x-k)^2 for a rough
+ *   mean k, float lanes per block of 1024, blocks added in double), rstd = 1/sqrt(var+eps)
  *   xhat = (x - mean) * rstd
  *   z    = xhat * gamma[c] + beta[c]
  *   u    = z * (1 + scale[n,c]) + shift[n,c]        (scale-shift, if given)
@@ -33,53 +34,63 @@ static idd_status gn_check(const char *fn, int N, int C, int HW, int G) {
     return IDD_OK;
 }
 
-/* sum of p[0..n) and of (p[i] - mu)^2: float vector lanes over blocks of at most 1024
- * elements, each block's total added in double */
-static double block_sum(const float *p, long n) {
-    double s = 0;
+/* the sums of (p[i] - k) and (p[i] - k)^2 over p[0..n), in one read: float lanes (two
+ * sets, to overlap the adds) over blocks of at most 1024 elements, each block's totals
+ * added in double. k, a rough mean of the data, keeps the sum of squares from
+ * cancelling when the mean is large against the spread. */
+static void block_moments(const float *p, long n, float k, double *s1, double *s2) {
+    const v8f vk = v8_set1(k);
+    double t1 = 0, t2 = 0;
     for (long b0 = 0; b0 < n; b0 += 1024) {
         const long b1 = b0 + 1024 < n ? b0 + 1024 : n;
-        v8f acc = v8_set1(0.0f);
+        v8f a1 = v8_set1(0.0f), a2 = v8_set1(0.0f), c1 = v8_set1(0.0f), c2 = v8_set1(0.0f);
         long i = b0;
-        for (; i + 8 <= b1; i += 8) acc += v8_load(p + i);
-        if (i < b1) acc += v8_load_n(p + i, (int)(b1 - i));
-        s += v8_hsum(acc);
-    }
-    return s;
-}
-static double block_sqdev(const float *p, long n, float mu) {
-    double s = 0;
-    const v8f m = v8_set1(mu);
-    for (long b0 = 0; b0 < n; b0 += 1024) {
-        const long b1 = b0 + 1024 < n ? b0 + 1024 : n;
-        v8f acc = v8_set1(0.0f);
-        long i = b0;
+        for (; i + 16 <= b1; i += 16) {
+            v8f d = v8_load(p + i) - vk, e = v8_load(p + i + 8) - vk;
+            a1 += d;
+            a2 = v8_fma(d, d, a2);
+            c1 += e;
+            c2 = v8_fma(e, e, c2);
+        }
         for (; i + 8 <= b1; i += 8) {
-            v8f d = v8_load(p + i) - m;
-            acc = v8_fma(d, d, acc);
+            v8f d = v8_load(p + i) - vk;
+            a1 += d;
+            a2 = v8_fma(d, d, a2);
         }
         if (i < b1) {
-            const int k = (int)(b1 - i);
-            v8f d = v8_load_n(p + i, k) - m;
-            for (int j = k; j < 8; j++) d[j] = 0.0f;
-            acc = v8_fma(d, d, acc);
+            const int m = (int)(b1 - i);
+            v8f d = v8_load_n(p + i, m) - vk;
+            for (int j = m; j < 8; j++) d[j] = 0.0f;
+            a1 += d;
+            a2 = v8_fma(d, d, a2);
         }
-        s += v8_hsum(acc);
+        t1 += v8_hsum(a1 + c1);
+        t2 += v8_hsum(a2 + c2);
     }
-    return s;
+    *s1 = t1;
+    *s2 = t2;
 }
 
-/* out[i] = u (or silu(u)) with u = x[i] * a + b, over n elements */
-static void affine_act(float *o, const float *xc, long n, float a, float b, int silu) {
-    const v8f va = v8_set1(a), vb = v8_set1(b);
+/* the mean of up to the first 64 elements (the shift of block_moments) */
+static float rough_mean(const float *p, long n) {
+    const long m = n < 64 ? n : 64;
+    double s = 0;
+    for (long i = 0; i < m; i++) s += p[i];
+    return (float)(s / (double)m);
+}
+
+/* out[i] = u (or silu(u)) with u = (x[i] - m) * a + b, over n elements (x - m first:
+ * folding m into b would cancel when the mean is large against the spread) */
+static void affine_act(float *o, const float *xc, long n, float m, float a, float b, int silu) {
+    const v8f vm = v8_set1(m), va = v8_set1(a), vb = v8_set1(b);
     long i = 0;
     for (; i + 8 <= n; i += 8) {
-        v8f u = v8_fma(v8_load(xc + i), va, vb);
+        v8f u = v8_fma(v8_load(xc + i) - vm, va, vb);
         v8_store(o + i, silu ? u * v8_sigmoid(u) : u);
     }
     if (i < n) {
         const int k = (int)(n - i);
-        v8f u = v8_fma(v8_load_n(xc + i, k), va, vb);
+        v8f u = v8_fma(v8_load_n(xc + i, k) - vm, va, vb);
         v8_store_n(o + i, silu ? u * v8_sigmoid(u) : u, k);
     }
 }
@@ -97,8 +108,13 @@ idd_status idd_groupnorm_forward_f32(float *out, float *mean, float *rstd, const
         const int n = (int)(ng / G), g = (int)(ng % G);
         const float *xp = x + ((size_t)n * C + (size_t)g * Cg) * HW;
         float *op = out + ((size_t)n * C + (size_t)g * Cg) * HW;
-        const double mu = block_sum(xp, M) / (double)M;
-        const double var = block_sqdev(xp, M, (float)mu) / (double)M;
+        /* one read for both moments: var = E[(x-k)^2] - (E[x-k])^2 */
+        const float k = rough_mean(xp, M);
+        double s1, s2;
+        block_moments(xp, M, k, &s1, &s2);
+        const double d = s1 / (double)M;
+        const double mu = k + d;
+        const double var = fmax(s2 / (double)M - d * d, 0.0);
         const float r = (float)(1.0 / sqrt(var + (double)eps));
         const float m = (float)mu;
         mean[ng] = m;
@@ -108,19 +124,20 @@ idd_status idd_groupnorm_forward_f32(float *out, float *mean, float *rstd, const
             const float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
             const float sc = scale ? 1.0f + scale[(size_t)n * C + c] : 1.0f;
             const float sh = shift ? shift[(size_t)n * C + c] : 0.0f;
-            /* u = ((x - m) * r * ga + be) * sc + sh = x * a + b */
-            const float a = r * ga * sc, b = (be - m * r * ga) * sc + sh;
-            affine_act(op + (size_t)cc * HW, xp + (size_t)cc * HW, HW, a, b, silu);
+            /* u = ((x - m) * r * ga + be) * sc + sh = (x - m) * a + b */
+            const float a = r * ga * sc, b = be * sc + sh;
+            affine_act(op + (size_t)cc * HW, xp + (size_t)cc * HW, HW, m, a, b, silu);
         }
     }
     return IDD_OK;
 }
 
-idd_status idd_groupnorm_backward_f32(float *dx, float *dgamma, float *dbeta, float *dscale,
-                                      float *dshift, const float *dout, const float *mean,
-                                      const float *rstd, const float *x, const float *gamma,
-                                      const float *beta, const float *scale, const float *shift,
-                                      int N, int C, int HW, int G, int silu) {
+/* accum: dx += (the kernel API), else dx = (a fresh buffer) */
+static idd_status gn_backward(float *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                              const float *dout, const float *mean, const float *rstd,
+                              const float *x, const float *gamma, const float *beta,
+                              const float *scale, const float *shift, int N, int C, int HW, int G,
+                              int silu, int accum) {
     idd_status st = gn_check("groupnorm_backward", N, C, HW, G);
     if (st) return st;
     if (!dx && !dgamma && !dbeta && !dscale && !dshift) return IDD_OK;
@@ -151,7 +168,7 @@ idd_status idd_groupnorm_backward_f32(float *dx, float *dgamma, float *dbeta, fl
                     const float sh = shift ? shift[(size_t)n * C + c] : 0.0f;
                     const float *xc = xp + (size_t)cc * HW, *dc = dp + (size_t)cc * HW;
                     float *duc = silu ? dub + (size_t)cc * HW : NULL;
-                    const v8f vr = v8_set1(r), vmr = v8_set1(-m * r);
+                    const v8f vr = v8_set1(r), vm = v8_set1(m);
                     const v8f ua = v8_set1(ga * sc), ub = v8_set1(be * sc + sh);
                     double S1 = 0, S2 = 0;
                     for (long b0 = 0; b0 < HW; b0 += 1024) {
@@ -161,7 +178,7 @@ idd_status idd_groupnorm_backward_f32(float *dx, float *dgamma, float *dbeta, fl
                             const int k = b1 - i >= 8 ? 8 : (int)(b1 - i);
                             v8f xv = k == 8 ? v8_load(xc + i) : v8_load_n(xc + i, k);
                             v8f du = k == 8 ? v8_load(dc + i) : v8_load_n(dc + i, k);
-                            v8f xh = v8_fma(xv, vr, vmr);
+                            v8f xh = (xv - vm) * vr;
                             if (silu) {
                                 v8f u = v8_fma(xh, ua, ub), sg = v8_sigmoid(u);
                                 du = du * (sg * v8_fma(u, v8_set1(1.0f) - sg, v8_set1(1.0f)));
@@ -193,17 +210,25 @@ idd_status idd_groupnorm_backward_f32(float *dx, float *dgamma, float *dbeta, fl
                     const float *xc = xp + (size_t)cc * HW;
                     const float *duc = silu ? dub + (size_t)cc * HW : dp + (size_t)cc * HW;
                     float *dxc = dxp + (size_t)cc * HW;
-                    const v8f A = v8_set1(r * sc * ga), vr = v8_set1(r), vmr = v8_set1(-m * r);
+                    const v8f A = v8_set1(r * sc * ga), vr = v8_set1(r), vm = v8_set1(m);
                     const v8f K2 = v8_set1(-r * k2), K1 = v8_set1(-r * k1);
                     long i = 0;
-                    for (; i + 8 <= HW; i += 8) {
-                        v8f xh = v8_fma(v8_load(xc + i), vr, vmr);
-                        v8f d = v8_fma(v8_load(duc + i), A, v8_fma(xh, K2, K1));
-                        v8_store(dxc + i, v8_load(dxc + i) + d);
+                    if (accum) {
+                        for (; i + 8 <= HW; i += 8) {
+                            v8f xh = (v8_load(xc + i) - vm) * vr;
+                            v8f d = v8_fma(v8_load(duc + i), A, v8_fma(xh, K2, K1));
+                            v8_store(dxc + i, v8_load(dxc + i) + d);
+                        }
+                    } else {
+                        for (; i + 8 <= HW; i += 8) {
+                            v8f xh = (v8_load(xc + i) - vm) * vr;
+                            v8_store(dxc + i, v8_fma(v8_load(duc + i), A, v8_fma(xh, K2, K1)));
+                        }
                     }
                     for (; i < HW; i++) {
                         float xh = (xc[i] - m) * r;
-                        dxc[i] += r * (duc[i] * sc * ga - k1 - xh * k2);
+                        float d = r * (duc[i] * sc * ga - k1 - xh * k2);
+                        dxc[i] = accum ? dxc[i] + d : d;
                     }
                 }
             }
@@ -214,4 +239,22 @@ idd_status idd_groupnorm_backward_f32(float *dx, float *dgamma, float *dbeta, fl
         return idd_error_status(IDD_ENOMEM, "groupnorm_backward: out of memory for %ld floats "
                                 "of scratch", M);
     return IDD_OK;
+}
+
+idd_status idd_groupnorm_backward_f32(float *dx, float *dgamma, float *dbeta, float *dscale,
+                                      float *dshift, const float *dout, const float *mean,
+                                      const float *rstd, const float *x, const float *gamma,
+                                      const float *beta, const float *scale, const float *shift,
+                                      int N, int C, int HW, int G, int silu) {
+    return gn_backward(dx, dgamma, dbeta, dscale, dshift, dout, mean, rstd, x, gamma, beta, scale,
+                       shift, N, C, HW, G, silu, 1);
+}
+
+idd_status idd_groupnorm_backward_into_f32(float *dx, float *dgamma, float *dbeta, float *dscale,
+                                           float *dshift, const float *dout, const float *mean,
+                                           const float *rstd, const float *x, const float *gamma,
+                                           const float *beta, const float *scale, const float *shift,
+                                           int N, int C, int HW, int G, int silu) {
+    return gn_backward(dx, dgamma, dbeta, dscale, dshift, dout, mean, rstd, x, gamma, beta, scale,
+                       shift, N, C, HW, G, silu, 0);
 }

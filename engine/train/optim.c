@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../ops/vmath.h"
+
 /* ---------------------------------------------------------------- device path
  * Tensors on a device other than the CPU go to the backend's multi-tensor kernels
  * (one launch for the whole list): the lists are gathered here into host arrays of
@@ -58,6 +60,36 @@ static idd_status check_pair(const char *op, idd_tensor *a, idd_tensor *b, int i
     return IDD_OK;
 }
 
+/* one AdamW update of k parameters, 8 lanes at a time (vector sqrt and division round as
+ * the scalar ones, and nothing is contracted into an FMA: the result is the scalar
+ * loop's bit for bit), both cores when large:
+ *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+ *   torch: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) */
+static void adamw_span(float *pp, const float *gp, float *mp, float *vp, int64_t k, float b1, float b2,
+                       float eps, float decay, float step_size, float rbc2) {
+    const int64_t nb = k / 8;
+    const v8f B1 = v8_set1(b1), B2 = v8_set1(b2), C1 = v8_set1(1 - b1), C2 = v8_set1(1 - b2);
+    const v8f D = v8_set1(decay), S = v8_set1(step_size), R = v8_set1(rbc2), E = v8_set1(eps);
+    #pragma omp parallel for schedule(static) if (k > 65536)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t j = b * 8;
+        v8f g = v8_load(gp + j);
+        v8f mj = B1 * v8_load(mp + j) + C1 * g;
+        v8f vj = B2 * v8_load(vp + j) + C2 * g * g;
+        v8_store(mp + j, mj);
+        v8_store(vp + j, vj);
+        v8_store(pp + j, v8_load(pp + j) * D - S * mj / (v8_sqrt(vj) * R + E));
+    }
+    for (int64_t j = nb * 8; j < k; j++) {
+        float g = gp[j];
+        float mj = b1 * mp[j] + (1 - b1) * g;
+        float vj = b2 * vp[j] + (1 - b2) * g * g;
+        mp[j] = mj;
+        vp[j] = vj;
+        pp[j] = pp[j] * decay - step_size * mj / (sqrtf(vj) * rbc2 + eps);
+    }
+}
+
 idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor **v, const idd_adamw_cfg *c) {
     double bc1 = 1.0 - pow(c->beta1, (double)c->step), bc2 = 1.0 - pow(c->beta2, (double)c->step);
     float lr = (float)c->lr, b1 = (float)c->beta1, b2 = (float)c->beta2, eps = (float)c->eps;
@@ -87,17 +119,7 @@ idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor
         if (!st) st = check_pair("adamw", p, v[i], i);
         if (st) return st;
         float *pp = idd_data(p), *gp = idd_data(p->grad), *mp = idd_data(m[i]), *vp = idd_data(v[i]);
-        int64_t k = idd_numel(p);
-        #pragma omp parallel for if (k > 65536)
-        for (int64_t j = 0; j < k; j++) {
-            float g = gp[j];
-            float mj = b1 * mp[j] + (1 - b1) * g;
-            float vj = b2 * vp[j] + (1 - b2) * g * g;
-            mp[j] = mj;
-            vp[j] = vj;
-            /* torch: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) */
-            pp[j] = pp[j] * decay - step_size * mj / (sqrtf(vj) * rbc2 + eps);
-        }
+        adamw_span(pp, gp, mp, vp, idd_numel(p), b1, b2, eps, decay, step_size, rbc2);
     }
     return IDD_OK;
 }
@@ -120,7 +142,7 @@ idd_status idd_ema_update(int n, idd_tensor **ema, idd_tensor **params, double r
         float *e = idd_data(ema[i]);
         const float *p = idd_data(params[i]);
         int64_t k = idd_numel(ema[i]);
-        #pragma omp parallel for if (k > 65536)
+        #pragma omp parallel for simd if (k > 65536)
         for (int64_t j = 0; j < k; j++) e[j] = r * e[j] + q * p[j];
     }
     return IDD_OK;

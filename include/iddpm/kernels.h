@@ -149,6 +149,27 @@ idd_status idd_groupnorm_backward_f32(float *dx,          /* (N,C,HW) or NULL */
                                       const float *scale, /* (N,C) or NULL */
                                       const float *shift, /* (N,C) or NULL */
                                       int N, int C, int HW, int G, int silu);
+/* The same, but dx is written, not accumulated (it may be uninitialised): saves the
+ * zero fill and a read of dx when the caller's buffer is fresh (the CPU tape). */
+idd_status idd_groupnorm_backward_into_f32(float *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                           const float *dout, const float *mean, const float *rstd,
+                                           const float *x, const float *gamma, const float *beta,
+                                           const float *scale, const float *shift, int N, int C, int HW,
+                                           int G, int silu);
+
+/* ---- dropout (engine/ops/dropout.c) ------------------------------------------------- */
+
+/* out = keep ? x / (1-p) : 0, keep(i) = philox_uniform(seed, stream, offset + i/2) >= p
+ * (the uniform of element i is the (i%2)-th of idd_philox_uniform2 at that counter) */
+idd_status idd_dropout_forward_f32(float *out,     /* (n) */
+                                   const float *x, /* (n) */
+                                   int64_t n, float p, uint64_t seed, uint64_t stream,
+                                   uint64_t offset);
+/* dx += keep ? dout / (1-p) : 0, the mask drawn again from the same stream */
+idd_status idd_dropout_backward_f32(float *dx,         /* (n) or NULL */
+                                    const float *dout, /* (n) */
+                                    int64_t n, float p, uint64_t seed, uint64_t stream,
+                                    uint64_t offset);
 
 /* ---- SiLU (engine/ops/silu.c) -------------------------------------------------------- */
 

@@ -97,6 +97,67 @@ do
   H.check("no_grad restores the mode after an error", not ok and (w * 2).requires_grad)
 end
 
+-- a node's incoming gradient may alias another tensor (the same g handed to both
+-- inputs of an add, a reshaped view): a later gradient must be added out of place, so
+-- the aliased tensor keeps its value. Each case against its closed form (exact in
+-- float64 up to rounding: 1e-12).
+do
+  local x = x64(4)
+  local xs = x:totable()
+  local h = x * 2
+  local y = h + h                                 -- dh = 2 dy, both halves alias dy
+  local u = h:reshape(2, 2):reshape(4) * 3        -- a third path into h through views
+  ;((y * y):sum() + (u + y):sum()):backward()
+  -- L = sum (4x)^2 + sum 6x + sum 4x  -> dL/dx = 32x + 10
+  local want = {}
+  for i = 1, 4 do want[i] = 32 * xs[i] + 10 end
+  H.close("aliased node gradients: add of a tensor to itself plus a view path", x.grad, want, 1e-12)
+  local a = x64(3)
+  local as = a:totable()
+  local r = a * 1
+  local s = r + r:reshape(3)                      -- residual-style: both inputs are r
+  local t = (s + r):sum() + (r * r):sum()         -- r's gradient: 1+1+1 from adds, 2r
+  t:backward()
+  local w2 = {}
+  for i = 1, 3 do w2[i] = 3 + 2 * as[i] end
+  H.close("aliased node gradients: residual adds accumulate", a.grad, w2, 1e-12)
+  -- z = p + q hands one g to p and q; the tape reaches the add first, then p*p (a
+  -- second gradient for p), then q*1.5: adding p's second gradient in place would
+  -- change q's (the same tensor) before q's backward reads it
+  local v = x64(3)
+  local vs = v:totable()
+  local p, q = v * 2, v * 3
+  local z = p + q
+  ;((q * 1.5):sum() + (p * p):sum() + (z * z):sum()):backward()
+  -- L = 4.5 sum v + 4 sum v^2 + 25 sum v^2  -> dL/dv = 4.5 + 58v
+  local w3 = {}
+  for i = 1, 3 do w3[i] = 4.5 + 58 * vs[i] end
+  H.close("aliased node gradients: a sibling's gradient is not changed", v.grad, w3, 1e-12)
+end
+
+-- backward releases each node's inputs once the node is done: the activations go even
+-- while the loss (which holds the graph) is still referenced
+do
+  collectgarbage(); collectgarbage()
+  local w = T.randn({256, 256}); w.requires_grad = true
+  local base = T.live_bytes()
+  local function chain()
+    local h = T.randn({64, 256})
+    for _ = 1, 8 do h = (h:matmul(w)):tanh() end   -- 16 activations of 64 KiB
+    return h:sum()
+  end
+  local loss = chain()
+  collectgarbage(); collectgarbage()                 -- only the graph holds them now
+  local before = T.live_bytes() - base
+  loss:backward()
+  collectgarbage(); collectgarbage()
+  local after = T.live_bytes() - base
+  -- left: w.grad (256 KiB) and the scalar loss
+  H.check("backward frees the activations while the loss is alive", after <= 256 * 1024 + 4096,
+    ("live bytes over the start: %d before backward, %d after"):format(before, after))
+  H.raises("the consumed graph still refuses a second backward", function() loss:backward() end, "no backward")
+end
+
 -- gradients handed over without a copy (a gradient that reaches a tensor once) must not
 -- leak: repeated steps leave the live tensor bytes where they were
 do

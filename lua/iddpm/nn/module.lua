@@ -225,9 +225,14 @@ function Conv1d.new(cin, cout, opts)
   self:add_param("bias", opts.zero_init and T.zeros(cout) or uniform({cout}, b, nn.init_gen))
   return self
 end
-function Conv1d:forward(x)   -- x (B, in, N) -> (B, out, N)
-  local w = self.weight:reshape(self.cout, self.cin)
-  return w:matmul(x) + self.bias:reshape(self.cout, 1)
+-- x (B, in, N) -> (B, out, N), as a 1x1 conv2d over (B, in, N, 1): its kernel sums the
+-- weight gradient over the batch in place (a batched matmul made a (B, out, in)
+-- gradient and reduced it) and fuses the bias
+function Conv1d:forward(x)
+  local s = x:shape()
+  if #s ~= 3 then error(("Conv1d: input %s must be (B, %d, N)"):format(tostring(x), self.cin), 2) end
+  local y = T.conv2d(x:reshape(s[1], s[2], s[3], 1), self.weight:reshape(self.cout, self.cin, 1, 1), self.bias)
+  return y:reshape(s[1], self.cout, s[3])
 end
 
 local GroupNorm = nn.class("GroupNorm")
