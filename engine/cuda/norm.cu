@@ -1,8 +1,6 @@
 /* norm.cu — group norm fused with scale-shift and SiLU, forward and backward, one
  * block per (sample, group). Same formulas and operation order as engine/ops/norm.c:
- * statistics in double (two passes), elementwise math in float32. The forward holds a
- * group of up to 32 * 256 elements in registers (one read of x), larger ones read x
- * three times.
+ * statistics in double (two passes), elementwise math in float32.
  * The backward writes per-(n,c) partial sums of dgamma/dbeta to scratch and a second
  * small kernel adds them over the batch, so every gradient has one writer. */
 #include "cuda_common.cuh"
@@ -65,56 +63,6 @@ __global__ void k_gn_forward(float *out, float *mean, float *rstd, const float *
     }
 }
 
-/* k_gn_forward for groups of at most V * GN_THREADS elements: x is read from memory
- * once into V registers per thread and both statistics passes and the output run from
- * there (k_gn_forward reads it three times). Same per-thread summation order, so the
- * results are bit-identical to k_gn_forward's. */
-template <int V>
-__global__ void __launch_bounds__(GN_THREADS) k_gn_forward_reg(float *out, float *mean, float *rstd, const float *x,
-                                                               const float *gamma, const float *beta,
-                                                               const float *scale, const float *shift, int C, int HW,
-                                                               int G, float eps, int silu) {
-    __shared__ double sh[1][32];
-    int ng = blockIdx.x, n = ng / G, g = ng % G, Cg = C / G;
-    int64_t base = ((int64_t)n * C + (int64_t)g * Cg) * HW;
-    unsigned M = (unsigned)(Cg * HW);
-    const float *xp = x + base;
-    float v[V];
-#pragma unroll
-    for (int j = 0; j < V; j++) {
-        unsigned i = threadIdx.x + j * GN_THREADS;
-        v[j] = i < M ? xp[i] : 0.0f;
-    }
-    double s[1] = {0};
-#pragma unroll
-    for (int j = 0; j < V; j++)
-        if (threadIdx.x + j * GN_THREADS < M) s[0] += v[j];
-    block_sum<1>(s, sh);
-    double mu = s[0] / (double)M;
-    double q[1] = {0};
-#pragma unroll
-    for (int j = 0; j < V; j++)
-        if (threadIdx.x + j * GN_THREADS < M) {
-            double d = v[j] - mu;
-            q[0] += d * d;
-        }
-    block_sum<1>(q, sh);
-    float r = (float)(1.0 / sqrt(q[0] / (double)M + (double)eps)), m = (float)mu;
-    if (threadIdx.x == 0) { mean[ng] = m; rstd[ng] = r; }
-    float *op = out + base;
-#pragma unroll
-    for (int j = 0; j < V; j++) {
-        unsigned i = threadIdx.x + j * GN_THREADS;
-        if (i >= M) continue;
-        int c = g * Cg + (int)(i / (unsigned)HW);
-        float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
-        float sc = scale ? 1.0f + scale[(int64_t)n * C + c] : 1.0f;
-        float sf = shift ? shift[(int64_t)n * C + c] : 0.0f;
-        float u = ((v[j] - m) * r * ga + be) * sc + sf;
-        op[i] = silu ? u * sigm(u) : u;
-    }
-}
-
 extern "C" idd_status cu_groupnorm_forward(float *out, float *mean, float *rstd, const float *x, const float *gamma,
                                            const float *beta, const float *scale, const float *shift, int N, int C,
                                            int HW, int G, float eps, int silu) {
@@ -123,19 +71,8 @@ extern "C" idd_status cu_groupnorm_forward(float *out, float *mean, float *rstd,
         return idd_error("cuda groupnorm_forward: bad sizes: input (%d,%d,%d), %d groups", N, C, HW, G);
     if ((int64_t)(C / G) * HW > INT32_MAX)
         return idd_error("cuda groupnorm_forward: a group of input (%d,%d,%d), %d groups has over 2^31 elements", N, C, HW, G);
-    int64_t M = (int64_t)(C / G) * HW;
-    if (M <= 8 * GN_THREADS)
-        k_gn_forward_reg<8><<<N * G, GN_THREADS, 0, idd_cu_stream>>>(out, mean, rstd, x, gamma, beta, scale, shift, C,
-                                                                     HW, G, eps, silu);
-    else if (M <= 16 * GN_THREADS)
-        k_gn_forward_reg<16><<<N * G, GN_THREADS, 0, idd_cu_stream>>>(out, mean, rstd, x, gamma, beta, scale, shift, C,
-                                                                      HW, G, eps, silu);
-    else if (M <= 32 * GN_THREADS)
-        k_gn_forward_reg<32><<<N * G, GN_THREADS, 0, idd_cu_stream>>>(out, mean, rstd, x, gamma, beta, scale, shift, C,
-                                                                      HW, G, eps, silu);
-    else
-        k_gn_forward<<<N * G, GN_THREADS, 0, idd_cu_stream>>>(out, mean, rstd, x, gamma, beta, scale, shift, C, HW, G,
-                                                              eps, silu);
+    k_gn_forward<<<N * G, GN_THREADS, 0, idd_cu_stream>>>(out, mean, rstd, x, gamma, beta, scale, shift, C, HW, G, eps,
+                                                          silu);
     CU_CHECK_LAUNCH("groupnorm_forward", "input (%d,%d,%d) groups %d", N, C, HW, G);
     return IDD_OK;
 }
