@@ -85,6 +85,32 @@ __device__ __forceinline__ int64_t cu_offset(const cu_desc &d, int64_t i) {
     return off;
 }
 
+/* The same walk in 32-bit for up to 3 operands that share one coalesced shape: the
+ * linear index is split into coordinates once (unsigned 32-bit div/mod) and dotted with
+ * each operand's strides. 64-bit division is a long subroutine on the GPU; with one
+ * per dim per operand, broadcast adds and strided copies were bound by it rather than
+ * by memory. cu_desc32_make (memory.cu) fills it when the element count and every
+ * operand's offsets fit in int32, else returns false (the kernels keep cu_offset). */
+struct cu_desc32 {
+    unsigned shape[IDD_MAX_DIMS];
+    int stride[3][IDD_MAX_DIMS];
+    int ndim;
+};
+bool cu_desc32_make(int nop, const cu_desc *d, int64_t numel, cu_desc32 *out);
+
+template <int NOP> __device__ __forceinline__ void cu_offsets32(const cu_desc32 &d, unsigned i, int off[NOP]) {
+    for (int k = 0; k < NOP; k++) off[k] = 0;
+    for (int j = d.ndim - 1; j >= 0; j--) {
+        unsigned c = i;
+        if (j > 0) {
+            unsigned q = i / d.shape[j];
+            c = i - q * d.shape[j];
+            i = q;
+        }
+        for (int k = 0; k < NOP; k++) off[k] += (int)c * d.stride[k][j];
+    }
+}
+
 __device__ __forceinline__ double cu_load(const void *p, int dt, int64_t i) {
     switch (dt) {
     case IDD_F32: return ((const float *)p)[i];

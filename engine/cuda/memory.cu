@@ -272,10 +272,35 @@ int64_t cu_coalesce(int n, const idd_tensor *const *ts, cu_desc *d) {
 }
 
 // ---------------------------------------------------------------- copy and fill
+bool cu_desc32_make(int nop, const cu_desc *d, int64_t numel, cu_desc32 *out) {
+    if (nop > 3 || numel > INT32_MAX || d[0].ndim > IDD_MAX_DIMS) return false;
+    out->ndim = d[0].ndim;
+    for (int k = 0; k < nop; k++) {
+        int64_t span = 0;   /* the largest |offset| the operand reaches */
+        for (int j = 0; j < d[k].ndim; j++) {
+            int64_t st = d[k].stride[j] < 0 ? -d[k].stride[j] : d[k].stride[j];
+            span += (d[k].shape[j] - 1) * st;
+            if (k == 0) out->shape[j] = (unsigned)d[0].shape[j];
+            out->stride[k][j] = (int)d[k].stride[j];
+        }
+        if (span > INT32_MAX) return false;
+    }
+    return true;
+}
+
 
 __global__ void k_copy_f32(float *dst, cu_desc dd, const float *src, cu_desc sd, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         dst[cu_offset(dd, i)] = src[cu_offset(sd, i)];
+}
+
+/* the same with 32-bit indices (cu_desc32: count and offsets fit in int32) */
+__global__ void k_copy_f32_32(float *dst, const float *src, cu_desc32 d, int n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)n; i += gridDim.x * blockDim.x) {
+        int off[2];
+        cu_offsets32<2>(d, i, off);
+        dst[off[0]] = src[off[1]];
+    }
 }
 
 __global__ void k_copy_any(void *dst, int ddt, cu_desc dd, const void *src, int sdt, cu_desc sd, int64_t n) {
@@ -297,7 +322,10 @@ extern "C" idd_status cu_copy(idd_tensor *dst, const idd_tensor *src) {
     cu_coalesce(2, ts, d);
     unsigned nb = cu_blocks(n, 256);
     if (nb > 65536) nb = 65536;
-    if (dst->dtype == IDD_F32 && src->dtype == IDD_F32)
+    cu_desc32 d32;
+    if (dst->dtype == IDD_F32 && src->dtype == IDD_F32 && cu_desc32_make(2, d, n, &d32))
+        k_copy_f32_32<<<nb, 256, 0, idd_cu_stream>>>((float *)idd_data(dst), (const float *)idd_data(src), d32, (int)n);
+    else if (dst->dtype == IDD_F32 && src->dtype == IDD_F32)
         k_copy_f32<<<nb, 256, 0, idd_cu_stream>>>((float *)idd_data(dst), d[0], (const float *)idd_data(src), d[1], n);
     else
         k_copy_any<<<nb, 256, 0, idd_cu_stream>>>(idd_data(dst), dst->dtype, d[0], idd_data(src), src->dtype, d[1], n);

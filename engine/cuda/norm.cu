@@ -41,11 +41,11 @@ __global__ void k_gn_forward(float *out, float *mean, float *rstd, const float *
     int64_t M = (int64_t)Cg * HW, base = ((int64_t)n * C + (int64_t)g * Cg) * HW;
     const float *xp = x + base;
     double s[1] = {0};
-    for (int64_t i = threadIdx.x; i < M; i += blockDim.x) s[0] += xp[i];
+    for (unsigned i = threadIdx.x; i < (unsigned)M; i += blockDim.x) s[0] += xp[i];
     block_sum<1>(s, sh);
     double mu = s[0] / (double)M;
     double q[1] = {0};
-    for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
+    for (unsigned i = threadIdx.x; i < (unsigned)M; i += blockDim.x) {
         double d = xp[i] - mu;
         q[0] += d * d;
     }
@@ -53,8 +53,8 @@ __global__ void k_gn_forward(float *out, float *mean, float *rstd, const float *
     float r = (float)(1.0 / sqrt(q[0] / (double)M + (double)eps)), m = (float)mu;
     if (threadIdx.x == 0) { mean[ng] = m; rstd[ng] = r; }
     float *op = out + base;
-    for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
-        int c = g * Cg + (int)(i / HW);
+    for (unsigned i = threadIdx.x; i < (unsigned)M; i += blockDim.x) {
+        int c = g * Cg + (int)(i / (unsigned)HW);   /* 32-bit: 64-bit division is a subroutine */
         float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
         float sc = scale ? 1.0f + scale[(int64_t)n * C + c] : 1.0f;
         float sf = shift ? shift[(int64_t)n * C + c] : 0.0f;
@@ -69,6 +69,8 @@ extern "C" idd_status cu_groupnorm_forward(float *out, float *mean, float *rstd,
     CU_PROF("groupnorm_forward");
     if (N <= 0 || C <= 0 || HW <= 0 || G <= 0 || C % G)
         return idd_error("cuda groupnorm_forward: bad sizes: input (%d,%d,%d), %d groups", N, C, HW, G);
+    if ((int64_t)(C / G) * HW > INT32_MAX)
+        return idd_error("cuda groupnorm_forward: a group of input (%d,%d,%d), %d groups has over 2^31 elements", N, C, HW, G);
     k_gn_forward<<<N * G, GN_THREADS, 0, idd_cu_stream>>>(out, mean, rstd, x, gamma, beta, scale, shift, C, HW, G, eps,
                                                           silu);
     CU_CHECK_LAUNCH("groupnorm_forward", "input (%d,%d,%d) groups %d", N, C, HW, G);
@@ -121,8 +123,8 @@ __global__ void k_gn_backward(float *dx, float *pg, float *pb, float *dscale, fl
     if (!dx) return;
     float k1 = (float)(sum_dxhat / (double)M), k2 = (float)(sum_dxhat_xhat / (double)M);
     float *dxp = dx + base;
-    for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
-        int c = g * Cg + (int)(i / HW);
+    for (unsigned i = threadIdx.x; i < (unsigned)M; i += blockDim.x) {
+        int c = g * Cg + (int)(i / (unsigned)HW);   /* 32-bit: 64-bit division is a subroutine */
         float ga = gamma ? gamma[c] : 1.0f, be = beta ? beta[c] : 0.0f;
         float sc = scale ? 1.0f + scale[(int64_t)n * C + c] : 1.0f;
         float sf = shift ? shift[(int64_t)n * C + c] : 0.0f;
@@ -156,6 +158,8 @@ extern "C" idd_status cu_groupnorm_backward(float *dx, float *dgamma, float *dbe
     CU_PROF("groupnorm_backward");
     if (N <= 0 || C <= 0 || HW <= 0 || G <= 0 || C % G)
         return idd_error("cuda groupnorm_backward: bad sizes: input (%d,%d,%d), %d groups", N, C, HW, G);
+    if ((int64_t)(C / G) * HW > INT32_MAX)
+        return idd_error("cuda groupnorm_backward: a group of input (%d,%d,%d), %d groups has over 2^31 elements", N, C, HW, G);
     if (!dx && !dgamma && !dbeta && !dscale && !dshift) return IDD_OK;
     float *pg = NULL, *pb = NULL;
     if (dgamma || dbeta) {

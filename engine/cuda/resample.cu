@@ -7,43 +7,47 @@
 
 #define GRID_STRIDE(i, n) \
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+/* the resampling kernels take their index type: unsigned when the element count fits
+ * (32-bit div/mod; 64-bit division is a long subroutine on the GPU), else int64_t */
+#define GRID_STRIDE_T(I, i, n) \
+    for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < (I)(n); i += (I)gridDim.x * blockDim.x)
 
 static unsigned grid_for(int64_t n) {
     unsigned nb = cu_blocks(n, 256);
     return nb > 65536 ? 65536 : nb;
 }
 
-__global__ void k_up_fwd(float *out, const float *x, int64_t planes, int H, int W) {
+template <typename I> __global__ void k_up_fwd(float *out, const float *x, int64_t planes, int H, int W) {
     int W2 = 2 * W, H2 = 2 * H;
-    GRID_STRIDE(e, planes * H2 * W2) {
-        int xx = (int)(e % W2), y = (int)((e / W2) % H2);
-        int64_t pl = e / ((int64_t)W2 * H2);
+    GRID_STRIDE_T(I, e, planes * H2 * W2) {
+        int xx = (int)(e % (I)W2), y = (int)((e / (I)W2) % (I)H2);
+        int64_t pl = (int64_t)(e / ((I)W2 * (I)H2));
         out[e] = x[(pl * H + y / 2) * W + xx / 2];
     }
 }
-__global__ void k_up_bwd(float *dx, const float *dout, int64_t planes, int H, int W) {
+template <typename I> __global__ void k_up_bwd(float *dx, const float *dout, int64_t planes, int H, int W) {
     int W2 = 2 * W;
-    GRID_STRIDE(e, planes * H * W) {
-        int xx = (int)(e % W), y = (int)((e / W) % H);
-        int64_t pl = e / ((int64_t)W * H);
+    GRID_STRIDE_T(I, e, planes * H * W) {
+        int xx = (int)(e % (I)W), y = (int)((e / (I)W) % (I)H);
+        int64_t pl = (int64_t)(e / ((I)W * (I)H));
         const float *d = dout + (pl * 2 * H + 2 * y) * W2 + 2 * xx;
         dx[e] += d[0] + d[1] + d[W2] + d[W2 + 1];
     }
 }
-__global__ void k_pool_fwd(float *out, const float *x, int64_t planes, int H, int W) {
+template <typename I> __global__ void k_pool_fwd(float *out, const float *x, int64_t planes, int H, int W) {
     int Ho = H / 2, Wo = W / 2;
-    GRID_STRIDE(e, planes * Ho * Wo) {
-        int ox = (int)(e % Wo), oy = (int)((e / Wo) % Ho);
-        int64_t pl = e / ((int64_t)Wo * Ho);
+    GRID_STRIDE_T(I, e, planes * Ho * Wo) {
+        int ox = (int)(e % (I)Wo), oy = (int)((e / (I)Wo) % (I)Ho);
+        int64_t pl = (int64_t)(e / ((I)Wo * (I)Ho));
         const float *p = x + (pl * H + 2 * oy) * W + 2 * ox;
         out[e] = (p[0] + p[1] + p[W] + p[W + 1]) * 0.25f;
     }
 }
-__global__ void k_pool_bwd(float *dx, const float *dout, int64_t planes, int H, int W) {
+template <typename I> __global__ void k_pool_bwd(float *dx, const float *dout, int64_t planes, int H, int W) {
     int Ho = H / 2, Wo = W / 2;
-    GRID_STRIDE(e, planes * H * W) {
-        int xx = (int)(e % W), y = (int)((e / W) % H);
-        int64_t pl = e / ((int64_t)W * H);
+    GRID_STRIDE_T(I, e, planes * H * W) {
+        int xx = (int)(e % (I)W), y = (int)((e / (I)W) % (I)H);
+        int64_t pl = (int64_t)(e / ((I)W * (I)H));
         if (y / 2 < Ho && xx / 2 < Wo) dx[e] += dout[(pl * Ho + y / 2) * Wo + xx / 2] * 0.25f;
     }
 }
@@ -56,7 +60,10 @@ extern "C" idd_status cu_upsample2x_forward(float *out, const float *x, int N, i
     CU_PROF("upsample2x_forward");
     CHECK_SIZES("upsample2x_forward");
     int64_t pl = (int64_t)N * C;
-    k_up_fwd<<<grid_for(pl * 4 * H * W), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
+    if (pl * 4 * H * W <= INT32_MAX)
+        k_up_fwd<unsigned><<<grid_for(pl * 4 * H * W), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
+    else
+        k_up_fwd<int64_t><<<grid_for(pl * 4 * H * W), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
     CU_CHECK_LAUNCH("upsample2x_forward", "input (%d,%d,%d,%d)", N, C, H, W);
     return IDD_OK;
 }
@@ -64,7 +71,10 @@ extern "C" idd_status cu_upsample2x_backward(float *dx, const float *dout, int N
     CU_PROF("upsample2x_backward");
     CHECK_SIZES("upsample2x_backward");
     int64_t pl = (int64_t)N * C;
-    k_up_bwd<<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
+    if (pl * H * W <= INT32_MAX)
+        k_up_bwd<unsigned><<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
+    else
+        k_up_bwd<int64_t><<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
     CU_CHECK_LAUNCH("upsample2x_backward", "input (%d,%d,%d,%d)", N, C, H, W);
     return IDD_OK;
 }
@@ -73,7 +83,10 @@ extern "C" idd_status cu_avgpool2x_forward(float *out, const float *x, int N, in
     CHECK_SIZES("avgpool2x_forward");
     int64_t pl = (int64_t)N * C;
     if (H / 2 == 0 || W / 2 == 0) return IDD_OK;
-    k_pool_fwd<<<grid_for(pl * (H / 2) * (W / 2)), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
+    if (pl * (H / 2) * (W / 2) <= INT32_MAX)
+        k_pool_fwd<unsigned><<<grid_for(pl * (H / 2) * (W / 2)), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
+    else
+        k_pool_fwd<int64_t><<<grid_for(pl * (H / 2) * (W / 2)), 256, 0, idd_cu_stream>>>(out, x, pl, H, W);
     CU_CHECK_LAUNCH("avgpool2x_forward", "input (%d,%d,%d,%d)", N, C, H, W);
     return IDD_OK;
 }
@@ -81,7 +94,10 @@ extern "C" idd_status cu_avgpool2x_backward(float *dx, const float *dout, int N,
     CU_PROF("avgpool2x_backward");
     CHECK_SIZES("avgpool2x_backward");
     int64_t pl = (int64_t)N * C;
-    k_pool_bwd<<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
+    if (pl * H * W <= INT32_MAX)
+        k_pool_bwd<unsigned><<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
+    else
+        k_pool_bwd<int64_t><<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
     CU_CHECK_LAUNCH("avgpool2x_backward", "input (%d,%d,%d,%d)", N, C, H, W);
     return IDD_OK;
 }

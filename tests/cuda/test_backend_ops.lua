@@ -93,6 +93,14 @@ do
   record("permuted copy", err(x:cuda():permute({3, 1, 2}):contiguous(), x:permute({3, 1, 2}):contiguous()), 0)
   record("narrow copy", err(x:cuda():narrow(2, 2, 2):contiguous(), x:narrow(2, 2, 2):contiguous()), 0)
   record("expand copy", err(x:narrow(1, 1, 1):cuda():expand({3, 4, 5}):contiguous(), x:narrow(1, 1, 1):expand({3, 4, 5}):contiguous()), 0)
+  -- 3-4 dims that do not coalesce: the 32-bit index walk (cu_offsets32) splits the
+  -- index over every dim; each must land on the CPU's element exactly
+  local y = T.randn({3, 4, 5, 6})
+  record("permuted 4-d copy", err(y:cuda():permute({4, 2, 1, 3}):contiguous(), y:permute({4, 2, 1, 3}):contiguous()), 0)
+  record("narrow of a permuted 4-d view", err(y:cuda():permute({2, 4, 1, 3}):narrow(2, 2, 4):contiguous(),
+    y:permute({2, 4, 1, 3}):narrow(2, 2, 4):contiguous()), 0)
+  record("cat 4-d dim 3", err(T.cat({y:cuda(), y:cuda() * 3}, 3), T.cat({y, y * 3}, 3)), 0)
+  record("cat 4-d dim 4", err(T.cat({y:cuda(), y:cuda():narrow(4, 2, 3)}, 4), T.cat({y, y:narrow(4, 2, 3)}, 4)), 0)
   record("float64 cast", err(x:cuda():double(), x:double()), 0)
   record("int64 cast", err((x * 10):cuda():long(), (x * 10):long()), 0)
   record("uint8 cast (saturating)", err((x * 100):cuda():byte(), (x * 100):byte()), 0)
@@ -134,6 +142,16 @@ end
 for _, name in ipairs({"gt", "lt", "ge", "le", "eq", "ne"}) do
   case("compare " .. name, {{{4, 5}}, {{5}}}, function(a, b) return a[name](a, b) end, 0, {grads = false})
 end
+-- broadcasts over several dims that do not coalesce (the time-embedding add is 4x3x5x7 + 4x3x1x1)
+case("add 4-d time-embedding broadcast", {{{4, 3, 5, 7}}, {{4, 3, 1, 1}}}, function(a, b) return a + b end, F32)
+case("mul 4-d two-sided broadcast", {{{2, 1, 4, 1}}, {{1, 3, 1, 5}}}, function(a, b) return a * b end, F32)
+case("sub 4-d broadcast, permuted view", {{{3, 4, 5, 6}}, {{5, 1, 3, 1}}},
+  function(a, b) return a:permute({3, 2, 1, 4}) - b end, F32)
+-- the contiguous float4 path: a tail of n % 4 elements, and operands at offsets that are
+-- not 16-byte aligned (narrow along dim 1 keeps a view contiguous)
+case("add 1027 contiguous (float4 + tail)", {{{1027}}, {{1027}}}, function(a, b) return a + b end, F32)
+case("mul unaligned contiguous views", {{{9, 13}}, {{9, 13}}},
+  function(a, b) return a:narrow(1, 2, 7) * b:narrow(1, 3, 7) end, F32)
 case("binary on transposed views", {{{5, 6}}, {{6, 5}}}, function(a, b) return a + b:transpose(1, 2) end, F32)
 case("binary float64", {{{3, 4}, f64 = true}, {{4}, f64 = true}}, function(a, b) return a * b + a end, 1e-15)
 case("scalar ops", {{{3, 4}}}, function(a) return (a * 3 + 1) / 2 - 0.5 end, F32)
@@ -219,6 +237,13 @@ case("group_norm scale-shift silu 128ch 32x32", {{{2, 128, 32, 32}}, {{128}}, {{
   {{2, 128}}}, function(x, ga, be, sc, sh) return T.group_norm(x, 32, ga, be, sc, sh, true) end, LAYER)
 case("group_norm 96ch 4 groups 4x4", {{{3, 96, 4, 4}}, {{96}}, {{96}}},
   function(x, ga, be) return T.group_norm(x, 4, ga, be, nil, nil, true) end, LAYER)
+-- groups of 3230, 6630 and 18432 elements (not multiples of the 256 threads of a block)
+case("group_norm group of 3230", {{{2, 30, 17, 19}}, {{30}}, {{30}}},
+  function(x, ga, be) return T.group_norm(x, 3, ga, be, nil, nil, true) end, LAYER)
+case("group_norm group of 6630", {{{2, 60, 13, 17}}, {{60}}, {{60}}, {{2, 60}}, {{2, 60}}},
+  function(x, ga, be, sc, sh) return T.group_norm(x, 2, ga, be, sc, sh, true) end, LAYER)
+case("group_norm group of 18432", {{{1, 64, 24, 24}}, {{64}}, {{64}}},
+  function(x, ga, be) return T.group_norm(x, 2, ga, be, nil, nil, false) end, LAYER)
 case("group_norm 32 groups 128ch 8x8", {{{2, 128, 8, 8}}, {{128}}, {{128}}}, function(x, ga, be) return T.group_norm(x, 32, ga, be, nil, nil, true) end, LAYER)
 for _, a in ipairs({{1, 8, 16}, {2, 16, 64}, {4, 32, 20}}) do
   local heads, C, Tn = a[1], a[2], a[3]
@@ -227,6 +252,8 @@ for _, a in ipairs({{1, 8, 16}, {2, 16, 64}, {4, 32, 20}}) do
 end
 case("upsample_nearest", {{{2, 3, 5, 7}}}, function(x) return T.upsample_nearest(x, 2) end, F32)
 case("avg_pool2d odd sizes", {{{2, 3, 7, 9}}}, function(x) return T.avg_pool2d(x, 2) end, F32)
+case("upsample_nearest 3x5x4x6", {{{3, 5, 4, 6}}}, function(x) return T.upsample_nearest(x, 2) end, F32)
+case("avg_pool2d 3x5x6x10", {{{3, 5, 6, 10}}}, function(x) return T.avg_pool2d(x, 2) end, F32)
 case("timestep_embedding", {T.from_table({0, 1, 17, 999, 3999}, {5})}, function(t) return T.timestep_embedding(t, 33) end, 1e-5,
   {grads = false})
 do
