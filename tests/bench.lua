@@ -20,8 +20,8 @@
 -- ratio of the fastest steps is printed too: on a shared machine it varies less).
 -- When IDDPM_PEER names a local copy of the official improved-diffusion code and
 -- /usr/bin/python3 imports torch, tests/bench_peer.py runs the same step in a second
--- process; ours and the peer's steps alternate, one at a time, so load from elsewhere
--- falls on both. Peak memory: VmHWM of a separate process that runs training steps.
+-- process; ours and the peer's steps alternate, two at a time (the first untimed), so
+-- load from elsewhere falls on both. Peak memory: VmHWM of a separate process that runs training steps.
 -- quick: the small config only, smaller batches, no peer, no memory (a smoke run).
 local iddpm = require "iddpm"
 local T, nn, D, optim = iddpm.tensor, iddpm.nn, iddpm.diffusion, iddpm.optim
@@ -235,8 +235,13 @@ for _, row in ipairs(rows) do
   if peer then peer.step(row) end
   local ours, theirs = {}, {}
   for i = 1, reps do
+    -- with a peer, each side runs an untimed step first: the other side's threads may
+    -- still spin after its step (OpenBLAS waits up to 2^28 cycles, ~0.1 s, before it
+    -- sleeps), and a step right after an idle pause pays for waking its own threads;
+    -- the timed step is then one of a run of steps, as in training or sampling
+    if peer then f() end
     local t0 = now(); f(); ours[i] = now() - t0
-    if peer then theirs[i] = peer.step(row) end
+    if peer then peer.step(row); theirs[i] = peer.step(row) end
   end
   f = nil
   collectgarbage(); collectgarbage()
