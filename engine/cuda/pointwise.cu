@@ -91,19 +91,21 @@ template <int OP> static void bin_contig(float *o, const float *a, const float *
         k_bin_f32_contig<OP><<<grid_for(n - done), 256, 0, idd_cu_stream>>>(o + done, a + done, b + done, n - done);
 }
 
+/* one float32 binary op: the four arithmetic ones in float, the rest through bin_apply */
+__device__ __forceinline__ float bin_f32(int op, float x, float y) {
+    switch (op) {
+    case IDD_BIN_ADD: return x + y;
+    case IDD_BIN_SUB: return x - y;
+    case IDD_BIN_MUL: return x * y;
+    case IDD_BIN_DIV: return x / y;
+    default: return (float)bin_apply(op, x, y);
+    }
+}
+
 __global__ void k_bin_f32(int op, float *o, cu_desc od, const float *a, cu_desc ad, const float *b, cu_desc bd,
                           int64_t n) {
     GRID_STRIDE(i, n) {
-        float x = a[cu_offset(ad, i)], y = b[cu_offset(bd, i)];
-        float r;
-        switch (op) {
-        case IDD_BIN_ADD: r = x + y; break;
-        case IDD_BIN_SUB: r = x - y; break;
-        case IDD_BIN_MUL: r = x * y; break;
-        case IDD_BIN_DIV: r = x / y; break;
-        default: r = (float)bin_apply(op, x, y);
-        }
-        o[cu_offset(od, i)] = r;
+        o[cu_offset(od, i)] = bin_f32(op, a[cu_offset(ad, i)], b[cu_offset(bd, i)]);
     }
 }
 
@@ -112,16 +114,7 @@ __global__ void k_bin_f32_32(int op, float *o, const float *a, const float *b, c
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)n; i += gridDim.x * blockDim.x) {
         int off[3];
         cu_offsets32<3>(d, i, off);
-        float x = a[off[1]], y = b[off[2]];
-        float r;
-        switch (op) {
-        case IDD_BIN_ADD: r = x + y; break;
-        case IDD_BIN_SUB: r = x - y; break;
-        case IDD_BIN_MUL: r = x * y; break;
-        case IDD_BIN_DIV: r = x / y; break;
-        default: r = (float)bin_apply(op, x, y);
-        }
-        o[off[0]] = r;
+        o[off[0]] = bin_f32(op, a[off[1]], b[off[2]]);
     }
 }
 

@@ -15,16 +15,7 @@
 #include "../../engine/ops/conv_winograd.h"
 #include "iddpm/kernels.h"
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-static float *frand(size_t n) {
-    float *p = malloc(sizeof(float) * n);
-    for (size_t i = 0; i < n; i++) p[i] = (float)rand() / RAND_MAX - 0.5f;
-    return p;
-}
+#include "bench_util.h"
 
 #define NALGO 4
 static const int algos[NALGO] = {IDD_CONV_IM2COL, IDD_CONV_WINOGRAD2, IDD_CONV_WINOGRAD,
