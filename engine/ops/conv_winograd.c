@@ -83,6 +83,18 @@ static inline __attribute__((always_inline)) v8f mac(v8f acc, float c, v8f x, in
     return c == 1.0f ? acc + x : c == -1.0f ? acc - x : v8_fma(v8_set1(c), x, acc);
 }
 
+/* sum over i < n of coef[i*cs] v[i*vs], skipping zero coefficients: one row of a
+ * transform matrix times a column of vectors (coefficients fold away once inlined) */
+static inline __attribute__((always_inline)) v8f lincomb(const float *coef, int cs, const v8f *v,
+                                                         int vs, int n) {
+    v8f acc = v8_set1(0.0f);
+    int first = 1;
+#pragma GCC unroll 6
+    for (int i = 0; i < n; i++)
+        if (coef[i * cs] != 0.0f) acc = mac(acc, coef[i * cs], v[i * vs], first), first = 0;
+    return acc;
+}
+
 /* r[i][j] <- r[j][i] for an 8x8 block (written out so that it stays in registers) */
 static inline __attribute__((always_inline)) void transpose8(v8f r[8]) {
     const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
@@ -116,11 +128,7 @@ static inline __attribute__((always_inline)) void tile_in(float *out, long ostri
         for (int i = 0; i < a; i++) d[i] = v8_load(src + i * rs + j * cs);
 #pragma GCC unroll 6
         for (int k = 0; k < a; k++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 6
-            for (int i = 0; i < a; i++)
-                if (bt[k * a + i] != 0.0f) acc = mac(acc, bt[k * a + i], d[i], first), first = 0;
+            v8f acc = lincomb(bt + k * a, 1, d, 1, a);
             t[k * a + j] = acc;
         }
     }
@@ -128,12 +136,7 @@ static inline __attribute__((always_inline)) void tile_in(float *out, long ostri
     for (int k = 0; k < a; k++) {
 #pragma GCC unroll 6
         for (int l = 0; l < a; l++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 6
-            for (int j = 0; j < a; j++)
-                if (bt[l * a + j] != 0.0f)
-                    acc = mac(acc, bt[l * a + j], t[k * a + j], first), first = 0;
+            v8f acc = lincomb(bt + l * a, 1, t + k * a, 1, a);
             v8_store(out + (k * a + l) * ostride, acc);
         }
     }
@@ -151,11 +154,7 @@ static inline __attribute__((always_inline)) void tile_out(v8f *y, const float *
         for (int k = 0; k < a; k++) c[k] = v8_load(src + (k * a + l) * sstride);
 #pragma GCC unroll 4
         for (int i = 0; i < m; i++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 6
-            for (int k = 0; k < a; k++)
-                if (at[i * a + k] != 0.0f) acc = mac(acc, at[i * a + k], c[k], first), first = 0;
+            v8f acc = lincomb(at + i * a, 1, c, 1, a);
             t[i * a + l] = acc;
         }
     }
@@ -163,12 +162,7 @@ static inline __attribute__((always_inline)) void tile_out(v8f *y, const float *
     for (int i = 0; i < m; i++) {
 #pragma GCC unroll 4
         for (int j = 0; j < m; j++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 6
-            for (int l = 0; l < a; l++)
-                if (at[j * a + l] != 0.0f)
-                    acc = mac(acc, at[j * a + l], t[i * a + l], first), first = 0;
+            v8f acc = lincomb(at + j * a, 1, t + i * a, 1, a);
             y[i * m + j] = acc;
         }
     }
@@ -187,11 +181,7 @@ static inline __attribute__((always_inline)) void tile_dy(float *out, long ostri
         for (int i = 0; i < m; i++) d[i] = v8_load(src + i * rs + j * cs);
 #pragma GCC unroll 6
         for (int k = 0; k < a; k++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 4
-            for (int i = 0; i < m; i++)
-                if (at[i * a + k] != 0.0f) acc = mac(acc, at[i * a + k], d[i], first), first = 0;
+            v8f acc = lincomb(at + k, a, d, 1, m);
             t[k * m + j] = acc;
         }
     }
@@ -199,12 +189,7 @@ static inline __attribute__((always_inline)) void tile_dy(float *out, long ostri
     for (int k = 0; k < a; k++) {
 #pragma GCC unroll 6
         for (int l = 0; l < a; l++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 4
-            for (int j = 0; j < m; j++)
-                if (at[j * a + l] != 0.0f)
-                    acc = mac(acc, at[j * a + l], t[k * m + j], first), first = 0;
+            v8f acc = lincomb(at + l, a, t + k * m, 1, m);
             v8_store(out + (k * a + l) * ostride, acc);
         }
     }
@@ -234,11 +219,7 @@ static inline __attribute__((always_inline)) void filter_tile(float *out, long o
     for (int k = 0; k < a; k++) {
 #pragma GCC unroll 3
         for (int j = 0; j < 3; j++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 3
-            for (int i = 0; i < 3; i++)
-                if (G[k * 3 + i] != 0.0f) acc = mac(acc, G[k * 3 + i], f[i * 3 + j], first), first = 0;
+            v8f acc = lincomb(G + k * 3, 1, f + j, 3, 3);
             t[k * 3 + j] = acc;
         }
     }
@@ -246,11 +227,7 @@ static inline __attribute__((always_inline)) void filter_tile(float *out, long o
     for (int k = 0; k < a; k++) {
 #pragma GCC unroll 6
         for (int l = 0; l < a; l++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 3
-            for (int j = 0; j < 3; j++)
-                if (G[l * 3 + j] != 0.0f) acc = mac(acc, G[l * 3 + j], t[k * 3 + j], first), first = 0;
+            v8f acc = lincomb(G + l * 3, 1, t + k * 3, 1, 3);
             v8_store(out + (k * a + l) * ostride, acc);
         }
     }
@@ -515,11 +492,7 @@ static inline __attribute__((always_inline)) void filter_grad_tile(v8f *e, const
     for (int k = 0; k < a; k++) {
 #pragma GCC unroll 3
         for (int j = 0; j < 3; j++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 6
-            for (int l = 0; l < a; l++)
-                if (G[l * 3 + j] != 0.0f) acc = mac(acc, G[l * 3 + j], d[k * a + l], first), first = 0;
+            v8f acc = lincomb(G + j, 3, d + k * a, 1, a);
             r[k * 3 + j] = acc;
         }
     }
@@ -527,11 +500,7 @@ static inline __attribute__((always_inline)) void filter_grad_tile(v8f *e, const
     for (int i = 0; i < 3; i++) {
 #pragma GCC unroll 3
         for (int j = 0; j < 3; j++) {
-            v8f acc = v8_set1(0.0f);
-            int first = 1;
-#pragma GCC unroll 6
-            for (int k = 0; k < a; k++)
-                if (G[k * 3 + i] != 0.0f) acc = mac(acc, G[k * 3 + i], r[k * 3 + j], first), first = 0;
+            v8f acc = lincomb(G + i, 3, r + j, 3, a);
             e[i * 3 + j] = acc;
         }
     }
