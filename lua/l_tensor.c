@@ -98,7 +98,8 @@ idd_dtype lt_optdtype(lua_State *L, int idx, idd_dtype def) {
         if (!strcmp(name, "double")) return IDD_F64;
         if (!strcmp(name, "long")) return IDD_I64;
         if (!strcmp(name, "byte")) return IDD_U8;
-        luaL_error(L, "unknown dtype '%s' (float32, float64, int64, uint8)", name);
+        if (!strcmp(name, "bf16")) return IDD_BF16;
+        luaL_error(L, "unknown dtype '%s' (float32, float64, int64, uint8, bfloat16)", name);
     }
     return (idd_dtype)dt;
 }
@@ -422,6 +423,7 @@ static int m_float(lua_State *L) { return cast_to(L, IDD_F32); }
 static int m_double(lua_State *L) { return cast_to(L, IDD_F64); }
 static int m_long(lua_State *L) { return cast_to(L, IDD_I64); }
 static int m_byte(lua_State *L) { return cast_to(L, IDD_U8); }
+static int m_bfloat16(lua_State *L) { return cast_to(L, IDD_BF16); }
 
 static int to_dev(lua_State *L, idd_device dev) {
     idd_tensor *t = lt_check(L, 1);
@@ -542,7 +544,7 @@ static const luaL_Reg methods[] = {
     {"device", m_device}, {"is_contiguous", m_is_contiguous}, {"totable", m_totable}, {"item", m_item},
     {"get", m_get}, {"reshape", m_reshape}, {"view", m_reshape}, {"narrow", m_narrow}, {"permute", m_permute},
     {"transpose", m_transpose}, {"expand", m_expand}, {"contiguous", m_contiguous}, {"clone", m_clone},
-    {"detach", m_detach}, {"float", m_float}, {"double", m_double}, {"long", m_long}, {"byte", m_byte},
+    {"detach", m_detach}, {"float", m_float}, {"double", m_double}, {"long", m_long}, {"byte", m_byte}, {"bfloat16", m_bfloat16},
     {"cpu", m_cpu}, {"cuda", m_cuda}, {"to", m_to}, {"fill_", m_fill_}, {"zero_", m_zero_},
     {"copy_", m_copy_}, {"free", m_free}, {"backward", m_backward}, {"zero_grad", m_zero_grad},
     {NULL, NULL}};

@@ -5,6 +5,7 @@
  * Layer kernels (conv, norm, attention) live in engine/ops and are reached from the
  * op files directly while the CPU is the only backend that has them. */
 #include "iddpm/backend.h"
+#include "iddpm/bf16.h"
 
 #include <cblas.h>
 #include <malloc.h>
@@ -45,6 +46,7 @@ static inline double load(const void *base, idd_dtype dt, int64_t i) {
     case IDD_F32: return ((const float *)base)[i];
     case IDD_F64: return ((const double *)base)[i];
     case IDD_I64: return (double)((const int64_t *)base)[i];
+    case IDD_BF16: return idd_f32_from_bf16(((const uint16_t *)base)[i]);
     default: return ((const uint8_t *)base)[i];
     }
 }
@@ -53,6 +55,7 @@ static inline void store(void *base, idd_dtype dt, int64_t i, double v) {
     case IDD_F32: ((float *)base)[i] = (float)v; break;
     case IDD_F64: ((double *)base)[i] = v; break;
     case IDD_I64: ((int64_t *)base)[i] = (int64_t)v; break;
+    case IDD_BF16: ((uint16_t *)base)[i] = idd_bf16_from_f32((float)v); break;
     default: ((uint8_t *)base)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
     }
 }

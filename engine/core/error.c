@@ -38,8 +38,8 @@ void idd_error_prefix(const char *ctx) {
 const char *idd_last_error(void) { return err_buf[0] ? err_buf : "unknown error"; }
 void idd_clear_error(void) { err_buf[0] = 0; }
 
-static const char *dtype_names[IDD_NDTYPES] = {"float32", "float64", "int64", "uint8"};
-static const size_t dtype_sizes[IDD_NDTYPES] = {4, 8, 8, 1};
+static const char *dtype_names[IDD_NDTYPES] = {"float32", "float64", "int64", "uint8", "bfloat16"};
+static const size_t dtype_sizes[IDD_NDTYPES] = {4, 8, 8, 1, 2};
 
 size_t idd_dtype_size(idd_dtype dt) { return (unsigned)dt < IDD_NDTYPES ? dtype_sizes[dt] : 0; }
 const char *idd_dtype_name(idd_dtype dt) { return (unsigned)dt < IDD_NDTYPES ? dtype_names[dt] : "?"; }

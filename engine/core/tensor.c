@@ -2,6 +2,7 @@
  * dtypes and devices. Compute lives in engine/ops; memory comes from the backend. */
 #include "iddpm/backend.h"
 #include "iddpm/autograd.h"
+#include "iddpm/bf16.h"
 
 #include <stdatomic.h>
 #include <stdio.h>
@@ -74,6 +75,34 @@ idd_tensor *idd_tensor_zeros(idd_dtype dt, idd_device dev, int ndim, const int64
 }
 
 idd_tensor *idd_tensor_like(const idd_tensor *t) { return idd_tensor_new(t->dtype, t->device, t->ndim, t->shape); }
+
+/* channels-last: (N,C,H,W) with strides (HWC,1,WC,C), or (N,C,L) with (LC,1,C); C > 1 and
+ * some spatial size > 1 (otherwise it is also contiguous and reads as such) */
+bool idd_is_channels_last(const idd_tensor *t) {
+    if (t->ndim != 3 && t->ndim != 4) return false;
+    int64_t C = t->shape[1], NC = t->shape[0] * C, HW = NC > 0 ? idd_numel(t) / NC : 0;
+    if (C < 2 || HW < 2) return false;
+    if (t->stride[1] != 1) return false;
+    if (t->ndim == 3) return t->stride[2] == C && (t->shape[0] == 1 || t->stride[0] == C * HW);
+    return (t->shape[3] == 1 || t->stride[3] == C) && (t->shape[2] == 1 || t->stride[2] == C * t->shape[3]) &&
+           (t->shape[0] == 1 || t->stride[0] == C * HW);
+}
+
+idd_tensor *idd_tensor_new_channels_last(idd_dtype dt, idd_device dev, int ndim, const int64_t *shape) {
+    idd_tensor *t = idd_tensor_new(dt, dev, ndim, shape);
+    if (!t || (ndim != 3 && ndim != 4)) return t;
+    int64_t C = shape[1];
+    t->stride[1] = 1;
+    t->stride[ndim - 1] = C;
+    if (ndim == 4) t->stride[2] = C * shape[3];
+    t->stride[0] = C * (ndim == 4 ? shape[2] * shape[3] : shape[2]);
+    return t;
+}
+
+idd_tensor *idd_tensor_empty_like(const idd_tensor *t, idd_dtype dt) {
+    if (idd_is_channels_last(t)) return idd_tensor_new_channels_last(dt, t->device, t->ndim, t->shape);
+    return idd_tensor_new(dt, t->device, t->ndim, t->shape);
+}
 idd_tensor *idd_tensor_zeros_like(const idd_tensor *t) { return idd_tensor_zeros(t->dtype, t->device, t->ndim, t->shape); }
 
 idd_tensor *idd_tensor_from_data(idd_dtype dt, int ndim, const int64_t *shape, const void *host) {
@@ -293,6 +322,7 @@ double idd_get_flat(const idd_tensor *t, int64_t i) {
     case IDD_F64: return ((const double *)p)[off];
     case IDD_I64: return (double)((const int64_t *)p)[off];
     case IDD_U8: return ((const uint8_t *)p)[off];
+    case IDD_BF16: return idd_f32_from_bf16(((const uint16_t *)p)[off]);
     default: return 0;
     }
 }

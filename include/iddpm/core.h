@@ -24,9 +24,11 @@ void idd_error_prefix(const char *ctx);
 const char *idd_last_error(void);
 void idd_clear_error(void);
 
-typedef enum { IDD_F32 = 0, IDD_F64 = 1, IDD_I64 = 2, IDD_U8 = 3, IDD_NDTYPES } idd_dtype;
+/* IDD_BF16: bfloat16 storage (activations in bf16 mixed precision on the GPU; the CPU
+ * converts it element by element: include/iddpm/bf16.h) */
+typedef enum { IDD_F32 = 0, IDD_F64 = 1, IDD_I64 = 2, IDD_U8 = 3, IDD_BF16 = 4, IDD_NDTYPES } idd_dtype;
 size_t idd_dtype_size(idd_dtype dt);
-const char *idd_dtype_name(idd_dtype dt);   /* "float32", "float64", "int64", "uint8" */
+const char *idd_dtype_name(idd_dtype dt);   /* "float32", "float64", "int64", "uint8", "bfloat16" */
 int idd_dtype_from_name(const char *name);  /* -1 if unknown */
 
 typedef enum { IDD_CPU = 0, IDD_CUDA = 1, IDD_NDEVICES } idd_device;

@@ -40,6 +40,12 @@ idd_tensor *idd_tensor_new(idd_dtype dt, idd_device dev, int ndim, const int64_t
 idd_tensor *idd_tensor_zeros(idd_dtype dt, idd_device dev, int ndim, const int64_t *shape);
 idd_tensor *idd_tensor_like(const idd_tensor *t);         /* same dtype/device/shape, uninit */
 idd_tensor *idd_tensor_zeros_like(const idd_tensor *t);
+/* channels-last (N,C,H,W) / (N,C,L): strides (HWC,1,WC,C) / (LC,1,C), i.e. NHWC memory
+ * with the NCHW logical shape (the GPU's bf16 activation layout); other ndims: contiguous */
+idd_tensor *idd_tensor_new_channels_last(idd_dtype dt, idd_device dev, int ndim, const int64_t *shape);
+bool idd_is_channels_last(const idd_tensor *t);
+/* uninitialised, t's shape and device, dtype dt; channels-last if t is, else contiguous */
+idd_tensor *idd_tensor_empty_like(const idd_tensor *t, idd_dtype dt);
 idd_tensor *idd_tensor_from_data(idd_dtype dt, int ndim, const int64_t *shape,
                                  const void *host_data);    /* copies; CPU */
 idd_tensor *idd_tensor_scalar(idd_dtype dt, double v);      /* 0-d CPU tensor */
