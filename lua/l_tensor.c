@@ -282,6 +282,13 @@ static int m_shape(lua_State *L) {
     for (int i = 0; i < t->ndim; i++) { lua_pushinteger(L, t->shape[i]); lua_rawseti(L, -2, i + 1); }
     return 1;
 }
+static int m_stride(lua_State *L) {   /* strides in elements, one per dim */
+    idd_tensor *t = lt_check(L, 1);
+    lua_createtable(L, t->ndim, 0);
+    for (int i = 0; i < t->ndim; i++) { lua_pushinteger(L, t->stride[i]); lua_rawseti(L, -2, i + 1); }
+    return 1;
+}
+static int m_is_channels_last(lua_State *L) { lua_pushboolean(L, idd_is_channels_last(lt_check(L, 1))); return 1; }
 static int m_size(lua_State *L) {
     idd_tensor *t = lt_check(L, 1);
     if (lua_isnoneornil(L, 2)) return m_shape(L);
@@ -424,6 +431,11 @@ static int m_double(lua_State *L) { return cast_to(L, IDD_F64); }
 static int m_long(lua_State *L) { return cast_to(L, IDD_I64); }
 static int m_byte(lua_State *L) { return cast_to(L, IDD_U8); }
 static int m_bfloat16(lua_State *L) { return cast_to(L, IDD_BF16); }
+/* x:channels_last([dtype]): a channels-last copy (NHWC memory, NCHW shape), in dtype if given */
+static int m_channels_last(lua_State *L) {
+    idd_tensor *t = lt_check(L, 1);
+    return lt_push(L, idd_channels_last(t, lt_optdtype(L, 2, t->dtype)));
+}
 
 static int to_dev(lua_State *L, idd_device dev) {
     idd_tensor *t = lt_check(L, 1);
@@ -501,7 +513,7 @@ static int t_newindex(lua_State *L) {
     const char *k = luaL_checkstring(L, 2);
     if (!strcmp(k, "requires_grad")) {
         bool on = lua_toboolean(L, 3);
-        if (on && t->dtype != IDD_F32 && t->dtype != IDD_F64)
+        if (on && t->dtype != IDD_F32 && t->dtype != IDD_F64 && t->dtype != IDD_BF16)
             return luaL_error(L, "requires_grad: only float tensors can require grad (this one is %s)", idd_dtype_name(t->dtype));
         if (!on && t->grad_fn) return luaL_error(L, "requires_grad: use detach() on a non-leaf tensor");
         t->requires_grad = on;
@@ -545,6 +557,7 @@ static const luaL_Reg methods[] = {
     {"get", m_get}, {"reshape", m_reshape}, {"view", m_reshape}, {"narrow", m_narrow}, {"permute", m_permute},
     {"transpose", m_transpose}, {"expand", m_expand}, {"contiguous", m_contiguous}, {"clone", m_clone},
     {"detach", m_detach}, {"float", m_float}, {"double", m_double}, {"long", m_long}, {"byte", m_byte}, {"bfloat16", m_bfloat16},
+    {"channels_last", m_channels_last}, {"is_channels_last", m_is_channels_last}, {"stride", m_stride},
     {"cpu", m_cpu}, {"cuda", m_cuda}, {"to", m_to}, {"fill_", m_fill_}, {"zero_", m_zero_},
     {"copy_", m_copy_}, {"free", m_free}, {"backward", m_backward}, {"zero_grad", m_zero_grad},
     {NULL, NULL}};

@@ -82,9 +82,9 @@ idd_tensor *idd_sum_to_shape(idd_tensor *g, int ndim, const int64_t *shape) {
 }
 
 /* a tensor that nothing else shares: this reference is its only one, it owns all of
- * its contiguous storage and nothing records through it */
+ * its dense (contiguous or channels-last) storage and nothing records through it */
 static bool exclusive(const idd_tensor *t, int refs) {
-    return idd_is_contiguous(t) && t->refcount == refs && t->storage && t->storage->refcount == 1 &&
+    return (idd_is_contiguous(t) || idd_is_channels_last(t)) && t->refcount == refs && t->storage && t->storage->refcount == 1 &&
            t->offset == 0 && !t->requires_grad &&
            t->storage->nbytes == (size_t)idd_numel(t) * idd_dtype_size(t->dtype);
 }
@@ -96,9 +96,14 @@ static bool exclusive(const idd_tensor *t, int refs) {
  * (never writes): it may alias a tensor held elsewhere (the same g handed to both
  * inputs of an add, a reshaped view of g), so it is referenced instead of copied, and
  * a later gradient is added out of place unless *acc is exclusively ours. A leaf's
- * .grad is the user's to scale or zero in place: it never aliases. */
-static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const int64_t *shape,
-                                idd_dtype dt, bool steal, bool shared_ok) {
+ * .grad is the user's to scale or zero in place: it never aliases.
+ * The gradient takes the dtype and layout of the tensor it belongs to (like): a g of
+ * another dtype is converted, and a channels-last tensor's gradient is made
+ * channels-last (a bf16 channels-last activation gets a bf16 channels-last gradient). */
+static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, const idd_tensor *like, bool steal, bool shared_ok) {
+    int ndim = like->ndim;
+    const int64_t *shape = like->shape;
+    idd_dtype dt = like->dtype;
     idd_tensor *gg = g;
     idd_tensor_retain(gg);
     if (gg->ndim != ndim || memcmp(gg->shape, shape, sizeof(int64_t) * ndim)) {
@@ -107,8 +112,9 @@ static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const
         if (!r) return IDD_ERR;
         gg = r;
     }
-    if (gg->dtype != dt) {
-        idd_tensor *c = idd_to_dtype(gg, dt);
+    if (gg->dtype != dt || (idd_is_channels_last(like) && !idd_is_channels_last(gg))) {
+        idd_tensor *c = idd_tensor_empty_like(like, dt);
+        if (c && idd_copy_(c, gg) != IDD_OK) { idd_tensor_release(c); c = NULL; }
         idd_tensor_release(gg);
         if (!c) return IDD_ERR;
         gg = c;
@@ -121,7 +127,8 @@ static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const
             *acc = gg;   /* our reference (taken above); the caller's goes with its release */
             return IDD_OK;
         }
-        *acc = idd_clone(gg);
+        *acc = idd_tensor_empty_like(gg, gg->dtype);
+        if (*acc && idd_copy_(*acc, gg) != IDD_OK) { idd_tensor_release(*acc); *acc = NULL; }
         idd_tensor_release(gg);
         return *acc ? IDD_OK : IDD_ERR;
     }
@@ -130,7 +137,7 @@ static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const
         st = idd_backend_of(*acc)->binary(IDD_BIN_ADD, *acc, *acc, gg);
     } else {
         /* *acc is shared (shared_ok only): the sum goes to a new tensor */
-        idd_tensor *sum = idd_tensor_new(dt, (*acc)->device, ndim, shape);
+        idd_tensor *sum = idd_tensor_empty_like(*acc, dt);
         st = sum ? idd_backend_of(sum)->binary(IDD_BIN_ADD, sum, *acc, gg) : IDD_ERR;
         if (st == IDD_OK) { idd_tensor_release(*acc); *acc = sum; }
         else idd_tensor_release(sum);
@@ -139,13 +146,11 @@ static idd_status accumulate_ex(idd_tensor **acc, idd_tensor *g, int ndim, const
     return st;
 }
 
-static idd_status accumulate(idd_tensor **acc, idd_tensor *g, int ndim, const int64_t *shape, idd_dtype dt) {
-    return accumulate_ex(acc, g, ndim, shape, dt, false, false);
+static idd_status accumulate(idd_tensor **acc, idd_tensor *g, const idd_tensor *like) {
+    return accumulate_ex(acc, g, like, false, false);
 }
 
-idd_status idd_accumulate_grad(idd_tensor *t, idd_tensor *g) {
-    return accumulate(&t->grad, g, t->ndim, t->shape, t->dtype);
-}
+idd_status idd_accumulate_grad(idd_tensor *t, idd_tensor *g) { return accumulate(&t->grad, g, t); }
 
 /* depth-first post-order of the nodes reachable from root */
 typedef struct { idd_node **v; int n, cap; } node_list;
@@ -227,7 +232,7 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
     /* every node of the walk is held until its end: releasing a node's inputs (below) can
      * free an input tensor, and with it that tensor's node, still due in the walk */
     for (int i = 0; i < order.n; i++) order.v[i]->refcount++;
-    if (st == IDD_OK) st = accumulate(&root->grad_fn->gout, g, root->ndim, root->shape, root->dtype);
+    if (st == IDD_OK) st = accumulate(&root->grad_fn->gout, g, root);
     idd_tensor_release(g);
     /* order is post-order (inputs before users): walk it backwards */
     for (int i = order.n - 1; i >= 0 && st == IDD_OK; i--) {
@@ -243,9 +248,9 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
             if (!gin[k] || !n->needs[k]) continue;
             /* gin[k] is released below: hand it over when nothing else holds it */
             if (in->grad_fn)
-                st = accumulate_ex(&in->grad_fn->gout, gin[k], in->ndim, in->shape, in->dtype, true, true);
+                st = accumulate_ex(&in->grad_fn->gout, gin[k], in, true, true);
             else if (in->requires_grad)
-                st = accumulate_ex(&in->grad, gin[k], in->ndim, in->shape, in->dtype, true, false);
+                st = accumulate_ex(&in->grad, gin[k], in, true, false);
         }
         for (int k = 0; k < n->n_in; k++) idd_tensor_release(gin[k]);
         idd_tensor_release(n->gout);

@@ -192,13 +192,39 @@ static idd_tensor *view_of(idd_tensor *t) {
 
 idd_tensor *idd_view_alias(idd_tensor *t) { return view_of(t); }
 
+/* A view when the strides allow one (PyTorch's rule): the old dims split into runs
+ * that are contiguous with respect to each other; each run of new dims must multiply
+ * to exactly one such run, and gets strides within it. So a channels-last (N,C,H,W)
+ * views as (N,C,H*W) with strides (HWC,1,C), but not as (N,C*H*W). */
 idd_tensor *idd_view_reshape(idd_tensor *t, int ndim, const int64_t *shape) {
-    if (!idd_is_contiguous(t)) return NULL;
+    int64_t stride[IDD_MAX_DIMS];
+    int64_t numel = 1;
+    for (int i = 0; i < ndim; i++) numel *= shape[i];
+    if (idd_is_contiguous(t) || numel == 0 || t->ndim == 0) {
+        int64_t st = 1;
+        for (int i = ndim - 1; i >= 0; i--) { stride[i] = st; st *= shape[i]; }
+    } else {
+        int vd = ndim - 1;
+        int64_t base = t->stride[t->ndim - 1], tn = 1, vn = 1;
+        for (int td = t->ndim - 1; td >= 0; td--) {
+            tn *= t->shape[td];
+            if (td == 0 || (t->shape[td - 1] != 1 && t->stride[td - 1] != tn * base)) {
+                while (vd >= 0 && (vn < tn || shape[vd] == 1)) {
+                    stride[vd] = vn * base;
+                    vn *= shape[vd];
+                    vd--;
+                }
+                if (vn != tn) return NULL;
+                if (td > 0) { base = t->stride[td - 1]; tn = 1; vn = 1; }
+            }
+        }
+        if (vd != -1) return NULL;
+    }
     idd_tensor *v = view_of(t);
     if (!v) return NULL;
     v->ndim = ndim;
     memcpy(v->shape, shape, sizeof(int64_t) * ndim);
-    set_contiguous_strides(v);
+    memcpy(v->stride, stride, sizeof(int64_t) * ndim);
     return v;
 }
 
@@ -263,12 +289,15 @@ idd_status idd_copy_(idd_tensor *dst, const idd_tensor *src) {
     if (s->device == dst->device) {
         st = idd_backend_of(dst)->copy(dst, s);
     } else {
-        /* cross-device: make a contiguous same-dtype staging copy on the source side */
-        idd_tensor *c = idd_tensor_new(dst->dtype, s->device, dst->ndim, dst->shape);
+        /* cross-device: make a dense same-dtype staging copy on the source side, in dst's
+         * layout when dst is channels-last (the transfer is then one block) */
+        bool cl = idd_is_channels_last(dst);
+        idd_tensor *c = cl ? idd_tensor_new_channels_last(dst->dtype, s->device, dst->ndim, dst->shape)
+                           : idd_tensor_new(dst->dtype, s->device, dst->ndim, dst->shape);
         st = c ? idd_backend_of(s)->copy(c, s) : IDD_ENOMEM;
         if (st == IDD_OK) {
             size_t nb = (size_t)idd_numel(c) * idd_dtype_size(c->dtype);
-            if (idd_is_contiguous(dst)) {
+            if (idd_is_contiguous(dst) || cl) {
                 st = dst->device == IDD_CPU ? idd_backend_of(c)->download(idd_data(dst), idd_data(c), nb)
                                             : idd_backend_of(dst)->upload(idd_data(dst), idd_data(c), nb);
             } else {
@@ -298,14 +327,17 @@ idd_tensor *idd_contiguous(idd_tensor *t) {
     return idd_clone(t);
 }
 
+/* contiguous, as idd_contiguous (idd_channels_last in ops.h keeps that layout) */
 idd_tensor *idd_to_dtype(idd_tensor *t, idd_dtype dt) {
     idd_tensor *c = idd_tensor_new(dt, t->device, t->ndim, t->shape);
     if (c && idd_copy_(c, t) != IDD_OK) { idd_tensor_release(c); return NULL; }
     return c;
 }
 
+/* channels-last stays channels-last; anything else arrives contiguous */
 idd_tensor *idd_to_device(idd_tensor *t, idd_device dev) {
-    idd_tensor *c = idd_tensor_new(t->dtype, dev, t->ndim, t->shape);
+    idd_tensor *c = idd_is_channels_last(t) ? idd_tensor_new_channels_last(t->dtype, dev, t->ndim, t->shape)
+                                            : idd_tensor_new(t->dtype, dev, t->ndim, t->shape);
     if (c && idd_copy_(c, t) != IDD_OK) { idd_tensor_release(c); return NULL; }
     return c;
 }

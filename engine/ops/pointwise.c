@@ -1,6 +1,10 @@
 /* pointwise.c — broadcasting binary ops, unary math, clamp, affine, where; each
  * forward followed by its backward. Gradients of broadcast inputs are summed back to
- * the input's shape by the tape (idd_sum_to_shape). */
+ * the input's shape by the tape (idd_sum_to_shape).
+ * dtypes: bf16 < f32 < f64 among floats (bf16 op f32 = f32), floats above integers; a
+ * Python-like scalar (idd_binary_scalar) keeps the tensor's dtype (bf16 * 0.1 is bf16,
+ * the scalar itself is held in f32). Layout: the output is channels-last when a
+ * full-shape operand is (idd_tensor_empty_like), else contiguous. */
 #include "iddpm/ops.h"
 
 #include <math.h>
@@ -16,6 +20,7 @@ const char *idd_unop_name(idd_unop op) { return (unsigned)op < IDD_UN_COUNT ? un
 static idd_dtype promote(idd_dtype a, idd_dtype b) {
     if (a == IDD_F64 || b == IDD_F64) return IDD_F64;
     if (a == IDD_F32 || b == IDD_F32) return IDD_F32;
+    if (a == IDD_BF16 || b == IDD_BF16) return IDD_BF16;
     if (a == IDD_I64 || b == IDD_I64) return IDD_I64;
     return IDD_U8;
 }
@@ -30,6 +35,20 @@ static int broadcast_shape(const idd_tensor *a, const idd_tensor *b, int64_t *sh
         shape[i] = sa == 1 ? sb : sa;
     }
     return nd;
+}
+
+static bool is_float(idd_dtype dt) { return dt == IDD_F32 || dt == IDD_F64 || dt == IDD_BF16; }
+
+/* a new output of dtype dt and the broadcast shape: channels-last when an operand of
+ * that full shape is channels-last, else contiguous */
+static idd_tensor *out_like(const idd_tensor *a, const idd_tensor *b, idd_dtype dt, int nd, const int64_t *shape) {
+    const idd_tensor *ops[2] = {a, b};
+    for (int k = 0; k < 2; k++) {
+        const idd_tensor *t = ops[k];
+        if (t && t->ndim == nd && !memcmp(t->shape, shape, sizeof(int64_t) * nd) && idd_is_channels_last(t))
+            return idd_tensor_empty_like(t, dt);
+    }
+    return idd_tensor_new(dt, a->device, nd, shape);
 }
 
 /* short internal helpers used by the backward functions (grad mode is off there) */
@@ -91,7 +110,8 @@ static idd_status binary_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) 
     return IDD_OK;
 }
 
-idd_tensor *idd_binary(idd_binop op, idd_tensor *a, idd_tensor *b) {
+/* out_dt < 0: the promoted dtype */
+static idd_tensor *binary_dt(idd_binop op, idd_tensor *a, idd_tensor *b, int out_dt) {
     char sa[96], sb[96];
     int64_t shape[IDD_MAX_DIMS];
     int nd = broadcast_shape(a, b, shape);
@@ -105,14 +125,14 @@ idd_tensor *idd_binary(idd_binop op, idd_tensor *a, idd_tensor *b) {
                   idd_device_name(b->device));
         return NULL;
     }
-    idd_tensor *out = idd_tensor_new(promote(a->dtype, b->dtype), a->device, nd, shape);
+    idd_tensor *out = out_like(a, b, out_dt >= 0 ? (idd_dtype)out_dt : promote(a->dtype, b->dtype), nd, shape);
     idd_tensor *ea = out ? idd_view_expand(a, nd, shape) : NULL;
     idd_tensor *eb = ea ? idd_view_expand(b, nd, shape) : NULL;
     idd_status st = eb ? idd_backend_of(out)->binary(op, out, ea, eb) : IDD_ERR;
     idd_tensor_release(ea);
     idd_tensor_release(eb);
     if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
-    if (op <= IDD_BIN_MIN && out->dtype <= IDD_F64) {
+    if (op <= IDD_BIN_MIN && is_float(out->dtype)) {
         idd_tensor *ins[2] = {a, b};
         idd_node *n = idd_record(idd_binop_name(op), binary_backward, out, 2, ins);
         if (n) {
@@ -128,13 +148,16 @@ idd_tensor *idd_binary(idd_binop op, idd_tensor *a, idd_tensor *b) {
     return out;
 }
 
+idd_tensor *idd_binary(idd_binop op, idd_tensor *a, idd_tensor *b) { return binary_dt(op, a, b, -1); }
+
 idd_tensor *idd_binary_scalar(idd_binop op, idd_tensor *a, double s, bool scalar_first) {
     idd_dtype dt = a->dtype;
     if ((dt == IDD_I64 || dt == IDD_U8) && s != floor(s)) dt = IDD_F32;
-    idd_tensor *sc = idd_tensor_new(dt, a->device, 0, NULL);
+    /* a bf16 tensor's scalar is held in f32 (0.1 is not rounded to bf16); the result stays bf16 */
+    idd_tensor *sc = idd_tensor_new(dt == IDD_BF16 ? IDD_F32 : dt, a->device, 0, NULL);
     if (!sc) return NULL;
     idd_fill_(sc, s);
-    idd_tensor *r = scalar_first ? idd_binary(op, sc, a) : idd_binary(op, a, sc);
+    idd_tensor *r = scalar_first ? binary_dt(op, sc, a, dt) : binary_dt(op, a, sc, dt);
     idd_tensor_release(sc);
     return r;
 }
@@ -206,15 +229,13 @@ static idd_status unary_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     return r ? IDD_OK : IDD_ERR;
 }
 
-static idd_tensor *float_like(idd_tensor *a) {
-    idd_dtype dt = a->dtype == IDD_F64 ? IDD_F64 : IDD_F32;
-    return idd_tensor_new(dt, a->device, a->ndim, a->shape);
-}
+/* same shape and layout; float dtypes kept, integers become f32 */
+static idd_tensor *float_like(idd_tensor *a) { return idd_tensor_empty_like(a, is_float(a->dtype) ? a->dtype : IDD_F32); }
 
 idd_tensor *idd_unary(idd_unop op, idd_tensor *a) {
     idd_tensor *out = (op == IDD_UN_NEG || op == IDD_UN_ABS || op == IDD_UN_SQUARE || op == IDD_UN_SIGN ||
                        op == IDD_UN_FLOOR)
-                          ? idd_tensor_like(a)
+                          ? idd_tensor_empty_like(a, a->dtype)
                           : float_like(a);
     if (!out) return NULL;
     if (idd_backend_of(a)->unary(op, out, a) != IDD_OK) { idd_tensor_release(out); return NULL; }
@@ -246,7 +267,7 @@ static idd_status clamp_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
 }
 
 idd_tensor *idd_clamp(idd_tensor *a, double lo, double hi) {
-    idd_tensor *out = idd_tensor_like(a);
+    idd_tensor *out = idd_tensor_empty_like(a, a->dtype);
     if (!out) return NULL;
     if (idd_backend_of(a)->clamp(out, a, lo, hi) != IDD_OK) { idd_tensor_release(out); return NULL; }
     idd_node *n = idd_record("clamp", clamp_backward, out, 1, &a);
@@ -260,7 +281,7 @@ static idd_status affine_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) 
 }
 
 idd_tensor *idd_affine(idd_tensor *a, double scale, double shift) {
-    idd_tensor *out = (a->dtype == IDD_F64 || a->dtype == IDD_F32) ? idd_tensor_like(a) : float_like(a);
+    idd_tensor *out = float_like(a);
     if (!out) return NULL;
     if (idd_backend_of(a)->affine(out, a, scale, shift) != IDD_OK) { idd_tensor_release(out); return NULL; }
     idd_node *n = idd_record("affine", affine_backward, out, 1, &a);
@@ -281,11 +302,15 @@ static idd_status where_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     return (n->needs[1] && !gin[1]) || (n->needs[2] && !gin[2]) ? IDD_ERR : IDD_OK;
 }
 
-/* cond ? a : b, computed as b + cond*(a - b) with cond in {0,1} (NaN-safe via masks) */
+/* cond ? a : b, computed as b + cond*(a - b) with cond in {0,1} (NaN-safe via masks);
+ * the masks are made in the dtype of a and b, so bf16 operands give a bf16 result */
 idd_tensor *idd_where(idd_tensor *cond, idd_tensor *a, idd_tensor *b) {
     bool prev = idd_grad_enabled();
     idd_set_grad_enabled(false);
-    idd_tensor *c = idd_binary_scalar(IDD_BIN_NE, cond, 0, false);
+    idd_dtype dt = promote(a->dtype, b->dtype);
+    idd_tensor *c0 = idd_binary_scalar(IDD_BIN_NE, cond, 0, false);
+    idd_tensor *c = c0 && c0->dtype != dt && is_float(dt) ? binary_dt(IDD_BIN_MUL, c0, c0, dt) : c0;
+    if (c != c0) idd_tensor_release(c0);
     idd_tensor *nc = c ? idd_affine(c, -1, 1) : NULL;
     idd_tensor *ca = nc ? bin(IDD_BIN_MUL, c, a) : NULL, *cb = ca ? bin(IDD_BIN_MUL, nc, b) : NULL;
     idd_tensor *out = cb ? bin(IDD_BIN_ADD, ca, cb) : NULL;

@@ -1,6 +1,9 @@
 /* reduce.c — sum, mean, max/min (with arg indices), var, logsumexp, softmax along a
  * dim or over everything; each forward followed by its backward. Accumulation is in
- * double on the CPU backend. */
+ * double on the CPU backend (and on the GPU). Result dtypes: f32 and f64 stay; bf16
+ * reduces to f32 (a sum of many bf16 terms, bias gradients, keeps its precision; max/min
+ * are exact in f32 too); integers reduce to f64 (max/min of int64 stay int64). The
+ * gradient goes back to a bf16 input in bf16 (the tape converts it). */
 #include "iddpm/ops.h"
 
 #include <string.h>
@@ -87,7 +90,7 @@ static idd_tensor *reduce(idd_redop op, idd_tensor *a, int dim, bool keepdim, id
     }
     int64_t kshape[IDD_MAX_DIMS];
     reduced_shape(src, d, kshape);
-    idd_dtype dt = src->dtype == IDD_F32 || src->dtype == IDD_F64 ? src->dtype : IDD_F64;
+    idd_dtype dt = src->dtype == IDD_F32 || src->dtype == IDD_F64 ? src->dtype : src->dtype == IDD_BF16 ? IDD_F32 : IDD_F64;
     if ((op == IDD_RED_MAX || op == IDD_RED_MIN) && src->dtype == IDD_I64) dt = IDD_I64;
     idd_tensor *out = idd_tensor_new(dt, src->device, src->ndim, kshape);
     idd_tensor *idx = out && arg ? idd_tensor_new(IDD_I64, src->device, src->ndim, kshape) : NULL;

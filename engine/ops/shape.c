@@ -1,6 +1,8 @@
 /* shape.c — differentiable reshape, narrow, permute/transpose, expand, concat,
- * detach, dtype cast and contiguous; each forward followed by its backward. Views
- * share storage with their input; concat and cast copy. */
+ * detach, dtype cast, contiguous and channels_last; each forward followed by its
+ * backward. Views share storage with their input (reshape views whenever the strides
+ * allow, channels-last included); concat, cast and the layout changes copy.
+ * Gradients come back in the input's dtype and layout. */
 #include "iddpm/ops.h"
 
 #include <stdlib.h>
@@ -40,10 +42,13 @@ idd_tensor *idd_reshape(idd_tensor *a, int ndim, const int64_t *shape_in) {
                   idd_shape_str_n(ndim, shape_in, sb, 96));
         return NULL;
     }
-    idd_tensor *src = idd_contiguous(a), *out = NULL;
-    if (!src) return NULL;
-    out = idd_view_reshape(src, ndim, shape);
-    idd_tensor_release(src);
+    idd_tensor *out = idd_view_reshape(a, ndim, shape);
+    if (!out) {   /* the strides do not allow a view: copy */
+        idd_tensor *src = idd_contiguous(a);
+        if (!src) return NULL;
+        out = idd_view_reshape(src, ndim, shape);
+        idd_tensor_release(src);
+    }
     if (out) idd_record("reshape", reshape_backward, out, 1, &a);
     return out;
 }
@@ -52,9 +57,10 @@ idd_tensor *idd_reshape(idd_tensor *a, int ndim, const int64_t *shape_in) {
 
 static idd_status narrow_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *a = n->in[0];
-    idd_tensor *z = idd_tensor_zeros(g->dtype, g->device, a->ndim, a->shape);
-    idd_tensor *v = z ? idd_view_narrow(z, (int)n->ip[0], n->ip[1], n->ip[2]) : NULL;
-    idd_status st = v ? idd_copy_(v, g) : IDD_ERR;
+    idd_tensor *z = idd_tensor_empty_like(a, a->dtype);
+    idd_status st = z ? idd_fill_(z, 0) : IDD_ERR;
+    idd_tensor *v = st == IDD_OK ? idd_view_narrow(z, (int)n->ip[0], n->ip[1], n->ip[2]) : NULL;
+    st = v ? idd_copy_(v, g) : IDD_ERR;
     idd_tensor_release(v);
     if (st != IDD_OK) { idd_tensor_release(z); return IDD_ERR; }
     gin[0] = z;
@@ -132,9 +138,10 @@ static idd_status concat_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) 
     int64_t start = 0;
     for (int k = 0; k < n->n_in; k++) {
         int64_t len = n->in[k]->shape[d];
-        if (n->needs[k]) {
+        if (n->needs[k]) {   /* in the input's dtype and layout */
             idd_tensor *v = idd_view_narrow(g, d, start, len);
-            gin[k] = v ? idd_clone(v) : NULL;
+            gin[k] = v ? idd_tensor_empty_like(n->in[k], n->in[k]->dtype) : NULL;
+            if (gin[k] && idd_copy_(gin[k], v) != IDD_OK) { idd_tensor_release(gin[k]); gin[k] = NULL; }
             idd_tensor_release(v);
             if (!gin[k]) return IDD_ERR;
         }
@@ -154,6 +161,7 @@ idd_tensor *idd_concat(int n, idd_tensor **ts, int dim) {
     memcpy(shape, ts[0]->shape, sizeof shape);
     shape[d] = 0;
     idd_dtype dt = ts[0]->dtype;
+    bool cl = true;   /* all channels-last: so is the result */
     for (int k = 0; k < n; k++) {
         bool ok = ts[k]->ndim == ts[0]->ndim && ts[k]->device == ts[0]->device;
         for (int i = 0; ok && i < ts[0]->ndim; i++) ok = i == d || ts[k]->shape[i] == ts[0]->shape[i];
@@ -162,10 +170,15 @@ idd_tensor *idd_concat(int n, idd_tensor **ts, int dim) {
                       idd_shape_str(ts[k], sa, 96), idd_shape_str(ts[0], sb, 96), d + 1);
             return NULL;
         }
-        if (ts[k]->dtype == IDD_F64 || (ts[k]->dtype == IDD_F32 && dt != IDD_F64)) dt = ts[k]->dtype;
+        /* bf16 < f32 < f64 above the integer dtypes */
+        if (ts[k]->dtype == IDD_F64 || (ts[k]->dtype == IDD_F32 && dt != IDD_F64) ||
+            (ts[k]->dtype == IDD_BF16 && dt != IDD_F64 && dt != IDD_F32))
+            dt = ts[k]->dtype;
+        cl = cl && idd_is_channels_last(ts[k]);
         shape[d] += ts[k]->shape[d];
     }
-    idd_tensor *out = idd_tensor_new(dt, ts[0]->device, ts[0]->ndim, shape);
+    idd_tensor *out = cl ? idd_tensor_new_channels_last(dt, ts[0]->device, ts[0]->ndim, shape)
+                         : idd_tensor_new(dt, ts[0]->device, ts[0]->ndim, shape);
     if (!out) return NULL;
     int64_t start = 0;
     for (int k = 0; k < n; k++) {
@@ -184,21 +197,40 @@ idd_tensor *idd_concat(int n, idd_tensor **ts, int dim) {
 
 idd_tensor *idd_detach(idd_tensor *a) { return idd_view_alias(a); }
 
-static idd_status cast_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
-    gin[0] = idd_to_dtype(g, n->in[0]->dtype);
+/* the gradient in the input's dtype and layout (cast, contiguous, channels_last) */
+static idd_status relayout_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *a = n->in[0];
+    gin[0] = idd_tensor_empty_like(a, a->dtype);
+    if (gin[0] && idd_copy_(gin[0], g) != IDD_OK) { idd_tensor_release(gin[0]); gin[0] = NULL; }
     return gin[0] ? IDD_OK : IDD_ERR;
 }
 
+static bool float_dtype(idd_dtype dt) { return dt == IDD_F32 || dt == IDD_F64 || dt == IDD_BF16; }
+
+/* a contiguous copy in dt (a view when the dtype is already dt); differentiable between
+ * float dtypes (f32, f64, bf16) */
 idd_tensor *idd_cast(idd_tensor *a, idd_dtype dt) {
     if (a->dtype == dt) { idd_tensor *v = idd_view_alias(a); if (v) idd_record("cast", pass_backward, v, 1, &a); return v; }
     idd_tensor *out = idd_to_dtype(a, dt);
-    if (out && (dt == IDD_F32 || dt == IDD_F64) && (a->dtype == IDD_F32 || a->dtype == IDD_F64))
-        idd_record("cast", cast_backward, out, 1, &a);
+    if (out && float_dtype(dt) && float_dtype(a->dtype)) idd_record("cast", relayout_backward, out, 1, &a);
     return out;
 }
 
 idd_tensor *idd_contiguous_op(idd_tensor *a) {
-    idd_tensor *out = idd_is_contiguous(a) ? idd_view_alias(a) : idd_clone(a);
-    if (out) idd_record("contiguous", pass_backward, out, 1, &a);
+    bool view = idd_is_contiguous(a);
+    idd_tensor *out = view ? idd_view_alias(a) : idd_clone(a);
+    if (out) idd_record("contiguous", view ? pass_backward : relayout_backward, out, 1, &a);
+    return out;
+}
+
+idd_tensor *idd_channels_last(idd_tensor *a, idd_dtype dt) {
+    if (a->dtype == dt && (idd_is_channels_last(a) || (a->ndim != 3 && a->ndim != 4 && idd_is_contiguous(a)))) {
+        idd_tensor *v = idd_view_alias(a);
+        if (v) idd_record("channels_last", pass_backward, v, 1, &a);
+        return v;
+    }
+    idd_tensor *out = idd_tensor_new_channels_last(dt, a->device, a->ndim, a->shape);
+    if (out && idd_copy_(out, a) != IDD_OK) { idd_tensor_release(out); return NULL; }
+    if (out && float_dtype(dt) && float_dtype(a->dtype)) idd_record("channels_last", relayout_backward, out, 1, &a);
     return out;
 }

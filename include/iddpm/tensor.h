@@ -64,7 +64,8 @@ int idd_norm_dim(const idd_tensor *t, int dim, const char *op, idd_status *st);
 size_t idd_live_bytes(void);                  /* total bytes held by live storages */
 
 /* ---- views (share storage; no autograd here — see ops.h for differentiable ones) ---- */
-idd_tensor *idd_view_reshape(idd_tensor *t, int ndim, const int64_t *shape); /* NULL if not viewable */
+/* a view whenever the strides allow (channels-last (N,C,H,W) -> (N,C,H*W) or (N,C,H*W,1)); NULL if not */
+idd_tensor *idd_view_reshape(idd_tensor *t, int ndim, const int64_t *shape);
 idd_tensor *idd_view_narrow(idd_tensor *t, int dim, int64_t start, int64_t len);
 idd_tensor *idd_view_permute(idd_tensor *t, const int *perm);
 idd_tensor *idd_view_expand(idd_tensor *t, int ndim, const int64_t *shape);
@@ -74,8 +75,8 @@ idd_tensor *idd_view_alias(idd_tensor *t);    /* same view, new header (detach) 
 idd_status idd_copy_(idd_tensor *dst, const idd_tensor *src);  /* any strides/dtypes, same shape (or broadcastable) */
 idd_status idd_fill_(idd_tensor *t, double v);
 idd_tensor *idd_contiguous(idd_tensor *t);      /* retained t itself if already contiguous */
-idd_tensor *idd_to_dtype(idd_tensor *t, idd_dtype dt);
-idd_tensor *idd_to_device(idd_tensor *t, idd_device dev);
+idd_tensor *idd_to_dtype(idd_tensor *t, idd_dtype dt);      /* contiguous result */
+idd_tensor *idd_to_device(idd_tensor *t, idd_device dev);   /* keeps channels-last, else contiguous */
 idd_tensor *idd_clone(idd_tensor *t);
 /* read element i (row-major logical index) of any tensor as double (slow; for tests/Lua) */
 double idd_get_flat(const idd_tensor *t, int64_t i);
