@@ -53,6 +53,10 @@ struct cu_desc {
  * contiguous with respect to each other in every operand). Fills d[k] and base offsets;
  * returns the element count. */
 int64_t cu_coalesce(int n, const idd_tensor *const *ts, cu_desc *d);
+/* The same after ordering the dims by ts[0]'s strides, largest first (stable), so that
+ * operands that share one dense layout (channels-last ones: NHWC memory) coalesce to a
+ * single stride-1 dim, and a kernel walks ts[0] (the output) in memory order. */
+int64_t cu_coalesce_sorted(int n, const idd_tensor *const *ts, cu_desc *d);
 
 /* Device scratch memory (grow-only per slot, stream-ordered: only valid until the next
  * call for the same slot). NULL on out-of-memory, with the message set. */
@@ -111,8 +115,50 @@ template <int NOP> __device__ __forceinline__ void cu_offsets32(const cu_desc32 
     }
 }
 
+/* bfloat16 bits <-> float, rounding to nearest even as idd_bf16_from_f32 (bf16.h) does,
+ * NaNs included, so GPU and CPU conversions agree bit for bit */
+__device__ __forceinline__ float cu_bf16_to_f32(uint16_t h) { return __uint_as_float((unsigned)h << 16); }
+__device__ __forceinline__ uint16_t cu_f32_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* typed element access for the float32 / bfloat16 kernels (bf16 stored as uint16_t):
+ * values travel as float */
+__device__ __forceinline__ float cu_ld(const float *p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float cu_ld(const uint16_t *p, int64_t i) { return cu_bf16_to_f32(p[i]); }
+__device__ __forceinline__ void cu_st(float *p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void cu_st(uint16_t *p, int64_t i, float v) { p[i] = cu_f32_to_bf16(v); }
+
+/* 8 consecutive elements at p (16-byte aligned) to and from float: one 16-byte access
+ * per 8 bf16, two float4 per 8 float32 */
+__device__ __forceinline__ void cu_ld8(const float *p, float v[8]) {
+    float4 x = ((const float4 *)p)[0], y = ((const float4 *)p)[1];
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w, v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
+}
+__device__ __forceinline__ void cu_ld8(const uint16_t *p, float v[8]) {
+    uint4 u = *(const uint4 *)p;
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = __uint_as_float(w[k] << 16);
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void cu_st8(float *p, const float v[8]) {
+    ((float4 *)p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    ((float4 *)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void cu_st8(uint16_t *p, const float v[8]) {
+    unsigned w[4];
+    for (int k = 0; k < 4; k++) w[k] = (unsigned)cu_f32_to_bf16(v[2 * k]) | ((unsigned)cu_f32_to_bf16(v[2 * k + 1]) << 16);
+    *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 __device__ __forceinline__ double cu_load(const void *p, int dt, int64_t i) {
     switch (dt) {
+    case IDD_BF16: return cu_bf16_to_f32(((const uint16_t *)p)[i]);
     case IDD_F32: return ((const float *)p)[i];
     case IDD_F64: return ((const double *)p)[i];
     case IDD_I64: return (double)((const int64_t *)p)[i];
@@ -121,6 +167,7 @@ __device__ __forceinline__ double cu_load(const void *p, int dt, int64_t i) {
 }
 __device__ __forceinline__ void cu_store(void *p, int dt, int64_t i, double v) {
     switch (dt) {
+    case IDD_BF16: ((uint16_t *)p)[i] = cu_f32_to_bf16((float)v); break;
     case IDD_F32: ((float *)p)[i] = (float)v; break;
     case IDD_F64: ((double *)p)[i] = v; break;
     case IDD_I64: ((int64_t *)p)[i] = (int64_t)v; break;

@@ -1,9 +1,15 @@
 /* pointwise.cu — binary (with broadcast views: stride-0 inputs), unary, clamp and
- * affine on the device. Operands are coalesced on the host (cu_coalesce) so most calls
- * index 1 to 3 dims; float32 contiguous operands take a fast path (float4 when
- * aligned), strided float32 ones a 32-bit index walk when their offsets fit (cu_desc32). Math is
- * done in double and rounded, as the CPU backend does, so results match it exactly for
- * + - * / and to an ulp for the transcendental functions. */
+ * affine on the device. Operands are coalesced on the host after ordering the dims by
+ * the output's strides (cu_coalesce_sorted), so most calls index 1 to 3 dims and
+ * operands sharing one dense layout (contiguous, or channels-last) are one flat run.
+ * float32 contiguous operands take a fast path (float4 when aligned). Any mix of
+ * float32 and bfloat16 operands and output has typed kernels: a flat one (8 elements
+ * per thread, 16-byte accesses: 8 bf16 per load; a stride-0 operand is one value) and
+ * a 32-bit index walk (cu_desc32); other dtypes go through double. bf16 is loaded to
+ * float and stored rounded to nearest even. + - * / are computed in float (the
+ * correctly rounded result, as the CPU's double math rounded to float), the rest in
+ * double and rounded, as the CPU backend does: bf16 results match it bit for bit for
+ * + - * /, and to an ulp of float before the bf16 rounding elsewhere. */
 #include "cuda_common.cuh"
 
 __device__ __forceinline__ double bin_apply(int op, double a, double b) {
@@ -109,14 +115,73 @@ __global__ void k_bin_f32(int op, float *o, cu_desc od, const float *a, cu_desc 
     }
 }
 
-/* the same with 32-bit indices (cu_desc32: count and offsets fit in int32) */
-__global__ void k_bin_f32_32(int op, float *o, const float *a, const float *b, cu_desc32 d, int n) {
+/* float32 / bfloat16 operands in any mix ------------------------------------------ */
+
+/* flat: every operand one stride-1 run (sa/sb: 1) or one value (0); 8 elements a thread */
+template <typename O, typename A, typename B>
+__global__ void k_bin_flat(int op, O *o, const A *a, int sa, const B *b, int sb, int64_t n, bool vec) {
+    for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c * 8 < n; c += (int64_t)gridDim.x * blockDim.x) {
+        int64_t i = c * 8;
+        float x[8], y[8];
+        if (vec && i + 8 <= n) {
+            if (sa) cu_ld8(a + i, x); else for (int k = 0; k < 8; k++) x[k] = cu_ld(a, 0);
+            if (sb) cu_ld8(b + i, y); else for (int k = 0; k < 8; k++) y[k] = cu_ld(b, 0);
+            for (int k = 0; k < 8; k++) x[k] = bin_f32(op, x[k], y[k]);
+            cu_st8(o + i, x);
+        } else {
+            for (int64_t j = i; j < n && j < i + 8; j++)
+                cu_st(o, j, bin_f32(op, cu_ld(a, sa ? j : 0), cu_ld(b, sb ? j : 0)));
+        }
+    }
+}
+
+template <typename O, typename A, typename B>
+__global__ void k_bin_t32(int op, O *o, const A *a, const B *b, cu_desc32 d, int n) {
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)n; i += gridDim.x * blockDim.x) {
         int off[3];
         cu_offsets32<3>(d, i, off);
-        o[off[0]] = bin_f32(op, a[off[1]], b[off[2]]);
+        cu_st(o, off[0], bin_f32(op, cu_ld(a, off[1]), cu_ld(b, off[2])));
     }
 }
+
+/* a coalesced operand that is one stride-1 run (1), one value (0), or neither (-1) */
+static int flat_stride(const cu_desc &d) {
+    if (d.ndim == 0) return 0;
+    if (d.ndim == 1 && (d.stride[0] == 1 || d.stride[0] == 0)) return (int)d.stride[0];
+    return -1;
+}
+
+static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+/* true when launched (float32 / bfloat16 operands and a flat or 32-bit walk) */
+template <typename O, typename A, typename B>
+static bool bin_typed(int op, void *o, const void *a, const void *b, const cu_desc *d, int64_t n) {
+    int so = flat_stride(d[0]), sa = flat_stride(d[1]), sb = flat_stride(d[2]);
+    if (so == 1 || (so == 0 && n == 1)) {
+        if (sa >= 0 && sb >= 0) {
+            bool vec = aligned16(o) && (!sa || aligned16(a)) && (!sb || aligned16(b));
+            unsigned nb = cu_blocks((n + 7) / 8, 256);
+            k_bin_flat<O, A, B><<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>(op, (O *)o, (const A *)a, sa,
+                                                                                  (const B *)b, sb, n, vec);
+            return true;
+        }
+    }
+    cu_desc32 d32;
+    if (!cu_desc32_make(3, d, n, &d32)) return false;
+    k_bin_t32<O, A, B><<<grid_for(n), 256, 0, idd_cu_stream>>>(op, (O *)o, (const A *)a, (const B *)b, d32, (int)n);
+    return true;
+}
+
+template <typename O, typename A>
+static bool bin_pick_b(int bdt, int op, void *o, const void *a, const void *b, const cu_desc *d, int64_t n) {
+    return bdt == IDD_BF16 ? bin_typed<O, A, uint16_t>(op, o, a, b, d, n) : bin_typed<O, A, float>(op, o, a, b, d, n);
+}
+template <typename O>
+static bool bin_pick_a(int adt, int bdt, int op, void *o, const void *a, const void *b, const cu_desc *d, int64_t n) {
+    return adt == IDD_BF16 ? bin_pick_b<O, uint16_t>(bdt, op, o, a, b, d, n) : bin_pick_b<O, float>(bdt, op, o, a, b, d, n);
+}
+
+static bool f32_or_bf16(int dt) { return dt == IDD_F32 || dt == IDD_BF16; }
 
 __global__ void k_bin_any(int op, void *o, int odt, cu_desc od, const void *a, int adt, cu_desc ad, const void *b,
                           int bdt, cu_desc bd, int64_t n) {
@@ -144,11 +209,16 @@ extern "C" idd_status cu_binary(idd_binop op, idd_tensor *out, const idd_tensor 
     } else {
         const idd_tensor *ts[3] = {out, a, b};
         cu_desc d[3];
-        cu_coalesce(3, ts, d);
-        cu_desc32 d32;
-        if (f32 && cu_desc32_make(3, d, n, &d32))
-            k_bin_f32_32<<<nb, 256, 0, idd_cu_stream>>>(op, (float *)idd_data(out), (const float *)idd_data(a),
-                                                        (const float *)idd_data(b), d32, (int)n);
+        cu_coalesce_sorted(3, ts, d);
+        bool done = false;
+        if (f32_or_bf16(out->dtype) && f32_or_bf16(a->dtype) && f32_or_bf16(b->dtype)) {
+            void *o = idd_data(out);
+            const void *x = idd_data(a), *y = idd_data(b);
+            done = out->dtype == IDD_BF16 ? bin_pick_a<uint16_t>(a->dtype, b->dtype, op, o, x, y, d, n)
+                                          : bin_pick_a<float>(a->dtype, b->dtype, op, o, x, y, d, n);
+        }
+        if (done)
+            ;   /* launched by bin_typed (flat or 32-bit walk) */
         else if (f32)
             k_bin_f32<<<nb, 256, 0, idd_cu_stream>>>(op, (float *)idd_data(out), d[0], (const float *)idd_data(a), d[1],
                                                      (const float *)idd_data(b), d[2], n);
@@ -174,6 +244,46 @@ __global__ void k_un_f32_contig(int kind, int op, double lo, double hi, float *o
     GRID_STRIDE(i, n) o[i] = (float)un_kind(kind, op, lo, hi, a[i]);
 }
 
+/* float32 / bfloat16 in any mix: flat (8 a thread, 16-byte accesses) or a 32-bit walk */
+template <typename O, typename A>
+__global__ void k_un_flat(int kind, int op, double lo, double hi, O *o, const A *a, int64_t n, bool vec) {
+    for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c * 8 < n; c += (int64_t)gridDim.x * blockDim.x) {
+        int64_t i = c * 8;
+        if (vec && i + 8 <= n) {
+            float x[8];
+            cu_ld8(a + i, x);
+            for (int k = 0; k < 8; k++) x[k] = (float)un_kind(kind, op, lo, hi, x[k]);
+            cu_st8(o + i, x);
+        } else {
+            for (int64_t j = i; j < n && j < i + 8; j++) cu_st(o, j, (float)un_kind(kind, op, lo, hi, cu_ld(a, j)));
+        }
+    }
+}
+
+template <typename O, typename A>
+__global__ void k_un_t32(int kind, int op, double lo, double hi, O *o, const A *a, cu_desc32 d, int n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)n; i += gridDim.x * blockDim.x) {
+        int off[2];
+        cu_offsets32<2>(d, i, off);
+        cu_st(o, off[0], (float)un_kind(kind, op, lo, hi, cu_ld(a, off[1])));
+    }
+}
+
+template <typename O, typename A>
+static bool un_typed(int kind, int op, double lo, double hi, void *o, const void *a, const cu_desc *d, int64_t n) {
+    if ((d[0].ndim == 0 && n == 1) || (d[0].ndim == 1 && d[0].stride[0] == 1 && d[1].stride[0] == 1)) {
+        bool vec = aligned16(o) && aligned16(a);
+        unsigned nb = cu_blocks((n + 7) / 8, 256);
+        k_un_flat<O, A><<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>(kind, op, lo, hi, (O *)o, (const A *)a, n,
+                                                                          vec);
+        return true;
+    }
+    cu_desc32 d32;
+    if (!cu_desc32_make(2, d, n, &d32)) return false;
+    k_un_t32<O, A><<<grid_for(n), 256, 0, idd_cu_stream>>>(kind, op, lo, hi, (O *)o, (const A *)a, d32, (int)n);
+    return true;
+}
+
 __global__ void k_un_any(int kind, int op, double lo, double hi, void *o, int odt, cu_desc od, const void *a, int adt,
                          cu_desc ad, int64_t n) {
     GRID_STRIDE(i, n) cu_store(o, odt, cu_offset(od, i), un_kind(kind, op, lo, hi, cu_load(a, adt, cu_offset(ad, i))));
@@ -190,8 +300,19 @@ static idd_status un_common(int kind, int op, double lo, double hi, idd_tensor *
     } else {
         const idd_tensor *ts[2] = {out, a};
         cu_desc d[2];
-        cu_coalesce(2, ts, d);
-        k_un_any<<<nb, 256, 0, idd_cu_stream>>>(kind, op, lo, hi, idd_data(out), out->dtype, d[0], idd_data(a),
+        cu_coalesce_sorted(2, ts, d);
+        bool done = false;
+        if (f32_or_bf16(out->dtype) && f32_or_bf16(a->dtype)) {
+            void *o = idd_data(out);
+            const void *x = idd_data(a);
+            bool ob = out->dtype == IDD_BF16, ab = a->dtype == IDD_BF16;
+            done = ob && ab ? un_typed<uint16_t, uint16_t>(kind, op, lo, hi, o, x, d, n)
+                   : ob     ? un_typed<uint16_t, float>(kind, op, lo, hi, o, x, d, n)
+                   : ab     ? un_typed<float, uint16_t>(kind, op, lo, hi, o, x, d, n)
+                            : un_typed<float, float>(kind, op, lo, hi, o, x, d, n);
+        }
+        if (!done)
+            k_un_any<<<nb, 256, 0, idd_cu_stream>>>(kind, op, lo, hi, idd_data(out), out->dtype, d[0], idd_data(a),
                                                 a->dtype, d[1], n);
     }
     char sb[96];

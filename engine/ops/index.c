@@ -1,13 +1,17 @@
 /* index.c — index_select (gather rows by integer index, e.g. a per-timestep
- * coefficient lookup) and its backward (scatter-add). */
+ * coefficient lookup) and its backward (scatter-add, in f32 for a bf16 input). */
 #include "iddpm/ops.h"
 
 #include <string.h>
 
 static idd_status index_select_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *a = n->in[0], *idx = n->in[1];
-    idd_tensor *z = idd_tensor_zeros(g->dtype, IDD_CPU, a->ndim, a->shape);
-    idd_tensor *gc = z ? idd_to_device(g, IDD_CPU) : NULL;
+    /* scatter-add in f32 (f64 for f64); the tape converts to a's dtype (bf16) */
+    idd_dtype dt = g->dtype == IDD_F64 ? IDD_F64 : IDD_F32;
+    idd_tensor *z = idd_tensor_zeros(dt, IDD_CPU, a->ndim, a->shape);
+    idd_tensor *g0 = z ? idd_to_device(g, IDD_CPU) : NULL;
+    idd_tensor *gc = g0 ? idd_to_dtype(g0, dt) : NULL;
+    idd_tensor_release(g0);
     idd_tensor *icpu = gc ? idd_to_device(idx, IDD_CPU) : NULL;
     idd_tensor *ic = icpu ? idd_to_dtype(icpu, IDD_I64) : NULL;
     idd_tensor_release(icpu);
