@@ -102,6 +102,14 @@ struct cu_desc32 {
 };
 bool cu_desc32_make(int nop, const cu_desc *d, int64_t numel, cu_desc32 *out);
 
+/* The 8-wide walk: every 8 consecutive elements share their outer coordinates (the
+ * innermost coalesced dim is a multiple of 8), ts[0] runs with stride 1 along it, the
+ * others with stride 1 or 0 (a broadcast value: a bias over NHWC rows), and the stride-1
+ * ones are 16-byte aligned at every row start. Then one index split per 8 elements and
+ * 16-byte accesses: a channels-last tensor plus an (N,C,1,1) one, a cat along C.
+ * inner[k] gets operand k's inner stride (0 or 1). */
+bool cu_vec8_ok(int nop, const cu_desc *d, const void *const *ptrs, const size_t *elsize, int *inner);
+
 template <int NOP> __device__ __forceinline__ void cu_offsets32(const cu_desc32 &d, unsigned i, int off[NOP]) {
     for (int k = 0; k < NOP; k++) off[k] = 0;
     for (int j = d.ndim - 1; j >= 0; j--) {

@@ -315,6 +315,21 @@ bool cu_desc32_make(int nop, const cu_desc *d, int64_t numel, cu_desc32 *out) {
 }
 
 
+bool cu_vec8_ok(int nop, const cu_desc *d, const void *const *ptrs, const size_t *elsize, int *inner) {
+    int nd = d[0].ndim;
+    if (nd < 1 || d[0].shape[nd - 1] % 8 != 0 || d[0].stride[nd - 1] != 1) return false;
+    for (int k = 0; k < nop; k++) {
+        int64_t s = d[k].stride[nd - 1];
+        if (s != 0 && s != 1) return false;
+        inner[k] = (int)s;
+        if (s == 0) continue;
+        if (((uintptr_t)ptrs[k] & 15) != 0) return false;
+        for (int j = 0; j < nd - 1; j++)
+            if ((d[k].stride[j] * (int64_t)elsize[k]) % 16 != 0) return false;
+    }
+    return true;
+}
+
 __global__ void k_copy_f32(float *dst, cu_desc dd, const float *src, cu_desc sd, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         dst[cu_offset(dd, i)] = src[cu_offset(sd, i)];
@@ -341,6 +356,18 @@ template <typename D, typename S> __global__ void k_copy_flat(D *dst, const S *s
         } else {
             for (int64_t j = i; j < n && j < i + 8; j++) cu_st(dst, j, cu_ld(src, j));
         }
+    }
+}
+
+/* the 8-wide walk (cu_vec8_ok): rows of a cat along C, broadcast rows */
+template <typename D, typename S> __global__ void k_copy_vec8(D *dst, const S *src, int ss, cu_desc32 d, int n8) {
+    for (unsigned q = blockIdx.x * blockDim.x + threadIdx.x; q < (unsigned)n8; q += gridDim.x * blockDim.x) {
+        int off[2];
+        cu_offsets32<2>(d, q * 8, off);
+        float v[8];
+        if (ss) cu_ld8(src + off[1], v);
+        else for (int k = 0; k < 8; k++) v[k] = cu_ld(src, off[1]);
+        cu_st8(dst + off[0], v);
     }
 }
 
@@ -385,6 +412,15 @@ template <typename D, typename S> static void copy_typed(void *dst, const void *
         k_copy_flat<D, S><<<nb8 > 65536 ? 65536 : nb8, 256, 0, idd_cu_stream>>>(dp, sp, n, vec);
         return;
     }
+    cu_desc32 d32;
+    const void *ptrs[2] = {dp, sp};
+    size_t es[2] = {sizeof(D), sizeof(S)};
+    int inner[2];
+    if (cu_vec8_ok(2, d, ptrs, es, inner) && cu_desc32_make(2, d, n, &d32)) {
+        unsigned nb8 = cu_blocks(n / 8, 256);
+        k_copy_vec8<D, S><<<nb8 > 65536 ? 65536 : nb8, 256, 0, idd_cu_stream>>>(dp, sp, inner[1], d32, (int)(n / 8));
+        return;
+    }
     /* a transpose of the last two dims (with at most one batch dim before them) */
     if (nd == 2 || nd == 3) {
         int i0 = nd - 2, i1 = nd - 1, ys = -1, xd = -1;
@@ -401,7 +437,6 @@ template <typename D, typename S> static void copy_typed(void *dst, const void *
             return;
         }
     }
-    cu_desc32 d32;
     if (cu_desc32_make(2, d, n, &d32)) {
         k_copy_t32<D, S><<<nb, 256, 0, idd_cu_stream>>>(dp, sp, d32, (int)n);
         return;

@@ -135,6 +135,20 @@ __global__ void k_bin_flat(int op, O *o, const A *a, int sa, const B *b, int sb,
     }
 }
 
+/* the 8-wide walk (cu_vec8_ok): sa/sb 1 for a run, 0 for a value broadcast along it */
+template <typename O, typename A, typename B>
+__global__ void k_bin_vec8(int op, O *o, const A *a, int sa, const B *b, int sb, cu_desc32 d, int n8) {
+    for (unsigned q = blockIdx.x * blockDim.x + threadIdx.x; q < (unsigned)n8; q += gridDim.x * blockDim.x) {
+        int off[3];
+        cu_offsets32<3>(d, q * 8, off);
+        float x[8], y[8];
+        if (sa) cu_ld8(a + off[1], x); else for (int k = 0; k < 8; k++) x[k] = cu_ld(a, off[1]);
+        if (sb) cu_ld8(b + off[2], y); else for (int k = 0; k < 8; k++) y[k] = cu_ld(b, off[2]);
+        for (int k = 0; k < 8; k++) x[k] = bin_f32(op, x[k], y[k]);
+        cu_st8(o + off[0], x);
+    }
+}
+
 template <typename O, typename A, typename B>
 __global__ void k_bin_t32(int op, O *o, const A *a, const B *b, cu_desc32 d, int n) {
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)n; i += gridDim.x * blockDim.x) {
@@ -168,6 +182,15 @@ static bool bin_typed(int op, void *o, const void *a, const void *b, const cu_de
     }
     cu_desc32 d32;
     if (!cu_desc32_make(3, d, n, &d32)) return false;
+    const void *ptrs[3] = {o, a, b};
+    size_t es[3] = {sizeof(O), sizeof(A), sizeof(B)};
+    int inner[3];
+    if (cu_vec8_ok(3, d, ptrs, es, inner)) {
+        unsigned nb = cu_blocks(n / 8, 256);
+        k_bin_vec8<O, A, B><<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>(op, (O *)o, (const A *)a, inner[1],
+                                                                              (const B *)b, inner[2], d32, (int)(n / 8));
+        return true;
+    }
     k_bin_t32<O, A, B><<<grid_for(n), 256, 0, idd_cu_stream>>>(op, (O *)o, (const A *)a, (const B *)b, d32, (int)n);
     return true;
 }
