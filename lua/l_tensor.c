@@ -501,7 +501,7 @@ static int t_newindex(lua_State *L) {
     const char *k = luaL_checkstring(L, 2);
     if (!strcmp(k, "requires_grad")) {
         bool on = lua_toboolean(L, 3);
-        if (on && t->dtype != IDD_F32 && t->dtype != IDD_F64)
+        if (on && t->dtype != IDD_F32 && t->dtype != IDD_F64 && t->dtype != IDD_BF16)
             return luaL_error(L, "requires_grad: only float tensors can require grad (this one is %s)", idd_dtype_name(t->dtype));
         if (!on && t->grad_fn) return luaL_error(L, "requires_grad: use detach() on a non-leaf tensor");
         t->requires_grad = on;

@@ -7,9 +7,15 @@
  *   forward   W = softmax(s2 * Q^T K)      (T,T) saved
  *             out = V W^T                  (ch,T)
  *   backward  dV += dout W,  dW = dout^T V,  dS = W * (dW - rowsum(dW*W)),
- *             dQ += s2 * K dS^T,  dK += s2 * Q dS */
+ *             dQ += s2 * K dS^T,  dK += s2 * Q dS
+ *
+ * bf16 channels-last qkv (cu_attention_*_bf16, end of file): memory (B, T, 3C), so head h
+ * of sample b reads q, k, v in place as row-major (T, ch) matrices with leading dim 3C;
+ * one strided-batched bf16 GEMM per head (batch B), logits and dW in fp32 scratch, the
+ * softmax in fp32 registers, W saved in bf16 (as the official code under autocast). */
 #include "cuda_common.cuh"
 
+#include <cuda_bf16.h>
 #include <math.h>
 
 /* one warp per row: in-place softmax of rows of length T */
@@ -103,5 +109,122 @@ extern "C" idd_status cu_attention_backward(float *dqkv, const float *dout, cons
     BLAS_TRY(rm_gemm(false, false, ch, T, T, s2, q, T, hs, dw, T, TT, 1.0f, dk, T, hs, BH), "attention_backward",
              ATT_SIZES, ATT_ARGS);
     CU_CHECK_LAUNCH("attention_backward", ATT_SIZES, ATT_ARGS);
+    return IDD_OK;
+}
+
+// ---------------------------------------------------------------- bf16 channels-last qkv
+
+/* one warp per row: w (bf16) = softmax of the fp32 logits row */
+__global__ void k_softmax_rows_bf16(__nv_bfloat16 *w, const float *lg, int64_t rows, int T) {
+    int64_t row = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float *p = lg + row * T;
+    __nv_bfloat16 *q = w + row * T;
+    float mx = -INFINITY;
+    for (int j = lane; j < T; j += 32) mx = fmaxf(mx, p[j]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float s = 0;
+    for (int j = lane; j < T; j += 32) s += expf(p[j] - mx);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    float inv = 1.0f / s;
+    for (int j = lane; j < T; j += 32) q[j] = __float2bfloat16(expf(p[j] - mx) * inv);
+}
+
+/* one warp per row: dS = W * (dW - rowsum(dW * W)) with dW fp32 rows of T and W bf16;
+ * dS (bf16) is written in place over the first half of dW's row (row stride 2T in bf16
+ * elements): chunk j0 writes bytes that hold fp32 elements j0/2.. already read by this
+ * warp (chunk 0: in this chunk, hence the __syncwarp between its reads and writes) */
+__global__ void k_softmax_back_rows_bf16(float *d, const __nv_bfloat16 *w, int64_t rows, int T) {
+    int64_t row = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    float *dp = d + row * T;
+    const __nv_bfloat16 *wp = w + row * T;
+    float dot = 0;
+    for (int j = lane; j < T; j += 32) dot += dp[j] * __bfloat162float(wp[j]);
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    __nv_bfloat16 *ds = (__nv_bfloat16 *)dp;
+    for (int j0 = 0; j0 < T; j0 += 32) {
+        int j = j0 + lane;
+        float v = j < T ? __bfloat162float(wp[j]) * (dp[j] - dot) : 0.0f;
+        __syncwarp();
+        if (j < T) ds[j] = __float2bfloat16(v);
+    }
+}
+
+#define BF CUDA_R_16BF
+
+extern "C" idd_status cu_attention_forward_bf16(uint16_t *out, uint16_t *weight, const uint16_t *qkv, int B, int C,
+                                                int T, int H) {
+    CU_PROF("attention_forward_bf16");
+    if (B <= 0 || C <= 0 || T <= 0 || H <= 0 || C % H)
+        return idd_error("cuda attention_forward (bf16): bad sizes: " ATT_SIZES, ATT_ARGS);
+    if (!weight) return idd_error("cuda attention_forward (bf16) " ATT_SIZES ": weight buffer missing", ATT_ARGS);
+    int ch = C / H, C3 = 3 * C;
+    int64_t TT = (int64_t)T * T, HTT = H * TT, xs = (int64_t)C3 * T, os = (int64_t)C * T;
+    float s2 = (float)(1.0 / sqrt((double)ch));
+    float *lg = (float *)cu_scratch(4, (size_t)B * HTT * sizeof(float), "attention_forward (bf16)");
+    if (!lg) return IDD_ENOMEM;
+    const __nv_bfloat16 *x = (const __nv_bfloat16 *)qkv;
+    __nv_bfloat16 *w = (__nv_bfloat16 *)weight, *o = (__nv_bfloat16 *)out;
+    for (int h = 0; h < H; h++) {
+        const __nv_bfloat16 *q = x + (int64_t)h * 3 * ch, *k = q + ch;
+        /* logits (T,T) = s2 q (T,ch) k^T (ch,T) */
+        BLAS_TRY(cu_gemm_rm(false, true, T, T, ch, s2, q, C3, xs, k, C3, xs, BF, 0.0f, lg + h * TT, T, HTT,
+                            CUDA_R_32F, B),
+                 "attention_forward (bf16)", ATT_SIZES, ATT_ARGS);
+    }
+    int64_t rows = (int64_t)B * H * T;
+    k_softmax_rows_bf16<<<cu_blocks(rows * 32, 256), 256, 0, idd_cu_stream>>>(w, lg, rows, T);
+    for (int h = 0; h < H; h++) {
+        const __nv_bfloat16 *v = x + (int64_t)h * 3 * ch + 2 * ch;
+        /* out (T,ch) = W (T,T') v (T',ch) */
+        BLAS_TRY(cu_gemm_rm(false, false, T, ch, T, 1.0f, w + h * TT, T, HTT, v, C3, xs, BF, 0.0f, o + (int64_t)h * ch,
+                            C, os, BF, B),
+                 "attention_forward (bf16)", ATT_SIZES, ATT_ARGS);
+    }
+    CU_CHECK_LAUNCH("attention_forward (bf16)", ATT_SIZES, ATT_ARGS);
+    return IDD_OK;
+}
+
+extern "C" idd_status cu_attention_backward_bf16(uint16_t *dqkv, const uint16_t *dout, const uint16_t *weight,
+                                                 const uint16_t *qkv, int B, int C, int T, int H) {
+    CU_PROF("attention_backward_bf16");
+    if (B <= 0 || C <= 0 || T <= 0 || H <= 0 || C % H)
+        return idd_error("cuda attention_backward (bf16): bad sizes: " ATT_SIZES, ATT_ARGS);
+    int ch = C / H, C3 = 3 * C;
+    int64_t TT = (int64_t)T * T, HTT = H * TT, xs = (int64_t)C3 * T, os = (int64_t)C * T;
+    float s2 = (float)(1.0 / sqrt((double)ch));
+    float *dw = (float *)cu_scratch(4, (size_t)B * HTT * sizeof(float), "attention_backward (bf16)");
+    if (!dw) return IDD_ENOMEM;
+    const __nv_bfloat16 *x = (const __nv_bfloat16 *)qkv, *w = (const __nv_bfloat16 *)weight;
+    const __nv_bfloat16 *go = (const __nv_bfloat16 *)dout;
+    __nv_bfloat16 *dx = (__nv_bfloat16 *)dqkv;
+    for (int h = 0; h < H; h++) {
+        const __nv_bfloat16 *v = x + (int64_t)h * 3 * ch + 2 * ch, *d = go + (int64_t)h * ch;
+        /* dv (T',ch) = W^T (T',T) dout (T,ch), written */
+        BLAS_TRY(cu_gemm_rm(true, false, T, ch, T, 1.0f, w + h * TT, T, HTT, d, C, os, BF, 0.0f,
+                            dx + (int64_t)h * 3 * ch + 2 * ch, C3, xs, BF, B),
+                 "attention_backward (bf16)", ATT_SIZES, ATT_ARGS);
+        /* dW (T,T') = dout (T,ch) v^T (ch,T') */
+        BLAS_TRY(cu_gemm_rm(false, true, T, T, ch, 1.0f, d, C, os, v, C3, xs, BF, 0.0f, dw + h * TT, T, HTT,
+                            CUDA_R_32F, B),
+                 "attention_backward (bf16)", ATT_SIZES, ATT_ARGS);
+    }
+    int64_t rows = (int64_t)B * H * T;
+    k_softmax_back_rows_bf16<<<cu_blocks(rows * 32, 256), 256, 0, idd_cu_stream>>>(dw, w, rows, T);
+    const __nv_bfloat16 *ds = (const __nv_bfloat16 *)dw;   /* row stride 2T (in place over dW) */
+    for (int h = 0; h < H; h++) {
+        const __nv_bfloat16 *q = x + (int64_t)h * 3 * ch, *k = q + ch, *dsh = ds + 2 * h * TT;
+        __nv_bfloat16 *dq = dx + (int64_t)h * 3 * ch;
+        /* dq (T,ch) = s2 dS (T,T') k (T',ch) */
+        BLAS_TRY(cu_gemm_rm(false, false, T, ch, T, s2, dsh, 2 * T, 2 * HTT, k, C3, xs, BF, 0.0f, dq, C3, xs, BF, B),
+                 "attention_backward (bf16)", ATT_SIZES, ATT_ARGS);
+        /* dk (T',ch) = s2 dS^T (T',T) q (T,ch) */
+        BLAS_TRY(cu_gemm_rm(true, false, T, ch, T, s2, dsh, 2 * T, 2 * HTT, q, C3, xs, BF, 0.0f, dq + ch, C3, xs, BF, B),
+                 "attention_backward (bf16)", ATT_SIZES, ATT_ARGS);
+    }
+    CU_CHECK_LAUNCH("attention_backward (bf16)", ATT_SIZES, ATT_ARGS);
     return IDD_OK;
 }
