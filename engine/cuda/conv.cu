@@ -246,7 +246,7 @@ extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const 
 extern "C" idd_status cu_conv2d_forward_bf16(uint16_t *out, const uint16_t *x, const float *w, const float *b, int N,
                                              int C, int H, int W, int O, int KH, int KW, int stride, int pad) {
     CU_PROF("conv2d_forward_bf16");
-    int Ho, Wo;
+    int Ho = 0, Wo = 0;
     idd_status st = conv_check("conv2d_forward (bf16)", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;
     if (!cu_cudnn_ready())
@@ -259,7 +259,7 @@ extern "C" idd_status cu_conv2d_backward_bf16(uint16_t *dx, float *dw, float *db
                                               const uint16_t *x, const float *w, int N, int C, int H, int W, int O,
                                               int KH, int KW, int stride, int pad) {
     CU_PROF("conv2d_backward_bf16");
-    int Ho, Wo;
+    int Ho = 0, Wo = 0;
     idd_status st = conv_check("conv2d_backward (bf16)", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
     if (st) return st;
     if (!dx && !dw && !db) return IDD_OK;

@@ -13,7 +13,8 @@
  *         gradients). Tensors outside the op stay float32.
  * The bias gradient is conv.cu's float32 reduction (double partial sums) in every mode.
  * bf16 tensors (channels-last, the GPU's bf16 activations) take their own entries at the
- * end: cuDNN on them in place, float32 weight cast per call, bias in a bf16 NHWC pass. */
+ * end: cuDNN on them in place (a 1x1 stride-1 convolution: one cuBLAS GEMM), float32
+ * weight cast per call, bias in a bf16 NHWC pass. */
 #include "cuda_common.cuh"
 
 #ifdef IDDPM_NO_CUDNN
@@ -40,6 +41,8 @@ idd_status cu_cudnn_conv_backward_bf16(void *, float *, float *, const void *, c
 #include <cuda_bf16.h>
 #include <cudnn.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <vector>
 
 /* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw */
@@ -451,21 +454,79 @@ static idd_status bias_grad_nhwc(float *db, const __nv_bfloat16 *d, int64_t rows
     return IDD_OK;
 }
 
+/* A 1x1 convolution with stride 1 and no padding is one GEMM over the NHWC rows:
+ * out (R,O) = x (R,C) wb^T, dx (R,C) = dout (R,O) wb, dw (O,C) += dout^T x (float32 out,
+ * no bf16 rounding of dw); wb (O,C) is w cast to bf16, R = N*H*W. */
+/* IDDPM_CUDA_BF16_BIAS=cudnn: the forward's bias through cuDNN's fused op (measured) */
+static int fused_bias = -1;
+static bool fused_bias_on(void) {
+    if (fused_bias < 0) {
+        const char *e = getenv("IDDPM_CUDA_BF16_BIAS");
+        fused_bias = e && !strcmp(e, "cudnn");
+    }
+    return fused_bias == 1;
+}
+
+static bool conv_is_1x1(int KH, int KW, int stride, int pad) { return KH == 1 && KW == 1 && stride == 1 && pad == 0; }
+#define GEMM_TRY(call, opname)                                                                                      \
+    do {                                                                                                            \
+        cublasStatus_t s_ = (call);                                                                                 \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                                                            \
+            return idd_error("cuda %s " CONV_SIZES ": cuBLAS status %d", opname, CONV_ARGS, (int)s_);               \
+    } while (0)
+
 idd_status cu_cudnn_conv_forward_bf16(void *out, const void *x, const float *w, const float *b, int N, int C, int H,
                                       int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
     const char *op = "conv2d_forward (bf16)";
     const void *wa = to_bf16(S_W, w, O, C, KH * KW, op);
     if (!wa) return IDD_ENOMEM;
+    if (conv_is_1x1(KH, KW, stride, pad)) {
+        int R = N * H * W;
+        GEMM_TRY(cu_gemm_rm(false, true, R, O, C, 1.0f, x, C, 0, wa, C, 0, CUDA_R_16BF, 0.0f, out, O, 0, CUDA_R_16BF, 1),
+                 op);
+        if (b) bias_nhwc((__nv_bfloat16 *)out, b, R, O);
+        CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+        return IDD_OK;
+    }
     conv_plan *p;
     idd_status st = plan_get(&p, ACT_BF16, FWD, x, wa, out, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     if (st) return st;
+    const float one = 1.0f, zero = 0.0f;
+    if (b && fused_bias_on()) {
+        /* experiment (IDDPM_CUDA_BF16_BIAS=cudnn): cuDNN's conv + bias (+ identity) op; it
+         * needs IMPLICIT_PRECOMP_GEMM and a bf16 bias */
+        static cudnnTensorDescriptor_t bd = NULL;
+        static cudnnActivationDescriptor_t ad = NULL;
+        if (!bd) {
+            DNN_TRY(cudnnCreateTensorDescriptor(&bd), op);
+            DNN_TRY(cudnnCreateActivationDescriptor(&ad), op);
+            DNN_TRY(cudnnSetActivationDescriptor(ad, CUDNN_ACTIVATION_IDENTITY, CUDNN_NOT_PROPAGATE_NAN, 0.0), op);
+        }
+        DNN_TRY(cudnnSetTensor4dDescriptor(bd, CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, 1, O, 1, 1), op);
+        __nv_bfloat16 *bb = to_bf16(S_Y, b, 1, 1, O, op);
+        size_t wsz = 0;
+        cudnnConvolutionFwdAlgo_t algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
+        DNN_TRY(cudnnGetConvolutionForwardWorkspaceSize(dnn, p->xd, p->wd, p->cd, p->yd, algo, &wsz), op);
+        void *ws = wsz ? cu_scratch(S_WS, wsz, op) : NULL;
+        if (!bb || (wsz && !ws)) return IDD_ENOMEM;
+        cudnnStatus_t s = cudnnConvolutionBiasActivationForward(dnn, &one, p->xd, x, p->wd, wa, p->cd, algo, ws, wsz,
+                                                                &zero, p->yd, out, bd, bb, ad, p->yd, out);
+        if (s == CUDNN_STATUS_SUCCESS) {
+            CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+            return IDD_OK;
+        }
+        fprintf(stderr, "iddpm: cuDNN conv+bias op failed (%s); bias in its own pass\n", cudnnGetErrorString(s));
+        fused_bias = 0;
+    }
     void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
     if (p->ws && !ws) return IDD_ENOMEM;
-    const float one = 1.0f, zero = 0.0f;
     DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, x, p->wd, wa, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
                                     p->ws, &zero, p->yd, out),
             op);
-    if (b) bias_nhwc((__nv_bfloat16 *)out, b, (int64_t)N * Ho * Wo, O);
+    if (b) {
+        CU_PROF("  conv2d_bf16 bias pass");
+        bias_nhwc((__nv_bfloat16 *)out, b, (int64_t)N * Ho * Wo, O);
+    }
     CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
     return IDD_OK;
 }
@@ -476,10 +537,28 @@ idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const voi
     const char *op = "conv2d_backward (bf16)";
     const float one = 1.0f, zero = 0.0f;
     if (db) {
+        CU_PROF("  conv2d_bf16 db");
         idd_status st = bias_grad_nhwc(db, (const __nv_bfloat16 *)dout, (int64_t)N * Ho * Wo, O);
         if (st) return st;
     }
+    if (conv_is_1x1(KH, KW, stride, pad)) {
+        int R = N * H * W;
+        if (dx) {
+            const void *wa = to_bf16(S_W, w, O, C, 1, op);
+            if (!wa) return IDD_ENOMEM;
+            GEMM_TRY(cu_gemm_rm(false, false, R, C, O, 1.0f, dout, O, 0, wa, C, 0, CUDA_R_16BF, 0.0f, dx, C, 0,
+                                CUDA_R_16BF, 1),
+                     op);
+        }
+        if (dw)
+            GEMM_TRY(cu_gemm_rm(true, false, O, C, R, 1.0f, dout, O, 0, x, C, 0, CUDA_R_16BF, 1.0f, dw, C, 0, CUDA_R_32F,
+                                1),
+                     op);
+        CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+        return IDD_OK;
+    }
     if (dx) {
+        CU_PROF("  conv2d_bf16 dx");
         /* dx (bf16 NHWC) = conv^T(dout, w), written */
         const void *wa = to_bf16(S_W, w, O, C, KH * KW, op);
         if (!wa) return IDD_ENOMEM;
@@ -493,6 +572,7 @@ idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const voi
                 op);
     }
     if (dw) {
+        CU_PROF("  conv2d_bf16 dw");
         /* dwb (O,KH,KW,C) bf16 in scratch, then dw (O,C,KH,KW) float32 += dwb */
         void *dwa = cu_scratch(S_DW, (size_t)O * C * KH * KW * sizeof(__nv_bfloat16), op);
         if (!dwa) return IDD_ENOMEM;

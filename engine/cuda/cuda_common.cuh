@@ -145,6 +145,10 @@ cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n
 cublasStatus_t cu_gemm_rm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, int lda, int64_t sA,
                           const void *B, int ldb, int64_t sB, cudaDataType ab, float beta, void *C, int ldc, int64_t sC,
                           cudaDataType ct, int batch);
+/* the same with device arrays of batch pointers (cublasGemmBatchedEx) */
+cublasStatus_t cu_gemm_rm_ptr(bool ta, bool tb, int M, int N, int K, float alpha, const void *const *A, int lda,
+                              const void *const *B, int ldb, cudaDataType ab, float beta, void *const *C, int ldc,
+                              cudaDataType ct, int batch);
 
 /* conv_cudnn.cu: the cuDNN convolution, same contract as cu_conv2d_forward/backward
  * (sizes already checked). cu_cudnn_ready() opens cuDNN on first use; false (after one

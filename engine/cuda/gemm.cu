@@ -29,6 +29,16 @@ cublasStatus_t cu_gemm_rm(bool ta, bool tb, int M, int N, int K, float alpha, co
                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
+/* the same over arrays of batch pointers (device arrays: the heads of a channels-last
+ * qkv are not one stride apart) */
+cublasStatus_t cu_gemm_rm_ptr(bool ta, bool tb, int M, int N, int K, float alpha, const void *const *A, int lda,
+                              const void *const *B, int ldb, cudaDataType ab, float beta, void *const *C, int ldc,
+                              cudaDataType ct, int batch) {
+    return cublasGemmBatchedEx(idd_cu_blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
+                               &alpha, B, ab, ldb, A, ab, lda, &beta, C, ct, ldc, batch, CUBLAS_COMPUTE_32F,
+                               CUBLAS_GEMM_DEFAULT);
+}
+
 extern "C" idd_status cu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *b, bool ta, bool tb, double alpha,
                              double beta) {
     CU_PROF("bmm");

@@ -174,6 +174,7 @@ local BENCH = {
   k1_32 = {"conv 1x1 384->128 @32x32", {384, 32, 32}, {128, 384, 1, 1}, 1, 0},
   a16 = {"qkv_attention 4 heads C256 T256", {768, 256}, nil, 4},
   a8 = {"qkv_attention 4 heads C256 T64", {768, 64}, nil, 4},
+  a4 = {"qkv_attention 4 heads C256 T16", {768, 16}, nil, 4},
 }
 local function bench(case, B, mode)
   local c = assert(BENCH[case], "bench: unknown case " .. tostring(case))
