@@ -42,13 +42,21 @@ idd_status cu_cudnn_conv_backward_bf16(void *, float *, float *, const void *, c
 #include <cudnn.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <vector>
 
 /* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw */
 enum { S_WS = 6, S_X = 7, S_W = 8, S_Y = 9, S_DX = 10, S_DW = 11 };
-/* workspace offered to cudnnFind*Ex; algorithms that need more are not considered */
-#define FIND_WS ((size_t)256 << 20)
+/* workspace offered to cudnnFind*Ex; algorithms that need more are not considered
+ * (IDDPM_CUDNN_WS_MB overrides; IDDPM_CUDNN_FIND_VERBOSE=1 prints every search) */
+static size_t find_ws(void) {
+    static size_t ws = 0;
+    if (!ws) {
+        const char *e = getenv("IDDPM_CUDNN_WS_MB");
+        ws = (size_t)(e && atoi(e) > 0 ? atoi(e) : 256) << 20;
+    }
+    return ws;
+}
+#define FIND_WS find_ws()
 
 static cudnnHandle_t dnn;
 
@@ -191,6 +199,11 @@ static idd_status plan_make(conv_plan *p, int mode, int N, int C, int H, int W, 
 
 /* the fastest algorithm that ran and fits FIND_WS; in fp32 only FMA algorithms count */
 template <typename Perf> static int pick(const Perf *r, int n, int mode, size_t *ws, cudnnMathType_t *math) {
+    static int verbose = -1;
+    if (verbose < 0) verbose = getenv("IDDPM_CUDNN_FIND_VERBOSE") != NULL;
+    for (int i = 0; verbose && i < n; i++)
+        fprintf(stderr, "#   cudnn find (mode %d): algo %d status %d %.3f ms ws %.1f MiB math %d\n", mode, (int)r[i].algo,
+                (int)r[i].status, r[i].time, r[i].memory / 1048576.0, (int)r[i].mathType);
     for (int i = 0; i < n; i++) {
         if (r[i].status != CUDNN_STATUS_SUCCESS || r[i].memory > FIND_WS) continue;
         if (mode == IDD_PREC_FP32 && r[i].mathType != CUDNN_FMA_MATH && r[i].mathType != CUDNN_DEFAULT_MATH)
@@ -436,10 +449,40 @@ __global__ void k_db_sum(float *db, const float *part, int O, int S) {
     for (int s = 0; s < S; s++) t += part[(int64_t)s * O + c];
     db[c] += (float)t;
 }
+/* the same 8 channels per 16-byte load (O % 8 == 0, O <= 2048): thread t of 256 takes
+ * channel group t % O8 of rows t / O8, t / O8 + RP, ... (RP = 256 / O8 rows per step);
+ * the RP partials of a channel group are summed in a fixed order */
+__global__ void k_db_part8(float *part, const uint4 *d, int64_t rows, int O8, int64_t per) {
+    __shared__ float sh[256][9];
+    int t = threadIdx.x, RP = 256 / O8, g = t % O8, r0t = t / O8;
+    int64_t r0 = blockIdx.x * per, r1 = r0 + per < rows ? r0 + per : rows;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (r0t < RP)
+        for (int64_t r = r0 + r0t; r < r1; r += RP) {
+            uint4 v = d[r * O8 + g];
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float2 f = __bfloat1622float2(h[k]);
+                acc[2 * k] += f.x;
+                acc[2 * k + 1] += f.y;
+            }
+        }
+    for (int k = 0; k < 8; k++) sh[t][k] = acc[k];
+    __syncthreads();
+    if (t < O8)
+        for (int k = 0; k < 8; k++) {
+            float s = 0.0f;
+            for (int j = 0; j < RP; j++) s += sh[j * O8 + t][k];
+            part[blockIdx.x * (int64_t)O8 * 8 + t * 8 + k] = s;
+        }
+}
+
 /* db (O) += sum over rows of d (rows, O) bf16; partials in scratch slot 12 */
 static idd_status bias_grad_nhwc(float *db, const __nv_bfloat16 *d, int64_t rows, int O) {
+    bool v8 = O % 8 == 0 && O <= 2048;
     int V = O % 2 == 0 ? 2 : 1;
-    int tiles = (O + 32 * V - 1) / (32 * V);
+    int tiles = v8 ? 1 : (O + 32 * V - 1) / (32 * V);
     int64_t S = 1024 / tiles;   /* about 1024 blocks, at least 64 rows each */
     if (S > rows / 64) S = rows / 64;
     if (S < 1) S = 1;
@@ -448,7 +491,8 @@ static idd_status bias_grad_nhwc(float *db, const __nv_bfloat16 *d, int64_t rows
     float *part = (float *)cu_scratch(12, (size_t)S * O * sizeof(float), "conv2d_backward (bias, bf16)");
     if (!part) return IDD_ENOMEM;
     dim3 grid((unsigned)tiles, (unsigned)S), block(32, 8);
-    if (V == 2) k_db_part<2><<<grid, block, 0, idd_cu_stream>>>(part, d, rows, O, per);
+    if (v8) k_db_part8<<<(unsigned)S, 256, 0, idd_cu_stream>>>(part, (const uint4 *)d, rows, O / 8, per);
+    else if (V == 2) k_db_part<2><<<grid, block, 0, idd_cu_stream>>>(part, d, rows, O, per);
     else k_db_part<1><<<grid, block, 0, idd_cu_stream>>>(part, d, rows, O, per);
     k_db_sum<<<(O + 127) / 128, 128, 0, idd_cu_stream>>>(db, part, O, (int)S);
     return IDD_OK;
@@ -457,16 +501,6 @@ static idd_status bias_grad_nhwc(float *db, const __nv_bfloat16 *d, int64_t rows
 /* A 1x1 convolution with stride 1 and no padding is one GEMM over the NHWC rows:
  * out (R,O) = x (R,C) wb^T, dx (R,C) = dout (R,O) wb, dw (O,C) += dout^T x (float32 out,
  * no bf16 rounding of dw); wb (O,C) is w cast to bf16, R = N*H*W. */
-/* IDDPM_CUDA_BF16_BIAS=cudnn: the forward's bias through cuDNN's fused op (measured) */
-static int fused_bias = -1;
-static bool fused_bias_on(void) {
-    if (fused_bias < 0) {
-        const char *e = getenv("IDDPM_CUDA_BF16_BIAS");
-        fused_bias = e && !strcmp(e, "cudnn");
-    }
-    return fused_bias == 1;
-}
-
 static bool conv_is_1x1(int KH, int KW, int stride, int pad) { return KH == 1 && KW == 1 && stride == 1 && pad == 0; }
 #define GEMM_TRY(call, opname)                                                                                      \
     do {                                                                                                            \
@@ -492,41 +526,14 @@ idd_status cu_cudnn_conv_forward_bf16(void *out, const void *x, const float *w, 
     idd_status st = plan_get(&p, ACT_BF16, FWD, x, wa, out, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     if (st) return st;
     const float one = 1.0f, zero = 0.0f;
-    if (b && fused_bias_on()) {
-        /* experiment (IDDPM_CUDA_BF16_BIAS=cudnn): cuDNN's conv + bias (+ identity) op; it
-         * needs IMPLICIT_PRECOMP_GEMM and a bf16 bias */
-        static cudnnTensorDescriptor_t bd = NULL;
-        static cudnnActivationDescriptor_t ad = NULL;
-        if (!bd) {
-            DNN_TRY(cudnnCreateTensorDescriptor(&bd), op);
-            DNN_TRY(cudnnCreateActivationDescriptor(&ad), op);
-            DNN_TRY(cudnnSetActivationDescriptor(ad, CUDNN_ACTIVATION_IDENTITY, CUDNN_NOT_PROPAGATE_NAN, 0.0), op);
-        }
-        DNN_TRY(cudnnSetTensor4dDescriptor(bd, CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, 1, O, 1, 1), op);
-        __nv_bfloat16 *bb = to_bf16(S_Y, b, 1, 1, O, op);
-        size_t wsz = 0;
-        cudnnConvolutionFwdAlgo_t algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
-        DNN_TRY(cudnnGetConvolutionForwardWorkspaceSize(dnn, p->xd, p->wd, p->cd, p->yd, algo, &wsz), op);
-        void *ws = wsz ? cu_scratch(S_WS, wsz, op) : NULL;
-        if (!bb || (wsz && !ws)) return IDD_ENOMEM;
-        cudnnStatus_t s = cudnnConvolutionBiasActivationForward(dnn, &one, p->xd, x, p->wd, wa, p->cd, algo, ws, wsz,
-                                                                &zero, p->yd, out, bd, bb, ad, p->yd, out);
-        if (s == CUDNN_STATUS_SUCCESS) {
-            CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
-            return IDD_OK;
-        }
-        fprintf(stderr, "iddpm: cuDNN conv+bias op failed (%s); bias in its own pass\n", cudnnGetErrorString(s));
-        fused_bias = 0;
-    }
     void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
     if (p->ws && !ws) return IDD_ENOMEM;
     DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, x, p->wd, wa, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
                                     p->ws, &zero, p->yd, out),
             op);
-    if (b) {
-        CU_PROF("  conv2d_bf16 bias pass");
-        bias_nhwc((__nv_bfloat16 *)out, b, (int64_t)N * Ho * Wo, O);
-    }
+    /* the bias in its own bf16 NHWC pass: cuDNN's conv + bias op (which needs
+     * IMPLICIT_PRECOMP_GEMM) measured slower at 4 of 5 UNet shapes */
+    if (b) bias_nhwc((__nv_bfloat16 *)out, b, (int64_t)N * Ho * Wo, O);
     CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
     return IDD_OK;
 }
@@ -537,7 +544,6 @@ idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const voi
     const char *op = "conv2d_backward (bf16)";
     const float one = 1.0f, zero = 0.0f;
     if (db) {
-        CU_PROF("  conv2d_bf16 db");
         idd_status st = bias_grad_nhwc(db, (const __nv_bfloat16 *)dout, (int64_t)N * Ho * Wo, O);
         if (st) return st;
     }
@@ -558,7 +564,6 @@ idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const voi
         return IDD_OK;
     }
     if (dx) {
-        CU_PROF("  conv2d_bf16 dx");
         /* dx (bf16 NHWC) = conv^T(dout, w), written */
         const void *wa = to_bf16(S_W, w, O, C, KH * KW, op);
         if (!wa) return IDD_ENOMEM;
@@ -572,7 +577,6 @@ idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const voi
                 op);
     }
     if (dw) {
-        CU_PROF("  conv2d_bf16 dw");
         /* dwb (O,KH,KW,C) bf16 in scratch, then dw (O,C,KH,KW) float32 += dwb */
         void *dwa = cu_scratch(S_DW, (size_t)O * C * KH * KW * sizeof(__nv_bfloat16), op);
         if (!dwa) return IDD_ENOMEM;

@@ -49,7 +49,7 @@ static idd_tensor *as_layout_of(idd_tensor *r, const idd_tensor *like) {
 
 // ---------------------------------------------------------------- conv2d
 
-/* saved: x, w (contiguous f32); ip: stride, pad_h, pad_w. A non-f32 input (the fallback
+/* saved: x, w (contiguous f32); ip: stride, pad_h, pad_w. A bf16 input (the fallback
  * of a bf16 x) gets dx back in its dtype and layout. */
 static idd_status conv2d_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *x = n->saved[0], *w = n->saved[1], *gc = cf32(g);
