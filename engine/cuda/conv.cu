@@ -10,7 +10,8 @@
  *   dw       += doutP (O, nc*P) . col^T                      one GEMM per chunk
  *   db       += sum over n and p of dout (cu_conv_bias_grad, also used by conv_cudnn.cu)
  * A 1x1 convolution with stride 1 and no padding uses x itself as col_n (no im2col)
- * in the forward and writes dx straight from the GEMM. */
+ * in the forward and writes dx straight from the GEMM.
+ * bf16 channels-last tensors (cu_conv2d_*_bf16, end of file) always run cuDNN. */
 #include "cuda_common.cuh"
 
 #define COL_BUDGET ((size_t)256 << 20)
@@ -236,4 +237,34 @@ extern "C" idd_status cu_conv2d_backward(float *dx, float *dw, float *db, const 
     }
     CU_CHECK_LAUNCH("conv2d_backward", CONV_SIZES, CONV_ARGS);
     return IDD_OK;
+}
+
+// ---------------------------------------------------------------- bf16 channels-last tensors
+
+/* x, out, dout, dx: bf16 NHWC (channels-last); w, b, dw, db float32; dx written, dw and
+ * db accumulated. cuDNN only (conv_cudnn.cu): without it these fail with a message. */
+extern "C" idd_status cu_conv2d_forward_bf16(uint16_t *out, const uint16_t *x, const float *w, const float *b, int N,
+                                             int C, int H, int W, int O, int KH, int KW, int stride, int pad) {
+    CU_PROF("conv2d_forward_bf16");
+    int Ho = 0, Wo = 0;
+    idd_status st = conv_check("conv2d_forward (bf16)", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
+    if (st) return st;
+    if (!cu_cudnn_ready())
+        return idd_error("cuda conv2d_forward (bf16) " CONV_SIZES ": needs cuDNN, which could not be opened",
+                         CONV_ARGS);
+    return cu_cudnn_conv_forward_bf16(out, x, w, b, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+}
+
+extern "C" idd_status cu_conv2d_backward_bf16(uint16_t *dx, float *dw, float *db, const uint16_t *dout,
+                                              const uint16_t *x, const float *w, int N, int C, int H, int W, int O,
+                                              int KH, int KW, int stride, int pad) {
+    CU_PROF("conv2d_backward_bf16");
+    int Ho = 0, Wo = 0;
+    idd_status st = conv_check("conv2d_backward (bf16)", N, C, H, W, O, KH, KW, stride, pad, &Ho, &Wo);
+    if (st) return st;
+    if (!dx && !dw && !db) return IDD_OK;
+    if (!cu_cudnn_ready())
+        return idd_error("cuda conv2d_backward (bf16) " CONV_SIZES ": needs cuDNN, which could not be opened",
+                         CONV_ARGS);
+    return cu_cudnn_conv_backward_bf16(dx, dw, db, dout, x, w, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
 }

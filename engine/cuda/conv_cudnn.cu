@@ -11,7 +11,10 @@
  *         kernel each), cuDNN bf16 tensor cores with fp32 accumulation, the bf16 NHWC
  *         result converted back into the float32 NCHW output (+ bias, or += for the
  *         gradients). Tensors outside the op stay float32.
- * The bias gradient is conv.cu's float32 reduction (double partial sums) in every mode. */
+ * The bias gradient is conv.cu's float32 reduction (double partial sums) in every mode.
+ * bf16 tensors (channels-last, the GPU's bf16 activations) take their own entries at the
+ * end: cuDNN on them in place (a 1x1 stride-1 convolution: one cuBLAS GEMM), float32
+ * weight cast per call, bias in a bf16 NHWC pass. */
 #include "cuda_common.cuh"
 
 #ifdef IDDPM_NO_CUDNN
@@ -25,17 +28,35 @@ idd_status cu_cudnn_conv_backward(float *, float *, float *, const float *, cons
                                   int, int, int, int, int, int, int, int, int) {
     return idd_error("cuda conv2d_backward: built without cuDNN");
 }
+idd_status cu_cudnn_conv_forward_bf16(void *, const void *, const float *, const float *, int, int, int, int, int, int,
+                                      int, int, int, int, int) {
+    return idd_error("cuda conv2d_forward (bf16): built without cuDNN");
+}
+idd_status cu_cudnn_conv_backward_bf16(void *, float *, float *, const void *, const void *, const float *, int, int,
+                                       int, int, int, int, int, int, int, int, int) {
+    return idd_error("cuda conv2d_backward (bf16): built without cuDNN");
+}
 #else
 
 #include <cuda_bf16.h>
 #include <cudnn.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <vector>
 
 /* scratch slots (memory.cu): workspace, then bf16 copies of x, w, dout/out, dx, dw */
 enum { S_WS = 6, S_X = 7, S_W = 8, S_Y = 9, S_DX = 10, S_DW = 11 };
-/* workspace offered to cudnnFind*Ex; algorithms that need more are not considered */
-#define FIND_WS ((size_t)256 << 20)
+/* workspace offered to cudnnFind*Ex; algorithms that need more are not considered
+ * (IDDPM_CUDNN_WS_MB overrides; IDDPM_CUDNN_FIND_VERBOSE=1 prints every search) */
+static size_t find_ws(void) {
+    static size_t ws = 0;
+    if (!ws) {
+        const char *e = getenv("IDDPM_CUDNN_WS_MB");
+        ws = (size_t)(e && atoi(e) > 0 ? atoi(e) : 256) << 20;
+    }
+    return ws;
+}
+#define FIND_WS find_ws()
 
 static cudnnHandle_t dnn;
 
@@ -132,6 +153,9 @@ static void from_bias(float *out, const float *b, int N, int O, int64_t P) {
 // ---------------------------------------------------------------- plans
 
 enum { FWD = 0, BWD_DATA = 1, BWD_FILTER = 2 };
+/* plan mode: the precision (IDD_PREC_*) of the float32-tensor path, or ACT_BF16 for
+ * bf16 channels-last tensors (bf16 NHWC descriptors, tensor cores, fp32 accumulation) */
+enum { ACT_BF16 = 16 };
 
 struct conv_plan {
     int key[11];   /* pass, N, C, H, W, O, KH, KW, stride, pad, precision */
@@ -153,10 +177,10 @@ static conv_plan *plan_lookup(const int key[11]) {
 }
 
 /* descriptors for the sizes; the algorithm is found by plan_find */
-static idd_status plan_make(conv_plan *p, int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad,
-                            int Ho, int Wo) {
+static idd_status plan_make(conv_plan *p, int mode, int N, int C, int H, int W, int O, int KH, int KW, int stride,
+                            int pad, int Ho, int Wo) {
     const char *op = "conv2d (cuDNN descriptors)";
-    bool bf = idd_cu_precision == IDD_PREC_BF16;
+    bool bf = mode == IDD_PREC_BF16 || mode == ACT_BF16;
     cudnnDataType_t dt = bf ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
     cudnnTensorFormat_t fmt = bf ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
     DNN_TRY(cudnnCreateTensorDescriptor(&p->xd), op);
@@ -169,20 +193,23 @@ static idd_status plan_make(conv_plan *p, int N, int C, int H, int W, int O, int
     DNN_TRY(cudnnSetConvolution2dDescriptor(p->cd, pad, pad, stride, stride, 1, 1, CUDNN_CROSS_CORRELATION,
                                             CUDNN_DATA_FLOAT),
             op);
-    DNN_TRY(cudnnSetConvolutionMathType(p->cd, idd_cu_precision == IDD_PREC_FP32 ? CUDNN_FMA_MATH
-                                                                                 : CUDNN_TENSOR_OP_MATH),
-            op);
+    DNN_TRY(cudnnSetConvolutionMathType(p->cd, mode == IDD_PREC_FP32 ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH), op);
     return IDD_OK;
 }
 
 /* the fastest algorithm that ran and fits FIND_WS; in fp32 only FMA algorithms count */
-template <typename Perf> static int pick(const Perf *r, int n, size_t *ws, cudnnMathType_t *math) {
+template <typename Perf> static int pick(const Perf *r, int n, int mode, size_t *ws, cudnnMathType_t *math) {
+    static int verbose = -1;
+    if (verbose < 0) verbose = getenv("IDDPM_CUDNN_FIND_VERBOSE") != NULL;
+    for (int i = 0; verbose && i < n; i++)
+        fprintf(stderr, "#   cudnn find (mode %d): algo %d status %d %.3f ms ws %.1f MiB math %d\n", mode, (int)r[i].algo,
+                (int)r[i].status, r[i].time, r[i].memory / 1048576.0, (int)r[i].mathType);
     for (int i = 0; i < n; i++) {
         if (r[i].status != CUDNN_STATUS_SUCCESS || r[i].memory > FIND_WS) continue;
-        if (idd_cu_precision == IDD_PREC_FP32 && r[i].mathType != CUDNN_FMA_MATH && r[i].mathType != CUDNN_DEFAULT_MATH)
+        if (mode == IDD_PREC_FP32 && r[i].mathType != CUDNN_FMA_MATH && r[i].mathType != CUDNN_DEFAULT_MATH)
             continue;
         *ws = r[i].memory;
-        *math = idd_cu_precision == IDD_PREC_FP32 ? CUDNN_FMA_MATH : r[i].mathType;
+        *math = mode == IDD_PREC_FP32 ? CUDNN_FMA_MATH : r[i].mathType;
         return (int)r[i].algo;
     }
     return -1;
@@ -190,7 +217,7 @@ template <typename Perf> static int pick(const Perf *r, int n, size_t *ws, cudnn
 
 /* times the algorithms of the pass with cudnnFind*Ex on the operands given and keeps
  * the fastest in p (algo, ws, math type) */
-static idd_status plan_find(conv_plan *p, int pass, const void *a, const void *b, void *out, int N, int C, int H,
+static idd_status plan_find(conv_plan *p, int mode, int pass, const void *a, const void *b, void *out, int N, int C, int H,
                             int W, int O, int KH, int KW, int stride, int pad) {
     const char *op = pass == FWD        ? "conv2d_forward (cuDNN find)"
                      : pass == BWD_DATA ? "conv2d_backward dx (cuDNN find)"
@@ -204,25 +231,25 @@ static idd_status plan_find(conv_plan *p, int pass, const void *a, const void *b
         DNN_TRY(cudnnFindConvolutionForwardAlgorithmEx(dnn, p->xd, a, p->wd, b, p->cd, p->yd, out,
                                                        CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &got, r, ws, FIND_WS),
                 op);
-        algo = pick(r, got, &p->ws, &math);
+        algo = pick(r, got, mode, &p->ws, &math);
     } else if (pass == BWD_DATA) {
         cudnnConvolutionBwdDataAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
         DNN_TRY(cudnnFindConvolutionBackwardDataAlgorithmEx(dnn, p->wd, a, p->yd, b, p->cd, p->xd, out,
                                                             CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, r, ws,
                                                             FIND_WS),
                 op);
-        algo = pick(r, got, &p->ws, &math);
+        algo = pick(r, got, mode, &p->ws, &math);
     } else {
         cudnnConvolutionBwdFilterAlgoPerf_t r[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
         DNN_TRY(cudnnFindConvolutionBackwardFilterAlgorithmEx(dnn, p->xd, a, p->yd, b, p->cd, p->wd, out,
                                                               CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, r, ws,
                                                               FIND_WS),
                 op);
-        algo = pick(r, got, &p->ws, &math);
+        algo = pick(r, got, mode, &p->ws, &math);
     }
     if (algo < 0)
         return idd_error("cuda %s " CONV_SIZES ": no cuDNN algorithm ran (of %d tried) in %s", op, CONV_ARGS, got,
-                         idd_cuda_precision_name(idd_cu_precision));
+                         mode == ACT_BF16 ? "bf16 tensors" : idd_cuda_precision_name(mode));
     DNN_TRY(cudnnSetConvolutionMathType(p->cd, math), op);
     p->algo = algo;
     return IDD_OK;
@@ -236,17 +263,18 @@ static void plan_free(conv_plan *p) {
     delete p;
 }
 
-/* The plan for these sizes in the current precision, made and timed on first use (out
- * is a scratch buffer for the passes that accumulate into their result). */
-static idd_status plan_get(conv_plan **out_plan, int pass, const void *a, const void *b, void *out, int N, int C,
-                           int H, int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
-    int key[11] = {pass, N, C, H, W, O, KH, KW, stride, pad, idd_cu_precision};
+/* The plan for these sizes in the mode (the current precision, or ACT_BF16), made and
+ * timed on first use (out is a scratch buffer for the passes that accumulate into their
+ * result). */
+static idd_status plan_get(conv_plan **out_plan, int mode, int pass, const void *a, const void *b, void *out, int N,
+                           int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
+    int key[11] = {pass, N, C, H, W, O, KH, KW, stride, pad, mode};
     conv_plan *p = plan_lookup(key);
     if (p) { *out_plan = p; return IDD_OK; }
     p = new conv_plan();
     for (int i = 0; i < 11; i++) p->key[i] = key[i];
-    idd_status st = plan_make(p, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
-    if (!st) st = plan_find(p, pass, a, b, out, N, C, H, W, O, KH, KW, stride, pad);
+    idd_status st = plan_make(p, mode, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    if (!st) st = plan_find(p, mode, pass, a, b, out, N, C, H, W, O, KH, KW, stride, pad);
     if (st) { plan_free(p); return st; }
     plans.push_back(p);
     *out_plan = p;
@@ -268,7 +296,7 @@ idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, con
         if (!xa || !wa || !ya) return IDD_ENOMEM;
     }
     conv_plan *p;
-    idd_status st = plan_get(&p, FWD, xa, wa, ya, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    idd_status st = plan_get(&p, idd_cu_precision, FWD, xa, wa, ya, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     if (st) return st;
     void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
     if (p->ws && !ws) return IDD_ENOMEM;
@@ -313,7 +341,7 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
         dxa = cu_scratch(S_DX, dxbytes, op);
         if (!wa || !dxa) return IDD_ENOMEM;
         conv_plan *p;
-        idd_status st = plan_get(&p, BWD_DATA, wa, dya, dxa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        idd_status st = plan_get(&p, idd_cu_precision, BWD_DATA, wa, dya, dxa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
         void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
         if (p->ws && !ws) return IDD_ENOMEM;
@@ -330,7 +358,7 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
         if (bf) xa = to_bf16(S_X, x, N, C, H * W, op);
         if (!xa || !dwa) return IDD_ENOMEM;
         conv_plan *p;
-        idd_status st = plan_get(&p, BWD_FILTER, xa, dya, dwa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        idd_status st = plan_get(&p, idd_cu_precision, BWD_FILTER, xa, dya, dwa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
         void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
         if (p->ws && !ws) return IDD_ENOMEM;
@@ -339,6 +367,228 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
                                                bf ? &zero : &one, p->wd, bf ? dwa : (void *)dw),
                 op);
         if (bf) from_bf16(dw, (const __nv_bfloat16 *)dwa, NULL, 1.0f, O, C, KH * KW);
+    }
+    CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+    return IDD_OK;
+}
+
+// ---------------------------------------------------------------- bf16 channels-last tensors
+
+/* The bf16 activation path: x, out, dout, dx are bf16 NHWC tensors (channels-last), so
+ * cuDNN reads and writes them in place; only the float32 weight (O,C,KH,KW) is cast to
+ * bf16 (O,KH,KW,C) per call (a few hundred KB; no cache: tensors carry no version to
+ * invalidate one). Bias and bias gradient are float32. */
+
+/* out (R,O) bf16 += b[o], 8 channels per 16-byte access (O % 8 == 0, R*O/8 < 2^31) */
+__global__ void k_bias_nhwc8(uint4 *out, const float *b, unsigned O8, unsigned n8) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+        unsigned c0 = (i % O8) * 8;
+        uint4 v = out[i];
+        __nv_bfloat162 *h = (__nv_bfloat162 *)&v;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            h[k] = __floats2bfloat162_rn(f.x + b[c0 + 2 * k], f.y + b[c0 + 2 * k + 1]);
+        }
+        out[i] = v;
+    }
+}
+/* the same one element at a time (any O) */
+__global__ void k_bias_nhwc(__nv_bfloat16 *out, const float *b, int O, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(__bfloat162float(out[i]) + b[i % O]);
+}
+static void bias_nhwc(__nv_bfloat16 *out, const float *b, int64_t rows, int O) {
+    int64_t n = rows * O;
+    if (O % 8 == 0 && n / 8 < ((int64_t)1 << 31)) {
+        unsigned n8 = (unsigned)(n / 8), nb = cu_blocks(n8, 256);
+        k_bias_nhwc8<<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>((uint4 *)out, b, (unsigned)O / 8, n8);
+    } else {
+        unsigned nb = cu_blocks(n, 256);
+        k_bias_nhwc<<<nb > 65536 ? 65536 : nb, 256, 0, idd_cu_stream>>>(out, b, O, n);
+    }
+}
+
+/* db partials: part[s*O + c] = sum of d[r*O + c] over rows r of chunk s (float32).
+ * Block (channel tile, chunk), threads (32, 8): lane x takes V adjacent channels (a warp
+ * reads 32*V*2 contiguous bytes of a row), the 8 y-rows stride the chunk; the 8 y
+ * partials are summed in a fixed order. */
+template <int V>
+__global__ void k_db_part(float *part, const __nv_bfloat16 *d, int64_t rows, int O, int64_t per) {
+    __shared__ float sh[8][32 * V];
+    int c = (blockIdx.x * 32 + threadIdx.x) * V;
+    int64_t r0 = blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
+    float acc[V];
+    for (int k = 0; k < V; k++) acc[k] = 0.0f;
+    if (c < O) {
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
+            const __nv_bfloat16 *p = d + r * O + c;
+            if (V == 2) {
+                float2 f = __bfloat1622float2(*(const __nv_bfloat162 *)p);
+                acc[0] += f.x;
+                acc[V - 1] += f.y;
+            } else {
+                acc[0] += __bfloat162float(p[0]);
+            }
+        }
+    }
+    for (int k = 0; k < V; k++) sh[threadIdx.y][threadIdx.x * V + k] = acc[k];
+    __syncthreads();
+    if (threadIdx.y == 0 && c < O)
+        for (int k = 0; k < V; k++) {
+            float t = 0.0f;
+            for (int y = 0; y < 8; y++) t += sh[y][threadIdx.x * V + k];
+            part[blockIdx.y * (int64_t)O + c + k] = t;
+        }
+}
+/* db[c] += sum of the S chunk partials of channel c, in chunk order (double) */
+__global__ void k_db_sum(float *db, const float *part, int O, int S) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= O) return;
+    double t = 0;
+    for (int s = 0; s < S; s++) t += part[(int64_t)s * O + c];
+    db[c] += (float)t;
+}
+/* the same 8 channels per 16-byte load (O % 8 == 0, O <= 2048): thread t of 256 takes
+ * channel group t % O8 of rows t / O8, t / O8 + RP, ... (RP = 256 / O8 rows per step);
+ * the RP partials of a channel group are summed in a fixed order */
+__global__ void k_db_part8(float *part, const uint4 *d, int64_t rows, int O8, int64_t per) {
+    __shared__ float sh[256][9];
+    int t = threadIdx.x, RP = 256 / O8, g = t % O8, r0t = t / O8;
+    int64_t r0 = blockIdx.x * per, r1 = r0 + per < rows ? r0 + per : rows;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (r0t < RP)
+        for (int64_t r = r0 + r0t; r < r1; r += RP) {
+            uint4 v = d[r * O8 + g];
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float2 f = __bfloat1622float2(h[k]);
+                acc[2 * k] += f.x;
+                acc[2 * k + 1] += f.y;
+            }
+        }
+    for (int k = 0; k < 8; k++) sh[t][k] = acc[k];
+    __syncthreads();
+    if (t < O8)
+        for (int k = 0; k < 8; k++) {
+            float s = 0.0f;
+            for (int j = 0; j < RP; j++) s += sh[j * O8 + t][k];
+            part[blockIdx.x * (int64_t)O8 * 8 + t * 8 + k] = s;
+        }
+}
+
+/* db (O) += sum over rows of d (rows, O) bf16; partials in scratch slot 12 */
+static idd_status bias_grad_nhwc(float *db, const __nv_bfloat16 *d, int64_t rows, int O) {
+    bool v8 = O % 8 == 0 && O <= 2048;
+    int V = O % 2 == 0 ? 2 : 1;
+    int tiles = v8 ? 1 : (O + 32 * V - 1) / (32 * V);
+    int64_t S = 1024 / tiles;   /* about 1024 blocks, at least 64 rows each */
+    if (S > rows / 64) S = rows / 64;
+    if (S < 1) S = 1;
+    int64_t per = (rows + S - 1) / S;
+    S = (rows + per - 1) / per;
+    float *part = (float *)cu_scratch(12, (size_t)S * O * sizeof(float), "conv2d_backward (bias, bf16)");
+    if (!part) return IDD_ENOMEM;
+    dim3 grid((unsigned)tiles, (unsigned)S), block(32, 8);
+    if (v8) k_db_part8<<<(unsigned)S, 256, 0, idd_cu_stream>>>(part, (const uint4 *)d, rows, O / 8, per);
+    else if (V == 2) k_db_part<2><<<grid, block, 0, idd_cu_stream>>>(part, d, rows, O, per);
+    else k_db_part<1><<<grid, block, 0, idd_cu_stream>>>(part, d, rows, O, per);
+    k_db_sum<<<(O + 127) / 128, 128, 0, idd_cu_stream>>>(db, part, O, (int)S);
+    return IDD_OK;
+}
+
+/* A 1x1 convolution with stride 1 and no padding is one GEMM over the NHWC rows:
+ * out (R,O) = x (R,C) wb^T, dx (R,C) = dout (R,O) wb, dw (O,C) += dout^T x (float32 out,
+ * no bf16 rounding of dw); wb (O,C) is w cast to bf16, R = N*H*W. */
+static bool conv_is_1x1(int KH, int KW, int stride, int pad) { return KH == 1 && KW == 1 && stride == 1 && pad == 0; }
+#define GEMM_TRY(call, opname)                                                                                      \
+    do {                                                                                                            \
+        cublasStatus_t s_ = (call);                                                                                 \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                                                            \
+            return idd_error("cuda %s " CONV_SIZES ": cuBLAS status %d", opname, CONV_ARGS, (int)s_);               \
+    } while (0)
+
+idd_status cu_cudnn_conv_forward_bf16(void *out, const void *x, const float *w, const float *b, int N, int C, int H,
+                                      int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
+    const char *op = "conv2d_forward (bf16)";
+    const void *wa = to_bf16(S_W, w, O, C, KH * KW, op);
+    if (!wa) return IDD_ENOMEM;
+    if (conv_is_1x1(KH, KW, stride, pad)) {
+        int R = N * H * W;
+        GEMM_TRY(cu_gemm_rm(false, true, R, O, C, 1.0f, x, C, 0, wa, C, 0, CUDA_R_16BF, 0.0f, out, O, 0, CUDA_R_16BF, 1),
+                 op);
+        if (b) bias_nhwc((__nv_bfloat16 *)out, b, R, O);
+        CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+        return IDD_OK;
+    }
+    conv_plan *p;
+    idd_status st = plan_get(&p, ACT_BF16, FWD, x, wa, out, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    if (st) return st;
+    const float one = 1.0f, zero = 0.0f;
+    void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
+    if (p->ws && !ws) return IDD_ENOMEM;
+    DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, x, p->wd, wa, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
+                                    p->ws, &zero, p->yd, out),
+            op);
+    /* the bias in its own bf16 NHWC pass: cuDNN's conv + bias op (which needs
+     * IMPLICIT_PRECOMP_GEMM) measured slower at 4 of 5 UNet shapes */
+    if (b) bias_nhwc((__nv_bfloat16 *)out, b, (int64_t)N * Ho * Wo, O);
+    CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+    return IDD_OK;
+}
+
+idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const void *dout, const void *x, const float *w,
+                                       int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
+                                       int Wo) {
+    const char *op = "conv2d_backward (bf16)";
+    const float one = 1.0f, zero = 0.0f;
+    if (db) {
+        idd_status st = bias_grad_nhwc(db, (const __nv_bfloat16 *)dout, (int64_t)N * Ho * Wo, O);
+        if (st) return st;
+    }
+    if (conv_is_1x1(KH, KW, stride, pad)) {
+        int R = N * H * W;
+        if (dx) {
+            const void *wa = to_bf16(S_W, w, O, C, 1, op);
+            if (!wa) return IDD_ENOMEM;
+            GEMM_TRY(cu_gemm_rm(false, false, R, C, O, 1.0f, dout, O, 0, wa, C, 0, CUDA_R_16BF, 0.0f, dx, C, 0,
+                                CUDA_R_16BF, 1),
+                     op);
+        }
+        if (dw)
+            GEMM_TRY(cu_gemm_rm(true, false, O, C, R, 1.0f, dout, O, 0, x, C, 0, CUDA_R_16BF, 1.0f, dw, C, 0, CUDA_R_32F,
+                                1),
+                     op);
+        CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+        return IDD_OK;
+    }
+    if (dx) {
+        /* dx (bf16 NHWC) = conv^T(dout, w), written */
+        const void *wa = to_bf16(S_W, w, O, C, KH * KW, op);
+        if (!wa) return IDD_ENOMEM;
+        conv_plan *p;
+        idd_status st = plan_get(&p, ACT_BF16, BWD_DATA, wa, dout, dx, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        if (st) return st;
+        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
+        if (p->ws && !ws) return IDD_ENOMEM;
+        DNN_TRY(cudnnConvolutionBackwardData(dnn, &one, p->wd, wa, p->yd, dout, p->cd,
+                                             (cudnnConvolutionBwdDataAlgo_t)p->algo, ws, p->ws, &zero, p->xd, dx),
+                op);
+    }
+    if (dw) {
+        /* dwb (O,KH,KW,C) bf16 in scratch, then dw (O,C,KH,KW) float32 += dwb */
+        void *dwa = cu_scratch(S_DW, (size_t)O * C * KH * KW * sizeof(__nv_bfloat16), op);
+        if (!dwa) return IDD_ENOMEM;
+        conv_plan *p;
+        idd_status st = plan_get(&p, ACT_BF16, BWD_FILTER, x, dout, dwa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        if (st) return st;
+        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
+        if (p->ws && !ws) return IDD_ENOMEM;
+        DNN_TRY(cudnnConvolutionBackwardFilter(dnn, &one, p->xd, x, p->yd, dout, p->cd,
+                                               (cudnnConvolutionBwdFilterAlgo_t)p->algo, ws, p->ws, &zero, p->wd, dwa),
+                op);
+        from_bf16(dw, (const __nv_bfloat16 *)dwa, NULL, 1.0f, O, C, KH * KW);
     }
     CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
     return IDD_OK;

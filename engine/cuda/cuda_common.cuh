@@ -170,6 +170,7 @@ __device__ __forceinline__ double cu_load(const void *p, int dt, int64_t i) {
     case IDD_F32: return ((const float *)p)[i];
     case IDD_F64: return ((const double *)p)[i];
     case IDD_I64: return (double)((const int64_t *)p)[i];
+    case IDD_BF16: return __uint_as_float((unsigned)((const uint16_t *)p)[i] << 16);
     default: return ((const uint8_t *)p)[i];
     }
 }
@@ -179,6 +180,12 @@ __device__ __forceinline__ void cu_store(void *p, int dt, int64_t i, double v) {
     case IDD_F32: ((float *)p)[i] = (float)v; break;
     case IDD_F64: ((double *)p)[i] = v; break;
     case IDD_I64: ((int64_t *)p)[i] = (int64_t)v; break;
+    case IDD_BF16: { /* round to nearest even, NaN kept quiet (iddpm/bf16.h) */
+        unsigned u = __float_as_uint((float)v);
+        ((uint16_t *)p)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
+                                                             : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        break;
+    }
     default: ((uint8_t *)p)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
     }
 }
@@ -188,6 +195,15 @@ __device__ __forceinline__ void cu_store(void *p, int dt, int64_t i, double v) {
 cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float *A,
                         int lda, int64_t sA, const float *B, int ldb, int64_t sB, float beta, float *C, int ldc,
                         int64_t sC, int batch);
+/* row-major strided-batched C (M,N) = alpha op(A) op(B) + beta C with A, B of type ab and C
+ * of type ct (bf16 / fp32), fp32 accumulation (gemm.cu) */
+cublasStatus_t cu_gemm_rm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, int lda, int64_t sA,
+                          const void *B, int ldb, int64_t sB, cudaDataType ab, float beta, void *C, int ldc, int64_t sC,
+                          cudaDataType ct, int batch);
+/* the same with device arrays of batch pointers (cublasGemmBatchedEx) */
+cublasStatus_t cu_gemm_rm_ptr(bool ta, bool tb, int M, int N, int K, float alpha, const void *const *A, int lda,
+                              const void *const *B, int ldb, cudaDataType ab, float beta, void *const *C, int ldc,
+                              cudaDataType ct, int batch);
 
 /* conv_cudnn.cu: the cuDNN convolution, same contract as cu_conv2d_forward/backward
  * (sizes already checked). cu_cudnn_ready() opens cuDNN on first use; false (after one
@@ -200,6 +216,12 @@ idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, con
 idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
                                   int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
                                   int Wo);
+/* the same on bf16 NHWC x/out/dout/dx (void *), float32 w/b/dw/db; dx written */
+idd_status cu_cudnn_conv_forward_bf16(void *out, const void *x, const float *w, const float *b, int N, int C, int H,
+                                      int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo);
+idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const void *dout, const void *x, const float *w,
+                                       int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
+                                       int Wo);
 
 /* C-linkage entry points of each file, gathered into the table in memory.cu */
 extern "C" {
@@ -229,6 +251,14 @@ idd_status cu_groupnorm_backward(float *dx, float *dgamma, float *dbeta, float *
                                  const float *dout, const float *mean, const float *rstd, const float *x,
                                  const float *gamma, const float *beta, const float *scale, const float *shift, int N,
                                  int C, int HW, int G, int silu);
+idd_status cu_conv2d_forward_bf16(uint16_t *out, const uint16_t *x, const float *w, const float *b, int N, int C,
+                                  int H, int W, int O, int KH, int KW, int stride, int pad);
+idd_status cu_conv2d_backward_bf16(uint16_t *dx, float *dw, float *db, const uint16_t *dout, const uint16_t *x,
+                                   const float *w, int N, int C, int H, int W, int O, int KH, int KW, int stride,
+                                   int pad);
+idd_status cu_attention_forward_bf16(uint16_t *out, uint16_t *weight, const uint16_t *qkv, int B, int C, int T, int H);
+idd_status cu_attention_backward_bf16(uint16_t *dqkv, const uint16_t *dout, const uint16_t *weight,
+                                      const uint16_t *qkv, int B, int C, int T, int H);
 idd_status cu_attention_forward(float *out, float *weight, const float *qkv, int B, int C, int T, int H);
 idd_status cu_attention_backward(float *dqkv, const float *dout, const float *weight, const float *qkv, int B, int C,
                                  int T, int H);

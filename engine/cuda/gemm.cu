@@ -1,7 +1,7 @@
 /* gemm.cu — batched matrix products through cuBLAS (strided batched gemm; float32 in
  * the current precision, float64 exact). Row-major C (M,N) = op(A) op(B) is column-major
  * C^T = op(B)^T op(A)^T, so B goes first. A single matrix shared over the batch gets
- * stride 0. */
+ * stride 0. cu_gemm_rm: the row-major mixed-type product of the bf16 attention. */
 #include "cuda_common.cuh"
 
 /* fp32 data in and out; the compute type picks the arithmetic: exact fp32, TF32 tensor
@@ -15,6 +15,28 @@ cublasStatus_t cu_sgemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n
                                                                  : CUBLAS_COMPUTE_32F;
     return cublasGemmStridedBatchedEx(idd_cu_blas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, sA, B, CUDA_R_32F, ldb,
                                       sB, &beta, C, CUDA_R_32F, ldc, sC, batch, ct, CUBLAS_GEMM_DEFAULT);
+}
+
+/* row-major C (M,N) = alpha op(A) op(B) + beta C, strided batched, A and B of type ab
+ * (bf16 for the bf16 tensors' products), C of type ct, always fp32 accumulation
+ * (COMPUTE_32F: bf16 tensor cores for bf16 operands); leading dims and strides in
+ * elements of each operand's type */
+cublasStatus_t cu_gemm_rm(bool ta, bool tb, int M, int N, int K, float alpha, const void *A, int lda, int64_t sA,
+                          const void *B, int ldb, int64_t sB, cudaDataType ab, float beta, void *C, int ldc, int64_t sC,
+                          cudaDataType ct, int batch) {
+    return cublasGemmStridedBatchedEx(idd_cu_blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M,
+                                      K, &alpha, B, ab, ldb, sB, A, ab, lda, sA, &beta, C, ct, ldc, sC, batch,
+                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+/* the same over arrays of batch pointers (device arrays: the heads of a channels-last
+ * qkv are not one stride apart) */
+cublasStatus_t cu_gemm_rm_ptr(bool ta, bool tb, int M, int N, int K, float alpha, const void *const *A, int lda,
+                              const void *const *B, int ldb, cudaDataType ab, float beta, void *const *C, int ldc,
+                              cudaDataType ct, int batch) {
+    return cublasGemmBatchedEx(idd_cu_blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
+                               &alpha, B, ab, ldb, A, ab, lda, &beta, C, ct, ldc, batch, CUBLAS_COMPUTE_32F,
+                               CUBLAS_GEMM_DEFAULT);
 }
 
 extern "C" idd_status cu_bmm(idd_tensor *c, const idd_tensor *a, const idd_tensor *b, bool ta, bool tb, double alpha,

@@ -25,9 +25,32 @@ static idd_status no_kernel(const char *op, idd_device dev) {
     return idd_error("%s: not implemented on %s", op, idd_device_name(dev));
 }
 
+/* bf16 channels-last (NHWC memory) copy-or-reference of t: the layout of the backends'
+ * bf16 layer kernels (NULL stays NULL) */
+static idd_tensor *cl_bf16(idd_tensor *t) {
+    if (!t) return NULL;
+    if (t->dtype == IDD_BF16 && idd_is_channels_last(t)) { idd_tensor_retain(t); return t; }
+    idd_tensor *c = idd_tensor_new_channels_last(IDD_BF16, t->device, t->ndim, t->shape);
+    if (c && idd_copy_(c, t) != IDD_OK) { idd_tensor_release(c); return NULL; }
+    return c;
+}
+
+/* the fallback's way back: r (a result computed in float32) converted to the dtype and
+ * layout of like (channels-last if like is), with r's shape; r is consumed. A float32
+ * like returns r itself. */
+static idd_tensor *as_layout_of(idd_tensor *r, const idd_tensor *like) {
+    if (!r || like->dtype == IDD_F32) return r;
+    idd_tensor *c = idd_is_channels_last(like) ? idd_tensor_new_channels_last(like->dtype, r->device, r->ndim, r->shape)
+                                               : idd_tensor_new(like->dtype, r->device, r->ndim, r->shape);
+    if (c && idd_copy_(c, r) != IDD_OK) { idd_tensor_release(c); c = NULL; }
+    idd_tensor_release(r);
+    return c;
+}
+
 // ---------------------------------------------------------------- conv2d
 
-/* saved: x, w (contiguous f32); ip: stride, pad_h, pad_w */
+/* saved: x, w (contiguous f32); ip: stride, pad_h, pad_w. A bf16 input (the fallback
+ * of a bf16 x) gets dx back in its dtype and layout. */
 static idd_status conv2d_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *x = n->saved[0], *w = n->saved[1], *gc = cf32(g);
     if (!gc) return IDD_ERR;
@@ -46,8 +69,53 @@ static idd_status conv2d_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) 
                                  (int)x->shape[2], (int)x->shape[3], (int)w->shape[0], (int)w->shape[2],
                                  (int)w->shape[3], (int)n->ip[0], ph);
     idd_tensor_release(gc);
+    if (st == IDD_OK && dx && n->in[0]->dtype == IDD_BF16 && !(dx = as_layout_of(dx, n->in[0]))) st = IDD_ERR;
     gin[0] = dx; gin[1] = dw; gin[2] = db;
     return st;
+}
+
+/* the backend's bf16 channels-last kernels; saved: x (bf16 channels-last), w (contiguous
+ * f32); ip: stride, pad. dx is written by the kernel (bf16 channels-last). */
+static idd_status conv2d_backward_bf16(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *x = n->saved[0], *w = n->saved[1], *gc = cl_bf16(g);
+    if (!gc) return IDD_ERR;
+    idd_tensor *dx = n->needs[0] ? idd_tensor_new_channels_last(IDD_BF16, x->device, 4, x->shape) : NULL;
+    idd_tensor *dw = n->needs[1] ? zeros_like_shape(w) : NULL;
+    idd_tensor *db = n->n_in > 2 && n->needs[2] ? idd_tensor_zeros(IDD_F32, w->device, 1, w->shape) : NULL;
+    idd_status st = (dx || !n->needs[0]) && (dw || !n->needs[1])
+                        ? idd_backend_of(x)->conv2d_backward_bf16(
+                              dx ? (uint16_t *)idd_data(dx) : NULL, fp(dw), fp(db), (const uint16_t *)idd_data(gc),
+                              (const uint16_t *)idd_data(x), fp(w), (int)x->shape[0], (int)x->shape[1],
+                              (int)x->shape[2], (int)x->shape[3], (int)w->shape[0], (int)w->shape[2], (int)w->shape[3],
+                              (int)n->ip[0], (int)n->ip[1])
+                        : IDD_ERR;
+    idd_tensor_release(gc);
+    gin[0] = dx; gin[1] = dw; gin[2] = db;
+    return st;
+}
+
+/* x bf16 on a backend with bf16 conv kernels: out bf16 channels-last */
+static idd_tensor *conv2d_bf16(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad, int64_t Ho,
+                               int64_t Wo) {
+    const idd_backend *be = idd_backend_of(x);
+    idd_tensor *xc = cl_bf16(x), *wc = xc ? cf32(w) : NULL, *bc = wc ? cf32(b) : NULL;
+    int64_t shape[4] = {x->shape[0], w->shape[0], Ho, Wo};
+    idd_tensor *out = wc && (bc || !b) ? idd_tensor_new_channels_last(IDD_BF16, x->device, 4, shape) : NULL;
+    idd_status st = out ? be->conv2d_forward_bf16((uint16_t *)idd_data(out), (const uint16_t *)idd_data(xc), fp(wc),
+                                                  fp(bc), (int)x->shape[0], (int)x->shape[1], (int)x->shape[2],
+                                                  (int)x->shape[3], (int)w->shape[0], (int)w->shape[2],
+                                                  (int)w->shape[3], stride, pad)
+                        : IDD_ERR;
+    if (st == IDD_OK) {
+        idd_tensor *ins[3] = {x, w, b};
+        idd_node *n = idd_record("conv2d", conv2d_backward_bf16, out, b ? 3 : 2, ins);
+        if (n) { idd_node_save(n, xc); idd_node_save(n, wc); n->ip[0] = stride; n->ip[1] = pad; }
+    } else {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    idd_tensor_release(xc); idd_tensor_release(wc); idd_tensor_release(bc);
+    return out;
 }
 
 idd_tensor *idd_conv2d(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad) {
@@ -80,10 +148,14 @@ idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int strid
         return NULL;
     }
     const idd_backend *be = idd_backend_of(x);
+    if (x->dtype == IDD_BF16 && pad_h == pad_w && be->conv2d_forward_bf16 && be->conv2d_backward_bf16)
+        return conv2d_bf16(x, w, b, stride, pad_h, Ho, Wo);
     if (!be->conv2d_forward || (pad_h != pad_w && !(be->conv2d_forward_hw && be->conv2d_backward_hw))) {
         no_kernel(pad_h != pad_w ? "conv2d with pad_h != pad_w" : "conv2d", x->device);
         return NULL;
     }
+    /* float32 kernels; a bf16 x without bf16 kernels (the CPU) is converted to f32 and
+     * gets its result back in bf16, in x's layout */
     idd_tensor *xc = cf32(x), *wc = xc ? cf32(w) : NULL, *bc = wc ? cf32(b) : NULL;
     int64_t shape[4] = {x->shape[0], w->shape[0], Ho, Wo};
     idd_tensor *out = wc && (bc || !b) ? idd_tensor_new(IDD_F32, x->device, 4, shape) : NULL;
@@ -95,6 +167,7 @@ idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int strid
     else if (out)
         st = be->conv2d_forward(fp(out), fp(xc), fp(wc), fp(bc), (int)x->shape[0], (int)x->shape[1], (int)x->shape[2],
                                 (int)x->shape[3], (int)w->shape[0], (int)w->shape[2], (int)w->shape[3], stride, pad_h);
+    if (st == IDD_OK && x->dtype == IDD_BF16 && !(out = as_layout_of(out, x))) st = IDD_ERR;
     if (st == IDD_OK) {
         idd_tensor *ins[3] = {x, w, b};
         idd_node *n = idd_record("conv2d", conv2d_backward, out, b ? 3 : 2, ins);
@@ -188,7 +261,8 @@ idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_ten
 
 // ---------------------------------------------------------------- attention
 
-/* saved: qkv, weight; ip: heads */
+/* saved: qkv, weight; ip: heads. A bf16 qkv of the fallback gets dqkv back in bf16, in
+ * its layout. */
 static idd_status attention_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *qkv = n->saved[0], *w = n->saved[1], *gc = cf32(g);
     if (!gc) return IDD_ERR;
@@ -197,8 +271,47 @@ static idd_status attention_backward(idd_node *n, idd_tensor *g, idd_tensor **gi
     idd_status st = dq ? idd_backend_of(qkv)->attention_backward(fp(dq), fp(gc), fp(w), fp(qkv), B, C, T, (int)n->ip[0])
                        : IDD_ERR;
     idd_tensor_release(gc);
+    if (st == IDD_OK && n->in[0]->dtype == IDD_BF16 && !(dq = as_layout_of(dq, n->in[0]))) st = IDD_ERR;
     gin[0] = dq;
     return st;
+}
+
+/* the backend's bf16 kernels; saved: qkv (bf16 channels-last), weight (bf16 (B*H,T,T));
+ * ip: heads. dqkv is written by the kernel (bf16 channels-last). */
+static idd_status attention_backward_bf16(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *qkv = n->saved[0], *w = n->saved[1], *gc = cl_bf16(g);
+    if (!gc) return IDD_ERR;
+    idd_tensor *dq = idd_tensor_new_channels_last(IDD_BF16, qkv->device, 3, qkv->shape);
+    int B = (int)qkv->shape[0], C = (int)qkv->shape[1] / 3, T = (int)qkv->shape[2];
+    idd_status st = dq ? idd_backend_of(qkv)->attention_backward_bf16(
+                             (uint16_t *)idd_data(dq), (const uint16_t *)idd_data(gc), (const uint16_t *)idd_data(w),
+                             (const uint16_t *)idd_data(qkv), B, C, T, (int)n->ip[0])
+                       : IDD_ERR;
+    idd_tensor_release(gc);
+    gin[0] = dq;
+    return st;
+}
+
+/* qkv bf16 on a backend with bf16 attention kernels: out bf16 channels-last (B,C,T) */
+static idd_tensor *qkv_attention_bf16(idd_tensor *qkv, int heads) {
+    int64_t B = qkv->shape[0], C = qkv->shape[1] / 3, T = qkv->shape[2];
+    int64_t oshape[3] = {B, C, T}, wshape[3] = {B * heads, T, T};
+    idd_tensor *qc = cl_bf16(qkv), *out = idd_tensor_new_channels_last(IDD_BF16, qkv->device, 3, oshape);
+    idd_tensor *w = idd_tensor_new(IDD_BF16, qkv->device, 3, wshape);
+    idd_status st = qc && out && w ? idd_backend_of(qkv)->attention_forward_bf16(
+                                         (uint16_t *)idd_data(out), (uint16_t *)idd_data(w),
+                                         (const uint16_t *)idd_data(qc), (int)B, (int)C, (int)T, heads)
+                                   : IDD_ERR;
+    if (st == IDD_OK) {
+        idd_node *n = idd_record("qkv_attention", attention_backward_bf16, out, 1, &qkv);
+        if (n) { idd_node_save(n, qc); idd_node_save(n, w); n->ip[0] = heads; }
+    } else {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    idd_tensor_release(qc);
+    idd_tensor_release(w);
+    return out;
 }
 
 idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
@@ -208,6 +321,8 @@ idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
         return NULL;
     }
     const idd_backend *be = idd_backend_of(qkv);
+    if (qkv->dtype == IDD_BF16 && be->attention_forward_bf16 && be->attention_backward_bf16)
+        return qkv_attention_bf16(qkv, heads);
     if (!be->attention_forward) { no_kernel("qkv_attention", qkv->device); return NULL; }
     int64_t B = qkv->shape[0], C = qkv->shape[1] / 3, T = qkv->shape[2];
     int64_t oshape[3] = {B, C, T}, wshape[3] = {B * heads, T, T};
@@ -219,6 +334,8 @@ idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
     idd_status st = qc && out && (w || !keep)
                         ? be->attention_forward(fp(out), w ? fp(w) : NULL, fp(qc), (int)B, (int)C, (int)T, heads)
                         : IDD_ERR;
+    /* a bf16 qkv without bf16 kernels (the CPU): the f32 result back in bf16, qkv's layout */
+    if (st == IDD_OK && qkv->dtype == IDD_BF16 && !(out = as_layout_of(out, qkv))) st = IDD_ERR;
     if (st == IDD_OK) {
         idd_node *n = idd_record("qkv_attention", attention_backward, out, 1, &qkv);
         if (n) { idd_node_save(n, qc); idd_node_save(n, w); n->ip[0] = heads; }

@@ -67,6 +67,12 @@ typedef struct idd_backend {
     idd_status (*attention_forward)(float *out, float *weight, const float *qkv, int B, int C, int T, int H);
     idd_status (*attention_backward)(float *dqkv, const float *dout, const float *weight, const float *qkv, int B,
                                      int C, int T, int H);
+    /* bf16 channels-last qkv (B,3C,T) / out (B,C,T), bf16 weight (B*H,T,T) saved; NULL: f32 fallback */
+    idd_status (*attention_forward_bf16)(uint16_t *out, uint16_t *weight, const uint16_t *qkv, int B, int C, int T,
+                                         int H);
+    /* its backward: dqkv (B,3C,T) bf16 channels-last written (not accumulated) */
+    idd_status (*attention_backward_bf16)(uint16_t *dqkv, const uint16_t *dout, const uint16_t *weight,
+                                          const uint16_t *qkv, int B, int C, int T, int H);
     idd_status (*upsample2x_forward)(float *out, const float *x, int N, int C, int H, int W);
     idd_status (*upsample2x_backward)(float *dx, const float *dout, int N, int C, int H, int W);
     idd_status (*avgpool2x_forward)(float *out, const float *x, int N, int C, int H, int W);
@@ -84,6 +90,13 @@ typedef struct idd_backend {
     idd_status (*conv2d_backward_hw)(float *dx, float *dw, float *db, const float *dout, const float *x,
                                      const float *w, int N, int C, int H, int W, int O, int KH, int KW, int stride,
                                      int pad_h, int pad_w);
+    /* bf16 channels-last (NHWC memory) x -> out, float32 w (O,C,KH,KW) and b (or NULL); NULL: f32 fallback */
+    idd_status (*conv2d_forward_bf16)(uint16_t *out, const uint16_t *x, const float *w, const float *b, int N, int C,
+                                      int H, int W, int O, int KH, int KW, int stride, int pad);
+    /* its backward: dx bf16 channels-last written (not accumulated), dw/db float32 accumulated; NULL skipped */
+    idd_status (*conv2d_backward_bf16)(uint16_t *dx, float *dw, float *db, const uint16_t *dout, const uint16_t *x,
+                                       const float *w, int N, int C, int H, int W, int O, int KH, int KW, int stride,
+                                       int pad);
     /* forward-only evaluation kernels (kernels.h: pool, resize) */
     idd_status (*maxpool2d_forward)(float *out, const float *x, int N, int C, int H, int W, int k, int stride,
                                     int pad);
