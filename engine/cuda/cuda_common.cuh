@@ -170,7 +170,6 @@ __device__ __forceinline__ double cu_load(const void *p, int dt, int64_t i) {
     case IDD_F32: return ((const float *)p)[i];
     case IDD_F64: return ((const double *)p)[i];
     case IDD_I64: return (double)((const int64_t *)p)[i];
-    case IDD_BF16: return __uint_as_float((unsigned)((const uint16_t *)p)[i] << 16);
     default: return ((const uint8_t *)p)[i];
     }
 }
@@ -180,12 +179,6 @@ __device__ __forceinline__ void cu_store(void *p, int dt, int64_t i, double v) {
     case IDD_F32: ((float *)p)[i] = (float)v; break;
     case IDD_F64: ((double *)p)[i] = v; break;
     case IDD_I64: ((int64_t *)p)[i] = (int64_t)v; break;
-    case IDD_BF16: { /* round to nearest even, NaN kept quiet (iddpm/bf16.h) */
-        unsigned u = __float_as_uint((float)v);
-        ((uint16_t *)p)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
-                                                             : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        break;
-    }
     default: ((uint8_t *)p)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
     }
 }

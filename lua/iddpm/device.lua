@@ -9,6 +9,13 @@
 --   device.check(dev [, who])             -> dev, or an error when it is not available
 --   device.set_precision(p)               -> the precision in effect on the GPU
 --   device.precision()                    -> the GPU precision now ("fp32" on the CPU)
+--   device.activation_dtype(x)            -> "bfloat16" when the UNet should run its activations in
+--                                          bf16 channels-last for input x (x on the GPU in precision
+--                                          bf16), else nil (float32 as given)
+--   device.set_activations(a)             "auto" (the rule above) | "bf16" (any device: the CPU runs
+--                                          bf16 graphs through its fp32 kernels; for tests) | "fp32"
+--                                          (bf16 products on fp32 activations, the pre-bf16-storage
+--                                          mode); IDDPM_ACTIVATIONS sets the default
 --   device.collect([bytes])               a full Lua GC when live tensor bytes grew by more
 --                                          than `bytes` (256 MiB) since the last one
 --
@@ -75,6 +82,29 @@ function M.set_precision(p)
   if c.precision then pcall(c.precision, "tf32") else c.tf32(true) end
   M._current = "tf32"
   return "tf32"
+end
+
+local ACTIVATIONS = {auto = true, bf16 = true, fp32 = true}
+local FAKE_CUDA = os.getenv("IDDPM_FAKE_CUDA") == "1"
+M._activations = os.getenv("IDDPM_ACTIVATIONS")
+if M._activations and not ACTIVATIONS[M._activations] then
+  error(("IDDPM_ACTIVATIONS=%s: expected auto, bf16 or fp32"):format(M._activations), 0)
+end
+
+function M.set_activations(a)
+  if not ACTIVATIONS[a] then error(("activations=%s: expected auto, bf16 or fp32"):format(tostring(a)), 2) end
+  M._activations = a
+  return a
+end
+
+function M.activation_dtype(x)
+  local a = M._activations or "auto"
+  if a == "bf16" then return "bfloat16" end
+  if a == "fp32" then return nil end
+  -- IDDPM_FAKE_CUDA=1 serves "cuda" with the CPU backend, whose precision switch has no
+  -- effect: it keeps float32 activations too (tests compare it with CPU runs exactly)
+  if x:device() == "cuda" and M.precision() == "bf16" and not FAKE_CUDA then return "bfloat16" end
+  return nil
 end
 
 local COLLECT_BYTES = 256 * 2 ^ 20

@@ -58,7 +58,9 @@ function ResBlock:forward(x, emb)
       local scale, shift = e:narrow(2, 1, self.out_ch), e:narrow(2, self.out_ch + 1, self.out_ch)
       g = n:forward(h, {scale = scale, shift = shift, silu = true})
     else
-      local he = h + e:reshape(e:size(1), self.out_ch, 1, 1)
+      local er = e:reshape(e:size(1), self.out_ch, 1, 1)
+      if h:dtype() ~= er:dtype() then er = er:to(h:dtype()) end   -- bf16 activations stay bf16
+      local he = h + er
       g = n:forward(he, {silu = true})
       drop(he, g)
     end
@@ -291,6 +293,10 @@ function UNet:forward(x, t, y)
     if lo < 0 or hi >= c.num_classes then error(("unet: label %d out of range [0, %d)"):format(lo < 0 and lo or hi, c.num_classes), 2) end
     emb = emb + self:call("label_emb", y)
   end
+  -- bf16 activations (GPU, precision bf16): the input goes to bf16 channels-last (NHWC
+  -- memory) once, every layer keeps that dtype and layout, the output comes back float32
+  local act = require("iddpm.device").activation_dtype(x)
+  if act and x:dtype() ~= act then x = x:channels_last(act) end
   local hs = {}
   local h = x
   local ib = self.input_blocks
@@ -325,6 +331,11 @@ function UNet:forward(x, t, y)
   if not ok then fail("out", r) end
   drop(h, x)
   drop(emb)
+  if act and r:dtype() ~= "float32" then
+    local f = r:float()
+    r = f:contiguous()
+    drop(f, r)
+  end
   return r
 end
 
