@@ -42,7 +42,7 @@ static int l_num_threads(lua_State *L) {
 /* iddpm.cuda: available(), reason(), device_name(), synchronize(), memory() -> in use,
  * cached, peak in use, peak reserved; reset_peak_memory(), empty_cache(), tf32(on),
  * precision([name]), conv_impl([name]), profile_reset(), graph_supported(), graph_capture(fn),
- * capturing() (CUDA graphs, below). A build without CUDA answers
+ * capturing(), graph_memory() (CUDA graphs, below). A build without CUDA answers
  * available() = false and remembers the precision name (no effect on the CPU). */
 static int c_available(lua_State *L) { lua_pushboolean(L, idd_backend_get(IDD_CUDA) != NULL); return 1; }
 static int c_reason(lua_State *L) {
@@ -89,7 +89,8 @@ static int c_profile_reset(lua_State *L) { idd_cuda_profile_reset(); return 0; }
  * times as usual (cuDNN's search, cuBLAS workspaces), then once under capture; the
  * results (tensors made during the capture) are rewritten by every graph:replay().
  * graph:free() releases it (also done by the collector); the graph keeps fn alive (and
- * so the tensors it reads). include/iddpm/cuda.h, engine/cuda/graph.cu. */
+ * so the tensors it reads). graph_memory() -> bytes reserved by live graphs.
+ * include/iddpm/cuda.h, engine/cuda/graph.cu. */
 #define GRAPH_MT "iddpm.cuda.graph"
 static const char *graph_unsupported(void) {
     const idd_backend *b = idd_backend_get(IDD_CUDA);
@@ -104,6 +105,10 @@ static int c_graph_supported(lua_State *L) {
     return 2;
 }
 static int c_capturing(lua_State *L) { lua_pushboolean(L, idd_cuda_capturing()); return 1; }
+static int c_graph_memory(lua_State *L) {
+    lua_pushinteger(L, idd_backend_get(IDD_CUDA) && !graph_unsupported() ? (lua_Integer)idd_cuda_graph_memory() : 0);
+    return 1;
+}
 static idd_cuda_graph **graph_check(lua_State *L) { return (idd_cuda_graph **)luaL_checkudata(L, 1, GRAPH_MT); }
 static int g_replay(lua_State *L) {
     idd_cuda_graph **g = graph_check(L);
@@ -189,6 +194,7 @@ static int c_conv_impl(lua_State *L) {
 #define NO_GRAPHS "this build has no CUDA (make CUDA=1)"
 static int c_graph_supported(lua_State *L) { lua_pushboolean(L, 0); lua_pushstring(L, NO_GRAPHS); return 2; }
 static int c_capturing(lua_State *L) { lua_pushboolean(L, 0); return 1; }
+static int c_graph_memory(lua_State *L) { lua_pushinteger(L, 0); return 1; }
 static int c_graph_capture(lua_State *L) { return luaL_error(L, "graph_capture: CUDA graphs need the GPU: " NO_GRAPHS); }
 static void graph_register(lua_State *L) { (void)L; }
 #endif
@@ -220,6 +226,7 @@ static const luaL_Reg cuda_fns[] = {
     {"tf32", c_tf32}, {"precision", c_precision}, {"conv_impl", c_conv_impl}, {"profile_reset", c_profile_reset},
     {"wall_time", c_wall_time}, {"reset_peak_memory", c_reset_peak},
     {"graph_supported", c_graph_supported}, {"graph_capture", c_graph_capture}, {"capturing", c_capturing},
+    {"graph_memory", c_graph_memory},
     {NULL, NULL},
 };
 

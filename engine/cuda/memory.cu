@@ -143,6 +143,14 @@ void cu_pool_release(const std::vector<void *> &blocks) {
     }
 }
 
+/* bytes of the blocks held by live graphs (and a running capture) */
+extern "C" size_t idd_cuda_graph_memory(void) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    size_t n = 0;
+    for (auto &kv : hold_count) n += block_size[kv.first];
+    return n;
+}
+
 void cu_pool_note_scratch(void *p) {
     std::lock_guard<std::mutex> g(mem_lock);
     pool_hold_locked(p);

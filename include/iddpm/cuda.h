@@ -62,6 +62,8 @@ idd_status idd_cuda_graph_replay(idd_cuda_graph *g);
 /* waits for the stream, frees the graph and gives its blocks back (deferred to the end
  * of a capture when called during one, e.g. from a garbage collector) */
 void idd_cuda_graph_destroy(idd_cuda_graph *g);
+/* bytes of the blocks held by live graphs (reserved for their replays) */
+size_t idd_cuda_graph_memory(void);
 /* nonzero while a capture runs */
 int idd_cuda_capturing(void);
 /* the error of an op that cannot be recorded: sets and returns

@@ -130,6 +130,7 @@ for p in o.precisions:gmatch("[%w]+") do
           device.collect()
         end, o.iters)
         local gf = time_it(function() T.no_grad(function() gm(xs, ts) end) end, o.iters)
+        local gmem = iddpm.cuda.graph_memory()
         local k, e = next(iddpm.diffusion.graph_info(model))
         sync()
         local h0 = wall()
@@ -142,9 +143,9 @@ for p in o.precisions:gmatch("[%w]+") do
         print(("# bench sample graph %s batch %d: p_sample step %.1f ms, %.0f images x steps/s; forward only %.1f ms, "
           .. "%.0f images x steps/s (eager %.0f / %.0f); state %s%s; max |graph - eager| %g"):format(p, SB, gs * 1e3, SB / gs,
           gf * 1e3, SB / gf, SB / ss, SB / sf, e and e.state or "none", e and e.reason and (" (" .. e.reason .. ")") or "", same))
-        print(("# bench sample graph forward %s batch %d: the host queues it in %.2f ms, the GPU finishes at %.1f ms"):format(p,
-          SB, genq * 1e3, gdone * 1e3))
-        row.graph_per_s, row.graph_p_sample_per_s, row.graph_queue_ms = SB / gf, SB / gs, genq * 1e3
+        print(("# bench sample graph forward %s batch %d: the host queues it in %.2f ms, the GPU finishes at %.1f ms; "
+          .. "graphs hold %.2f GiB"):format(p, SB, genq * 1e3, gdone * 1e3, gmem / GiB))
+        row.graph_per_s, row.graph_p_sample_per_s, row.graph_queue_ms, row.graph_bytes = SB / gf, SB / gs, genq * 1e3, gmem
         device.collect()
       end
       add(row)

@@ -79,6 +79,7 @@ if not GRAPHS then
   H.raises("graph_capture says why it cannot run", function() cu.graph_capture(function() end) end,
     "graph_capture: CUDA graphs need the GPU")
   H.check("not capturing", not cu.capturing())
+  H.check("no memory held for graphs", cu.graph_memory() == 0)
   H.done()
   return
 end
@@ -199,5 +200,9 @@ unet_case("fp32")
 unet_case("bf16")
 
 H.check("not capturing at the end", not cu.capturing())
+H.check("live graphs hold memory", cu.graph_memory() > 0, cu.graph_memory())
+g:free()
+collectgarbage(); collectgarbage()
+H.check("every graph freed or collected: no memory held for graphs", cu.graph_memory() == 0, cu.graph_memory())
 cu.precision(START_PRECISION)
 H.done()
