@@ -90,8 +90,10 @@ static void pool_hold_locked(void *p) {
     if (pool_blocks.insert(p).second) hold_count[p]++;   /* a capture holds a block once */
 }
 
-/* the smallest block of class sz, or of a class up to 5/4 of it (bestfit), from lists */
-static void *take_cached_locked(std::map<size_t, std::vector<void *>> &lists, size_t sz, size_t *got) {
+/* the smallest block of class sz, or of a class up to 5/4 of it (bestfit), from lists;
+ * any_size: the smallest of any larger class (a capture's own free blocks: they belong
+ * to the graph whatever their use, so a larger one costs nothing) */
+static void *take_cached_locked(std::map<size_t, std::vector<void *>> &lists, size_t sz, size_t *got, bool any_size) {
     auto it = lists.find(sz);
     if (it != lists.end() && !it->second.empty()) {
         void *p = it->second.back();
@@ -99,8 +101,9 @@ static void *take_cached_locked(std::map<size_t, std::vector<void *>> &lists, si
         *got = sz;
         return p;
     }
-    if (!bestfit) return NULL;
-    for (auto jt = lists.upper_bound(sz); jt != lists.end() && jt->first <= sz / BESTFIT_DEN * BESTFIT_NUM; ++jt) {
+    if (!bestfit && !any_size) return NULL;
+    for (auto jt = lists.upper_bound(sz); jt != lists.end() && (any_size || jt->first <= sz / BESTFIT_DEN * BESTFIT_NUM);
+         ++jt) {
         if (jt->second.empty()) continue;
         void *p = jt->second.back();
         jt->second.pop_back();
@@ -163,9 +166,9 @@ static void *cu_alloc(size_t n) {
         const char *e = getenv("IDDPM_CUDA_BESTFIT");
         bestfit = !(e && *e == '0');
     }
-    /* during a capture, the blocks it freed come first (graph pools above) */
-    void *p = pool_active ? take_cached_locked(pool_free, sz, &got) : NULL;
-    if (!p) p = take_cached_locked(free_lists, sz, &got);   /* exact class, else best fit up to 5/4 */
+    /* during a capture, the blocks it freed come first, of any larger size (graph pools above) */
+    void *p = pool_active ? take_cached_locked(pool_free, sz, &got, true) : NULL;
+    if (!p) p = take_cached_locked(free_lists, sz, &got, false);   /* exact class, else best fit up to 5/4 */
     if (p) {
         bytes_cached -= got;
         bytes_in_use += got;

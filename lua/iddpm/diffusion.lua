@@ -293,7 +293,7 @@ end
 -- a model in training mode (dropout draws would be frozen), or a forward that cannot be
 -- captured (e.g. a class-conditional UNet checks its labels on the host);
 -- D.graph_info(model) tells which. One wrapper (and its graphs) per model, collected
--- with it; at most MAX_GRAPHS shapes are kept per model.
+-- with it or freed by D.graph_free(model); at most MAX_GRAPHS shapes are kept per model.
 local graph_cache = setmetatable({}, {__mode = "k"})
 local MAX_GRAPHS = 4
 
@@ -348,6 +348,18 @@ function D.graphed(model)
   end
   graph_cache[model] = {call = call, entries = entries}
   return call
+end
+
+-- free the graphs of D.graphed(model) now (their memory goes back; the next calls
+-- warm up and capture again)
+function D.graph_free(model)
+  local c = graph_cache[model]
+  if not c then return end
+  for k, e in pairs(c.entries) do
+    if e.graph then e.graph:free() end
+    c.entries[k] = nil
+  end
+  graph_cache[model] = nil
 end
 
 -- -> {[key] = {state = "warm" | "graph" | "eager", calls =, reason =}} of D.graphed(model)

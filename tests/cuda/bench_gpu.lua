@@ -146,6 +146,7 @@ for p in o.precisions:gmatch("[%w]+") do
         print(("# bench sample graph forward %s batch %d: the host queues it in %.2f ms, the GPU finishes at %.1f ms; "
           .. "graphs hold %.2f GiB"):format(p, SB, genq * 1e3, gdone * 1e3, gmem / GiB))
         row.graph_per_s, row.graph_p_sample_per_s, row.graph_queue_ms, row.graph_bytes = SB / gf, SB / gs, genq * 1e3, gmem
+        iddpm.diffusion.graph_free(model)
         device.collect()
       end
       add(row)

@@ -182,6 +182,11 @@ local function unet_case(prec)
     end
     same(("%s %s: graph=true = graph=false"):format(prec, loop), res[true], res[false])
   end
+  local held = cu.graph_memory()
+  D.graph_free(m)
+  H.check(prec .. " D.graph_free gives the graph's memory back", cu.graph_memory() < held,
+    ("%d -> %d bytes"):format(held, cu.graph_memory()))
+  H.check(prec .. " D.graph_free: no graph left for the model", next(D.graph_info(m)) == nil)
   -- a class-conditional UNet checks its labels on the host: no graph, the same results
   local mc = small_unet({num_classes = 3})
   local gmc = D.graphed(mc)
