@@ -41,7 +41,8 @@ static int l_num_threads(lua_State *L) {
 
 /* iddpm.cuda: available(), reason(), device_name(), synchronize(), memory() -> in use,
  * cached, peak in use, peak reserved; reset_peak_memory(), empty_cache(), tf32(on),
- * precision([name]), conv_impl([name]), profile_reset(). A build without CUDA answers
+ * precision([name]), conv_impl([name]), profile_reset(), graph_supported(), graph_capture(fn),
+ * capturing(), graph_memory() (CUDA graphs, below). A build without CUDA answers
  * available() = false and remembers the precision name (no effect on the CPU). */
 static int c_available(lua_State *L) { lua_pushboolean(L, idd_backend_get(IDD_CUDA) != NULL); return 1; }
 static int c_reason(lua_State *L) {
@@ -82,6 +83,92 @@ static int c_conv_impl(lua_State *L) {
     return 1;
 }
 static int c_profile_reset(lua_State *L) { idd_cuda_profile_reset(); return 0; }
+
+/* ---- CUDA graphs: iddpm.cuda.graph_supported() -> ok, reason; iddpm.cuda.capturing();
+ * iddpm.cuda.graph_capture(fn [, warmup = 1]) -> graph, fn's results: fn runs `warmup`
+ * times as usual (cuDNN's search, cuBLAS workspaces), then once under capture; the
+ * results (tensors made during the capture) are rewritten by every graph:replay().
+ * graph:free() releases it (also done by the collector); the graph keeps fn alive (and
+ * so the tensors it reads). graph_memory() -> bytes reserved by live graphs.
+ * include/iddpm/cuda.h, engine/cuda/graph.cu. */
+#define GRAPH_MT "iddpm.cuda.graph"
+static const char *graph_unsupported(void) {
+    const idd_backend *b = idd_backend_get(IDD_CUDA);
+    if (!b) return idd_backend_unavailable_reason(IDD_CUDA);
+    if (b == idd_backend_get(IDD_CPU)) return "the cuda device is served by the CPU backend (IDDPM_FAKE_CUDA=1)";
+    return NULL;
+}
+static int c_graph_supported(lua_State *L) {
+    const char *why = graph_unsupported();
+    lua_pushboolean(L, why == NULL);
+    if (why) lua_pushstring(L, why); else lua_pushnil(L);
+    return 2;
+}
+static int c_capturing(lua_State *L) { lua_pushboolean(L, idd_cuda_capturing()); return 1; }
+static int c_graph_memory(lua_State *L) {
+    lua_pushinteger(L, idd_backend_get(IDD_CUDA) && !graph_unsupported() ? (lua_Integer)idd_cuda_graph_memory() : 0);
+    return 1;
+}
+static idd_cuda_graph **graph_check(lua_State *L) { return (idd_cuda_graph **)luaL_checkudata(L, 1, GRAPH_MT); }
+static int g_replay(lua_State *L) {
+    idd_cuda_graph **g = graph_check(L);
+    if (!*g) return luaL_error(L, "graph:replay: the graph was freed");
+    if (idd_cuda_graph_replay(*g) != IDD_OK) return luaL_error(L, "%s", idd_last_error());
+    return 0;
+}
+static int g_free(lua_State *L) {
+    idd_cuda_graph **g = graph_check(L);
+    idd_cuda_graph_destroy(*g);
+    *g = NULL;
+    return 0;
+}
+static int g_tostring(lua_State *L) {
+    lua_pushstring(L, *graph_check(L) ? "cuda graph" : "cuda graph (freed)");
+    return 1;
+}
+static int c_graph_capture(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_Integer warm = luaL_optinteger(L, 2, 1);
+    const char *why = graph_unsupported();
+    if (why) return luaL_error(L, "graph_capture: CUDA graphs need the GPU: %s", why);
+    if (idd_cuda_capturing()) return luaL_error(L, "graph_capture: a capture is already running (captures do not nest)");
+    lua_settop(L, 1);
+    for (lua_Integer i = 0; i < warm; i++) {
+        lua_pushvalue(L, 1);
+        lua_call(L, 0, 0);
+    }
+    lua_gc(L, LUA_GCCOLLECT);   /* garbage freed now is not held by the graph */
+    idd_cuda_graph **ud = (idd_cuda_graph **)lua_newuserdatauv(L, sizeof *ud, 1);   /* index 2 */
+    *ud = NULL;
+    luaL_setmetatable(L, GRAPH_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, 2, 1);   /* fn, and what it reads, live as long as the graph */
+    if (idd_cuda_graph_begin() != IDD_OK) return luaL_error(L, "%s", idd_last_error());
+    lua_pushvalue(L, 1);
+    int rc = lua_pcall(L, 0, LUA_MULTRET, 0);
+    if (rc != LUA_OK) {
+        idd_cuda_graph_abort();
+        const char *msg = luaL_tolstring(L, -1, NULL);
+        const char *at = strstr(msg, "graph_capture: ");
+        if (at == msg) return luaL_error(L, "%s", msg);
+        if (at) return luaL_error(L, "%s (in: %s)", at, lua_pushlstring(L, msg, (size_t)(at - msg)));
+        return luaL_error(L, "graph_capture: the captured function failed (the capture was aborted): %s", msg);
+    }
+    if (idd_cuda_graph_end(ud) != IDD_OK) return luaL_error(L, "%s", idd_last_error());
+    return lua_gettop(L) - 1;   /* the graph, then fn's results */
+}
+static void graph_register(lua_State *L) {
+    static const luaL_Reg m[] = {{"replay", g_replay}, {"free", g_free}, {NULL, NULL}};
+    if (luaL_newmetatable(L, GRAPH_MT)) {
+        luaL_newlib(L, m);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, g_free);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, g_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+}
 #else
 static int c_profile_reset(lua_State *L) { return 0; }
 static int c_device_name(lua_State *L) { lua_pushstring(L, ""); return 1; }
@@ -103,6 +190,13 @@ static int c_conv_impl(lua_State *L) {
     lua_pushstring(L, names[cpu_conv_impl]);
     return 1;
 }
+/* CUDA graphs: not in this build */
+#define NO_GRAPHS "this build has no CUDA (make CUDA=1)"
+static int c_graph_supported(lua_State *L) { lua_pushboolean(L, 0); lua_pushstring(L, NO_GRAPHS); return 2; }
+static int c_capturing(lua_State *L) { lua_pushboolean(L, 0); return 1; }
+static int c_graph_memory(lua_State *L) { lua_pushinteger(L, 0); return 1; }
+static int c_graph_capture(lua_State *L) { return luaL_error(L, "graph_capture: CUDA graphs need the GPU: " NO_GRAPHS); }
+static void graph_register(lua_State *L) { (void)L; }
 #endif
 
 /* iddpm.cuda.precision([name]) -> "fp32" | "tf32" | "bf16": the arithmetic of GPU convs,
@@ -131,6 +225,8 @@ static const luaL_Reg cuda_fns[] = {
     {"synchronize", c_synchronize}, {"memory", c_memory}, {"empty_cache", c_empty_cache},
     {"tf32", c_tf32}, {"precision", c_precision}, {"conv_impl", c_conv_impl}, {"profile_reset", c_profile_reset},
     {"wall_time", c_wall_time}, {"reset_peak_memory", c_reset_peak},
+    {"graph_supported", c_graph_supported}, {"graph_capture", c_graph_capture}, {"capturing", c_capturing},
+    {"graph_memory", c_graph_memory},
     {NULL, NULL},
 };
 
@@ -181,6 +277,7 @@ int luaopen_iddpm(lua_State *L) {
     lua_setfield(L, mod, "wall_time");
     luaL_newlib(L, cuda_fns);
     lua_setfield(L, mod, "cuda");
+    graph_register(L);
     for (const submodule *s = submodules; s->name; s++) {
         luaL_requiref(L, lua_pushfstring(L, "iddpm.%s", s->name), s->open, 0);
         lua_setfield(L, mod, s->name);

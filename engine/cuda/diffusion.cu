@@ -31,6 +31,8 @@ static bool stage_ev_live[2];
 
 extern "C" idd_status cu_upload_async(void *dst, const void *src, size_t n) {
     if (n == 0) return IDD_OK;
+    if (idd_cuda_capturing())   /* a replay would copy whatever the ring holds by then */
+        return idd_cuda_capture_refuse("upload", "it copies host memory (the pinned upload ring) that a replay would read stale");
     if (n > STAGE_HALF) {
         CU_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, idd_cu_stream), "upload");
         CU_TRY(cudaStreamSynchronize(idd_cu_stream), "upload");

@@ -12,7 +12,9 @@
  * block): the forward and backward passes of a step allocate different size mixes, and
  * without this reuse the cache keeps the peak of each class separately. It is off with
  * IDDPM_CUDA_BESTFIT=0. Peaks of the bytes in use and reserved (in use + cached) are
- * tracked for the benchmark (idd_cuda_memory_peak). */
+ * tracked for the benchmark (idd_cuda_memory_peak).
+ * CUDA graphs (graph.cu): while a capture runs, the blocks it allocates or frees are
+ * "held" by it; see the section "graph pools" below. */
 #include "cuda_common.cuh"
 
 #include <stdio.h>
@@ -23,6 +25,7 @@
 #include <string.h>
 #include <time.h>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 extern "C" {
@@ -60,42 +63,126 @@ static void release_cached_locked(void) {
         for (void *p : kv.second) {
             cudaFree(p);
             block_size.erase(p);
+            bytes_cached -= kv.first;   /* blocks held by graphs stay cached (graph pools below) */
         }
     free_lists.clear();
-    bytes_cached = 0;
+}
+
+// ---------------------------------------------------------------- graph pools (CUDA graphs)
+/* A captured graph replays with the addresses it was captured with, so every block a
+ * capture touches through the allocator belongs to the graph until the graph is
+ * destroyed: each block allocated during the capture, and each block freed during it
+ * (also one allocated before: the capture may have read it). Such a block is "held"
+ * (hold_count = number of live graphs, or the capture, holding it). A held block that
+ * is freed goes to the capture's private free lists while the capture runs (reused only
+ * inside it: the captured kernels are one stream-ordered chain) and, after the capture,
+ * into held_free: no tensor and no other capture gets it. When the last graph holding
+ * it goes (cu_pool_release) it returns to the shared free lists. Scratch slots handed
+ * out during a capture are held the same way (a later grow frees the old block). */
+static bool pool_active;                                  /* a capture is running */
+static std::map<size_t, std::vector<void *>> pool_free;   /* freed during the capture */
+static std::unordered_set<void *> pool_blocks;            /* held by the running capture */
+static std::unordered_map<void *, int> hold_count;
+static std::unordered_map<void *, bool> held_free;        /* held, no tensor uses it */
+
+static void pool_hold_locked(void *p) {
+    if (!pool_active || !p) return;
+    if (pool_blocks.insert(p).second) hold_count[p]++;   /* a capture holds a block once */
+}
+
+/* the smallest block of class sz, or of a class up to 5/4 of it (bestfit), from lists;
+ * any_size: the smallest of any larger class (a capture's own free blocks: they belong
+ * to the graph whatever their use, so a larger one costs nothing) */
+static void *take_cached_locked(std::map<size_t, std::vector<void *>> &lists, size_t sz, size_t *got, bool any_size) {
+    auto it = lists.find(sz);
+    if (it != lists.end() && !it->second.empty()) {
+        void *p = it->second.back();
+        it->second.pop_back();
+        *got = sz;
+        return p;
+    }
+    if (!bestfit && !any_size) return NULL;
+    for (auto jt = lists.upper_bound(sz); jt != lists.end() && (any_size || jt->first <= sz / BESTFIT_DEN * BESTFIT_NUM);
+         ++jt) {
+        if (jt->second.empty()) continue;
+        void *p = jt->second.back();
+        jt->second.pop_back();
+        *got = jt->first;
+        return p;
+    }
+    return NULL;
+}
+
+void cu_pool_begin(void) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    pool_active = true;
+    pool_blocks.clear();
+    pool_free.clear();
+}
+
+/* the capture is over: its free blocks stay reserved for the graph; -> the held blocks */
+std::vector<void *> cu_pool_end(void) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    for (auto &kv : pool_free)
+        for (void *p : kv.second) held_free[p] = true;
+    pool_free.clear();
+    pool_active = false;
+    std::vector<void *> out(pool_blocks.begin(), pool_blocks.end());
+    pool_blocks.clear();
+    return out;
+}
+
+/* a graph (or an aborted capture) lets its blocks go */
+void cu_pool_release(const std::vector<void *> &blocks) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    for (void *p : blocks) {
+        auto it = hold_count.find(p);
+        if (it == hold_count.end() || --it->second > 0) continue;
+        hold_count.erase(it);
+        auto jt = held_free.find(p);
+        if (jt == held_free.end()) continue;   /* a live tensor still uses it: freed as usual later */
+        held_free.erase(jt);
+        free_lists[block_size[p]].push_back(p);
+    }
+}
+
+/* bytes of the blocks held by live graphs (and a running capture) */
+extern "C" size_t idd_cuda_graph_memory(void) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    size_t n = 0;
+    for (auto &kv : hold_count) n += block_size[kv.first];
+    return n;
+}
+
+void cu_pool_note_scratch(void *p) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    pool_hold_locked(p);
 }
 
 static void *cu_alloc(size_t n) {
-    size_t sz = size_class(n);
+    size_t sz = size_class(n), got = 0;
     std::lock_guard<std::mutex> g(mem_lock);
-    auto it = free_lists.find(sz);
-    if (it != free_lists.end() && !it->second.empty()) {
-        void *p = it->second.back();
-        it->second.pop_back();
-        bytes_cached -= sz;
-        bytes_in_use += sz;
-        note_peaks_locked();
-        return p;
-    }
     if (bestfit < 0) {
         const char *e = getenv("IDDPM_CUDA_BESTFIT");
         bestfit = !(e && *e == '0');
     }
-    if (bestfit) {   /* the smallest cached block of a class in (sz, sz * 5/4] */
-        for (auto jt = free_lists.upper_bound(sz); jt != free_lists.end() && jt->first <= sz / BESTFIT_DEN * BESTFIT_NUM;
-             ++jt) {
-            if (jt->second.empty()) continue;
-            void *p = jt->second.back();
-            jt->second.pop_back();
-            bytes_cached -= jt->first;
-            bytes_in_use += jt->first;
-            note_peaks_locked();
-            return p;
-        }
+    /* during a capture, the blocks it freed come first, of any larger size (graph pools above) */
+    void *p = pool_active ? take_cached_locked(pool_free, sz, &got, true) : NULL;
+    if (!p) p = take_cached_locked(free_lists, sz, &got, false);   /* exact class, else best fit up to 5/4 */
+    if (p) {
+        bytes_cached -= got;
+        bytes_in_use += got;
+        note_peaks_locked();
+        pool_hold_locked(p);
+        return p;
     }
-    void *p = NULL;
     if (cudaMalloc(&p, sz) != cudaSuccess) {
         cudaGetLastError();
+        if (pool_active) {   /* no wait and no cudaFree inside a capture */
+            idd_error_status(IDD_ENOMEM, "graph_capture: out of memory allocating %zu bytes inside a CUDA graph capture "
+                             "(%zu in use)", sz, bytes_in_use);
+            return NULL;
+        }
         cudaStreamSynchronize(idd_cu_stream);
         release_cached_locked();
         if (cudaMalloc(&p, sz) != cudaSuccess) {
@@ -110,6 +197,7 @@ static void *cu_alloc(size_t n) {
     block_size[p] = sz;
     bytes_in_use += sz;
     note_peaks_locked();
+    pool_hold_locked(p);
     return p;
 }
 
@@ -119,9 +207,18 @@ static void cu_free(void *p) {
     auto it = block_size.find(p);
     if (it == block_size.end()) return;
     size_t sz = it->second;
-    free_lists[sz].push_back(p);
     bytes_in_use -= sz;
     bytes_cached += sz;
+    if (pool_active) {   /* the capture may have used it: the graph keeps it (graph pools above) */
+        bool other = hold_count.count(p) && !pool_blocks.count(p);   /* another graph's block: never reused */
+        pool_hold_locked(p);
+        if (other) held_free[p] = true;
+        else pool_free[sz].push_back(p);
+    } else if (hold_count.count(p)) {
+        held_free[p] = true;
+    } else {
+        free_lists[sz].push_back(p);
+    }
 }
 
 extern "C" void idd_cuda_memory(size_t *in_use, size_t *cached) {
@@ -141,6 +238,7 @@ extern "C" void idd_cuda_memory_peak(size_t *in_use, size_t *reserved, int reset
 }
 
 extern "C" void idd_cuda_empty_cache(void) {
+    if (idd_cuda_capturing()) return;   /* no wait inside a capture; nothing to do then */
     cudaStreamSynchronize(idd_cu_stream);
     std::lock_guard<std::mutex> g(mem_lock);
     release_cached_locked();
@@ -154,7 +252,10 @@ static size_t scratch_cap[N_SCRATCH];
 
 void *cu_scratch(int slot, size_t nbytes, const char *op) {
     if (slot < 0 || slot >= N_SCRATCH) { idd_error("cuda %s: bad scratch slot %d", op, slot); return NULL; }
-    if (scratch_ptr[slot] && scratch_cap[slot] >= nbytes) return scratch_ptr[slot];
+    if (scratch_ptr[slot] && scratch_cap[slot] >= nbytes) {
+        if (idd_cuda_capturing()) cu_pool_note_scratch(scratch_ptr[slot]);   /* the graph keeps it */
+        return scratch_ptr[slot];
+    }
     if (scratch_ptr[slot]) cu_free(scratch_ptr[slot]);
     size_t want = nbytes + nbytes / 4;
     scratch_ptr[slot] = cu_alloc(want);
@@ -179,7 +280,7 @@ static double now_ms(void) {
 }
 
 cu_prof_scope::cu_prof_scope(const char *name) : slot(-1), t0(0) {
-    if (!prof_on) return;
+    if (!prof_on || idd_cuda_capturing()) return;   /* no waits inside a CUDA graph capture */
     for (slot = 0; slot < prof_n && strcmp(prof_name[slot], name); slot++) {}
     if (slot == prof_n) {
         if (prof_n == N_PROF) { slot = -1; return; }
@@ -222,18 +323,23 @@ static void prof_report(void) {
 // ---------------------------------------------------------------- host <-> device
 
 static idd_status cu_upload(void *dst, const void *src, size_t n) {
+    if (idd_cuda_capturing())
+        return idd_cuda_capture_refuse("upload", "it copies from pageable host memory and waits for the GPU");
     CU_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, idd_cu_stream), "upload");
     CU_TRY(cudaStreamSynchronize(idd_cu_stream), "upload");
     return IDD_OK;
 }
 
 static idd_status cu_download(void *dst, const void *src, size_t n) {
+    if (idd_cuda_capturing())
+        return idd_cuda_capture_refuse("download", "it copies to the host and waits for the GPU (a host sync)");
     CU_TRY(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, idd_cu_stream), "download");
     CU_TRY(cudaStreamSynchronize(idd_cu_stream), "download");
     return IDD_OK;
 }
 
 extern "C" idd_status idd_cuda_synchronize(void) {
+    if (idd_cuda_capturing()) return idd_cuda_capture_refuse("synchronize", "it waits for the GPU (a host sync)");
     CU_TRY(cudaStreamSynchronize(idd_cu_stream), "synchronize");
     return IDD_OK;
 }

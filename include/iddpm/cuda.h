@@ -43,6 +43,33 @@ int idd_cuda_conv_impl(void);
 /* IDDPM_CUDA_PROFILE=1: zero the per-op totals (after a warm-up; the table prints at exit) */
 void idd_cuda_profile_reset(void);
 
+/* CUDA graphs (engine/cuda/graph.cu): record the work a function queues on the backend's
+ * stream once, then replay it with one launch. Between idd_cuda_graph_begin() and
+ * idd_cuda_graph_end() nothing runs: kernels are recorded (relaxed capture mode), and
+ * the caching allocator gives the capture blocks that belong to the graph until it is
+ * destroyed (engine/cuda/memory.cu, "graph pools"), so the tensors made during the
+ * capture (the outputs included) keep their addresses, and each replay overwrites them.
+ * Tensors the graph reads that were made before (inputs, parameters) must stay alive.
+ * Ops that cannot be recorded (a host wait, an upload or download, the pinned upload
+ * ring) fail with "graph_capture: <op> cannot run inside a CUDA graph capture: ...".
+ * After a failure, idd_cuda_graph_abort() ends the capture; the stream stays usable. */
+typedef struct idd_cuda_graph idd_cuda_graph;
+idd_status idd_cuda_graph_begin(void);
+/* end the capture and instantiate the graph; on error the capture is aborted */
+idd_status idd_cuda_graph_end(idd_cuda_graph **out);
+void idd_cuda_graph_abort(void);
+idd_status idd_cuda_graph_replay(idd_cuda_graph *g);
+/* waits for the stream, frees the graph and gives its blocks back (deferred to the end
+ * of a capture when called during one, e.g. from a garbage collector) */
+void idd_cuda_graph_destroy(idd_cuda_graph *g);
+/* bytes of the blocks held by live graphs (reserved for their replays) */
+size_t idd_cuda_graph_memory(void);
+/* nonzero while a capture runs */
+int idd_cuda_capturing(void);
+/* the error of an op that cannot be recorded: sets and returns
+ * "graph_capture: <op> cannot run inside a CUDA graph capture: <why>" */
+idd_status idd_cuda_capture_refuse(const char *op, const char *why);
+
 static inline int idd_cuda_precision_from_name(const char *s) {
     if (!strcmp(s, "fp32")) return IDD_PREC_FP32;
     if (!strcmp(s, "tf32")) return IDD_PREC_TF32;

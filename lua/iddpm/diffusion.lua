@@ -279,6 +279,97 @@ function Diffusion:ddim_reverse_sample(model, xt, t, opts)
     out.pred_xstart
 end
 
+-- ---------------------------------------------------------------- CUDA graphs for the model call
+
+-- D.graphed(model) -> a callable with the model's signature (x_t, t, y) that replays the
+-- model's forward as a CUDA graph (iddpm.cuda.graph_capture, engine/cuda/graph.cu):
+-- per (x_t, t, y shapes and dtypes, precision, conv implementation) the first call runs
+-- as usual (the warm-up: cuDNN's search, workspaces), the second copies its inputs into
+-- fixed device tensors and captures the forward (under no_grad), and every later call
+-- copies x_t, t, y in and replays. The result is the graph's output tensor, rewritten by
+-- the next call of the same shape: use it (or clone it) before then. The same results as
+-- the eager forward, bit for bit (the same kernels, inputs and algorithms). Where no
+-- graph can be used the model is simply called: not on a GPU (CPU, IDDPM_FAKE_CUDA=1),
+-- a model in training mode (dropout draws would be frozen), or a forward that cannot be
+-- captured (e.g. a class-conditional UNet checks its labels on the host);
+-- D.graph_info(model) tells which. One wrapper (and its graphs) per model, collected
+-- with it or freed by D.graph_free(model); at most MAX_GRAPHS shapes are kept per model.
+local graph_cache = setmetatable({}, {__mode = "k"})
+local MAX_GRAPHS = 4
+
+local function graph_key(cu, x, t, y)
+  local function d(v) return v == nil and "-" or (shape_str(v:shape()) .. v:dtype()) end
+  return table.concat({d(x), d(t), d(y), cu.precision(), cu.conv_impl()}, " ")
+end
+
+function D.graphed(model)
+  if not is_callable(model) then error("D.graphed: model must be a function or a callable object", 2) end
+  local c = graph_cache[model]
+  if c then return c.call end
+  local cu = require("iddpm").cuda
+  local entries, count = {}, 0
+  local function eager(x, t, y) return model(x, t, y) end
+  local function call(x, t, y)
+    if x:device() ~= "cuda" or not cu.graph_supported() or cu.capturing()
+      or (type(model) == "table" and model.training) then
+      return eager(x, t, y)
+    end
+    local key = graph_key(cu, x, t, y)
+    local e = entries[key]
+    if e == nil then   -- the warm-up call of this shape
+      if count >= MAX_GRAPHS then
+        for k, v in pairs(entries) do if v.graph then v.graph:free() end; entries[k] = nil end
+        count = 0
+      end
+      entries[key] = {state = "warm", calls = 1}
+      count = count + 1
+      return eager(x, t, y)
+    end
+    e.calls = e.calls + 1
+    if e.state == "eager" then return eager(x, t, y) end
+    if e.state == "warm" then
+      local sx, st, sy = x:clone(), t:clone(), y and y:clone()
+      local ok, g, out = pcall(cu.graph_capture, function()
+        return T.no_grad(function() return model(sx, st, sy) end)
+      end, 0)
+      if not ok or not T.is_tensor(out) then
+        if ok then g:free() end
+        e.state, e.reason = "eager", ok and "the model returned no tensor" or tostring(g)
+        return eager(x, t, y)
+      end
+      e.state, e.graph, e.out, e.x, e.t, e.y = "graph", g, out, sx, st, sy
+    else
+      e.x:copy_(x)
+      e.t:copy_(t)
+      if y ~= nil then e.y:copy_(y) end
+    end
+    e.graph:replay()
+    return e.out
+  end
+  graph_cache[model] = {call = call, entries = entries}
+  return call
+end
+
+-- free the graphs of D.graphed(model) now (their memory goes back; the next calls
+-- warm up and capture again)
+function D.graph_free(model)
+  local c = graph_cache[model]
+  if not c then return end
+  for k, e in pairs(c.entries) do
+    if e.graph then e.graph:free() end
+    c.entries[k] = nil
+  end
+  graph_cache[model] = nil
+end
+
+-- -> {[key] = {state = "warm" | "graph" | "eager", calls =, reason =}} of D.graphed(model)
+function D.graph_info(model)
+  local c = graph_cache[model]
+  local r = {}
+  if c then for k, e in pairs(c.entries) do r[k] = {state = e.state, calls = e.calls, reason = e.reason} end end
+  return r
+end
+
 -- ---------------------------------------------------------------- sampling loops
 
 -- wall-clock seconds (os.clock is CPU time summed over the engine's threads)
@@ -335,6 +426,7 @@ end
 local function progressive_with(self, step, model, shape, opts, fname)
   opts = opts or {}
   local so = sample_opts(opts)
+  if opts.graph then model = D.graphed(model) end   -- CUDA graphs where possible (D.graphed)
   return progressive(self, model, shape, opts, function(img, i)
     so.noise = opts.step_noise and opts.step_noise(i) or nil
     return self[step](self, model, img, i, so)
@@ -360,7 +452,8 @@ end
 
 -- opts: noise (x_T), clip_denoised, denoised_fn, y, generator, progress, callback(step),
 -- step_noise (a function(t) -> the noise tensor for step t, instead of the generator),
--- device (where x_T is drawn when opts.noise is not given: "cpu" or "cuda")
+-- device (where x_T is drawn when opts.noise is not given: "cpu" or "cuda"),
+-- graph (true: replay the model call as a CUDA graph where possible, D.graphed)
 function Diffusion:p_sample_loop(model, shape, opts)
   return (run_loop(self:p_sample_loop_progressive(model, shape, opts), opts))
 end

@@ -267,6 +267,7 @@ function S.sample_batch(model, diff, first, n, opts)
     end
   end
   local loop_opts = {noise = xT, y = y, clip_denoised = opts.clip_denoised ~= false, eta = opts.eta or 0,
+    graph = opts.graph and net == model,   -- CUDA graph of the model call (D.graphed; not per-sample calls)
     step_noise = function() return batch_noise(gens, chw, dev) end,
     callback = function(step)
       if rec and rset[j] then
@@ -410,9 +411,11 @@ S.OPTIONS = {
   threads = "engine threads (default: all cores)",
   device = "cpu (default) or cuda: where the model runs",
   precision = "GPU precision: auto (= bf16), fp32, tf32 or bf16",
+  graph = "cuda: replay each step's model call as a CUDA graph (true on cuda; same images, less host time)",
 }
 
-local BOOL = {exact = true, use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true}
+local BOOL = {exact = true, use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true,
+  graph = true}
 local INT = {num_samples = true, batch_size = true, seed = true, grid_max = true, frames = true,
   animate_samples = true, gif_delay = true, threads = true}
 
@@ -563,6 +566,7 @@ function S.main(...)
   local x, _, rec = S.generate(model, diff, {num_samples = N, batch_size = B, seed = o.seed or 0,
     clip_denoised = o.clip_denoised ~= false, labels = labels, sampler = info.sampler, eta = o.eta or 0,
     exact = o.exact, progress = o.progress ~= false, record = rec_opts,
+    graph = dev == "cuda" and o.graph ~= false,
     on_batch = function(first, xb)
       local u = image.to_uint8(xb)
       u8s[#u8s + 1] = u

@@ -9,7 +9,9 @@
 -- Timing: synchronised wall time of `iters` steps after 2 warm-up steps, best of
 -- `windows` windows.
 --   ./iddpm run tests/cuda/bench_gpu.lua [iters=10] [windows=3] [precisions=fp32,tf32,bf16]
---       [rows=train,sample] [small=1]
+--       [rows=train,sample] [small=1] [graph=1]
+-- graph=1 adds the sampling rows with the UNet forward replayed as a CUDA graph
+-- (D.graphed: the same kernels, one launch per step; host queue time of a step too).
 -- (a bare number as the first argument is iters, as before). Loaded by tests/bench.lua,
 -- which passes the same arguments and gets the results table back.
 -- IDDPM_CUDA_CONV=im2col picks the old conv; IDDPM_CUDA_PROFILE=1 prints a per-op table
@@ -20,14 +22,16 @@ local device = require "iddpm.device"
 local args = {...}
 if not iddpm.cuda.available() then print("# no GPU: " .. tostring(iddpm.cuda.reason())); return {} end
 
-local o = {iters = 10, windows = 3, precisions = "fp32,tf32,bf16", rows = "train,sample", small = os.getenv("SMALL") == "1"}
+local o = {iters = 10, windows = 3, precisions = "fp32,tf32,bf16", rows = "train,sample", small = os.getenv("SMALL") == "1",
+  graph = false}
 for i, a in ipairs(args) do
   local k, v = tostring(a):match("^(%w+)=(.*)$")
   if not k and i == 1 and tonumber(a) then k, v = "iters", a end
   if k == "iters" or k == "windows" then o[k] = tonumber(v)
   elseif k == "precisions" or k == "rows" then o[k] = v
   elseif k == "small" then o.small = v == "1"
-  elseif k then error("bench_gpu: unknown argument " .. a .. " (iters, windows, precisions, rows, small)") end
+  elseif k == "graph" then o.graph = v == "1"
+  elseif k then error("bench_gpu: unknown argument " .. a .. " (iters, windows, precisions, rows, small, graph)") end
 end
 local function has(list, x) return ("," .. list .. ","):find("," .. x .. ",", 1, true) ~= nil end
 local wall, sync = iddpm.cuda.wall_time, iddpm.cuda.synchronize
@@ -116,8 +120,36 @@ for p in o.precisions:gmatch("[%w]+") do
       print(("# bench sample forward %s batch %d: the host queues it in %.1f ms, the GPU finishes at %.1f ms"):format(p, SB,
         enq * 1e3, (wall() - h0) * 1e3))
       device.collect()
-      add{row = "sample", precision = p, batch = SB, per_s = SB / sf, ms = sf * 1e3, p_sample_per_s = SB / ss,
+      local row = {row = "sample", precision = p, batch = SB, per_s = SB / sf, ms = sf * 1e3, p_sample_per_s = SB / ss,
         peak_in_use = peak_used, peak_reserved = peak_res}
+      if o.graph then
+        -- the same with the forward as a CUDA graph (D.graphed: warm-up, capture, replays)
+        local gm = iddpm.diffusion.graphed(model)
+        local gs = time_it(function()
+          T.no_grad(function() diff:p_sample(gm, xs, 500, {generator = gen}) end)
+          device.collect()
+        end, o.iters)
+        local gf = time_it(function() T.no_grad(function() gm(xs, ts) end) end, o.iters)
+        local gmem = iddpm.cuda.graph_memory()
+        local k, e = next(iddpm.diffusion.graph_info(model))
+        sync()
+        local h0 = wall()
+        T.no_grad(function() gm(xs, ts) end)
+        local genq = wall() - h0
+        sync()
+        local gdone = wall() - h0
+        local same = (T.no_grad(function() return gm(xs, ts) end):clone() - T.no_grad(function() return model:forward(xs, ts) end))
+          :abs():max():item()
+        print(("# bench sample graph %s batch %d: p_sample step %.1f ms, %.0f images x steps/s; forward only %.1f ms, "
+          .. "%.0f images x steps/s (eager %.0f / %.0f); state %s%s; max |graph - eager| %g"):format(p, SB, gs * 1e3, SB / gs,
+          gf * 1e3, SB / gf, SB / ss, SB / sf, e and e.state or "none", e and e.reason and (" (" .. e.reason .. ")") or "", same))
+        print(("# bench sample graph forward %s batch %d: the host queues it in %.2f ms, the GPU finishes at %.1f ms; "
+          .. "graphs hold %.2f GiB"):format(p, SB, genq * 1e3, gdone * 1e3, gmem / GiB))
+        row.graph_per_s, row.graph_p_sample_per_s, row.graph_queue_ms, row.graph_bytes = SB / gf, SB / gs, genq * 1e3, gmem
+        iddpm.diffusion.graph_free(model)
+        device.collect()
+      end
+      add(row)
     end
   end
 end
