@@ -299,7 +299,9 @@ local MAX_GRAPHS = 4
 
 local function graph_key(cu, x, t, y)
   local function d(v) return v == nil and "-" or (shape_str(v:shape()) .. v:dtype()) end
-  return table.concat({d(x), d(t), d(y), cu.precision(), cu.conv_impl()}, " ")
+  -- the activation dtype (bf16 channels-last or float32) changes the captured kernels too
+  return table.concat({d(x), d(t), d(y), cu.precision(), cu.conv_impl(),
+    tostring(require("iddpm.device").activation_dtype(x))}, " ")
 end
 
 function D.graphed(model)
