@@ -2,8 +2,13 @@
  * block per (sample, group). Same formulas and operation order as engine/ops/norm.c:
  * statistics in double (two passes), elementwise math in float32.
  * The backward writes per-(n,c) partial sums of dgamma/dbeta to scratch and a second
- * small kernel adds them over the batch, so every gradient has one writer. */
+ * small kernel adds them over the batch, so every gradient has one writer.
+ * bf16 activations (issue #9): the same op on bf16 channels-last x (NHWC memory), one
+ * block per (sample, slab of whole groups) so a block's reads are 128-192 contiguous bytes
+ * per position; 16-byte loads of 8 channels; float math, double sums per channel. */
 #include "cuda_common.cuh"
+
+#include <cuda_bf16.h>
 
 #define GN_THREADS 256
 
@@ -172,5 +177,283 @@ extern "C" idd_status cu_groupnorm_backward(float *dx, float *dgamma, float *dbe
                                                            scale, shift, C, HW, G, silu);
     if (pg || pb) k_gn_param_grad<<<(C + 127) / 128, 128, 0, idd_cu_stream>>>(dgamma, dbeta, pg, pb, N, C);
     CU_CHECK_LAUNCH("groupnorm_backward", "input (%d,%d,%d) groups %d", N, C, HW, G);
+    return IDD_OK;
+}
+
+// ---------------------------------------------------------------- bf16 channels-last
+
+/* 8 bf16 <-> 8 floats through one 16-byte word */
+__device__ __forceinline__ void bf8_load(float (&f)[8], const __nv_bfloat16 *p) {
+    uint4 u = *(const uint4 *)p;
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 t = __bfloat1622float2(h[k]);
+        f[2 * k] = t.x;
+        f[2 * k + 1] = t.y;
+    }
+}
+__device__ __forceinline__ void bf8_store(__nv_bfloat16 *p, const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    *(uint4 *)p = u;
+}
+
+/* Geometry of a (sample, slab) block: SC channels (whole groups, a multiple of 8) as
+ * nv = SC/8 vectors per position, `rows` positions at a time; blockDim = rows * nv. */
+struct gn_geom {
+    int C, HW, G, Cg, SC, nv, rows;
+};
+
+/* smallest multiple of lcm(Cg, 8) that is >= 64 and divides C (else C) */
+static gn_geom gn_plan(int C, int HW, int G) {
+    gn_geom g;
+    g.C = C; g.HW = HW; g.G = G; g.Cg = C / G;
+    int a = g.Cg, b = 8;
+    while (b) { int t = a % b; a = b; b = t; }
+    int l = g.Cg / a * 8;
+    g.SC = C;
+    for (int s = l; s < C; s += l)
+        if (s >= 64 && C % s == 0) { g.SC = s; break; }
+    g.nv = g.SC / 8;
+    g.rows = g.nv >= 256 ? 1 : 256 / g.nv;
+    return g;
+}
+
+/* sum the per-thread values a[8] of every row into chv[c] (double) for the slab's SC
+ * channels; red: float [rows * SC] scratch in shared memory */
+__device__ __forceinline__ void gn_rows_sum(double *chv, float *red, const float (&a)[8], const gn_geom &g, int row,
+                                            int v) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) red[row * g.SC + v * 8 + k] = a[k];
+    __syncthreads();
+    for (int c = threadIdx.x; c < g.SC; c += blockDim.x) {
+        double t = 0;
+        for (int r = 0; r < g.rows; r++) t += red[r * g.SC + c];
+        chv[c] = t;
+    }
+    __syncthreads();
+}
+
+/* x, out (N, HW, C) bf16; scale/shift (N, C) float with row strides ss/hs */
+__global__ void k_gn_fwd_bf16(__nv_bfloat16 *out, float *mean, float *rstd, const __nv_bfloat16 *x,
+                              const float *gamma, const float *beta, const float *scale, int ss, const float *shift,
+                              int hs, gn_geom g, float eps, int silu) {
+    extern __shared__ double smem[];
+    double *s1 = smem, *s2 = s1 + g.SC;                          /* per channel: sum d, sum d^2 */
+    float *piv = (float *)(s2 + g.SC), *red = piv + g.SC;        /* pivots; row scratch */
+    __shared__ float gm[128], gr[128];                           /* per group of the slab */
+    int n = blockIdx.x, c0 = blockIdx.y * g.SC, v = threadIdx.x % g.nv, row = threadIdx.x / g.nv;
+    int cl = v * 8;                                              /* first channel in the slab */
+    size_t base = (size_t)n * g.HW * g.C + c0 + cl;
+    /* shifted sums (d = x - x at position 0, per channel): no cancellation in the variance */
+    float k[8], a1[8], a2[8], f[8];
+    bf8_load(k, x + base);
+#pragma unroll
+    for (int j = 0; j < 8; j++) { a1[j] = 0; a2[j] = 0; }
+#pragma unroll 4
+    for (int p = row; p < g.HW; p += g.rows) {
+        bf8_load(f, x + base + (size_t)p * g.C);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float d = f[j] - k[j];
+            a1[j] += d;
+            a2[j] += d * d;
+        }
+    }
+    if (row == 0)
+        for (int j = 0; j < 8; j++) piv[cl + j] = k[j];
+    gn_rows_sum(s1, red, a1, g, row, v);
+    gn_rows_sum(s2, red, a2, g, row, v);
+    int gs = g.SC / g.Cg;
+    for (int j = threadIdx.x; j < gs; j += blockDim.x) {
+        double M = (double)g.Cg * g.HW, sx = 0, q = 0;
+        for (int c = j * g.Cg; c < (j + 1) * g.Cg; c++) sx += s1[c] + (double)g.HW * piv[c];
+        double mu = sx / M;
+        for (int c = j * g.Cg; c < (j + 1) * g.Cg; c++) {
+            double dk = (double)piv[c] - mu;
+            q += s2[c] + 2.0 * dk * s1[c] + (double)g.HW * dk * dk;
+        }
+        double var = q / M;
+        if (var < 0) var = 0;
+        float m = (float)mu, r = (float)(1.0 / sqrt(var + (double)eps));
+        gm[j] = m; gr[j] = r;
+        int ng = n * g.G + c0 / g.Cg + j;
+        mean[ng] = m; rstd[ng] = r;
+    }
+    __syncthreads();
+    float m[8], r[8], ga[8], be[8], sc[8], sf[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int c = c0 + cl + j, jg = (cl + j) / g.Cg;
+        m[j] = gm[jg]; r[j] = gr[jg];
+        ga[j] = gamma ? gamma[c] : 1.0f; be[j] = beta ? beta[c] : 0.0f;
+        sc[j] = scale ? 1.0f + scale[(size_t)n * ss + c] : 1.0f;
+        sf[j] = shift ? shift[(size_t)n * hs + c] : 0.0f;
+    }
+#pragma unroll 4
+    for (int p = row; p < g.HW; p += g.rows) {
+        size_t o = base + (size_t)p * g.C;
+        bf8_load(f, x + o);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float u = ((f[j] - m[j]) * r[j] * ga[j] + be[j]) * sc[j] + sf[j];
+            f[j] = silu ? u * sigm(u) : u;
+        }
+        bf8_store(out + o, f);
+    }
+}
+
+static size_t gn_smem(const gn_geom &g, int nq) {
+    return (size_t)nq * g.SC * sizeof(double) + (size_t)g.SC * sizeof(float) + (size_t)g.rows * g.SC * sizeof(float);
+}
+
+static idd_status gn_check_bf16(const char *op, const void *x, int N, int C, int HW, int G) {
+    if (N <= 0 || C <= 0 || HW <= 0 || G <= 0 || C % G)
+        return idd_error("cuda %s: bad sizes: input (%d,%d,%d), %d groups", op, N, C, HW, G);
+    if (C % 8 || C > 1024 || ((uintptr_t)x & 15))
+        return idd_error("cuda %s: bf16 input (%d,%d,%d) needs C %% 8 == 0, C <= 1024 and 16-byte alignment", op, N, C,
+                         HW);
+    if (gn_plan(C, HW, G).SC / (C / G) > 128)
+        return idd_error("cuda %s: bf16 input (%d,%d,%d), %d groups: over 128 groups per block", op, N, C, HW, G);
+    return IDD_OK;
+}
+
+extern "C" idd_status cu_groupnorm_forward_bf16(void *out, float *mean, float *rstd, const void *x,
+                                                const float *gamma, const float *beta, const float *scale,
+                                                int scale_stride, const float *shift, int shift_stride, int N, int C,
+                                                int HW, int G, float eps, int silu) {
+    CU_PROF("groupnorm_forward_bf16");
+    idd_status st = gn_check_bf16("groupnorm_forward_bf16", x, N, C, HW, G);
+    if (st != IDD_OK) return st;
+    gn_geom g = gn_plan(C, HW, G);
+    dim3 grid(N, C / g.SC);
+    k_gn_fwd_bf16<<<grid, g.rows * g.nv, gn_smem(g, 2), idd_cu_stream>>>(
+        (__nv_bfloat16 *)out, mean, rstd, (const __nv_bfloat16 *)x, gamma, beta, scale, scale_stride, shift,
+        shift_stride, g, eps, silu);
+    CU_CHECK_LAUNCH("groupnorm_forward_bf16", "input (%d,%d,%d) groups %d", N, C, HW, G);
+    return IDD_OK;
+}
+
+/* dout, x, dx (N, HW, C) bf16, dx written; pg/pb (N,C) per-sample partial dgamma/dbeta
+ * (written); dscale/dshift (N,C) contiguous, accumulated */
+__global__ void k_gn_bwd_bf16(__nv_bfloat16 *dx, float *pg, float *pb, float *dscale, float *dshift,
+                              const __nv_bfloat16 *dout, const float *mean, const float *rstd,
+                              const __nv_bfloat16 *x, const float *gamma, const float *beta, const float *scale,
+                              int ss, const float *shift, int hs, gn_geom g, int silu) {
+    extern __shared__ double smem[];
+    double *v0 = smem, *v1 = v0 + g.SC, *v2 = v1 + g.SC, *v3 = v2 + g.SC;
+    float *red = (float *)(v3 + g.SC) + g.SC;
+    __shared__ float gk1[128], gk2[128];
+    int n = blockIdx.x, c0 = blockIdx.y * g.SC, v = threadIdx.x % g.nv, row = threadIdx.x / g.nv;
+    int cl = v * 8;
+    size_t base = (size_t)n * g.HW * g.C + c0 + cl;
+    float m[8], r[8], ga[8], be[8], sc[8], sf[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int c = c0 + cl + j, ng = n * g.G + c / g.Cg;
+        m[j] = mean[ng]; r[j] = rstd[ng];
+        ga[j] = gamma ? gamma[c] : 1.0f; be[j] = beta ? beta[c] : 0.0f;
+        sc[j] = scale ? 1.0f + scale[(size_t)n * ss + c] : 1.0f;
+        sf[j] = shift ? shift[(size_t)n * hs + c] : 0.0f;
+    }
+    float a0[8], a1[8], a2[8], a3[8], fx[8], fd[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) { a0[j] = 0; a1[j] = 0; a2[j] = 0; a3[j] = 0; }
+#pragma unroll 2
+    for (int p = row; p < g.HW; p += g.rows) {
+        size_t o = base + (size_t)p * g.C;
+        bf8_load(fx, x + o);
+        bf8_load(fd, dout + o);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float xh = (fx[j] - m[j]) * r[j];
+            float z = xh * ga[j] + be[j];
+            float du = fd[j];
+            if (silu) {
+                float u = z * sc[j] + sf[j], sg = sigm(u);
+                du *= sg * (1.0f + u * (1.0f - sg));
+            }
+            float dz = du * sc[j];
+            a0[j] += du;
+            a1[j] += du * z;
+            a2[j] += dz;
+            a3[j] += dz * xh;
+        }
+    }
+    gn_rows_sum(v0, red, a0, g, row, v);
+    gn_rows_sum(v1, red, a1, g, row, v);
+    gn_rows_sum(v2, red, a2, g, row, v);
+    gn_rows_sum(v3, red, a3, g, row, v);
+    for (int c = threadIdx.x; c < g.SC; c += blockDim.x) {
+        size_t nc = (size_t)n * g.C + c0 + c;
+        if (dshift) dshift[nc] += (float)v0[c];
+        if (dscale) dscale[nc] += (float)v1[c];
+        if (pb) pb[nc] = (float)v2[c];
+        if (pg) pg[nc] = (float)v3[c];
+    }
+    if (!dx) return;
+    int gs = g.SC / g.Cg;
+    for (int j = threadIdx.x; j < gs; j += blockDim.x) {
+        double M = (double)g.Cg * g.HW, s2 = 0, s3 = 0;
+        for (int c = j * g.Cg; c < (j + 1) * g.Cg; c++) {
+            float gac = gamma ? gamma[c0 + c] : 1.0f;
+            s2 += gac * v2[c];
+            s3 += gac * v3[c];
+        }
+        gk1[j] = (float)(s2 / M);
+        gk2[j] = (float)(s3 / M);
+    }
+    __syncthreads();
+    float k1[8], k2[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) { k1[j] = gk1[(cl + j) / g.Cg]; k2[j] = gk2[(cl + j) / g.Cg]; }
+#pragma unroll 2
+    for (int p = row; p < g.HW; p += g.rows) {
+        size_t o = base + (size_t)p * g.C;
+        bf8_load(fx, x + o);
+        bf8_load(fd, dout + o);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float xh = (fx[j] - m[j]) * r[j];
+            float du = fd[j];
+            if (silu) {
+                float u = (xh * ga[j] + be[j]) * sc[j] + sf[j], sg = sigm(u);
+                du *= sg * (1.0f + u * (1.0f - sg));
+            }
+            float dxh = du * sc[j] * ga[j];
+            fx[j] = r[j] * (dxh - k1[j] - xh * k2[j]);
+        }
+        bf8_store(dx + o, fx);
+    }
+}
+
+extern "C" idd_status cu_groupnorm_backward_bf16(void *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                                 const void *dout, const float *mean, const float *rstd, const void *x,
+                                                 const float *gamma, const float *beta, const float *scale,
+                                                 int scale_stride, const float *shift, int shift_stride, int N, int C,
+                                                 int HW, int G, int silu) {
+    CU_PROF("groupnorm_backward_bf16");
+    idd_status st = gn_check_bf16("groupnorm_backward_bf16", x, N, C, HW, G);
+    if (st != IDD_OK) return st;
+    if (((uintptr_t)dout & 15) || ((uintptr_t)dx & 15))
+        return idd_error("cuda groupnorm_backward_bf16: dout/dx of input (%d,%d,%d) not 16-byte aligned", N, C, HW);
+    if (!dx && !dgamma && !dbeta && !dscale && !dshift) return IDD_OK;
+    float *pg = NULL, *pb = NULL;
+    if (dgamma || dbeta) {
+        float *p = (float *)cu_scratch(3, (size_t)2 * N * C * sizeof(float), "groupnorm_backward_bf16");
+        if (!p) return IDD_ENOMEM;
+        pg = dgamma ? p : NULL;
+        pb = dbeta ? p + (size_t)N * C : NULL;
+    }
+    gn_geom g = gn_plan(C, HW, G);
+    dim3 grid(N, C / g.SC);
+    k_gn_bwd_bf16<<<grid, g.rows * g.nv, gn_smem(g, 4), idd_cu_stream>>>(
+        (__nv_bfloat16 *)dx, pg, pb, dscale, dshift, (const __nv_bfloat16 *)dout, mean, rstd,
+        (const __nv_bfloat16 *)x, gamma, beta, scale, scale_stride, shift, shift_stride, g, silu);
+    if (pg || pb) k_gn_param_grad<<<(C + 127) / 128, 128, 0, idd_cu_stream>>>(dgamma, dbeta, pg, pb, N, C);
+    CU_CHECK_LAUNCH("groupnorm_backward_bf16", "input (%d,%d,%d) groups %d", N, C, HW, G);
     return IDD_OK;
 }

@@ -1,8 +1,12 @@
 /* rng.cu — the Philox4x32-10 streams and dropout on the device. The generator is the
  * one of engine/core/rng_philox.h, step for step (same rounds, constants, 53-bit
  * uniforms and Box-Muller in double), so a tensor drawn on the GPU holds the numbers
- * the CPU draws for the same (seed, stream, offset), and dropout keeps the same mask. */
+ * the CPU draws for the same (seed, stream, offset), and dropout keeps the same mask.
+ * bf16 dropout indexes the mask by memory order (the CPU's mask for a contiguous
+ * tensor; for a channels-last one it is the mask of the NHWC element order). */
 #include "cuda_common.cuh"
+
+#include <cuda_bf16.h>
 
 __device__ __forceinline__ void philox4x32(uint64_t seed, uint64_t stream, uint64_t ctr, uint32_t out[4]) {
     uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = (uint32_t)stream, c3 = (uint32_t)(stream >> 32);
@@ -106,4 +110,41 @@ extern "C" idd_status cu_dropout_backward(float *dx, const float *dout, int64_t 
     k_dropout<<<nb, 256, 0, idd_cu_stream>>>(dx, dout, n, p, seed, stream, offset, 1);
     CU_CHECK_LAUNCH("dropout_backward", "n %lld p %g", (long long)n, (double)p);
     return IDD_OK;
+}
+
+/* bf16, any dense layout: element i of memory; backward writes dx (not accumulated) */
+__global__ void k_dropout_bf16(__nv_bfloat16 *out, const __nv_bfloat16 *x, int64_t n, float p, uint64_t seed,
+                               uint64_t stream, uint64_t offset) {
+    float scale = 1.0f / (1.0f - p);
+    int64_t pairs = (n + 1) / 2;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < pairs; j += (int64_t)gridDim.x * blockDim.x) {
+        double u[2];
+        philox_uniform2(seed, stream, offset + (uint64_t)j, u);
+        for (int k = 0; k < 2 && 2 * j + k < n; k++) {
+            int64_t i = 2 * j + k;
+            out[i] = __float2bfloat16_rn(u[k] >= p ? __bfloat162float(x[i]) * scale : 0.0f);
+        }
+    }
+}
+
+static idd_status dropout_bf16(const char *op, void *out, const void *x, int64_t n, float p, uint64_t seed,
+                               uint64_t stream, uint64_t offset) {
+    if (n == 0) return IDD_OK;
+    unsigned nb = cu_blocks((n + 1) / 2, 256);
+    if (nb > 65536) nb = 65536;
+    k_dropout_bf16<<<nb, 256, 0, idd_cu_stream>>>((__nv_bfloat16 *)out, (const __nv_bfloat16 *)x, n, p, seed, stream,
+                                                  offset);
+    CU_CHECK_LAUNCH(op, "n %lld p %g", (long long)n, (double)p);
+    return IDD_OK;
+}
+
+extern "C" idd_status cu_dropout_forward_bf16(void *out, const void *x, int64_t n, float p, uint64_t seed,
+                                              uint64_t stream, uint64_t offset) {
+    CU_PROF("dropout_forward_bf16");
+    return dropout_bf16("dropout_forward_bf16", out, x, n, p, seed, stream, offset);
+}
+extern "C" idd_status cu_dropout_backward_bf16(void *dx, const void *dout, int64_t n, float p, uint64_t seed,
+                                               uint64_t stream, uint64_t offset) {
+    CU_PROF("dropout_backward_bf16");
+    return dropout_bf16("dropout_backward_bf16", dx, dout, n, p, seed, stream, offset);
 }
