@@ -131,12 +131,14 @@ static idd_tensor *cl_bf16(idd_tensor *t) {
     return c;
 }
 
-/* r (a result or gradient for `like`) in like's dtype and layout when like is bf16, else r
- * itself; consumes r */
+/* r (a result or gradient of an op on `like`) in bf16 and like's layout (channels-last or
+ * contiguous) when like is bf16, else r itself; consumes r */
 static idd_tensor *bf16_like(idd_tensor *r, const idd_tensor *like) {
     if (!r || like->dtype != IDD_BF16) return r;
-    if (r->dtype == IDD_BF16 && (idd_is_channels_last(like) ? nhwc_dense(r) : idd_is_contiguous(r))) return r;
-    idd_tensor *o = idd_tensor_empty_like(like, IDD_BF16);
+    bool cl = idd_is_channels_last(like);
+    if (r->dtype == IDD_BF16 && (cl ? nhwc_dense(r) : idd_is_contiguous(r))) return r;
+    idd_tensor *o = cl ? idd_tensor_new_channels_last(IDD_BF16, r->device, r->ndim, r->shape)
+                       : idd_tensor_new(IDD_BF16, r->device, r->ndim, r->shape);
     if (o && idd_copy_(o, r) != IDD_OK) { idd_tensor_release(o); o = NULL; }
     idd_tensor_release(r);
     return o;
