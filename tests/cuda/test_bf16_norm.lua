@@ -3,23 +3,35 @@
 -- bf16 kernels against the CPU, which runs the float32 kernels on the same bf16-rounded
 -- inputs and rounds the result to bf16 (the layers' fallback), forward and every
 -- gradient; then per-op timings (b256, b128) of the float32 kernels against the bf16 ones.
--- Run: ./iddpm run tests/cuda/test_bf16_norm.lua [quick] [seed=N]
--- (IDDPM_FAKE_CUDA=1: the CPU backend stands in for the GPU and both sides take the fallback).
+-- Run: ./iddpm run tests/cuda/test_bf16_norm.lua [quick] [seed=N] [tests=0] [time=0] [b=256|128] [only=K]
+-- (quick: fewer shapes, no timings; tests=0 / time=0 skip a part; b, only: time one batch size /
+-- the K-th op only, e.g. one process per op under IDDPM_CUDA_PROFILE=1 for kernel-only times;
+-- IDDPM_FAKE_CUDA=1: the CPU backend stands in for the GPU and both sides take the fallback).
 -- Error measure: max |gpu - cpu| / max |cpu| over the tensor (1 for an all-zero cpu).
 package.path = "tests/lua/?.lua;" .. package.path
 local H = require "harness"
 local iddpm = require "iddpm"
 local T = iddpm.tensor
-local QUICK, SEED = false, 4321
+local QUICK, SEED, TESTS, TIME, ONLY_B, ONLY = false, 4321, true, true, nil, nil
 for _, a in ipairs({...}) do
+  a = tostring(a)
   if a == "quick" then QUICK = true end
-  local s = tostring(a):match("^seed=(%d+)$")
-  if s then SEED = tonumber(s) end
+  local k, v = a:match("^(%w+)=(%d+)$")
+  if k == "seed" then SEED = tonumber(v)
+  elseif k == "tests" then TESTS = v ~= "0"
+  elseif k == "time" then TIME = v ~= "0"
+  elseif k == "b" then ONLY_B = tonumber(v)
+  elseif k == "only" then ONLY = tonumber(v) end
 end
 
 if not iddpm.cuda.available() then
   print("# no GPU: " .. tostring(iddpm.cuda.reason()))
   print("ok - skipped: CUDA backend not available")
+  H.done()
+  return
+end
+if not pcall(function() local t = T.zeros({1}):bfloat16(); t.requires_grad = true end) then
+  print("ok - skipped: this build has no autograd for bfloat16 tensors (the dtype part of issue #9)")
   H.done()
   return
 end
@@ -78,6 +90,7 @@ local function record(name, e, tol)
   H.check(("%s (err %.2e, tol %.1e)"):format(name, e, tol), e <= tol)
 end
 
+if TESTS then
 -- ---------------------------------------------------------------- group norm
 -- {N, C, spatial..., scale-shift, silu}; scale/shift are narrow views of one (N, 2C)
 -- float32 tensor as the UNet's time-embedding chunk gives them (row stride 2C)
@@ -200,8 +213,10 @@ do
   H.check("dropout dx bf16 channels-last", xd.grad:dtype() == "bfloat16" and is_cl(xd.grad))
 end
 
+end -- TESTS
+
 -- ---------------------------------------------------------------- timings
-if not FAKE and not QUICK then
+if TIME and not FAKE and not QUICK then
   local wall, sync = iddpm.cuda.wall_time, iddpm.cuda.synchronize
   local function timeit(fn, iters)
     fn(); sync()
@@ -214,47 +229,58 @@ if not FAKE and not QUICK then
     end
     return best * 1e3
   end
-  local function row(name, bytes32, fwd32, bwd32, fwd16, bwd16)
-    -- bytes32: float32 bytes moved by the op's forward (bf16 moves half)
-    local function bw(b, ms) return b / (ms * 1e-3) / 1e9 end
-    print(("# %-38s fwd f32 %.3f ms (%4.0f GB/s)  bf16 %.3f ms (%4.0f GB/s)  x%.2f | bwd f32 %.3f  bf16 %.3f ms  x%.2f")
-      :format(name, fwd32, bw(bytes32[1], fwd32), fwd16, bw(bytes32[1] / 2, fwd16), fwd32 / fwd16, bwd32, bwd16, bwd32 / bwd16))
-  end
-  print("# per-op timings (ms per call, best of 3 windows; bwd = fwd+bwd minus fwd; GB/s on the nominal bytes: one read of the input, one write of the output)")
+  local function bw(b, ms) return b / (ms * 1e-3) / 1e9 end
+  print("# per-op timings, ms per call (best of 3 windows; every result freed at once so the allocator reuses it);")
+  print("# bwd = (fwd + bwd) - fwd - the autograd's copy of the upstream gradient; GB/s on nominal bytes")
+  print("# (fwd: read x, write out; bwd: read x and dout, write dx; bf16 half of float32)")
+  local k = 0
   for _, B in ipairs({256, 128}) do
     local shapes = {
-      {"group_norm ss silu", {B, 128, 32, 32}, function(x, e, C) return T.group_norm(x, 32, e.ga, e.be, e.sc, e.sh, true) end},
-      {"group_norm ss silu", {B, 256, 16, 16}, function(x, e, C) return T.group_norm(x, 32, e.ga, e.be, e.sc, e.sh, true) end},
-      {"group_norm ss silu", {B, 512, 8, 8}, function(x, e, C) return T.group_norm(x, 32, e.ga, e.be, e.sc, e.sh, true) end},
-      {"group_norm silu", {B, 384, 16, 16}, function(x, e, C) return T.group_norm(x, 32, e.ga, e.be, nil, nil, true) end},
-      {"group_norm (attn)", {B, 256, 64}, function(x, e, C) return T.group_norm(x, 32, e.ga, e.be) end},
+      {"group_norm ss silu", {B, 128, 32, 32}, function(x, e) return T.group_norm(x, 32, e.ga, e.be, e.sc, e.sh, true) end},
+      {"group_norm ss silu", {B, 256, 16, 16}, function(x, e) return T.group_norm(x, 32, e.ga, e.be, e.sc, e.sh, true) end},
+      {"group_norm ss silu", {B, 512, 8, 8}, function(x, e) return T.group_norm(x, 32, e.ga, e.be, e.sc, e.sh, true) end},
+      {"group_norm silu", {B, 384, 16, 16}, function(x, e) return T.group_norm(x, 32, e.ga, e.be, nil, nil, true) end},
+      {"group_norm (attn)", {B, 256, 64}, function(x, e) return T.group_norm(x, 32, e.ga, e.be) end},
       {"upsample_nearest", {B, 256, 16, 16}, function(x) return T.upsample_nearest(x) end, 4},
       {"avg_pool2d", {B, 128, 32, 32}, function(x) return T.avg_pool2d(x) end, 0.25},
       {"dropout 0.1", {B, 128, 32, 32}, function(x) return T.dropout(x, 0.1) end},
     }
     for _, s in ipairs(shapes) do
-      local shape, fn = s[2], s[3]
-      local C = shape[2]
-      local e = {ga = T.randn({C}):cuda(), be = T.randn({C}):cuda()}
-      local emb = T.randn({B, 2 * C}):cuda()
-      e.sc, e.sh = emb:narrow(2, 1, C), emb:narrow(2, C + 1, C)
-      local x32 = T.randn(shape):cuda()
-      local x16 = to_dev(cl_bf16(T.randn(shape)))
-      local y32, y16 = fn(x32, e, C), fn(x16, e, C)
-      local g32, g16 = T.randn(y32:shape()):cuda(), to_dev(cl_bf16(T.randn(y32:shape())))
-      local it = B == 256 and 20 or 40
-      local f32 = timeit(function() fn(x32, e, C) end, it)
-      local f16 = timeit(function() fn(x16, e, C) end, it)
-      local a32, a16 = x32:detach(), x16:detach()
-      a32.requires_grad = true; a16.requires_grad = true
-      local b32 = timeit(function() fn(a32, e, C):backward(g32); a32.grad = nil end, it) - f32
-      local b16 = timeit(function() fn(a16, e, C):backward(g16); a16.grad = nil end, it) - f16
-      local numel = 1
-      for _, d in ipairs(shape) do numel = numel * d end
-      local bytes = numel * 4 * (1 + (s[4] or 1))   -- read x + write out (out/x size ratio s[4], else 1)
-      row(("%s %s"):format(s[1], table.concat(shape, "x")), {bytes}, f32, b32, f16, b16)
-      y32, y16, x32, x16, a32, a16 = nil, nil, nil, nil, nil, nil
-      collectgarbage()
+      k = k + 1
+      if (ONLY_B and ONLY_B ~= B) or (ONLY and ONLY ~= k) then goto skip end
+      do
+        local shape, fn = s[2], s[3]
+        local C = shape[2]
+        local e = {ga = T.randn({C}):cuda(), be = T.randn({C}):cuda()}
+        local emb = T.randn({B, 2 * C}):cuda()
+        e.sc, e.sh = emb:narrow(2, 1, C), emb:narrow(2, C + 1, C)
+        local x32 = T.randn(shape):cuda()
+        local x16 = to_dev(cl_bf16(T.randn(shape)))
+        local y32 = fn(x32, e)
+        local oshape = y32:shape()
+        y32:free()
+        local g32, g16 = T.randn(oshape):cuda(), to_dev(cl_bf16(T.randn(oshape)))
+        local it = B == 256 and 20 or 40
+        local f32 = timeit(function() fn(x32, e):free() end, it)
+        local f16 = timeit(function() fn(x16, e):free() end, it)
+        local c32 = timeit(function() g32:clone():free() end, it)
+        local c16 = timeit(function() g16:clone():free() end, it)
+        local a32, a16 = x32:detach(), x16:detach()
+        a32.requires_grad = true; a16.requires_grad = true
+        local function fb(a, g) return function() local y = fn(a, e); y:backward(g); y:free(); a.grad = nil end end
+        local b32 = timeit(fb(a32, g32), it) - f32 - c32
+        local b16 = timeit(fb(a16, g16), it) - f16 - c16
+        local numel = 1
+        for _, d in ipairs(shape) do numel = numel * d end
+        local r = s[4] or 1                    -- out/x size ratio
+        local fbytes, bbytes = numel * 4 * (1 + r), numel * 4 * (1 + 2 * r)
+        print(("# %2d %-36s fwd f32 %.3f (%4.0f GB/s) bf16 %.3f (%4.0f GB/s) x%.2f | bwd f32 %.3f (%4.0f GB/s) bf16 %.3f (%4.0f GB/s) x%.2f")
+          :format(k, ("%s %s"):format(s[1], table.concat(shape, "x")), f32, bw(fbytes, f32), f16, bw(fbytes / 2, f16),
+            f32 / f16, b32, bw(bbytes, b32), b16, bw(bbytes / 2, b16), b32 / b16))
+        x32, x16, a32, a16, g32, g16 = nil, nil, nil, nil, nil, nil
+        collectgarbage()
+      end
+      ::skip::
     end
   end
 end
