@@ -11,6 +11,7 @@
 #include "cuda_common.cuh"
 
 #include <cuda_bf16.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #define GN_THREADS 256
@@ -185,6 +186,10 @@ extern "C" idd_status cu_groupnorm_backward(float *dx, float *dgamma, float *dbe
 
 // ---------------------------------------------------------------- bf16 channels-last
 
+/* the bf16 kernels' sigmoid: fast exp and division (about 2 float ulps; the result is
+ * rounded to bf16, 2^16 float ulps) — the float32 kernels keep expf and a true division */
+__device__ __forceinline__ float sigm_fast(float u) { return __fdividef(1.0f, 1.0f + __expf(-u)); }
+
 /* 8 bf16 <-> 8 floats through one 16-byte word */
 __device__ __forceinline__ void bf8_load(float (&f)[8], const __nv_bfloat16 *p) {
     uint4 u = *(const uint4 *)p;
@@ -337,7 +342,7 @@ __device__ __forceinline__ void gn_fwd_apply(__nv_bfloat16 *out, const __nv_bflo
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             float u = ((f[j] - m[j]) * r[j] * ga[j] + be[j]) * sc[j] + sf[j];
-            f[j] = silu ? u * sigm(u) : u;
+            f[j] = silu ? u * sigm_fast(u) : u;
         }
         bf8_store(out + o, f);
     }
@@ -350,8 +355,10 @@ __device__ __forceinline__ void gn_fwd_apply(__nv_bfloat16 *out, const __nv_bflo
     int p0 = blockIdx.z * g.L, p1 = min(g.HW, p0 + g.L);                                         \
     size_t base = (size_t)n * g.HW * g.C + c0 + v * 8;
 
-/* one chunk per sample: both passes in one block */
-__global__ void k_gn_fwd_bf16(__nv_bfloat16 *out, float *mean, float *rstd, const __nv_bfloat16 *x,
+/* one chunk per sample: both passes in one block; MINB blocks of 256 threads per SM
+ * bound the registers (4: 64 registers, a few bytes spilled, one wave at b256 x 128 ch) */
+template <int MINB>
+__global__ void __launch_bounds__(256, MINB) k_gn_fwd_bf16(__nv_bfloat16 *out, float *mean, float *rstd, const __nv_bfloat16 *x,
                               const float *gamma, const float *beta, const float *scale, int ss, const float *shift,
                               int hs, gn_geom g, float eps, int silu) {
     extern __shared__ double smem[];
@@ -365,7 +372,7 @@ __global__ void k_gn_fwd_bf16(__nv_bfloat16 *out, float *mean, float *rstd, cons
 }
 
 /* split forward, pass 1: the chunk's channel sums into part */
-__global__ void k_gn_fwd_sums_bf16(double *part, const __nv_bfloat16 *x, gn_geom g) {
+__global__ void __launch_bounds__(256, 4) k_gn_fwd_sums_bf16(double *part, const __nv_bfloat16 *x, gn_geom g) {
     extern __shared__ double smem[];
     double *s1 = smem, *s2 = s1 + g.SC;
     float *piv = (float *)(s2 + g.SC), *red = piv + g.SC;
@@ -376,7 +383,7 @@ __global__ void k_gn_fwd_sums_bf16(double *part, const __nv_bfloat16 *x, gn_geom
 }
 
 /* split forward, pass 2: add the chunks' sums, then normalize this chunk */
-__global__ void k_gn_fwd_apply_bf16(__nv_bfloat16 *out, float *mean, float *rstd, const double *part,
+__global__ void __launch_bounds__(256, 4) k_gn_fwd_apply_bf16(__nv_bfloat16 *out, float *mean, float *rstd, const double *part,
                                     const __nv_bfloat16 *x, const float *gamma, const float *beta, const float *scale,
                                     int ss, const float *shift, int hs, gn_geom g, float eps, int silu) {
     extern __shared__ double smem[];
@@ -397,6 +404,18 @@ __global__ void k_gn_fwd_apply_bf16(__nv_bfloat16 *out, float *mean, float *rstd
     __syncthreads();
     gn_fwd_groups(gm, gr, s1, s2, piv, mean, rstd, n, c0, eps, g, blockIdx.z == 0);
     gn_fwd_apply(out, x, gm, gr, gamma, beta, scale, ss, shift, hs, base, n, c0, p0, p1, g, row, v, silu);
+}
+
+/* blocks per SM the fused kernels are compiled for: forward 4, backward 2 (measured
+ * against 3; IDDPM_GN_MINB=fwd,bwd picks them, for measurements) */
+static int gn_minb(int bwd) {
+    static int m[2] = {0, 0};
+    if (!m[0]) {
+        m[0] = 4; m[1] = 2;
+        const char *e = getenv("IDDPM_GN_MINB");
+        if (e) sscanf(e, "%d,%d", &m[0], &m[1]);
+    }
+    return m[bwd];
 }
 
 static idd_status gn_check_bf16(const char *op, const void *x, int N, int C, int HW, int G) {
@@ -420,8 +439,11 @@ extern "C" idd_status cu_groupnorm_forward_bf16(void *out, float *mean, float *r
     gn_geom g = gn_plan(N, C, HW, G);
     dim3 grid(N, C / g.SC, g.S);
     const __nv_bfloat16 *xb = (const __nv_bfloat16 *)x;
-    if (g.S == 1) {
-        k_gn_fwd_bf16<<<grid, g.rows * g.nv, gn_smem(g, 2), idd_cu_stream>>>(
+    if (g.S == 1 && gn_minb(0) == 3) {
+        k_gn_fwd_bf16<3><<<grid, g.rows * g.nv, gn_smem(g, 2), idd_cu_stream>>>(
+            (__nv_bfloat16 *)out, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g, eps, silu);
+    } else if (g.S == 1) {
+        k_gn_fwd_bf16<4><<<grid, g.rows * g.nv, gn_smem(g, 2), idd_cu_stream>>>(
             (__nv_bfloat16 *)out, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g, eps, silu);
     } else {
         double *part = (double *)cu_scratch(5, (size_t)N * g.S * 2 * C * sizeof(double), "groupnorm_forward_bf16");
@@ -470,7 +492,7 @@ __device__ __forceinline__ void gn_bwd_sums(double *v0, double *v1, double *v2, 
             float z = xh * q.ga[j] + q.be[j];
             float du = fd[j];
             if (silu) {
-                float u = z * q.sc[j] + q.sf[j], sg = sigm(u);
+                float u = z * q.sc[j] + q.sf[j], sg = sigm_fast(u);
                 du *= sg * (1.0f + u * (1.0f - sg));
             }
             float dz = du * q.sc[j];
@@ -529,7 +551,7 @@ __device__ __forceinline__ void gn_bwd_finish(__nv_bfloat16 *dx, float *pg, floa
             float xh = (fx[j] - q.m[j]) * q.r[j];
             float du = fd[j];
             if (silu) {
-                float u = (xh * q.ga[j] + q.be[j]) * q.sc[j] + q.sf[j], sg = sigm(u);
+                float u = (xh * q.ga[j] + q.be[j]) * q.sc[j] + q.sf[j], sg = sigm_fast(u);
                 du *= sg * (1.0f + u * (1.0f - sg));
             }
             float dxh = du * q.sc[j] * q.ga[j];
@@ -540,8 +562,10 @@ __device__ __forceinline__ void gn_bwd_finish(__nv_bfloat16 *dx, float *pg, floa
 }
 
 /* dout, x, dx (N, HW, C) bf16, dx written; pg/pb (N,C) per-sample partial dgamma/dbeta
- * (written); dscale/dshift (N,C) contiguous, accumulated. One chunk per sample. */
-__global__ void k_gn_bwd_bf16(__nv_bfloat16 *dx, float *pg, float *pb, float *dscale, float *dshift,
+ * (written); dscale/dshift (N,C) contiguous, accumulated. One chunk per sample; MINB
+ * blocks of 256 threads per SM bound the registers. */
+template <int MINB>
+__global__ void __launch_bounds__(256, MINB) k_gn_bwd_bf16(__nv_bfloat16 *dx, float *pg, float *pb, float *dscale, float *dshift,
                               const __nv_bfloat16 *dout, const float *mean, const float *rstd,
                               const __nv_bfloat16 *x, const float *gamma, const float *beta, const float *scale,
                               int ss, const float *shift, int hs, gn_geom g, int silu) {
@@ -620,8 +644,12 @@ extern "C" idd_status cu_groupnorm_backward_bf16(void *dx, float *dgamma, float 
     dim3 grid(N, C / g.SC, g.S);
     __nv_bfloat16 *dxb = (__nv_bfloat16 *)dx;
     const __nv_bfloat16 *db = (const __nv_bfloat16 *)dout, *xb = (const __nv_bfloat16 *)x;
-    if (g.S == 1) {
-        k_gn_bwd_bf16<<<grid, g.rows * g.nv, gn_smem(g, 4), idd_cu_stream>>>(
+    if (g.S == 1 && gn_minb(1) == 3) {
+        k_gn_bwd_bf16<3><<<grid, g.rows * g.nv, gn_smem(g, 4), idd_cu_stream>>>(
+            dxb, pg, pb, dscale, dshift, db, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g,
+            silu);
+    } else if (g.S == 1) {
+        k_gn_bwd_bf16<2><<<grid, g.rows * g.nv, gn_smem(g, 4), idd_cu_stream>>>(
             dxb, pg, pb, dscale, dshift, db, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g,
             silu);
     } else {
