@@ -11,7 +11,6 @@
 #include "cuda_common.cuh"
 
 #include <cuda_bf16.h>
-#include <stdio.h>
 #include <stdlib.h>
 
 #define GN_THREADS 256
@@ -355,10 +354,9 @@ __device__ __forceinline__ void gn_fwd_apply(__nv_bfloat16 *out, const __nv_bflo
     int p0 = blockIdx.z * g.L, p1 = min(g.HW, p0 + g.L);                                         \
     size_t base = (size_t)n * g.HW * g.C + c0 + v * 8;
 
-/* one chunk per sample: both passes in one block; MINB blocks of 256 threads per SM
- * bound the registers (4: 64 registers, a few bytes spilled, one wave at b256 x 128 ch) */
-template <int MINB>
-__global__ void __launch_bounds__(256, MINB) k_gn_fwd_bf16(__nv_bfloat16 *out, float *mean, float *rstd, const __nv_bfloat16 *x,
+/* one chunk per sample: both passes in one block; 4 blocks of 256 threads per SM (64
+ * registers, a few bytes spilled; one wave at b256 x 128 channels; 3 measured slower) */
+__global__ void __launch_bounds__(256, 4) k_gn_fwd_bf16(__nv_bfloat16 *out, float *mean, float *rstd, const __nv_bfloat16 *x,
                               const float *gamma, const float *beta, const float *scale, int ss, const float *shift,
                               int hs, gn_geom g, float eps, int silu) {
     extern __shared__ double smem[];
@@ -406,18 +404,6 @@ __global__ void __launch_bounds__(256, 4) k_gn_fwd_apply_bf16(__nv_bfloat16 *out
     gn_fwd_apply(out, x, gm, gr, gamma, beta, scale, ss, shift, hs, base, n, c0, p0, p1, g, row, v, silu);
 }
 
-/* blocks per SM the fused kernels are compiled for: forward 4, backward 2 (measured
- * against 3; IDDPM_GN_MINB=fwd,bwd picks them, for measurements) */
-static int gn_minb(int bwd) {
-    static int m[2] = {0, 0};
-    if (!m[0]) {
-        m[0] = 4; m[1] = 2;
-        const char *e = getenv("IDDPM_GN_MINB");
-        if (e) sscanf(e, "%d,%d", &m[0], &m[1]);
-    }
-    return m[bwd];
-}
-
 static idd_status gn_check_bf16(const char *op, const void *x, int N, int C, int HW, int G) {
     if (N <= 0 || C <= 0 || HW <= 0 || G <= 0 || C % G)
         return idd_error("cuda %s: bad sizes: input (%d,%d,%d), %d groups", op, N, C, HW, G);
@@ -439,11 +425,8 @@ extern "C" idd_status cu_groupnorm_forward_bf16(void *out, float *mean, float *r
     gn_geom g = gn_plan(N, C, HW, G);
     dim3 grid(N, C / g.SC, g.S);
     const __nv_bfloat16 *xb = (const __nv_bfloat16 *)x;
-    if (g.S == 1 && gn_minb(0) == 3) {
-        k_gn_fwd_bf16<3><<<grid, g.rows * g.nv, gn_smem(g, 2), idd_cu_stream>>>(
-            (__nv_bfloat16 *)out, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g, eps, silu);
-    } else if (g.S == 1) {
-        k_gn_fwd_bf16<4><<<grid, g.rows * g.nv, gn_smem(g, 2), idd_cu_stream>>>(
+    if (g.S == 1) {
+        k_gn_fwd_bf16<<<grid, g.rows * g.nv, gn_smem(g, 2), idd_cu_stream>>>(
             (__nv_bfloat16 *)out, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g, eps, silu);
     } else {
         double *part = (double *)cu_scratch(5, (size_t)N * g.S * 2 * C * sizeof(double), "groupnorm_forward_bf16");
@@ -562,10 +545,9 @@ __device__ __forceinline__ void gn_bwd_finish(__nv_bfloat16 *dx, float *pg, floa
 }
 
 /* dout, x, dx (N, HW, C) bf16, dx written; pg/pb (N,C) per-sample partial dgamma/dbeta
- * (written); dscale/dshift (N,C) contiguous, accumulated. One chunk per sample; MINB
- * blocks of 256 threads per SM bound the registers. */
-template <int MINB>
-__global__ void __launch_bounds__(256, MINB) k_gn_bwd_bf16(__nv_bfloat16 *dx, float *pg, float *pb, float *dscale, float *dshift,
+ * (written); dscale/dshift (N,C) contiguous, accumulated. One chunk per sample; 2 blocks
+ * per SM (122 registers; bounding it to 3 spilled and measured slower). */
+__global__ void __launch_bounds__(256, 2) k_gn_bwd_bf16(__nv_bfloat16 *dx, float *pg, float *pb, float *dscale, float *dshift,
                               const __nv_bfloat16 *dout, const float *mean, const float *rstd,
                               const __nv_bfloat16 *x, const float *gamma, const float *beta, const float *scale,
                               int ss, const float *shift, int hs, gn_geom g, int silu) {
@@ -644,12 +626,8 @@ extern "C" idd_status cu_groupnorm_backward_bf16(void *dx, float *dgamma, float 
     dim3 grid(N, C / g.SC, g.S);
     __nv_bfloat16 *dxb = (__nv_bfloat16 *)dx;
     const __nv_bfloat16 *db = (const __nv_bfloat16 *)dout, *xb = (const __nv_bfloat16 *)x;
-    if (g.S == 1 && gn_minb(1) == 3) {
-        k_gn_bwd_bf16<3><<<grid, g.rows * g.nv, gn_smem(g, 4), idd_cu_stream>>>(
-            dxb, pg, pb, dscale, dshift, db, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g,
-            silu);
-    } else if (g.S == 1) {
-        k_gn_bwd_bf16<2><<<grid, g.rows * g.nv, gn_smem(g, 4), idd_cu_stream>>>(
+    if (g.S == 1) {
+        k_gn_bwd_bf16<<<grid, g.rows * g.nv, gn_smem(g, 4), idd_cu_stream>>>(
             dxb, pg, pb, dscale, dshift, db, mean, rstd, xb, gamma, beta, scale, scale_stride, shift, shift_stride, g,
             silu);
     } else {
