@@ -124,7 +124,7 @@ static bool nhwc_dense(const idd_tensor *t) {
 static bool aligned16(const idd_tensor *t) { return ((uintptr_t)idd_data(t) & 15) == 0; }
 
 /* bf16 channels-last (16-byte aligned) copy-or-reference of t */
-static idd_tensor *cl_bf16(idd_tensor *t) {
+static idd_tensor *nhwc_bf16(idd_tensor *t) {
     if (t->dtype == IDD_BF16 && nhwc_dense(t) && aligned16(t)) { idd_tensor_retain(t); return t; }
     idd_tensor *c = idd_tensor_new_channels_last(IDD_BF16, t->device, t->ndim, t->shape);
     if (c && idd_copy_(c, t) != IDD_OK) { idd_tensor_release(c); return NULL; }
@@ -163,7 +163,7 @@ static idd_tensor *rows_f32(idd_tensor *t) {
 
 /* the bf16 kernel's backward (p[0] set): x bf16 (N,HW,C); scale/shift rows of stride ip[6]/ip[7] */
 static idd_status group_norm_backward_bf16(idd_node *n, idd_tensor *g, idd_tensor **gin, idd_tensor *const sv[4]) {
-    idd_tensor *x = n->saved[0], *mean = n->saved[1], *rstd = n->saved[2], *gb = cl_bf16(g);
+    idd_tensor *x = n->saved[0], *mean = n->saved[1], *rstd = n->saved[2], *gb = nhwc_bf16(g);
     if (!gb) return IDD_ERR;
     int N = (int)x->shape[0], C = (int)x->shape[1], HW = (int)(idd_numel(x) / ((int64_t)N * C));
     idd_tensor *dx = n->needs[0] ? idd_tensor_new_channels_last(IDD_BF16, x->device, x->ndim, x->shape) : NULL;
@@ -232,7 +232,7 @@ idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_ten
     if (!be->groupnorm_forward) { no_kernel("group_norm", x->device); return NULL; }
     bool bf = x->dtype == IDD_BF16 && be->groupnorm_forward_bf16 && be->groupnorm_backward_bf16 && C % 8 == 0 &&
               C <= 1024 && N > 0;
-    idd_tensor *xc = bf ? cl_bf16(x) : cf32(x), *gc = cf32(gamma), *bc = cf32(beta);
+    idd_tensor *xc = bf ? nhwc_bf16(x) : cf32(x), *gc = cf32(gamma), *bc = cf32(beta);
     idd_tensor *sc = bf ? rows_f32(scale) : cf32(scale), *hc = bf ? rows_f32(shift) : cf32(shift);
     int64_t ng[2] = {N, groups};
     idd_tensor *out = !xc ? NULL
@@ -329,7 +329,7 @@ static idd_status resample_backward(idd_node *n, idd_tensor *g, idd_tensor **gin
     int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
     idd_status st;
     if (n->ip[1]) {
-        idd_tensor *gb = cl_bf16(g), *dx = idd_tensor_new_channels_last(IDD_BF16, x->device, 4, x->shape);
+        idd_tensor *gb = nhwc_bf16(g), *dx = idd_tensor_new_channels_last(IDD_BF16, x->device, 4, x->shape);
         st = gb && dx ? (n->ip[0] ? be->upsample2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W)
                                   : be->avgpool2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W))
                       : IDD_ERR;
@@ -357,7 +357,7 @@ static idd_tensor *resample(idd_tensor *x, bool up) {
     bool bf = x->dtype == IDD_BF16 && C % 8 == 0 &&
               (up ? be->upsample2x_forward_bf16 && be->upsample2x_backward_bf16
                   : be->avgpool2x_forward_bf16 && be->avgpool2x_backward_bf16);
-    idd_tensor *xc = bf ? cl_bf16(x) : cf32(x);
+    idd_tensor *xc = bf ? nhwc_bf16(x) : cf32(x);
     idd_tensor *out = bf ? idd_tensor_new_channels_last(IDD_BF16, x->device, 4, shape)
                          : idd_tensor_new(IDD_F32, x->device, 4, shape);
     idd_status st = !xc || !out ? IDD_ERR
@@ -397,7 +397,7 @@ idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period) {
 static idd_status dropout_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *x = n->in[0];
     if (n->ip[3]) {
-        idd_tensor *gb = n->ip[4] ? cl_bf16(g) : NULL;
+        idd_tensor *gb = n->ip[4] ? nhwc_bf16(g) : NULL;
         if (!n->ip[4]) gb = g->dtype == IDD_BF16 ? idd_contiguous(g) : idd_to_dtype(g, IDD_BF16);
         idd_tensor *dx = gb ? idd_tensor_empty_like(gb, IDD_BF16) : NULL;
         idd_status st = dx ? idd_backend_of(x)->dropout_backward_bf16(idd_data(dx), idd_data(gb), idd_numel(dx),
