@@ -276,4 +276,23 @@ idd_status cu_sumsq(int n, const float *const *g, const int64_t *numel, double *
 idd_status cu_scale(int n, float *const *g, const int64_t *numel, float s);
 }
 
+/* bf16 channels-last layer kernels (norm.cu, resample.cu, rng.cu; backend.h) */
+extern "C" {
+idd_status cu_groupnorm_forward_bf16(void *out, float *mean, float *rstd, const void *x, const float *gamma,
+                                     const float *beta, const float *scale, int scale_stride, const float *shift,
+                                     int shift_stride, int N, int C, int HW, int G, float eps, int silu);
+idd_status cu_groupnorm_backward_bf16(void *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                      const void *dout, const float *mean, const float *rstd, const void *x,
+                                      const float *gamma, const float *beta, const float *scale, int scale_stride,
+                                      const float *shift, int shift_stride, int N, int C, int HW, int G, int silu);
+idd_status cu_upsample2x_forward_bf16(void *out, const void *x, int N, int C, int H, int W);
+idd_status cu_upsample2x_backward_bf16(void *dx, const void *dout, int N, int C, int H, int W);
+idd_status cu_avgpool2x_forward_bf16(void *out, const void *x, int N, int C, int H, int W);
+idd_status cu_avgpool2x_backward_bf16(void *dx, const void *dout, int N, int C, int H, int W);
+idd_status cu_dropout_forward_bf16(void *out, const void *x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                   uint64_t offset);
+idd_status cu_dropout_backward_bf16(void *dx, const void *dout, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                    uint64_t offset);
+}
+
 #endif

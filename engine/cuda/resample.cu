@@ -1,7 +1,10 @@
 /* resample.cu — nearest 2x upsample, 2x2 average pool (forward and accumulating
  * backward) and the sinusoidal timestep embedding (float32 in the order of
- * engine/ops/embedding.c). */
+ * engine/ops/embedding.c). The bf16 variants work on channels-last (NHWC) tensors, 8
+ * channels (16 bytes) per thread, and write their backward instead of accumulating. */
 #include "cuda_common.cuh"
+
+#include <cuda_bf16.h>
 
 #include <math.h>
 
@@ -100,6 +103,134 @@ extern "C" idd_status cu_avgpool2x_backward(float *dx, const float *dout, int N,
         k_pool_bwd<int64_t><<<grid_for(pl * H * W), 256, 0, idd_cu_stream>>>(dx, dout, pl, H, W);
     CU_CHECK_LAUNCH("avgpool2x_backward", "input (%d,%d,%d,%d)", N, C, H, W);
     return IDD_OK;
+}
+
+// ---------------------------------------------------------------- bf16 channels-last
+
+/* 8 bf16 of a 16-byte word <-> floats */
+__device__ __forceinline__ void bf8_get(float (&f)[8], uint4 u) {
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 t = __bfloat1622float2(h[k]);
+        f[2 * k] = t.x;
+        f[2 * k + 1] = t.y;
+    }
+}
+__device__ __forceinline__ uint4 bf8_put(const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    return u;
+}
+
+/* x (N,H,W,nv) and out (N,2H,2W,nv) in 16-byte vectors; a thread per input vector */
+template <typename I> __global__ void k_up_fwd_bf16(uint4 *out, const uint4 *x, int64_t N, int H, int W, int nv) {
+    GRID_STRIDE_T(I, e, N * H * W * nv) {
+        I pos = e / (I)nv;
+        int v = (int)(e - pos * (I)nv), xx = (int)(pos % (I)W), y = (int)((pos / (I)W) % (I)H);
+        I n = pos / ((I)W * (I)H);
+        uint4 u = x[e];
+        I o = ((n * (I)(2 * H) + (I)(2 * y)) * (I)(2 * W) + (I)(2 * xx)) * (I)nv + (I)v;
+        out[o] = u;
+        out[o + nv] = u;
+        out[o + (I)(2 * W) * nv] = u;
+        out[o + (I)(2 * W) * nv + nv] = u;
+    }
+}
+/* dx (N,H,W,nv) = sum of the four dout (N,2H,2W,nv) it was copied to (written) */
+template <typename I> __global__ void k_up_bwd_bf16(uint4 *dx, const uint4 *dout, int64_t N, int H, int W, int nv) {
+    GRID_STRIDE_T(I, e, N * H * W * nv) {
+        I pos = e / (I)nv;
+        int v = (int)(e - pos * (I)nv), xx = (int)(pos % (I)W), y = (int)((pos / (I)W) % (I)H);
+        I n = pos / ((I)W * (I)H);
+        I o = ((n * (I)(2 * H) + (I)(2 * y)) * (I)(2 * W) + (I)(2 * xx)) * (I)nv + (I)v, rw = (I)(2 * W) * nv;
+        float a[8], b[8], c[8], d[8];
+        bf8_get(a, dout[o]); bf8_get(b, dout[o + nv]); bf8_get(c, dout[o + rw]); bf8_get(d, dout[o + rw + nv]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) a[k] = a[k] + b[k] + c[k] + d[k];
+        dx[e] = bf8_put(a);
+    }
+}
+/* out (N,H/2,W/2,nv) = mean of the 2x2 window of x (N,H,W,nv); a thread per output vector */
+template <typename I> __global__ void k_pool_fwd_bf16(uint4 *out, const uint4 *x, int64_t N, int H, int W, int nv) {
+    int Ho = H / 2, Wo = W / 2;
+    GRID_STRIDE_T(I, e, N * Ho * Wo * nv) {
+        I pos = e / (I)nv;
+        int v = (int)(e - pos * (I)nv), ox = (int)(pos % (I)Wo), oy = (int)((pos / (I)Wo) % (I)Ho);
+        I n = pos / ((I)Wo * (I)Ho);
+        I i = ((n * (I)H + (I)(2 * oy)) * (I)W + (I)(2 * ox)) * (I)nv + (I)v, rw = (I)W * nv;
+        float a[8], b[8], c[8], d[8];
+        bf8_get(a, x[i]); bf8_get(b, x[i + nv]); bf8_get(c, x[i + rw]); bf8_get(d, x[i + rw + nv]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) a[k] = (a[k] + b[k] + c[k] + d[k]) * 0.25f;
+        out[e] = bf8_put(a);
+    }
+}
+/* dx (N,H,W,nv) = dout/4 of its window, 0 in an odd last row/column (written) */
+template <typename I> __global__ void k_pool_bwd_bf16(uint4 *dx, const uint4 *dout, int64_t N, int H, int W, int nv) {
+    int Ho = H / 2, Wo = W / 2;
+    GRID_STRIDE_T(I, e, N * H * W * nv) {
+        I pos = e / (I)nv;
+        int v = (int)(e - pos * (I)nv), xx = (int)(pos % (I)W), y = (int)((pos / (I)W) % (I)H);
+        I n = pos / ((I)W * (I)H);
+        float a[8];
+        if (y / 2 < Ho && xx / 2 < Wo) {
+            bf8_get(a, dout[((n * (I)Ho + (I)(y / 2)) * (I)Wo + (I)(xx / 2)) * (I)nv + (I)v]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) a[k] *= 0.25f;
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k++) a[k] = 0.0f;
+        }
+        dx[e] = bf8_put(a);
+    }
+}
+
+/* bf16 entries: x/out NHWC, C % 8 == 0, 16-byte aligned (checked); which: 0 up fwd,
+ * 1 up bwd, 2 pool fwd, 3 pool bwd. The element count of the larger side picks the index type. */
+static idd_status resample_bf16(const char *op, int which, void *dst, const void *src, int N, int C, int H, int W) {
+    if (N <= 0 || C <= 0 || H <= 0 || W <= 0) return idd_error("cuda %s: bad sizes: input (%d,%d,%d,%d)", op, N, C, H, W);
+    if (C % 8 || ((uintptr_t)dst & 15) || ((uintptr_t)src & 15))
+        return idd_error("cuda %s: bf16 input (%d,%d,%d,%d) needs C %% 8 == 0 and 16-byte alignment", op, N, C, H, W);
+    int nv = C / 8;
+    int64_t big = (int64_t)N * C * H * W * (which < 2 ? 4 : 1), work = (int64_t)N * H * W * nv;
+    if (which == 2) work = (int64_t)N * (H / 2) * (W / 2) * nv;
+    if (work == 0) return IDD_OK;
+    uint4 *d = (uint4 *)dst;
+    const uint4 *s = (const uint4 *)src;
+    unsigned nb = grid_for(work);
+    bool narrow = big <= INT32_MAX;
+    switch (which) {
+    case 0: if (narrow) k_up_fwd_bf16<unsigned><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv);
+            else k_up_fwd_bf16<int64_t><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv); break;
+    case 1: if (narrow) k_up_bwd_bf16<unsigned><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv);
+            else k_up_bwd_bf16<int64_t><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv); break;
+    case 2: if (narrow) k_pool_fwd_bf16<unsigned><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv);
+            else k_pool_fwd_bf16<int64_t><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv); break;
+    default: if (narrow) k_pool_bwd_bf16<unsigned><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv);
+             else k_pool_bwd_bf16<int64_t><<<nb, 256, 0, idd_cu_stream>>>(d, s, N, H, W, nv); break;
+    }
+    CU_CHECK_LAUNCH(op, "input (%d,%d,%d,%d)", N, C, H, W);
+    return IDD_OK;
+}
+
+extern "C" idd_status cu_upsample2x_forward_bf16(void *out, const void *x, int N, int C, int H, int W) {
+    CU_PROF("upsample2x_forward_bf16");
+    return resample_bf16("upsample2x_forward_bf16", 0, out, x, N, C, H, W);
+}
+extern "C" idd_status cu_upsample2x_backward_bf16(void *dx, const void *dout, int N, int C, int H, int W) {
+    CU_PROF("upsample2x_backward_bf16");
+    return resample_bf16("upsample2x_backward_bf16", 1, dx, dout, N, C, H, W);
+}
+extern "C" idd_status cu_avgpool2x_forward_bf16(void *out, const void *x, int N, int C, int H, int W) {
+    CU_PROF("avgpool2x_forward_bf16");
+    return resample_bf16("avgpool2x_forward_bf16", 2, out, x, N, C, H, W);
+}
+extern "C" idd_status cu_avgpool2x_backward_bf16(void *dx, const void *dout, int N, int C, int H, int W) {
+    CU_PROF("avgpool2x_backward_bf16");
+    return resample_bf16("avgpool2x_backward_bf16", 3, dx, dout, N, C, H, W);
 }
 
 __global__ void k_temb(float *out, const float *t, int N, int dim, int half, float neg_log) {

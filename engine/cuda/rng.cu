@@ -1,8 +1,13 @@
 /* rng.cu — the Philox4x32-10 streams and dropout on the device. The generator is the
  * one of engine/core/rng_philox.h, step for step (same rounds, constants, 53-bit
  * uniforms and Box-Muller in double), so a tensor drawn on the GPU holds the numbers
- * the CPU draws for the same (seed, stream, offset), and dropout keeps the same mask. */
+ * the CPU draws for the same (seed, stream, offset), and dropout keeps the same mask.
+ * bf16 dropout indexes the mask by memory order (the CPU's mask for a contiguous
+ * tensor; for a channels-last one it is the mask of the NHWC element order). */
 #include "cuda_common.cuh"
+
+#include <cuda_bf16.h>
+#include <math.h>
 
 __device__ __forceinline__ void philox4x32(uint64_t seed, uint64_t stream, uint64_t ctr, uint32_t out[4]) {
     uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = (uint32_t)stream, c3 = (uint32_t)(stream >> 32);
@@ -106,4 +111,50 @@ extern "C" idd_status cu_dropout_backward(float *dx, const float *dout, int64_t 
     k_dropout<<<nb, 256, 0, idd_cu_stream>>>(dx, dout, n, p, seed, stream, offset, 1);
     CU_CHECK_LAUNCH("dropout_backward", "n %lld p %g", (long long)n, (double)p);
     return IDD_OK;
+}
+
+/* bf16, any dense layout: element i of memory; backward writes dx (not accumulated). The
+ * keep test is the CPU's integer form: the 53-bit draw v keeps when v >= ceil(p * 2^53),
+ * the same as uniform = v * 2^-53 >= p, without the conversions to double. */
+__global__ void k_dropout_bf16(__nv_bfloat16 *out, const __nv_bfloat16 *x, int64_t n, float p, uint64_t thr,
+                               uint64_t seed, uint64_t stream, uint64_t offset) {
+    float scale = 1.0f / (1.0f - p);
+    int64_t pairs = (n + 1) / 2;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < pairs; j += (int64_t)gridDim.x * blockDim.x) {
+        uint32_t r[4];
+        philox4x32(seed, stream, offset + (uint64_t)j, r);
+        bool keep0 = ((((uint64_t)r[0]) << 21) ^ (r[1] >> 11)) >= thr;
+        bool keep1 = ((((uint64_t)r[2]) << 21) ^ (r[3] >> 11)) >= thr;
+        int64_t i = 2 * j;
+        if (i + 1 < n && !((uintptr_t)(out + i) & 3) && !((uintptr_t)(x + i) & 3)) {
+            float2 f = __bfloat1622float2(*(const __nv_bfloat162 *)(x + i));
+            *(__nv_bfloat162 *)(out + i) = __floats2bfloat162_rn(keep0 ? f.x * scale : 0.0f, keep1 ? f.y * scale : 0.0f);
+        } else {
+            out[i] = __float2bfloat16_rn(keep0 ? __bfloat162float(x[i]) * scale : 0.0f);
+            if (i + 1 < n) out[i + 1] = __float2bfloat16_rn(keep1 ? __bfloat162float(x[i + 1]) * scale : 0.0f);
+        }
+    }
+}
+
+static idd_status dropout_bf16(const char *op, void *out, const void *x, int64_t n, float p, uint64_t seed,
+                               uint64_t stream, uint64_t offset) {
+    if (n == 0) return IDD_OK;
+    unsigned nb = cu_blocks((n + 1) / 2, 256);
+    if (nb > 65536) nb = 65536;
+    uint64_t thr = (uint64_t)ceil((double)p * 0x1p53);
+    k_dropout_bf16<<<nb, 256, 0, idd_cu_stream>>>((__nv_bfloat16 *)out, (const __nv_bfloat16 *)x, n, p, thr, seed,
+                                                  stream, offset);
+    CU_CHECK_LAUNCH(op, "n %lld p %g", (long long)n, (double)p);
+    return IDD_OK;
+}
+
+extern "C" idd_status cu_dropout_forward_bf16(void *out, const void *x, int64_t n, float p, uint64_t seed,
+                                              uint64_t stream, uint64_t offset) {
+    CU_PROF("dropout_forward_bf16");
+    return dropout_bf16("dropout_forward_bf16", out, x, n, p, seed, stream, offset);
+}
+extern "C" idd_status cu_dropout_backward_bf16(void *dx, const void *dout, int64_t n, float p, uint64_t seed,
+                                               uint64_t stream, uint64_t offset) {
+    CU_PROF("dropout_backward_bf16");
+    return dropout_bf16("dropout_backward_bf16", dx, dout, n, p, seed, stream, offset);
 }

@@ -6,6 +6,7 @@
 #include "iddpm/nn.h"
 #include "iddpm/kernels.h"
 
+#include <stdint.h>
 #include <string.h>
 
 /* contiguous float32 copy-or-reference of t (NULL stays NULL) */
@@ -180,13 +181,83 @@ idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int strid
     return out;
 }
 
+// ---------------------------------------------------------------- bf16 activations (group norm, resampling, dropout)
+
+/* Issue #9: a bf16 input takes the backend's bf16 kernel when it has one (channels-last
+ * (N,HW,C) memory, C % 8 == 0); otherwise the op computes in float32 (cf32) and converts
+ * its result to the input's dtype and layout (bf16_like). float32 inputs never come here. */
+
+/* t's memory is (N, HW, C): channels-last, or contiguous where C or HW is 1 */
+static bool nhwc_dense(const idd_tensor *t) {
+    if (idd_is_channels_last(t)) return true;
+    if (t->ndim < 2 || !idd_is_contiguous(t)) return false;
+    return t->shape[1] == 1 || idd_numel(t) == t->shape[0] * t->shape[1];
+}
+
+static bool aligned16(const idd_tensor *t) { return ((uintptr_t)idd_data(t) & 15) == 0; }
+
+/* bf16 channels-last (16-byte aligned) copy-or-reference of t */
+static idd_tensor *nhwc_bf16(idd_tensor *t) {
+    if (t->dtype == IDD_BF16 && nhwc_dense(t) && aligned16(t)) { idd_tensor_retain(t); return t; }
+    idd_tensor *c = idd_tensor_new_channels_last(IDD_BF16, t->device, t->ndim, t->shape);
+    if (c && idd_copy_(c, t) != IDD_OK) { idd_tensor_release(c); return NULL; }
+    return c;
+}
+
+/* r (a result or gradient of an op on `like`) in bf16 and like's layout (channels-last or
+ * contiguous) when like is bf16, else r itself; consumes r */
+static idd_tensor *bf16_like(idd_tensor *r, const idd_tensor *like) {
+    if (!r || like->dtype != IDD_BF16) return r;
+    bool cl = idd_is_channels_last(like);
+    if (r->dtype == IDD_BF16 && (cl ? nhwc_dense(r) : idd_is_contiguous(r))) return r;
+    idd_tensor *o = cl ? idd_tensor_new_channels_last(IDD_BF16, r->device, r->ndim, r->shape)
+                       : idd_tensor_new(IDD_BF16, r->device, r->ndim, r->shape);
+    if (o && idd_copy_(o, r) != IDD_OK) { idd_tensor_release(o); o = NULL; }
+    idd_tensor_release(r);
+    return o;
+}
+
+/* a float32 (N,C[,1..]) view whose channels are adjacent: its row stride, else -1 */
+static int64_t row_stride(const idd_tensor *t) {
+    if (!t || t->dtype != IDD_F32 || t->ndim < 2 || (t->shape[1] > 1 && t->stride[1] != 1)) return -1;
+    for (int d = 2; d < t->ndim; d++) if (t->shape[d] != 1) return -1;
+    int64_t s = t->shape[0] > 1 ? t->stride[0] : t->shape[1];
+    return s > 0 && s <= INT32_MAX ? s : -1;
+}
+
+/* scale/shift for the bf16 kernel: the view itself when row_stride allows, else a copy */
+static idd_tensor *rows_f32(idd_tensor *t) {
+    if (!t) return NULL;
+    if (row_stride(t) > 0) { idd_tensor_retain(t); return t; }
+    return cf32(t);
+}
+
 // ---------------------------------------------------------------- group norm
+
+/* the bf16 kernel's backward (p[0] set): x bf16 (N,HW,C); scale/shift rows of stride ip[6]/ip[7] */
+static idd_status group_norm_backward_bf16(idd_node *n, idd_tensor *g, idd_tensor **gin, idd_tensor *const sv[4]) {
+    idd_tensor *x = n->saved[0], *mean = n->saved[1], *rstd = n->saved[2], *gb = nhwc_bf16(g);
+    if (!gb) return IDD_ERR;
+    int N = (int)x->shape[0], C = (int)x->shape[1], HW = (int)(idd_numel(x) / ((int64_t)N * C));
+    idd_tensor *dx = n->needs[0] ? idd_tensor_new_channels_last(IDD_BF16, x->device, x->ndim, x->shape) : NULL;
+    idd_tensor *d[4] = {NULL, NULL, NULL, NULL};
+    for (int k = 0; k < 4; k++) if (n->needs[1 + k] && sv[k]) d[k] = zeros_like_shape(sv[k]);
+    idd_status st = idd_backend_of(x)->groupnorm_backward_bf16(
+        dx ? idd_data(dx) : NULL, fp(d[0]), fp(d[1]), fp(d[2]), fp(d[3]), idd_data(gb), fp(mean), fp(rstd),
+        idd_data(x), fp(sv[0]), fp(sv[1]), fp(sv[2]), (int)n->ip[6], fp(sv[3]), (int)n->ip[7], N, C, HW,
+        (int)n->ip[0], (int)n->ip[1]);
+    idd_tensor_release(gb);
+    gin[0] = bf16_like(dx, n->in[0]);
+    for (int k = 0; k < 4; k++) gin[1 + k] = d[k];
+    return st;
+}
 
 /* saved: x, mean, rstd, gamma, beta, scale, shift (NULL kept as absent via ip flags) */
 static idd_status group_norm_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *x = n->saved[0], *mean = n->saved[1], *rstd = n->saved[2];
     idd_tensor *sv[4] = {NULL, NULL, NULL, NULL};   /* gamma, beta, scale, shift */
     for (int k = 0, j = 3; k < 4; k++) if (n->ip[2 + k]) sv[k] = n->saved[j++];
+    if (n->p[0]) return group_norm_backward_bf16(n, g, gin, sv);
     idd_tensor *gc = cf32(g);
     if (!gc) return IDD_ERR;
     int N = (int)x->shape[0], C = (int)x->shape[1], HW = (int)(idd_numel(x) / ((int64_t)N * C));
@@ -202,7 +273,7 @@ static idd_status group_norm_backward(idd_node *n, idd_tensor *g, idd_tensor **g
         fp(dx), fp(d[0]), fp(d[1]), fp(d[2]), fp(d[3]), fp(gc), fp(mean), fp(rstd), fp(x), fp(sv[0]), fp(sv[1]),
         fp(sv[2]), fp(sv[3]), N, C, HW, (int)n->ip[0], (int)n->ip[1]);
     idd_tensor_release(gc);
-    gin[0] = dx;
+    gin[0] = bf16_like(dx, n->in[0]);
     for (int k = 0; k < 4; k++) gin[1 + k] = d[k];
     return st;
 }
@@ -232,14 +303,28 @@ idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_ten
         }
     const idd_backend *be = idd_backend_of(x);
     if (!be->groupnorm_forward) { no_kernel("group_norm", x->device); return NULL; }
-    idd_tensor *xc = cf32(x), *gc = cf32(gamma), *bc = cf32(beta), *sc = cf32(scale), *hc = cf32(shift);
+    bool bf = x->dtype == IDD_BF16 && be->groupnorm_forward_bf16 && be->groupnorm_backward_bf16 && C % 8 == 0 &&
+              C <= 1024 && N > 0;
+    idd_tensor *xc = bf ? nhwc_bf16(x) : cf32(x), *gc = cf32(gamma), *bc = cf32(beta);
+    idd_tensor *sc = bf ? rows_f32(scale) : cf32(scale), *hc = bf ? rows_f32(shift) : cf32(shift);
     int64_t ng[2] = {N, groups};
-    idd_tensor *out = xc ? idd_tensor_new(IDD_F32, x->device, x->ndim, x->shape) : NULL;
+    idd_tensor *out = !xc ? NULL
+                      : bf ? idd_tensor_new_channels_last(IDD_BF16, x->device, x->ndim, x->shape)
+                           : idd_tensor_new(IDD_F32, x->device, x->ndim, x->shape);
     idd_tensor *mean = idd_tensor_new(IDD_F32, x->device, 2, ng), *rstd = idd_tensor_new(IDD_F32, x->device, 2, ng);
-    idd_status st = out && mean && rstd && (gc || !gamma) && (bc || !beta) && (sc || !scale) && (hc || !shift)
-                        ? be->groupnorm_forward(fp(out), fp(mean), fp(rstd), fp(xc), fp(gc), fp(bc), fp(sc), fp(hc),
-                                                (int)N, (int)C, (int)(idd_numel(x) / (N * C)), groups, (float)eps, silu)
-                        : IDD_ERR;
+    bool ready = out && mean && rstd && (gc || !gamma) && (bc || !beta) && (sc || !scale) && (hc || !shift);
+    int HW = N * C > 0 ? (int)(idd_numel(x) / (N * C)) : 0, sstr = sc ? (int)row_stride(sc) : 0,
+        hstr = hc ? (int)row_stride(hc) : 0;
+    idd_status st = !ready ? IDD_ERR
+                    : bf   ? be->groupnorm_forward_bf16(idd_data(out), fp(mean), fp(rstd), idd_data(xc), fp(gc), fp(bc),
+                                                        fp(sc), sstr, fp(hc), hstr, (int)N, (int)C, HW, groups, (float)eps,
+                                                        silu)
+                           : be->groupnorm_forward(fp(out), fp(mean), fp(rstd), fp(xc), fp(gc), fp(bc), fp(sc),
+                                                   fp(hc), (int)N, (int)C, HW, groups, (float)eps, silu);
+    if (st == IDD_OK && !bf && x->dtype == IDD_BF16) {
+        out = bf16_like(out, x);
+        if (!out) st = IDD_ERR;
+    }
     if (st == IDD_OK) {
         idd_tensor *ins[5] = {x, gamma, beta, scale, shift};
         idd_node *n = idd_record("group_norm", group_norm_backward, out, 5, ins);
@@ -249,6 +334,9 @@ idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_ten
             for (int k = 0; k < 4; k++) { n->ip[2 + k] = opt[k] != NULL; if (opt[k]) idd_node_save(n, opt[k]); }
             n->ip[0] = groups;
             n->ip[1] = silu;
+            n->p[0] = bf;
+            n->ip[6] = sstr;
+            n->ip[7] = hstr;
         }
     } else {
         idd_tensor_release(out);
@@ -350,16 +438,28 @@ idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
 
 // ---------------------------------------------------------------- resampling
 
-/* ip[0]: 1 = upsample, 0 = avgpool; the input's shape comes from the node's input */
+/* ip[0]: 1 = upsample, 0 = avgpool; ip[1]: the bf16 kernels ran; the input's shape
+ * comes from the node's input */
 static idd_status resample_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
-    idd_tensor *x = n->in[0], *gc = cf32(g), *dx = zeros_like_shape(x);
+    idd_tensor *x = n->in[0];
     const idd_backend *be = idd_backend_of(x);
     int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
-    idd_status st = gc && dx ? (n->ip[0] ? be->upsample2x_backward(fp(dx), fp(gc), N, C, H, W)
-                                         : be->avgpool2x_backward(fp(dx), fp(gc), N, C, H, W))
-                             : IDD_ERR;
+    idd_status st;
+    if (n->ip[1]) {
+        idd_tensor *gb = nhwc_bf16(g), *dx = idd_tensor_new_channels_last(IDD_BF16, x->device, 4, x->shape);
+        st = gb && dx ? (n->ip[0] ? be->upsample2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W)
+                                  : be->avgpool2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W))
+                      : IDD_ERR;
+        idd_tensor_release(gb);
+        gin[0] = bf16_like(dx, x);
+        return st;
+    }
+    idd_tensor *gc = cf32(g), *dx = zeros_like_shape(x);
+    st = gc && dx ? (n->ip[0] ? be->upsample2x_backward(fp(dx), fp(gc), N, C, H, W)
+                              : be->avgpool2x_backward(fp(dx), fp(gc), N, C, H, W))
+                  : IDD_ERR;
     idd_tensor_release(gc);
-    gin[0] = dx;
+    gin[0] = bf16_like(dx, x);
     return st;
 }
 
@@ -370,15 +470,23 @@ static idd_tensor *resample(idd_tensor *x, bool up) {
     const idd_backend *be = idd_backend_of(x);
     if (!(up ? be->upsample2x_forward : be->avgpool2x_forward)) { no_kernel(name, x->device); return NULL; }
     int64_t shape[4] = {x->shape[0], x->shape[1], up ? 2 * x->shape[2] : x->shape[2] / 2, up ? 2 * x->shape[3] : x->shape[3] / 2};
-    idd_tensor *xc = cf32(x), *out = idd_tensor_new(IDD_F32, x->device, 4, shape);
     int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
-    idd_status st = xc && out ? (up ? be->upsample2x_forward(fp(out), fp(xc), N, C, H, W)
-                                    : be->avgpool2x_forward(fp(out), fp(xc), N, C, H, W))
-                              : IDD_ERR;
+    bool bf = x->dtype == IDD_BF16 && C % 8 == 0 &&
+              (up ? be->upsample2x_forward_bf16 && be->upsample2x_backward_bf16
+                  : be->avgpool2x_forward_bf16 && be->avgpool2x_backward_bf16);
+    idd_tensor *xc = bf ? nhwc_bf16(x) : cf32(x);
+    idd_tensor *out = bf ? idd_tensor_new_channels_last(IDD_BF16, x->device, 4, shape)
+                         : idd_tensor_new(IDD_F32, x->device, 4, shape);
+    idd_status st = !xc || !out ? IDD_ERR
+                    : bf ? (up ? be->upsample2x_forward_bf16(idd_data(out), idd_data(xc), N, C, H, W)
+                               : be->avgpool2x_forward_bf16(idd_data(out), idd_data(xc), N, C, H, W))
+                         : (up ? be->upsample2x_forward(fp(out), fp(xc), N, C, H, W)
+                               : be->avgpool2x_forward(fp(out), fp(xc), N, C, H, W));
     idd_tensor_release(xc);
     if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    if (!bf && !(out = bf16_like(out, x))) return NULL;
     idd_node *n = idd_record(name, resample_backward, out, 1, &x);
-    if (n) n->ip[0] = up;
+    if (n) { n->ip[0] = up; n->ip[1] = bf; }
     return out;
 }
 
@@ -401,28 +509,54 @@ idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period) {
 
 // ---------------------------------------------------------------- dropout
 
-/* p[0] = p; ip: seed, stream, offset of the mask */
+/* p[0] = p; ip: seed, stream, offset of the mask; ip[3]: the bf16 kernel ran on memory of
+ * layout ip[4] (1 channels-last, 0 contiguous), the layout its mask is indexed by */
 static idd_status dropout_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
-    idd_tensor *gc = cf32(g), *dx = zeros_like_shape(n->in[0]);
+    idd_tensor *x = n->in[0];
+    if (n->ip[3]) {
+        idd_tensor *gb = n->ip[4] ? nhwc_bf16(g) : NULL;
+        if (!n->ip[4]) gb = g->dtype == IDD_BF16 ? idd_contiguous(g) : idd_to_dtype(g, IDD_BF16);
+        idd_tensor *dx = gb ? idd_tensor_empty_like(gb, IDD_BF16) : NULL;
+        idd_status st = dx ? idd_backend_of(x)->dropout_backward_bf16(idd_data(dx), idd_data(gb), idd_numel(dx),
+                                                                      (float)n->p[0], (uint64_t)n->ip[0],
+                                                                      (uint64_t)n->ip[1], (uint64_t)n->ip[2])
+                           : IDD_ERR;
+        idd_tensor_release(gb);
+        gin[0] = bf16_like(dx, x);
+        return st;
+    }
+    idd_tensor *gc = cf32(g), *dx = zeros_like_shape(x);
     idd_status st = gc && dx ? idd_backend_of(dx)->dropout_backward(fp(dx), fp(gc), idd_numel(dx), (float)n->p[0],
                                                                     (uint64_t)n->ip[0], (uint64_t)n->ip[1], (uint64_t)n->ip[2])
                              : IDD_ERR;
     idd_tensor_release(gc);
-    gin[0] = dx;
+    gin[0] = bf16_like(dx, x);
     return st;
 }
 
 idd_tensor *idd_dropout(idd_tensor *x, double p, idd_generator *g) {
     if (!(p >= 0 && p < 1)) { idd_error("dropout: p = %g must be in [0, 1)", p); return NULL; }
     if (!g) g = idd_default_generator();
-    idd_tensor *xc = cf32(x), *out = xc ? idd_tensor_new(IDD_F32, x->device, x->ndim, x->shape) : NULL;
+    const idd_backend *be = idd_backend_of(x);
+    /* bf16: the mask follows memory order (channels-last stays channels-last; other
+     * layouts are made contiguous, where memory order is the logical order) */
+    bool bf = x->dtype == IDD_BF16 && be->dropout_forward_bf16 && be->dropout_backward_bf16;
+    bool cl = bf && idd_is_channels_last(x);
+    idd_tensor *xc = !bf ? cf32(x) : cl ? (idd_tensor_retain(x), x) : idd_contiguous(x);
+    idd_tensor *out = !xc ? NULL : bf ? idd_tensor_empty_like(xc, IDD_BF16) : idd_tensor_new(IDD_F32, x->device, x->ndim, x->shape);
     int64_t n = idd_numel(x);
     uint64_t seed = g->seed, stream = g->stream, offset = g->offset;
-    idd_status st = out ? idd_backend_of(x)->dropout_forward(fp(out), fp(xc), n, (float)p, seed, stream, offset) : IDD_ERR;
+    idd_status st = !out ? IDD_ERR
+                    : bf ? be->dropout_forward_bf16(idd_data(out), idd_data(xc), n, (float)p, seed, stream, offset)
+                         : be->dropout_forward(fp(out), fp(xc), n, (float)p, seed, stream, offset);
     idd_tensor_release(xc);
     if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    if (!bf && !(out = bf16_like(out, x))) return NULL;
     g->offset += (uint64_t)(n + 1) / 2;
     idd_node *nd = idd_record("dropout", dropout_backward, out, 1, &x);
-    if (nd) { nd->p[0] = p; nd->ip[0] = (int64_t)seed; nd->ip[1] = (int64_t)stream; nd->ip[2] = (int64_t)offset; }
+    if (nd) {
+        nd->p[0] = p; nd->ip[0] = (int64_t)seed; nd->ip[1] = (int64_t)stream; nd->ip[2] = (int64_t)offset;
+        nd->ip[3] = bf; nd->ip[4] = cl;
+    }
     return out;
 }

@@ -84,6 +84,33 @@ typedef struct idd_backend {
                                   uint64_t offset);
     idd_status (*dropout_backward)(float *dx, const float *dout, int64_t n, float p, uint64_t seed, uint64_t stream,
                                    uint64_t offset);
+    /* bf16 channels-last (issue #9): x/out/dout/dx are bf16 (N,HW,C) memory with C % 8 == 0, C <= 1024, 16-byte
+     * aligned; dx is written, not accumulated; mean/rstd (N,G) and the parameters' grads float32 as above;
+     * scale/shift (N,C) float32 rows of stride scale_stride/shift_stride (dscale/dshift contiguous). NULL: the
+     * layer computes in float32 and converts. */
+    idd_status (*groupnorm_forward_bf16)(void *out, float *mean, float *rstd, const void *x, const float *gamma,
+                                         const float *beta, const float *scale, int scale_stride, const float *shift,
+                                         int shift_stride, int N, int C, int HW, int G, float eps, int silu);
+    /* the group norm's backward on bf16 (N,HW,C): dx written; dgamma, dbeta, dscale, dshift accumulated */
+    idd_status (*groupnorm_backward_bf16)(void *dx, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                          const void *dout, const float *mean, const float *rstd, const void *x,
+                                          const float *gamma, const float *beta, const float *scale,
+                                          int scale_stride, const float *shift, int shift_stride, int N, int C,
+                                          int HW, int G, int silu);
+    /* nearest 2x upsample, bf16 x (N,H,W,C) -> out (N,2H,2W,C), C % 8 == 0, 16-byte aligned */
+    idd_status (*upsample2x_forward_bf16)(void *out, const void *x, int N, int C, int H, int W);
+    /* its backward: dx (N,H,W,C) written from dout (N,2H,2W,C), bf16 */
+    idd_status (*upsample2x_backward_bf16)(void *dx, const void *dout, int N, int C, int H, int W);
+    /* 2x2 average pool, bf16 x (N,H,W,C) -> out (N,H/2,W/2,C), C % 8 == 0, 16-byte aligned */
+    idd_status (*avgpool2x_forward_bf16)(void *out, const void *x, int N, int C, int H, int W);
+    /* its backward: dx (N,H,W,C) written (0 in an odd last row/column) from dout (N,H/2,W/2,C), bf16 */
+    idd_status (*avgpool2x_backward_bf16)(void *dx, const void *dout, int N, int C, int H, int W);
+    /* dropout on n bf16 elements of any dense layout, the mask indexed by memory order (as dropout_forward) */
+    idd_status (*dropout_forward_bf16)(void *out, const void *x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                                       uint64_t offset);
+    /* its backward on bf16: dx = keep ? dout/(1-p) : 0, written (not accumulated) */
+    idd_status (*dropout_backward_bf16)(void *dx, const void *dout, int64_t n, float p, uint64_t seed,
+                                        uint64_t stream, uint64_t offset);
     /* separate H/W zero padding (1x7, 7x1 kernels); NULL: only pad_h == pad_w works */
     idd_status (*conv2d_forward_hw)(float *out, const float *x, const float *w, const float *b, int N, int C, int H,
                                     int W, int O, int KH, int KW, int stride, int pad_h, int pad_w);
