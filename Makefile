@@ -95,6 +95,12 @@ test-cuda:
 	@$(MAKE) --no-print-directory CUDA=1 all
 	./iddpm run tests/cuda/test_backend_ops.lua $(TEST_ARGS)
 	./iddpm run tests/cuda/test_diffusion_ops.lua
+	./iddpm run tests/cuda/test_bf16_pointwise.lua
+	./iddpm run tests/cuda/test_bf16_conv.lua
+	./iddpm run tests/cuda/test_bf16_norm.lua
+	./iddpm run tests/cuda/test_graph.lua
+	IDDPM_DEVICE=cuda LUA_PATH="tests/lua/?.lua;;" ./iddpm run tests/lua/test_unet_ref.lua
+	IDDPM_DEVICE=cuda LUA_PATH="tests/lua/?.lua;;" ./iddpm run tests/lua/test_unet_ref_bf16.lua
 
 cuda-bundle:
 	@$(MAKE) --no-print-directory CUDA=1 all

@@ -26,23 +26,34 @@ static idd_status no_kernel(const char *op, idd_device dev) {
     return idd_error("%s: not implemented on %s", op, idd_device_name(dev));
 }
 
-/* bf16 channels-last (NHWC memory) copy-or-reference of t: the layout of the backends'
- * bf16 layer kernels (NULL stays NULL) */
+/* t's memory is (N, HW, C): channels-last, or contiguous where C or HW is 1 */
+static bool nhwc_dense(const idd_tensor *t) {
+    if (idd_is_channels_last(t)) return true;
+    if (t->ndim < 2 || !idd_is_contiguous(t)) return false;
+    return t->shape[1] == 1 || idd_numel(t) == t->shape[0] * t->shape[1];
+}
+
+static bool aligned16(const idd_tensor *t) { return ((uintptr_t)idd_data(t) & 15) == 0; }
+
+/* bf16 (N, HW, C) memory, 16-byte aligned: t itself (retained) or a channels-last copy;
+ * the layout of the backends' bf16 layer kernels (NULL stays NULL) */
 static idd_tensor *cl_bf16(idd_tensor *t) {
     if (!t) return NULL;
-    if (t->dtype == IDD_BF16 && idd_is_channels_last(t)) { idd_tensor_retain(t); return t; }
+    if (t->dtype == IDD_BF16 && nhwc_dense(t) && aligned16(t)) { idd_tensor_retain(t); return t; }
     idd_tensor *c = idd_tensor_new_channels_last(IDD_BF16, t->device, t->ndim, t->shape);
     if (c && idd_copy_(c, t) != IDD_OK) { idd_tensor_release(c); return NULL; }
     return c;
 }
 
-/* the fallback's way back: r (a result computed in float32) converted to the dtype and
- * layout of like (channels-last if like is), with r's shape; r is consumed. A float32
- * like returns r itself. */
+/* r (a result or gradient of an op on `like`, r's own shape) in like's dtype and layout
+ * (channels-last if like is, else contiguous): r itself when it already is, else a
+ * converted copy; r is consumed. A float32 like returns r (the float32 paths). */
 static idd_tensor *as_layout_of(idd_tensor *r, const idd_tensor *like) {
     if (!r || like->dtype == IDD_F32) return r;
-    idd_tensor *c = idd_is_channels_last(like) ? idd_tensor_new_channels_last(like->dtype, r->device, r->ndim, r->shape)
-                                               : idd_tensor_new(like->dtype, r->device, r->ndim, r->shape);
+    bool cl = idd_is_channels_last(like);
+    if (r->dtype == like->dtype && (cl ? nhwc_dense(r) : idd_is_contiguous(r))) return r;
+    idd_tensor *c = cl ? idd_tensor_new_channels_last(like->dtype, r->device, r->ndim, r->shape)
+                       : idd_tensor_new(like->dtype, r->device, r->ndim, r->shape);
     if (c && idd_copy_(c, r) != IDD_OK) { idd_tensor_release(c); c = NULL; }
     idd_tensor_release(r);
     return c;
@@ -185,37 +196,7 @@ idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int strid
 
 /* Issue #9: a bf16 input takes the backend's bf16 kernel when it has one (channels-last
  * (N,HW,C) memory, C % 8 == 0); otherwise the op computes in float32 (cf32) and converts
- * its result to the input's dtype and layout (bf16_like). float32 inputs never come here. */
-
-/* t's memory is (N, HW, C): channels-last, or contiguous where C or HW is 1 */
-static bool nhwc_dense(const idd_tensor *t) {
-    if (idd_is_channels_last(t)) return true;
-    if (t->ndim < 2 || !idd_is_contiguous(t)) return false;
-    return t->shape[1] == 1 || idd_numel(t) == t->shape[0] * t->shape[1];
-}
-
-static bool aligned16(const idd_tensor *t) { return ((uintptr_t)idd_data(t) & 15) == 0; }
-
-/* bf16 channels-last (16-byte aligned) copy-or-reference of t */
-static idd_tensor *nhwc_bf16(idd_tensor *t) {
-    if (t->dtype == IDD_BF16 && nhwc_dense(t) && aligned16(t)) { idd_tensor_retain(t); return t; }
-    idd_tensor *c = idd_tensor_new_channels_last(IDD_BF16, t->device, t->ndim, t->shape);
-    if (c && idd_copy_(c, t) != IDD_OK) { idd_tensor_release(c); return NULL; }
-    return c;
-}
-
-/* r (a result or gradient of an op on `like`) in bf16 and like's layout (channels-last or
- * contiguous) when like is bf16, else r itself; consumes r */
-static idd_tensor *bf16_like(idd_tensor *r, const idd_tensor *like) {
-    if (!r || like->dtype != IDD_BF16) return r;
-    bool cl = idd_is_channels_last(like);
-    if (r->dtype == IDD_BF16 && (cl ? nhwc_dense(r) : idd_is_contiguous(r))) return r;
-    idd_tensor *o = cl ? idd_tensor_new_channels_last(IDD_BF16, r->device, r->ndim, r->shape)
-                       : idd_tensor_new(IDD_BF16, r->device, r->ndim, r->shape);
-    if (o && idd_copy_(o, r) != IDD_OK) { idd_tensor_release(o); o = NULL; }
-    idd_tensor_release(r);
-    return o;
-}
+ * its result to the input's dtype and layout (as_layout_of). float32 inputs never come here. */
 
 /* a float32 (N,C[,1..]) view whose channels are adjacent: its row stride, else -1 */
 static int64_t row_stride(const idd_tensor *t) {
@@ -236,7 +217,7 @@ static idd_tensor *rows_f32(idd_tensor *t) {
 
 /* the bf16 kernel's backward (p[0] set): x bf16 (N,HW,C); scale/shift rows of stride ip[6]/ip[7] */
 static idd_status group_norm_backward_bf16(idd_node *n, idd_tensor *g, idd_tensor **gin, idd_tensor *const sv[4]) {
-    idd_tensor *x = n->saved[0], *mean = n->saved[1], *rstd = n->saved[2], *gb = nhwc_bf16(g);
+    idd_tensor *x = n->saved[0], *mean = n->saved[1], *rstd = n->saved[2], *gb = cl_bf16(g);
     if (!gb) return IDD_ERR;
     int N = (int)x->shape[0], C = (int)x->shape[1], HW = (int)(idd_numel(x) / ((int64_t)N * C));
     idd_tensor *dx = n->needs[0] ? idd_tensor_new_channels_last(IDD_BF16, x->device, x->ndim, x->shape) : NULL;
@@ -247,7 +228,7 @@ static idd_status group_norm_backward_bf16(idd_node *n, idd_tensor *g, idd_tenso
         idd_data(x), fp(sv[0]), fp(sv[1]), fp(sv[2]), (int)n->ip[6], fp(sv[3]), (int)n->ip[7], N, C, HW,
         (int)n->ip[0], (int)n->ip[1]);
     idd_tensor_release(gb);
-    gin[0] = bf16_like(dx, n->in[0]);
+    gin[0] = as_layout_of(dx, n->in[0]);
     for (int k = 0; k < 4; k++) gin[1 + k] = d[k];
     return st;
 }
@@ -273,7 +254,7 @@ static idd_status group_norm_backward(idd_node *n, idd_tensor *g, idd_tensor **g
         fp(dx), fp(d[0]), fp(d[1]), fp(d[2]), fp(d[3]), fp(gc), fp(mean), fp(rstd), fp(x), fp(sv[0]), fp(sv[1]),
         fp(sv[2]), fp(sv[3]), N, C, HW, (int)n->ip[0], (int)n->ip[1]);
     idd_tensor_release(gc);
-    gin[0] = bf16_like(dx, n->in[0]);
+    gin[0] = as_layout_of(dx, n->in[0]);
     for (int k = 0; k < 4; k++) gin[1 + k] = d[k];
     return st;
 }
@@ -305,7 +286,7 @@ idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_ten
     if (!be->groupnorm_forward) { no_kernel("group_norm", x->device); return NULL; }
     bool bf = x->dtype == IDD_BF16 && be->groupnorm_forward_bf16 && be->groupnorm_backward_bf16 && C % 8 == 0 &&
               C <= 1024 && N > 0;
-    idd_tensor *xc = bf ? nhwc_bf16(x) : cf32(x), *gc = cf32(gamma), *bc = cf32(beta);
+    idd_tensor *xc = bf ? cl_bf16(x) : cf32(x), *gc = cf32(gamma), *bc = cf32(beta);
     idd_tensor *sc = bf ? rows_f32(scale) : cf32(scale), *hc = bf ? rows_f32(shift) : cf32(shift);
     int64_t ng[2] = {N, groups};
     idd_tensor *out = !xc ? NULL
@@ -322,7 +303,7 @@ idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_ten
                            : be->groupnorm_forward(fp(out), fp(mean), fp(rstd), fp(xc), fp(gc), fp(bc), fp(sc),
                                                    fp(hc), (int)N, (int)C, HW, groups, (float)eps, silu);
     if (st == IDD_OK && !bf && x->dtype == IDD_BF16) {
-        out = bf16_like(out, x);
+        out = as_layout_of(out, x);
         if (!out) st = IDD_ERR;
     }
     if (st == IDD_OK) {
@@ -446,12 +427,12 @@ static idd_status resample_backward(idd_node *n, idd_tensor *g, idd_tensor **gin
     int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
     idd_status st;
     if (n->ip[1]) {
-        idd_tensor *gb = nhwc_bf16(g), *dx = idd_tensor_new_channels_last(IDD_BF16, x->device, 4, x->shape);
+        idd_tensor *gb = cl_bf16(g), *dx = idd_tensor_new_channels_last(IDD_BF16, x->device, 4, x->shape);
         st = gb && dx ? (n->ip[0] ? be->upsample2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W)
                                   : be->avgpool2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W))
                       : IDD_ERR;
         idd_tensor_release(gb);
-        gin[0] = bf16_like(dx, x);
+        gin[0] = as_layout_of(dx, x);
         return st;
     }
     idd_tensor *gc = cf32(g), *dx = zeros_like_shape(x);
@@ -459,7 +440,7 @@ static idd_status resample_backward(idd_node *n, idd_tensor *g, idd_tensor **gin
                               : be->avgpool2x_backward(fp(dx), fp(gc), N, C, H, W))
                   : IDD_ERR;
     idd_tensor_release(gc);
-    gin[0] = bf16_like(dx, x);
+    gin[0] = as_layout_of(dx, x);
     return st;
 }
 
@@ -474,7 +455,7 @@ static idd_tensor *resample(idd_tensor *x, bool up) {
     bool bf = x->dtype == IDD_BF16 && C % 8 == 0 &&
               (up ? be->upsample2x_forward_bf16 && be->upsample2x_backward_bf16
                   : be->avgpool2x_forward_bf16 && be->avgpool2x_backward_bf16);
-    idd_tensor *xc = bf ? nhwc_bf16(x) : cf32(x);
+    idd_tensor *xc = bf ? cl_bf16(x) : cf32(x);
     idd_tensor *out = bf ? idd_tensor_new_channels_last(IDD_BF16, x->device, 4, shape)
                          : idd_tensor_new(IDD_F32, x->device, 4, shape);
     idd_status st = !xc || !out ? IDD_ERR
@@ -484,7 +465,7 @@ static idd_tensor *resample(idd_tensor *x, bool up) {
                                : be->avgpool2x_forward(fp(out), fp(xc), N, C, H, W));
     idd_tensor_release(xc);
     if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
-    if (!bf && !(out = bf16_like(out, x))) return NULL;
+    if (!bf && !(out = as_layout_of(out, x))) return NULL;
     idd_node *n = idd_record(name, resample_backward, out, 1, &x);
     if (n) { n->ip[0] = up; n->ip[1] = bf; }
     return out;
@@ -514,7 +495,7 @@ idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period) {
 static idd_status dropout_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *x = n->in[0];
     if (n->ip[3]) {
-        idd_tensor *gb = n->ip[4] ? nhwc_bf16(g) : NULL;
+        idd_tensor *gb = n->ip[4] ? cl_bf16(g) : NULL;
         if (!n->ip[4]) gb = g->dtype == IDD_BF16 ? idd_contiguous(g) : idd_to_dtype(g, IDD_BF16);
         idd_tensor *dx = gb ? idd_tensor_empty_like(gb, IDD_BF16) : NULL;
         idd_status st = dx ? idd_backend_of(x)->dropout_backward_bf16(idd_data(dx), idd_data(gb), idd_numel(dx),
@@ -522,7 +503,7 @@ static idd_status dropout_backward(idd_node *n, idd_tensor *g, idd_tensor **gin)
                                                                       (uint64_t)n->ip[1], (uint64_t)n->ip[2])
                            : IDD_ERR;
         idd_tensor_release(gb);
-        gin[0] = bf16_like(dx, x);
+        gin[0] = as_layout_of(dx, x);
         return st;
     }
     idd_tensor *gc = cf32(g), *dx = zeros_like_shape(x);
@@ -530,7 +511,7 @@ static idd_status dropout_backward(idd_node *n, idd_tensor *g, idd_tensor **gin)
                                                                     (uint64_t)n->ip[0], (uint64_t)n->ip[1], (uint64_t)n->ip[2])
                              : IDD_ERR;
     idd_tensor_release(gc);
-    gin[0] = bf16_like(dx, x);
+    gin[0] = as_layout_of(dx, x);
     return st;
 }
 
@@ -551,7 +532,7 @@ idd_tensor *idd_dropout(idd_tensor *x, double p, idd_generator *g) {
                          : be->dropout_forward(fp(out), fp(xc), n, (float)p, seed, stream, offset);
     idd_tensor_release(xc);
     if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
-    if (!bf && !(out = bf16_like(out, x))) return NULL;
+    if (!bf && !(out = as_layout_of(out, x))) return NULL;
     g->offset += (uint64_t)(n + 1) / 2;
     idd_node *nd = idd_record("dropout", dropout_backward, out, 1, &x);
     if (nd) {
