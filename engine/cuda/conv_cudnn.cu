@@ -266,19 +266,24 @@ static void plan_free(conv_plan *p) {
 /* The plan for these sizes in the mode (the current precision, or ACT_BF16), made and
  * timed on first use (out is a scratch buffer for the passes that accumulate into their
  * result). */
-static idd_status plan_get(conv_plan **out_plan, int mode, int pass, const void *a, const void *b, void *out, int N,
-                           int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
+/* the plan for these sizes (made and timed on first use) and its workspace (*ws: the
+ * scratch slot, or NULL when the algorithm needs none) */
+static idd_status plan_get(conv_plan **out_plan, void **ws, const char *op, int mode, int pass, const void *a,
+                           const void *b, void *out, int N, int C, int H, int W, int O, int KH, int KW, int stride,
+                           int pad, int Ho, int Wo) {
     int key[11] = {pass, N, C, H, W, O, KH, KW, stride, pad, mode};
     conv_plan *p = plan_lookup(key);
-    if (p) { *out_plan = p; return IDD_OK; }
-    p = new conv_plan();
-    for (int i = 0; i < 11; i++) p->key[i] = key[i];
-    idd_status st = plan_make(p, mode, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
-    if (!st) st = plan_find(p, mode, pass, a, b, out, N, C, H, W, O, KH, KW, stride, pad);
-    if (st) { plan_free(p); return st; }
-    plans.push_back(p);
+    if (!p) {
+        p = new conv_plan();
+        for (int i = 0; i < 11; i++) p->key[i] = key[i];
+        idd_status st = plan_make(p, mode, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        if (!st) st = plan_find(p, mode, pass, a, b, out, N, C, H, W, O, KH, KW, stride, pad);
+        if (st) { plan_free(p); return st; }
+        plans.push_back(p);
+    }
     *out_plan = p;
-    return IDD_OK;
+    *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
+    return p->ws && !*ws ? IDD_ENOMEM : IDD_OK;
 }
 
 // ---------------------------------------------------------------- forward
@@ -296,10 +301,10 @@ idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, con
         if (!xa || !wa || !ya) return IDD_ENOMEM;
     }
     conv_plan *p;
-    idd_status st = plan_get(&p, idd_cu_precision, FWD, xa, wa, ya, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    void *ws;
+    idd_status st = plan_get(&p, &ws, op, idd_cu_precision, FWD, xa, wa, ya,
+                              N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     if (st) return st;
-    void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
-    if (p->ws && !ws) return IDD_ENOMEM;
     const float one = 1.0f, zero = 0.0f;
     DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, xa, p->wd, wa, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
                                     p->ws, &zero, p->yd, ya),
@@ -341,10 +346,10 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
         dxa = cu_scratch(S_DX, dxbytes, op);
         if (!wa || !dxa) return IDD_ENOMEM;
         conv_plan *p;
-        idd_status st = plan_get(&p, idd_cu_precision, BWD_DATA, wa, dya, dxa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        void *ws;
+        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_DATA, wa, dya, dxa,
+                                  N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
-        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
-        if (p->ws && !ws) return IDD_ENOMEM;
         DNN_TRY(cudnnConvolutionBackwardData(dnn, &one, p->wd, wa, p->yd, dya, p->cd,
                                              (cudnnConvolutionBwdDataAlgo_t)p->algo, ws, p->ws, bf ? &zero : &one,
                                              p->xd, bf ? dxa : (void *)dx),
@@ -358,10 +363,10 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
         if (bf) xa = to_bf16(S_X, x, N, C, H * W, op);
         if (!xa || !dwa) return IDD_ENOMEM;
         conv_plan *p;
-        idd_status st = plan_get(&p, idd_cu_precision, BWD_FILTER, xa, dya, dwa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        void *ws;
+        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_FILTER, xa, dya, dwa,
+                                  N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
-        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
-        if (p->ws && !ws) return IDD_ENOMEM;
         DNN_TRY(cudnnConvolutionBackwardFilter(dnn, &one, p->xd, xa, p->yd, dya, p->cd,
                                                (cudnnConvolutionBwdFilterAlgo_t)p->algo, ws, p->ws,
                                                bf ? &zero : &one, p->wd, bf ? dwa : (void *)dw),
@@ -523,11 +528,10 @@ idd_status cu_cudnn_conv_forward_bf16(void *out, const void *x, const float *w, 
         return IDD_OK;
     }
     conv_plan *p;
-    idd_status st = plan_get(&p, ACT_BF16, FWD, x, wa, out, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    void *ws;
+    idd_status st = plan_get(&p, &ws, op, ACT_BF16, FWD, x, wa, out, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     if (st) return st;
     const float one = 1.0f, zero = 0.0f;
-    void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
-    if (p->ws && !ws) return IDD_ENOMEM;
     DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, x, p->wd, wa, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
                                     p->ws, &zero, p->yd, out),
             op);
@@ -568,10 +572,10 @@ idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const voi
         const void *wa = to_bf16(S_W, w, O, C, KH * KW, op);
         if (!wa) return IDD_ENOMEM;
         conv_plan *p;
-        idd_status st = plan_get(&p, ACT_BF16, BWD_DATA, wa, dout, dx, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        void *ws;
+        idd_status st = plan_get(&p, &ws, op, ACT_BF16, BWD_DATA, wa, dout, dx,
+                                  N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
-        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
-        if (p->ws && !ws) return IDD_ENOMEM;
         DNN_TRY(cudnnConvolutionBackwardData(dnn, &one, p->wd, wa, p->yd, dout, p->cd,
                                              (cudnnConvolutionBwdDataAlgo_t)p->algo, ws, p->ws, &zero, p->xd, dx),
                 op);
@@ -581,10 +585,10 @@ idd_status cu_cudnn_conv_backward_bf16(void *dx, float *dw, float *db, const voi
         void *dwa = cu_scratch(S_DW, (size_t)O * C * KH * KW * sizeof(__nv_bfloat16), op);
         if (!dwa) return IDD_ENOMEM;
         conv_plan *p;
-        idd_status st = plan_get(&p, ACT_BF16, BWD_FILTER, x, dout, dwa, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        void *ws;
+        idd_status st = plan_get(&p, &ws, op, ACT_BF16, BWD_FILTER, x, dout, dwa,
+                                  N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
-        void *ws = p->ws ? cu_scratch(S_WS, p->ws, op) : NULL;
-        if (p->ws && !ws) return IDD_ENOMEM;
         DNN_TRY(cudnnConvolutionBackwardFilter(dnn, &one, p->xd, x, p->yd, dout, p->cd,
                                                (cudnnConvolutionBwdFilterAlgo_t)p->algo, ws, p->ws, &zero, p->wd, dwa),
                 op);

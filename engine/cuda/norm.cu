@@ -457,6 +457,18 @@ __device__ __forceinline__ void gn_bw_load(gn_bw_par &q, const float *mean, cons
     }
 }
 
+/* one element of the backward: xh = (x - mean) * rstd, z = xh * gamma + beta, and the
+ * gradient du reaching z (through the SiLU of u = z * (1 + scale) + shift when silu) */
+__device__ __forceinline__ float gn_du(float x, float d, const gn_bw_par &q, int j, int silu, float &xh, float &z) {
+    xh = (x - q.m[j]) * q.r[j];
+    z = xh * q.ga[j] + q.be[j];
+    if (silu) {
+        float u = z * q.sc[j] + q.sf[j], sg = sigm_fast(u);
+        d *= sg * (1.0f + u * (1.0f - sg));
+    }
+    return d;
+}
+
 /* backward pass 1 over [p0, p1): per-channel sums of du, du*z, dz, dz*xhat into v0..v3 */
 __device__ __forceinline__ void gn_bwd_sums(double *v0, double *v1, double *v2, double *v3, float *red,
                                             const __nv_bfloat16 *x, const __nv_bfloat16 *dout, const gn_bw_par &q,
@@ -471,13 +483,8 @@ __device__ __forceinline__ void gn_bwd_sums(double *v0, double *v1, double *v2, 
         bf8_load(fd, dout + o);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            float xh = (fx[j] - q.m[j]) * q.r[j];
-            float z = xh * q.ga[j] + q.be[j];
-            float du = fd[j];
-            if (silu) {
-                float u = z * q.sc[j] + q.sf[j], sg = sigm_fast(u);
-                du *= sg * (1.0f + u * (1.0f - sg));
-            }
+            float xh, z;
+            float du = gn_du(fx[j], fd[j], q, j, silu, xh, z);
             float dz = du * q.sc[j];
             a0[j] += du;
             a1[j] += du * z;
@@ -531,12 +538,8 @@ __device__ __forceinline__ void gn_bwd_finish(__nv_bfloat16 *dx, float *pg, floa
         bf8_load(fd, dout + o);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            float xh = (fx[j] - q.m[j]) * q.r[j];
-            float du = fd[j];
-            if (silu) {
-                float u = (xh * q.ga[j] + q.be[j]) * q.sc[j] + q.sf[j], sg = sigm_fast(u);
-                du *= sg * (1.0f + u * (1.0f - sg));
-            }
+            float xh, z;
+            float du = gn_du(fx[j], fd[j], q, j, silu, xh, z);
             float dxh = du * q.sc[j] * q.ga[j];
             fx[j] = q.r[j] * (dxh - k1[j] - xh * k2[j]);
         }

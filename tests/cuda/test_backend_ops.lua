@@ -31,13 +31,7 @@ local F32 = 2e-6       -- pointwise float32
 local SUMS = 1e-5      -- reductions / products over many terms
 local LAYER = 1e-4     -- layer kernels (different summation order, FMA)
 
-local function err(got, want)
-  got = got:cpu():double(); want = want:cpu():double()
-  local scale = want:abs():max():item()
-  local d = (got - want):abs():max():item()
-  if d ~= d then return math.huge end
-  return d / (scale > 0 and scale or 1)
-end
+local err = H.rel_err
 
 local worst = {}
 local function record(name, e, tol)

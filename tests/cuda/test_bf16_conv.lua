@@ -16,12 +16,7 @@ local iddpm = require "iddpm"
 local T = iddpm.tensor
 local args = {...}
 
-if not iddpm.cuda.available() then
-  print("# no GPU: " .. tostring(iddpm.cuda.reason()))
-  print("ok - skipped: CUDA backend not available")
-  H.done()
-  return
-end
+if H.skip_without_cuda() then H.done() return end
 local FAKE = iddpm.cuda.device_name() == ""
 print("# device: " .. (FAKE and "IDDPM_FAKE_CUDA (CPU backend)" or iddpm.cuda.device_name()))
 local SEED = tonumber(os.getenv("SEED") or "") or 4242
@@ -39,13 +34,7 @@ local TOL = {
   att_dqkv = 4e-2,   -- dS rounded to bf16 as well
 }
 
-local function err(got, want)
-  got = got:cpu():double(); want = want:cpu():double()
-  local scale = want:abs():max():item()
-  local d = (got - want):abs():max():item()
-  if d ~= d then return math.huge end
-  return d / (scale > 0 and scale or 1)
-end
+local err = H.rel_err
 local function record(name, e, tol)
   H.check(("%s (err %.2e, tol %.0e)"):format(name, e, tol), e <= tol)
 end

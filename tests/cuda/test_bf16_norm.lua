@@ -24,12 +24,7 @@ for _, a in ipairs({...}) do
   elseif k == "only" then ONLY = tonumber(v) end
 end
 
-if not iddpm.cuda.available() then
-  print("# no GPU: " .. tostring(iddpm.cuda.reason()))
-  print("ok - skipped: CUDA backend not available")
-  H.done()
-  return
-end
+if H.skip_without_cuda() then H.done() return end
 if not pcall(function() local t = T.zeros({1}):bfloat16(); t.requires_grad = true end) then
   print("ok - skipped: this build has no autograd for bfloat16 tensors (the dtype part of issue #9)")
   H.done()
@@ -79,13 +74,7 @@ local function is_cl(y)
   return p:is_contiguous()
 end
 
-local function err(got, want)
-  got = host(got):double(); want = host(want):double()
-  local scale = want:abs():max():item()
-  local d = (got - want):abs():max():item()
-  if d ~= d then return math.huge end
-  return d / (scale > 0 and scale or 1)
-end
+local err = H.rel_err
 local function record(name, e, tol)
   H.check(("%s (err %.2e, tol %.1e)"):format(name, e, tol), e <= tol)
 end

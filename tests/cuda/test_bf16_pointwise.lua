@@ -16,12 +16,7 @@ local T = iddpm.tensor
 local args = {...}
 local QUICK = args[1] == "quick"
 
-if not iddpm.cuda.available() then
-  print("# no GPU: " .. tostring(iddpm.cuda.reason()))
-  print("ok - skipped: CUDA backend not available")
-  H.done()
-  return
-end
+if H.skip_without_cuda() then H.done() return end
 print("# device: " .. iddpm.cuda.device_name())
 local SEED = 2468
 T.manual_seed(SEED)

@@ -12,12 +12,7 @@ local iddpm = require "iddpm"
 local T, D = iddpm.tensor, iddpm.diffusion
 local C = require "iddpm._diffusion"
 
-if not iddpm.cuda.available() then
-  print("# no GPU: " .. tostring(iddpm.cuda.reason()))
-  print("ok - skipped: CUDA backend not available")
-  H.done()
-  return
-end
+if H.skip_without_cuda() then H.done() return end
 local SEED = 4321
 print(("# device: %s; seed %d"):format(iddpm.cuda.device_name() ~= "" and iddpm.cuda.device_name() or "cuda (fake: CPU backend)", SEED))
 T.manual_seed(SEED)
@@ -28,13 +23,7 @@ local ELEM = 2e-6     -- elementwise (normal_kl, dgll, pred_xstart)
 local SUMS = 1e-5     -- per-sample sums over C*H*W terms (vb, prior, mean_flat)
 local LOOP = 1e-5     -- calc_bpd_loop outputs (sums of the above)
 
-local function err(got, want)
-  got = got:cpu():double(); want = want:cpu():double()
-  local scale = want:abs():max():item()
-  local d = (got - want):abs():max():item()
-  if d ~= d then return math.huge end
-  return d / (scale > 0 and scale or 1)
-end
+local err = H.rel_err
 
 local function cmp(name, g, c, tol, dev_expected)
   if not T.is_tensor(g) then return H.check(name, false, "not a tensor") end

@@ -3,7 +3,8 @@
 -- relative tolerance; raises() checks an error message; gradcheck() compares the
 -- tape's gradients with central differences (T.gradcheck, in C).
 local H = {}
-local T = require("iddpm").tensor
+local iddpm = require "iddpm"
+local T = iddpm.tensor
 local failed = 0
 
 function H.check(name, cond, detail)
@@ -43,6 +44,25 @@ end
 -- worst relative error between the tape and central differences (engine gradcheck)
 function H.gradcheck(f, inputs, eps, nmax)
   return T.gradcheck(f, inputs, {eps = eps or 1e-6, nmax = nmax or 64, seed = 99})
+end
+
+-- GPU-vs-CPU error of one tensor: max |got - want| / max |want| (want all zero: the
+-- plain max difference), in double on the host; NaN anywhere in got is infinitely wrong
+function H.rel_err(got, want)
+  got = got:cpu():double(); want = want:cpu():double()
+  local scale = want:abs():max():item()
+  local d = (got - want):abs():max():item()
+  if d ~= d then return math.huge end
+  return d / (scale > 0 and scale or 1)
+end
+
+-- the GPU test scripts' opening: where no CUDA backend can be used, say why and report
+-- one skip; true means "return now"
+function H.skip_without_cuda()
+  if iddpm.cuda.available() then return false end
+  print("# no GPU: " .. tostring(iddpm.cuda.reason()))
+  print("ok - skipped: CUDA backend not available")
+  return true
 end
 
 function H.done()
