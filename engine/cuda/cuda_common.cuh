@@ -6,6 +6,7 @@
 #define IDDPM_CUDA_COMMON_CUH
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -162,6 +163,25 @@ __device__ __forceinline__ void cu_st8(uint16_t *p, const float v[8]) {
     unsigned w[4];
     for (int k = 0; k < 4; k++) w[k] = (unsigned)cu_f32_to_bf16(v[2 * k]) | ((unsigned)cu_f32_to_bf16(v[2 * k + 1]) << 16);
     *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* 8 bf16 in one 16-byte word <-> 8 floats, with the hardware's round-to-nearest-even
+ * conversion (NaNs come out as the canonical NaN: the layer kernels' loads and stores) */
+__device__ __forceinline__ void cu_bf8_get(float (&f)[8], uint4 u) {
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 t = __bfloat1622float2(h[k]);
+        f[2 * k] = t.x;
+        f[2 * k + 1] = t.y;
+    }
+}
+__device__ __forceinline__ uint4 cu_bf8_put(const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    return u;
 }
 
 __device__ __forceinline__ double cu_load(const void *p, int dt, int64_t i) {

@@ -189,25 +189,6 @@ extern "C" idd_status cu_groupnorm_backward(float *dx, float *dgamma, float *dbe
  * rounded to bf16, 2^16 float ulps) — the float32 kernels keep expf and a true division */
 __device__ __forceinline__ float sigm_fast(float u) { return __fdividef(1.0f, 1.0f + __expf(-u)); }
 
-/* 8 bf16 <-> 8 floats through one 16-byte word */
-__device__ __forceinline__ void bf8_load(float (&f)[8], const __nv_bfloat16 *p) {
-    uint4 u = *(const uint4 *)p;
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        float2 t = __bfloat1622float2(h[k]);
-        f[2 * k] = t.x;
-        f[2 * k + 1] = t.y;
-    }
-}
-__device__ __forceinline__ void bf8_store(__nv_bfloat16 *p, const float (&f)[8]) {
-    uint4 u;
-    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
-    *(uint4 *)p = u;
-}
-
 /* Geometry: SC channels per slab (whole groups, a multiple of 8) as nv = SC/8 vectors per
  * position, `rows` positions at a time (blockDim = rows * nv); S chunks of L positions. */
 struct gn_geom {
@@ -273,12 +254,12 @@ static size_t gn_smem(const gn_geom &g, int nq) {
 __device__ __forceinline__ void gn_fwd_sums(double *s1, double *s2, float *piv, float *red, const __nv_bfloat16 *x,
                                             size_t base, int p0, int p1, const gn_geom &g, int row, int v) {
     float k[8], a1[8], a2[8], f[8];
-    bf8_load(k, x + base);
+    cu_bf8_get(k, *(const uint4 *)(x + base));
 #pragma unroll
     for (int j = 0; j < 8; j++) { a1[j] = 0; a2[j] = 0; }
 #pragma unroll 4
     for (int p = p0 + row; p < p1; p += g.rows) {
-        bf8_load(f, x + base + (size_t)p * g.C);
+        cu_bf8_get(f, *(const uint4 *)(x + base + (size_t)p * g.C));
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             float d = f[j] - k[j];
@@ -337,13 +318,13 @@ __device__ __forceinline__ void gn_fwd_apply(__nv_bfloat16 *out, const __nv_bflo
 #pragma unroll 4
     for (int p = p0 + row; p < p1; p += g.rows) {
         size_t o = base + (size_t)p * g.C;
-        bf8_load(f, x + o);
+        cu_bf8_get(f, *(const uint4 *)(x + o));
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             float u = ((f[j] - m[j]) * r[j] * ga[j] + be[j]) * sc[j] + sf[j];
             f[j] = silu ? u * sigm_fast(u) : u;
         }
-        bf8_store(out + o, f);
+        *(uint4 *)(out + o) = cu_bf8_put(f);
     }
 }
 
@@ -479,8 +460,8 @@ __device__ __forceinline__ void gn_bwd_sums(double *v0, double *v1, double *v2, 
 #pragma unroll 2
     for (int p = p0 + row; p < p1; p += g.rows) {
         size_t o = base + (size_t)p * g.C;
-        bf8_load(fx, x + o);
-        bf8_load(fd, dout + o);
+        cu_bf8_get(fx, *(const uint4 *)(x + o));
+        cu_bf8_get(fd, *(const uint4 *)(dout + o));
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             float xh, z;
@@ -534,8 +515,8 @@ __device__ __forceinline__ void gn_bwd_finish(__nv_bfloat16 *dx, float *pg, floa
 #pragma unroll 2
     for (int p = p0 + row; p < p1; p += g.rows) {
         size_t o = base + (size_t)p * g.C;
-        bf8_load(fx, x + o);
-        bf8_load(fd, dout + o);
+        cu_bf8_get(fx, *(const uint4 *)(x + o));
+        cu_bf8_get(fd, *(const uint4 *)(dout + o));
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             float xh, z;
@@ -543,7 +524,7 @@ __device__ __forceinline__ void gn_bwd_finish(__nv_bfloat16 *dx, float *pg, floa
             float dxh = du * q.sc[j] * q.ga[j];
             fx[j] = q.r[j] * (dxh - k1[j] - xh * k2[j]);
         }
-        bf8_store(dx + o, fx);
+        *(uint4 *)(dx + o) = cu_bf8_put(fx);
     }
 }
 

@@ -107,24 +107,6 @@ extern "C" idd_status cu_avgpool2x_backward(float *dx, const float *dout, int N,
 
 // ---------------------------------------------------------------- bf16 channels-last
 
-/* 8 bf16 of a 16-byte word <-> floats */
-__device__ __forceinline__ void bf8_get(float (&f)[8], uint4 u) {
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        float2 t = __bfloat1622float2(h[k]);
-        f[2 * k] = t.x;
-        f[2 * k + 1] = t.y;
-    }
-}
-__device__ __forceinline__ uint4 bf8_put(const float (&f)[8]) {
-    uint4 u;
-    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
-#pragma unroll
-    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
-    return u;
-}
-
 /* x (N,H,W,nv) and out (N,2H,2W,nv) in 16-byte vectors; a thread per input vector */
 template <typename I> __global__ void k_up_fwd_bf16(uint4 *out, const uint4 *x, int64_t N, int H, int W, int nv) {
     GRID_STRIDE_T(I, e, N * H * W * nv) {
@@ -147,10 +129,10 @@ template <typename I> __global__ void k_up_bwd_bf16(uint4 *dx, const uint4 *dout
         I n = pos / ((I)W * (I)H);
         I o = ((n * (I)(2 * H) + (I)(2 * y)) * (I)(2 * W) + (I)(2 * xx)) * (I)nv + (I)v, rw = (I)(2 * W) * nv;
         float a[8], b[8], c[8], d[8];
-        bf8_get(a, dout[o]); bf8_get(b, dout[o + nv]); bf8_get(c, dout[o + rw]); bf8_get(d, dout[o + rw + nv]);
+        cu_bf8_get(a, dout[o]); cu_bf8_get(b, dout[o + nv]); cu_bf8_get(c, dout[o + rw]); cu_bf8_get(d, dout[o + rw + nv]);
 #pragma unroll
         for (int k = 0; k < 8; k++) a[k] = a[k] + b[k] + c[k] + d[k];
-        dx[e] = bf8_put(a);
+        dx[e] = cu_bf8_put(a);
     }
 }
 /* out (N,H/2,W/2,nv) = mean of the 2x2 window of x (N,H,W,nv); a thread per output vector */
@@ -162,10 +144,10 @@ template <typename I> __global__ void k_pool_fwd_bf16(uint4 *out, const uint4 *x
         I n = pos / ((I)Wo * (I)Ho);
         I i = ((n * (I)H + (I)(2 * oy)) * (I)W + (I)(2 * ox)) * (I)nv + (I)v, rw = (I)W * nv;
         float a[8], b[8], c[8], d[8];
-        bf8_get(a, x[i]); bf8_get(b, x[i + nv]); bf8_get(c, x[i + rw]); bf8_get(d, x[i + rw + nv]);
+        cu_bf8_get(a, x[i]); cu_bf8_get(b, x[i + nv]); cu_bf8_get(c, x[i + rw]); cu_bf8_get(d, x[i + rw + nv]);
 #pragma unroll
         for (int k = 0; k < 8; k++) a[k] = (a[k] + b[k] + c[k] + d[k]) * 0.25f;
-        out[e] = bf8_put(a);
+        out[e] = cu_bf8_put(a);
     }
 }
 /* dx (N,H,W,nv) = dout/4 of its window, 0 in an odd last row/column (written) */
@@ -177,14 +159,14 @@ template <typename I> __global__ void k_pool_bwd_bf16(uint4 *dx, const uint4 *do
         I n = pos / ((I)W * (I)H);
         float a[8];
         if (y / 2 < Ho && xx / 2 < Wo) {
-            bf8_get(a, dout[((n * (I)Ho + (I)(y / 2)) * (I)Wo + (I)(xx / 2)) * (I)nv + (I)v]);
+            cu_bf8_get(a, dout[((n * (I)Ho + (I)(y / 2)) * (I)Wo + (I)(xx / 2)) * (I)nv + (I)v]);
 #pragma unroll
             for (int k = 0; k < 8; k++) a[k] *= 0.25f;
         } else {
 #pragma unroll
             for (int k = 0; k < 8; k++) a[k] = 0.0f;
         }
-        dx[e] = bf8_put(a);
+        dx[e] = cu_bf8_put(a);
     }
 }
 
