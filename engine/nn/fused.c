@@ -1,10 +1,12 @@
 /* fused.c — norm_conv: group norm (+scale/shift, SiLU) -> dropout -> conv2d as one
  * differentiable op that saves only the norm's input (issue #9, training memory). The
  * forward runs the three layer ops of layers.c without recording and frees their
- * intermediates; the backward recomputes them with the same ops (same kernels, the
- * dropout mask from the same Philox position), records them on a small private tape
- * and walks it at once. The results and every gradient equal those of the unfused
- * sequence; the generator advances exactly as that sequence advances it. */
+ * intermediates; the backward recomputes the conv's input with the same ops (same
+ * kernels, the dropout mask from the same Philox position) recorded on a small private
+ * tape, runs the conv's backward alone (idd_conv2d_backward_of) and walks that tape.
+ * The results and every gradient equal those of the unfused sequence; the generator
+ * advances exactly as that sequence advances it. The price: one more norm (+ dropout)
+ * forward per op in the backward. */
 #include "iddpm/nn.h"
 
 #include <string.h>
@@ -13,20 +15,15 @@
  * pad_w, seed, stream, offset of the dropout mask; p: eps, dropout p */
 enum { IN_X, IN_GAMMA, IN_BETA, IN_SCALE, IN_SHIFT, IN_W, IN_B, N_IN };
 
-/* the three ops on the node's inputs (or their aliases); g: the mask's generator */
-static idd_tensor *run_chain(idd_tensor *const in[N_IN], int groups, bool silu, double eps, double p,
-                             idd_generator *g, int stride, int pad_h, int pad_w) {
+/* the conv's input: dropout(group_norm(x)) of the node's inputs (or their aliases); g:
+ * the mask's generator */
+static idd_tensor *norm_dropout(idd_tensor *const in[N_IN], int groups, bool silu, double eps, double p,
+                                idd_generator *g) {
     idd_tensor *h = idd_group_norm(in[IN_X], groups, in[IN_GAMMA], in[IN_BETA], in[IN_SCALE], in[IN_SHIFT], silu, eps);
-    if (!h) return NULL;
-    if (p > 0) {
-        idd_tensor *d = idd_dropout(h, p, g);
-        idd_tensor_release(h);
-        if (!d) return NULL;
-        h = d;
-    }
-    idd_tensor *y = idd_conv2d_hw(h, in[IN_W], in[IN_B], stride, pad_h, pad_w);
-    idd_tensor_release(h);   /* a recording conv keeps its own reference */
-    return y;
+    if (!h || p <= 0) return h;
+    idd_tensor *d = idd_dropout(h, p, g);
+    idd_tensor_release(h);   /* a recording dropout keeps its own reference */
+    return d;
 }
 
 /* Backpropagates g through the private tape ending in t, handing each leaf's gradient
@@ -68,6 +65,8 @@ static idd_status walk(idd_tensor *t, idd_tensor *g, idd_tensor *const leaf[N_IN
     return st;
 }
 
+/* recompute the conv's input d (recording the norm and dropout on a private tape of
+ * aliases of the inputs), run the conv's backward alone, then walk the tape from d */
 static idd_status norm_conv_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *leaf[N_IN] = {0};
     idd_status st = IDD_OK;
@@ -78,20 +77,25 @@ static idd_status norm_conv_backward(idd_node *n, idd_tensor *g, idd_tensor **gi
         else leaf[k]->requires_grad = n->needs[k];
     }
     idd_generator mask = {(uint64_t)n->ip[5], (uint64_t)n->ip[6], (uint64_t)n->ip[7]};
-    idd_tensor *y = NULL;
+    idd_tensor *d = NULL;
     if (st == IDD_OK) {
         bool prev = idd_grad_enabled();
         idd_set_grad_enabled(true);
-        y = run_chain(leaf, (int)n->ip[0], n->ip[1] != 0, n->p[0], n->p[1], &mask, (int)n->ip[2], (int)n->ip[3],
-                      (int)n->ip[4]);
+        d = norm_dropout(leaf, (int)n->ip[0], n->ip[1] != 0, n->p[0], n->p[1], &mask);
         idd_set_grad_enabled(prev);
-        if (!y) st = IDD_ERR;
+        if (!d) st = IDD_ERR;
     }
+    idd_tensor *gc[3] = {NULL, NULL, NULL};
     if (st == IDD_OK) {
-        idd_tensor_retain(g);
-        if (y->requires_grad) st = walk(y, g, leaf, gin);
-        else { idd_tensor_release(g); idd_tensor_release(y); }
+        bool needs[3] = {d->requires_grad, n->needs[IN_W], n->needs[IN_B]};
+        st = idd_conv2d_backward_of(d, n->in[IN_W], n->in[IN_B] != NULL, (int)n->ip[2], (int)n->ip[3], (int)n->ip[4],
+                                    g, needs, gc);
+        if (st != IDD_OK) idd_error_prefix("conv2d");
     }
+    gin[IN_W] = gc[1];
+    gin[IN_B] = gc[2];
+    if (st == IDD_OK && gc[0]) st = walk(d, gc[0], leaf, gin);
+    else { idd_tensor_release(gc[0]); idd_tensor_release(d); }
     for (int k = 0; k < N_IN; k++) idd_tensor_release(leaf[k]);
     return st;
 }
@@ -105,7 +109,9 @@ idd_tensor *idd_norm_conv(idd_tensor *x, int groups, idd_tensor *gamma, idd_tens
     idd_tensor *in[N_IN] = {x, gamma, beta, scale, shift, w, b};
     bool prev = idd_grad_enabled();
     idd_set_grad_enabled(false);
-    idd_tensor *y = run_chain(in, groups, silu, eps, p, g, stride, pad_h, pad_w);
+    idd_tensor *d = norm_dropout(in, groups, silu, eps, p, g);
+    idd_tensor *y = d ? idd_conv2d_hw(d, w, b, stride, pad_h, pad_w) : NULL;
+    idd_tensor_release(d);
     idd_set_grad_enabled(prev);
     if (!y) return NULL;
     idd_node *n = idd_record("norm_conv", norm_conv_backward, y, N_IN, in);

@@ -28,6 +28,11 @@ idd_tensor *idd_norm_conv(idd_tensor *x, int groups, idd_tensor *gamma, idd_tens
                           idd_tensor *shift, bool silu, double eps, double p, idd_generator *g, idd_tensor *w,
                           idd_tensor *b, int stride, int pad_h, int pad_w);
 
+/* the backward of idd_conv2d_hw(x, w, b, ...) alone, for an x recomputed in a backward:
+ * gin[0..2] = dx, dw, db (new tensors) where needs[i] */
+idd_status idd_conv2d_backward_of(idd_tensor *x, idd_tensor *w, bool has_bias, int stride, int pad_h, int pad_w,
+                                  idd_tensor *g, const bool needs[3], idd_tensor **gin);
+
 /* qkv (B,3C,T) in the official legacy head layout -> (B,C,T) */
 idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads);
 
