@@ -1,6 +1,6 @@
 /* l_nn.c — Lua bindings of the UNet layer ops (include/iddpm/nn.h), installed on the
  * tensor module: T.conv2d, T.group_norm, T.qkv_attention, T.upsample_nearest,
- * T.avg_pool2d, T.timestep_embedding, T.dropout. */
+ * T.avg_pool2d, T.timestep_embedding, T.dropout, T.norm_conv. */
 #include "iddpm/kernels.h"
 #include "iddpm/nn.h"
 #include "l_common.h"
@@ -86,7 +86,34 @@ static int l_dropout(lua_State *L) {
     return lt_push(L, idd_dropout(x, p, g));
 }
 
-static const luaL_Reg fns[] = {{"conv2d", l_conv2d}, {"group_norm", l_group_norm}, {"qkv_attention", l_qkv_attention},
+/* T.norm_conv(x, groups, gamma, beta, w, b [, opts]): conv2d(dropout(group_norm(x))) with
+ * the norm recomputed in the backward; opts: scale, shift (N,C), silu=false, eps=1e-5,
+ * dropout=0 (p), generator (default generator), stride=1, padding=0 */
+static int l_norm_conv(lua_State *L) {
+    idd_tensor *x = lt_check(L, 1);
+    int groups = (int)luaL_checkinteger(L, 2);
+    idd_tensor *gamma = opt_tensor(L, 3), *beta = opt_tensor(L, 4), *w = lt_check(L, 5), *b = opt_tensor(L, 6);
+    idd_tensor *scale = NULL, *shift = NULL;
+    bool silu = false;
+    double eps = 1e-5, p = 0;
+    idd_generator *g = NULL;
+    int stride = 1, pad = 0;
+    if (!lua_isnoneornil(L, 7)) {
+        luaL_checktype(L, 7, LUA_TTABLE);
+        lua_getfield(L, 7, "scale"); if (!lua_isnil(L, -1)) scale = lt_check(L, -1);
+        lua_getfield(L, 7, "shift"); if (!lua_isnil(L, -1)) shift = lt_check(L, -1);
+        lua_getfield(L, 7, "silu"); silu = lua_toboolean(L, -1);
+        lua_getfield(L, 7, "eps"); eps = luaL_optnumber(L, -1, 1e-5);
+        lua_getfield(L, 7, "dropout"); p = luaL_optnumber(L, -1, 0);
+        lua_getfield(L, 7, "generator"); if (!lua_isnil(L, -1)) g = luaL_checkudata(L, -1, "iddpm.Generator");
+        lua_getfield(L, 7, "stride"); stride = (int)luaL_optinteger(L, -1, 1);
+        lua_getfield(L, 7, "padding"); pad = (int)luaL_optinteger(L, -1, 0);
+        lua_pop(L, 8);   /* scale and shift stay referenced by opts (the table is at 7) */
+    }
+    return lt_push(L, idd_norm_conv(x, groups, gamma, beta, scale, shift, silu, eps, p, g, w, b, stride, pad, pad));
+}
+
+static const luaL_Reg fns[] = {{"norm_conv", l_norm_conv}, {"conv2d", l_conv2d}, {"group_norm", l_group_norm}, {"qkv_attention", l_qkv_attention},
                                {"upsample_nearest", l_upsample_nearest}, {"avg_pool2d", l_avg_pool2d},
                                {"max_pool2d", l_max_pool2d}, {"resize_bilinear", l_resize_bilinear},
                                {"timestep_embedding", l_timestep_embedding}, {"dropout", l_dropout}, {NULL, NULL}};

@@ -192,6 +192,30 @@ idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int strid
     return out;
 }
 
+/* conv2d's backward for idd_conv2d_hw(x, w, b, stride, pad_h, pad_w) without running its
+ * forward (norm_conv, engine/nn/fused.c, recomputes x in its backward): the same dispatch
+ * and the same backward as the recorded op; gin[0..2] = dx, dw, db where needs[i]. */
+idd_status idd_conv2d_backward_of(idd_tensor *x, idd_tensor *w, bool has_bias, int stride, int pad_h, int pad_w,
+                                  idd_tensor *g, const bool needs[3], idd_tensor **gin) {
+    const idd_backend *be = idd_backend_of(x);
+    bool bf = x->dtype == IDD_BF16 && pad_h == pad_w && be->conv2d_forward_bf16 && be->conv2d_backward_bf16;
+    idd_node n;
+    memset(&n, 0, sizeof n);
+    n.name = "conv2d";
+    n.n_in = has_bias ? 3 : 2;
+    n.in[0] = x; n.in[1] = w;
+    for (int k = 0; k < 3; k++) n.needs[k] = needs[k];
+    n.ip[0] = stride; n.ip[1] = pad_h; n.ip[2] = pad_w;
+    idd_tensor *xc = bf ? cl_bf16(x) : cf32(x), *wc = xc ? cf32(w) : NULL;
+    idd_status st = IDD_ERR;
+    if (wc) {
+        n.saved[0] = xc; n.saved[1] = wc; n.n_saved = 2;
+        st = bf ? conv2d_backward_bf16(&n, g, gin) : conv2d_backward(&n, g, gin);
+    }
+    idd_tensor_release(xc); idd_tensor_release(wc);
+    return st;
+}
+
 // ---------------------------------------------------------------- bf16 activations (group norm, resampling, dropout)
 
 /* Issue #9: a bf16 input takes the backend's bf16 kernel when it has one (channels-last

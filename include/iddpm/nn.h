@@ -20,6 +20,19 @@ idd_tensor *idd_conv2d_hw(idd_tensor *x, idd_tensor *w, idd_tensor *b, int strid
 idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_tensor *beta, idd_tensor *scale,
                            idd_tensor *shift, bool silu, double eps);
 
+/* conv2d(dropout(GN(x; groups, gamma, beta, scale, shift, silu, eps), p, g), w, b, stride,
+ * pad_h, pad_w) as one op (engine/nn/fused.c): x (N,C,H,W), w (O,C,KH,KW) -> (N,O,Ho,Wo);
+ * p == 0 skips the dropout (g unused; NULL is the default generator when p > 0). Saves
+ * only x (and the parameters): the backward recomputes the norm and the mask. */
+idd_tensor *idd_norm_conv(idd_tensor *x, int groups, idd_tensor *gamma, idd_tensor *beta, idd_tensor *scale,
+                          idd_tensor *shift, bool silu, double eps, double p, idd_generator *g, idd_tensor *w,
+                          idd_tensor *b, int stride, int pad_h, int pad_w);
+
+/* the backward of idd_conv2d_hw(x, w, b, ...) alone, for an x recomputed in a backward:
+ * gin[0..2] = dx, dw, db (new tensors) where needs[i] */
+idd_status idd_conv2d_backward_of(idd_tensor *x, idd_tensor *w, bool has_bias, int stride, int pad_h, int pad_w,
+                                  idd_tensor *g, const bool needs[3], idd_tensor **gin);
+
 /* qkv (B,3C,T) in the official legacy head layout -> (B,C,T) */
 idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads);
 

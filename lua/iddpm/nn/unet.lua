@@ -38,10 +38,26 @@ local function drop(t, keep)
   if t ~= nil and t ~= keep then t:free() end
 end
 
+-- Recomputation (issue #9, training memory): GroupNorm (+scale/shift, SiLU, dropout)
+-- followed by a convolution runs as one T.norm_conv, which saves only the norm's input
+-- and recomputes the norm (and the dropout mask) in the backward instead of keeping the
+-- conv's input, as torch.compile's partitioner does. Same kernels, same results, same
+-- random stream. IDDPM_RECOMPUTE=0 (or M.recompute = false) runs the ops one by one.
+M.recompute = os.getenv("IDDPM_RECOMPUTE") ~= "0"
+
+-- gn: a GroupNorm, cv: a Conv2d (or the weight and bias of a 1x1 conv given as
+-- {weight =, bias =, stride =, padding =}), dr: a Dropout or nil; opts: scale, shift, silu
+local function norm_conv(x, gn, cv, opts, dr)
+  local p = dr and dr.training and dr.p or 0
+  return T.norm_conv(x, gn.groups, gn.weight, gn.bias, cv.weight, cv.bias, {scale = opts.scale, shift = opts.shift,
+    silu = opts.silu, eps = gn.eps, dropout = p, generator = nn.dropout_gen, stride = cv.stride, padding = cv.padding})
+end
+
 -- x (N, ch, H, W), emb (N, emb_ch) -> (N, out, H, W)
 function ResBlock:forward(x, emb)
   local ok, r = pcall(function()
     local il = self.in_layers
+    if M.recompute then return norm_conv(x, il:child(0), il:child(2), {silu = true}) end
     local h = il:child(0):forward(x, {silu = true})             -- GN + SiLU fused
     local o = il:call("2", h)
     drop(h, o)
@@ -56,11 +72,22 @@ function ResBlock:forward(x, emb)
     local g
     if self.scale_shift then
       local scale, shift = e:narrow(2, 1, self.out_ch), e:narrow(2, self.out_ch + 1, self.out_ch)
+      if M.recompute then
+        local o = norm_conv(h, n, ol:child(3), {scale = scale, shift = shift, silu = true}, ol:child(2))
+        drop(h, o)
+        return o
+      end
       g = n:forward(h, {scale = scale, shift = shift, silu = true})
     else
       local er = e:reshape(e:size(1), self.out_ch, 1, 1)
       if h:dtype() ~= er:dtype() then er = er:to(h:dtype()) end   -- bf16 activations stay bf16
       local he = h + er
+      if M.recompute then
+        local o = norm_conv(he, n, ol:child(3), {silu = true}, ol:child(2))
+        drop(he, o)
+        drop(h, o)
+        return o
+      end
       g = n:forward(he, {silu = true})
       drop(he, g)
     end
@@ -99,9 +126,23 @@ end
 function AttentionBlock:forward(x)
   local s = x:shape()
   local xf = x:reshape(s[1], s[2], s[3] * s[4])
-  local normed = self:call("norm", xf)
-  local qkv = self:call("qkv", normed)
-  drop(normed, qkv)
+  local qkv
+  if M.recompute then
+    -- norm + the 1x1 Conv1d over (N, C, H*W) as Conv1d runs it: a conv2d over (N, C, H*W, 1)
+    -- (a view of x; the same kernels and shapes as the unfused pair)
+    local q = self.qkv
+    local x4 = x:reshape(s[1], s[2], s[3] * s[4], 1)
+    local ok, r = pcall(norm_conv, x4, self.norm, {weight = q.weight:reshape(q.cout, q.cin, 1, 1), bias = q.bias,
+      stride = 1, padding = 0}, {})
+    if not ok then fail("qkv", r) end
+    drop(x4, r)
+    qkv = r:reshape(s[1], 3 * s[2], s[3] * s[4])
+    drop(r, qkv)
+  else
+    local normed = self:call("norm", xf)
+    qkv = self:call("qkv", normed)
+    drop(normed, qkv)
+  end
   local a = T.qkv_attention(qkv, self.heads)
   drop(qkv, a)
   local h = self:call("proj_out", a)
@@ -328,6 +369,7 @@ function UNet:forward(x, t, y)
   end
   local o = self.out
   local ok, r = pcall(function()
+    if M.recompute then return norm_conv(h, o:child(0), o:child(2), {silu = true}) end
     local g = o:child(0):forward(h, {silu = true})
     local out = o:call("2", g)
     drop(g, out)
