@@ -99,6 +99,7 @@ test-cuda:
 	./iddpm run tests/cuda/test_bf16_conv.lua
 	./iddpm run tests/cuda/test_bf16_norm.lua
 	./iddpm run tests/cuda/test_graph.lua
+	./iddpm run tests/cuda/test_recompute.lua
 	IDDPM_DEVICE=cuda LUA_PATH="tests/lua/?.lua;;" ./iddpm run tests/lua/test_unet_ref.lua
 	IDDPM_DEVICE=cuda LUA_PATH="tests/lua/?.lua;;" ./iddpm run tests/lua/test_unet_ref_bf16.lua
 
