@@ -67,6 +67,7 @@ x.requires_grad = true
 local out = unet(x, dev(sd["input.t"]:float()))
 H.check("forward output on the device", out:device() == DEV, out:device())
 local r = rel(out, sd["fwd.out"])
+print(("# forward: rel err %.3g (tol %.0e)"):format(r, REF_TOL))
 H.check("forward matches the official output", r < REF_TOL, ("rel err %.3g"):format(r))
 ;(out * dev(sd["fwd.R"])):sum():backward()
 r = rel(x.grad, sd["fwd.grad_x"])
@@ -83,6 +84,7 @@ local function check_param_grads(label, prefix)
       if e > worst then worst, worst_name = e, name end
     end
   end
+  print(("# %s: worst rel err %.3g at %s (tol %.0e)"):format(label, worst, worst_name, REF_TOL))
   H.check(("%s (%d)"):format(label, nchecked), nchecked == nref and worst < REF_TOL,
     ("worst %.3g at %s"):format(worst, worst_name))
 end

@@ -4,13 +4,15 @@
 -- checks the bf16 graph: dtypes, layouts, casts and gradients through them). With
 -- IDDPM_DEVICE=cuda the GPU's bf16 kernels run. Against the official float32 network.
 -- Tolerance: bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per stored
--- value); through the network's layers the worst relative error of a parameter gradient
--- was 0.040 (CPU, output_blocks.0.0.in_layers.2.bias), so 5e-2 is the bound; a wrong or
--- missing term (errors of order 1) still fails. The gradients that are exactly zero (a
--- conv bias feeding a one-channel-per-group norm, see test_unet_ref.lua) come out as
--- bf16 cancellation noise of ~5e-2 absolute, 1e-3 of the largest gradient (45): their
--- floor is 3% of the largest gradient here instead of 1% (worst then 0.036).
-UNET_REF_TOL = 5e-2
+-- value). Measured worst relative errors: output 0.0096 (CPU) / 0.014 (H100); a parameter
+-- gradient 0.040 (CPU) and 0.039-0.055 on the H100 over six processes (cuDNN times its
+-- algorithms afresh in each, and the choice changes the summation order). 8e-2 is the
+-- bound, 1.45x the worst seen; a wrong or missing term (errors of order 1) still fails.
+-- The gradients that are exactly zero (a conv bias feeding a one-channel-per-group
+-- norm, see test_unet_ref.lua) come out as bf16 cancellation noise of ~5e-2 absolute,
+-- 1e-3 of the largest gradient (45): their floor is 3% of the largest gradient here
+-- instead of 1% (worst then 0.036).
+UNET_REF_TOL = 8e-2
 UNET_ZERO_GRAD_FLOOR = 3e-2
 local H = require "harness"
 local iddpm = require "iddpm"
