@@ -73,7 +73,7 @@ R.KEYS = {
   {"num_samples", "int", 16, "images in each sample grid"},
   {"num_threads", "int", 0, "engine threads (0 = all cores)"},
   {"device", "str", "cpu", "cpu or cuda (model, EMA, optimizer state, batches and noise on that device)"},
-  {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda), fp32, tf32 or bf16; the CPU uses fp32"},
+  {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda: bf16 channels-last activations, bf16 products, fp32 weights and optimizer), fp32, tf32 or bf16; the CPU uses fp32"},
 }
 
 R.TYPE, R.DEFAULT, R.HELP = {}, {}, {}

@@ -410,7 +410,7 @@ S.OPTIONS = {
   exact = "bit-identical images for any batch_size: one model call per sample (false; slower)",
   threads = "engine threads (default: all cores)",
   device = "cpu (default) or cuda: where the model runs",
-  precision = "GPU precision: auto (= bf16), fp32, tf32 or bf16",
+  precision = "GPU precision: auto (= bf16: bf16 channels-last activations and products), fp32, tf32 or bf16",
   graph = "cuda: replay each step's model call as a CUDA graph (true on cuda; same images, less host time)",
 }
 
