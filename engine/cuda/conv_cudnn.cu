@@ -153,8 +153,9 @@ static void from_bias(float *out, const float *b, int N, int O, int64_t P) {
 // ---------------------------------------------------------------- plans
 
 enum { FWD = 0, BWD_DATA = 1, BWD_FILTER = 2 };
-/* plan mode: the precision (IDD_PREC_*) of the float32-tensor path, or ACT_BF16 for
- * bf16 channels-last tensors (bf16 NHWC descriptors, tensor cores, fp32 accumulation) */
+/* plan mode: the precision (IDD_PREC_FP32 / _TF32) of the float32-tensor path, or ACT_BF16
+ * for bf16 channels-last tensors (bf16 NHWC descriptors, tensor cores, fp32 accumulation;
+ * the float32 path in precision bf16 casts to those and uses them too) */
 enum { ACT_BF16 = 16 };
 
 struct conv_plan {
@@ -180,7 +181,7 @@ static conv_plan *plan_lookup(const int key[11]) {
 static idd_status plan_make(conv_plan *p, int mode, int N, int C, int H, int W, int O, int KH, int KW, int stride,
                             int pad, int Ho, int Wo) {
     const char *op = "conv2d (cuDNN descriptors)";
-    bool bf = mode == IDD_PREC_BF16 || mode == ACT_BF16;
+    bool bf = mode == ACT_BF16;
     cudnnDataType_t dt = bf ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
     cudnnTensorFormat_t fmt = bf ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
     DNN_TRY(cudnnCreateTensorDescriptor(&p->xd), op);
@@ -286,92 +287,82 @@ static idd_status plan_get(conv_plan **out_plan, void **ws, const char *op, int 
     return p->ws && !*ws ? IDD_ENOMEM : IDD_OK;
 }
 
-// ---------------------------------------------------------------- forward
+// ---------------------------------------------------------------- float32 tensors
 
+/* Float32 NCHW tensors. In precision bf16 the operands are cast to bf16 NHWC (x, dout),
+ * the bf16 channels-last entry points below run, and the results are cast back (bias
+ * added in fp32, dx accumulated); fp32 / tf32 run cuDNN on the float32 tensors. */
 idd_status cu_cudnn_conv_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int H, int W,
                                  int O, int KH, int KW, int stride, int pad, int Ho, int Wo) {
     const char *op = "conv2d_forward";
-    bool bf = idd_cu_precision == IDD_PREC_BF16;
-    const void *xa = x, *wa = w;
-    void *ya = out;
-    if (bf) {
-        xa = to_bf16(S_X, x, N, C, H * W, op);
-        wa = to_bf16(S_W, w, O, C, KH * KW, op);
-        ya = cu_scratch(S_Y, (size_t)N * O * Ho * Wo * sizeof(__nv_bfloat16), op);
-        if (!xa || !wa || !ya) return IDD_ENOMEM;
+    if (idd_cu_precision == IDD_PREC_BF16) {
+        const void *xa = to_bf16(S_X, x, N, C, H * W, op);
+        void *ya = cu_scratch(S_Y, (size_t)N * O * Ho * Wo * sizeof(__nv_bfloat16), op);
+        if (!xa || !ya) return IDD_ENOMEM;
+        idd_status st = cu_cudnn_conv_forward_bf16(ya, xa, w, NULL, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        if (st) return st;
+        from_bf16(out, (const __nv_bfloat16 *)ya, b, 0.0f, N, O, Ho * Wo);
+        CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+        return IDD_OK;
     }
     conv_plan *p;
     void *ws;
-    idd_status st = plan_get(&p, &ws, op, idd_cu_precision, FWD, xa, wa, ya,
-                              N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+    idd_status st = plan_get(&p, &ws, op, idd_cu_precision, FWD, x, w, out, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
     if (st) return st;
     const float one = 1.0f, zero = 0.0f;
-    DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, xa, p->wd, wa, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
-                                    p->ws, &zero, p->yd, ya),
+    DNN_TRY(cudnnConvolutionForward(dnn, &one, p->xd, x, p->wd, w, p->cd, (cudnnConvolutionFwdAlgo_t)p->algo, ws,
+                                    p->ws, &zero, p->yd, out),
             op);
-    if (bf) {
-        from_bf16(out, (const __nv_bfloat16 *)ya, b, 0.0f, N, O, Ho * Wo);
-    } else if (b) {
-        /* out (N,O,P) += b (1,O,1,1): the forward's bias in fp32 */
-        from_bias(out, b, N, O, (int64_t)Ho * Wo);
-    }
+    /* out (N,O,P) += b (1,O,1,1): the forward's bias in fp32 */
+    if (b) from_bias(out, b, N, O, (int64_t)Ho * Wo);
     CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
     return IDD_OK;
 }
-
-// ---------------------------------------------------------------- backward
 
 idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
                                   int N, int C, int H, int W, int O, int KH, int KW, int stride, int pad, int Ho,
                                   int Wo) {
     const char *op = "conv2d_backward";
-    bool bf = idd_cu_precision == IDD_PREC_BF16;
-    const float one = 1.0f, zero = 0.0f;
     int64_t P = (int64_t)Ho * Wo;
     if (db) {
         idd_status st = cu_conv_bias_grad(db, dout, N, O, (int)P);
         if (st) return st;
     }
-    const void *dya = dout;
-    if (bf && (dx || dw)) {
-        dya = to_bf16(S_Y, dout, N, O, (int)P, op);
-        if (!dya) return IDD_ENOMEM;
+    if (!dx && !dw) return IDD_OK;
+    if (idd_cu_precision == IDD_PREC_BF16) {
+        /* dxb = conv^T(doutb, w) in scratch, then dx += dxb; dw += the bf16 path's dw */
+        const void *dya = to_bf16(S_Y, dout, N, O, (int)P, op);
+        const void *xa = dw ? to_bf16(S_X, x, N, C, H * W, op) : NULL;
+        void *dxa = dx ? cu_scratch(S_DX, (size_t)N * C * H * W * sizeof(__nv_bfloat16), op) : NULL;
+        if (!dya || (dw && !xa) || (dx && !dxa)) return IDD_ENOMEM;
+        idd_status st =
+            cu_cudnn_conv_backward_bf16(dxa, dw, NULL, dya, xa, w, N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
+        if (st) return st;
+        if (dx) from_bf16(dx, (const __nv_bfloat16 *)dxa, NULL, 1.0f, N, C, H * W);
+        CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
+        return IDD_OK;
     }
+    const float one = 1.0f;
     if (dx) {
-        /* bf16: dxb = conv^T(dout, w) in scratch, then dx += dxb; fp32: dx += directly (beta 1) */
-        const void *wa = w;
-        void *dxa = NULL;
-        size_t dxbytes = (size_t)N * C * H * W * (bf ? sizeof(__nv_bfloat16) : sizeof(float));
-        if (bf) wa = to_bf16(S_W, w, O, C, KH * KW, op);
-        dxa = cu_scratch(S_DX, dxbytes, op);
-        if (!wa || !dxa) return IDD_ENOMEM;
+        /* dx += conv^T(dout, w) (beta 1) */
         conv_plan *p;
         void *ws;
-        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_DATA, wa, dya, dxa,
+        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_DATA, w, dout, dx,
                                   N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
-        DNN_TRY(cudnnConvolutionBackwardData(dnn, &one, p->wd, wa, p->yd, dya, p->cd,
-                                             (cudnnConvolutionBwdDataAlgo_t)p->algo, ws, p->ws, bf ? &zero : &one,
-                                             p->xd, bf ? dxa : (void *)dx),
+        DNN_TRY(cudnnConvolutionBackwardData(dnn, &one, p->wd, w, p->yd, dout, p->cd,
+                                             (cudnnConvolutionBwdDataAlgo_t)p->algo, ws, p->ws, &one, p->xd, dx),
                 op);
-        if (bf) from_bf16(dx, (const __nv_bfloat16 *)dxa, NULL, 1.0f, N, C, H * W);
     }
     if (dw) {
-        const void *xa = x;
-        size_t dwbytes = (size_t)O * C * KH * KW * (bf ? sizeof(__nv_bfloat16) : sizeof(float));
-        void *dwa = cu_scratch(S_DW, dwbytes, op);
-        if (bf) xa = to_bf16(S_X, x, N, C, H * W, op);
-        if (!xa || !dwa) return IDD_ENOMEM;
         conv_plan *p;
         void *ws;
-        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_FILTER, xa, dya, dwa,
+        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_FILTER, x, dout, dw,
                                   N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
-        DNN_TRY(cudnnConvolutionBackwardFilter(dnn, &one, p->xd, xa, p->yd, dya, p->cd,
-                                               (cudnnConvolutionBwdFilterAlgo_t)p->algo, ws, p->ws,
-                                               bf ? &zero : &one, p->wd, bf ? dwa : (void *)dw),
+        DNN_TRY(cudnnConvolutionBackwardFilter(dnn, &one, p->xd, x, p->yd, dout, p->cd,
+                                               (cudnnConvolutionBwdFilterAlgo_t)p->algo, ws, p->ws, &one, p->wd, dw),
                 op);
-        if (bf) from_bf16(dw, (const __nv_bfloat16 *)dwa, NULL, 1.0f, O, C, KH * KW);
     }
     CU_CHECK_LAUNCH(op, CONV_SIZES, CONV_ARGS);
     return IDD_OK;

@@ -385,6 +385,22 @@ static idd_status attention_backward_bf16(idd_node *n, idd_tensor *g, idd_tensor
     return st;
 }
 
+/* the forward's end: on success the node (saving qkv as the kernel read it, qc, and the
+ * softmax weights w), on failure no result; the caller's references to qc, w are dropped */
+static idd_tensor *attention_record(idd_status st, idd_tensor *out, idd_tensor *qkv, idd_tensor *qc, idd_tensor *w,
+                                    int heads, idd_backward_fn bw) {
+    if (st == IDD_OK) {
+        idd_node *n = idd_record("qkv_attention", bw, out, 1, &qkv);
+        if (n) { idd_node_save(n, qc); idd_node_save(n, w); n->ip[0] = heads; }
+    } else {
+        idd_tensor_release(out);
+        out = NULL;
+    }
+    idd_tensor_release(qc);
+    idd_tensor_release(w);
+    return out;
+}
+
 /* qkv bf16 on a backend with bf16 attention kernels: out bf16 channels-last (B,C,T) */
 static idd_tensor *qkv_attention_bf16(idd_tensor *qkv, int heads) {
     int64_t B = qkv->shape[0], C = qkv->shape[1] / 3, T = qkv->shape[2];
@@ -395,16 +411,7 @@ static idd_tensor *qkv_attention_bf16(idd_tensor *qkv, int heads) {
                                          (uint16_t *)idd_data(out), (uint16_t *)idd_data(w),
                                          (const uint16_t *)idd_data(qc), (int)B, (int)C, (int)T, heads)
                                    : IDD_ERR;
-    if (st == IDD_OK) {
-        idd_node *n = idd_record("qkv_attention", attention_backward_bf16, out, 1, &qkv);
-        if (n) { idd_node_save(n, qc); idd_node_save(n, w); n->ip[0] = heads; }
-    } else {
-        idd_tensor_release(out);
-        out = NULL;
-    }
-    idd_tensor_release(qc);
-    idd_tensor_release(w);
-    return out;
+    return attention_record(st, out, qkv, qc, w, heads, attention_backward_bf16);
 }
 
 idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
@@ -429,16 +436,7 @@ idd_tensor *idd_qkv_attention(idd_tensor *qkv, int heads) {
                         : IDD_ERR;
     /* a bf16 qkv without bf16 kernels (the CPU): the f32 result back in bf16, qkv's layout */
     if (st == IDD_OK && qkv->dtype == IDD_BF16 && !(out = as_layout_of(out, qkv))) st = IDD_ERR;
-    if (st == IDD_OK) {
-        idd_node *n = idd_record("qkv_attention", attention_backward, out, 1, &qkv);
-        if (n) { idd_node_save(n, qc); idd_node_save(n, w); n->ip[0] = heads; }
-    } else {
-        idd_tensor_release(out);
-        out = NULL;
-    }
-    idd_tensor_release(qc);
-    idd_tensor_release(w);
-    return out;
+    return attention_record(st, out, qkv, qc, w, heads, attention_backward);
 }
 
 // ---------------------------------------------------------------- resampling

@@ -25,11 +25,6 @@ for _, a in ipairs({...}) do
 end
 
 if H.skip_without_cuda() then H.done() return end
-if not pcall(function() local t = T.zeros({1}):bfloat16(); t.requires_grad = true end) then
-  print("ok - skipped: this build has no autograd for bfloat16 tensors (the dtype part of issue #9)")
-  H.done()
-  return
-end
 local FAKE = iddpm.cuda.device_name() == ""
 print("# device: " .. (FAKE and "IDDPM_FAKE_CUDA (CPU backend)" or iddpm.cuda.device_name()))
 print("# seed " .. SEED)

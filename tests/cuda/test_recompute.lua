@@ -19,12 +19,7 @@ for _, a in ipairs({...}) do
   local k, v = tostring(a):match("^(%w+)=(%d+)$")
   if k == "seed" then SEED = tonumber(v) elseif k == "time" then TIME = v ~= "0" end
 end
-if not iddpm.cuda.available() then
-  print("# no GPU: " .. tostring(iddpm.cuda.reason()))
-  print("ok - skipped: CUDA backend not available")
-  H.done()
-  return
-end
+if H.skip_without_cuda() then H.done() return end
 local FAKE = iddpm.cuda.device_name() == ""
 print("# device: " .. (FAKE and "IDDPM_FAKE_CUDA (CPU backend)" or iddpm.cuda.device_name()))
 print("# seed " .. SEED)
@@ -37,13 +32,7 @@ local TOL = {
   unet = FAKE and 0 or 2e-2,      -- a whole bf16 UNet's gradients (a ulp early grows through the layers)
 }
 
-local function err(got, want)
-  got, want = got:float():cpu():double(), want:float():cpu():double()
-  local scale = want:abs():max():item()
-  local d = (got - want):abs():max():item()
-  if d ~= d then return math.huge end
-  return d / (scale > 0 and scale or 1)
-end
+local err = H.rel_err
 local function record(name, e, tol)
   H.check(("%s (err %.2e, tol %.1e)"):format(name, e, tol), e <= tol)
 end
