@@ -343,11 +343,15 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
         return IDD_OK;
     }
     const float one = 1.0f;
+    /* cudnnFind (a plan's first use) writes into the output it is given: it gets scratch,
+     * never the gradients that are accumulated into */
     if (dx) {
         /* dx += conv^T(dout, w) (beta 1) */
+        void *dxa = cu_scratch(S_DX, (size_t)N * C * H * W * sizeof(float), op);
+        if (!dxa) return IDD_ENOMEM;
         conv_plan *p;
         void *ws;
-        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_DATA, w, dout, dx,
+        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_DATA, w, dout, dxa,
                                   N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
         DNN_TRY(cudnnConvolutionBackwardData(dnn, &one, p->wd, w, p->yd, dout, p->cd,
@@ -355,9 +359,11 @@ idd_status cu_cudnn_conv_backward(float *dx, float *dw, float *db, const float *
                 op);
     }
     if (dw) {
+        void *dwa = cu_scratch(S_DW, (size_t)O * C * KH * KW * sizeof(float), op);
+        if (!dwa) return IDD_ENOMEM;
         conv_plan *p;
         void *ws;
-        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_FILTER, x, dout, dw,
+        idd_status st = plan_get(&p, &ws, op, idd_cu_precision, BWD_FILTER, x, dout, dwa,
                                   N, C, H, W, O, KH, KW, stride, pad, Ho, Wo);
         if (st) return st;
         DNN_TRY(cudnnConvolutionBackwardFilter(dnn, &one, p->xd, x, p->yd, dout, p->cd,

@@ -3,8 +3,7 @@
  * forward runs the three layer ops of layers.c without recording and frees their
  * intermediates; the backward recomputes the conv's input with the same ops (same
  * kernels, the dropout mask from the same Philox position) recorded on a small private
- * tape, runs the conv's backward alone (idd_conv2d_backward_of) and runs idd_backward on
- * that tape.
+ * tape, runs the conv's backward alone (idd_conv2d_backward_of) and walks that tape.
  * The results and every gradient equal those of the unfused sequence; the generator
  * advances exactly as that sequence advances it. The price: one more norm (+ dropout)
  * forward per op in the backward. */
@@ -27,8 +26,47 @@ static idd_tensor *norm_dropout(idd_tensor *const in[N_IN], int groups, bool sil
     return d;
 }
 
+/* Backpropagates g through the private tape ending in t, handing each leaf's gradient
+ * to gin (the leaves are leaf[k]). Consumes t and g; every node's saved tensors and
+ * inputs go as soon as its backward ran (as idd_backward does). */
+static idd_status walk(idd_tensor *t, idd_tensor *g, idd_tensor *const leaf[N_IN], idd_tensor **gin) {
+    idd_status st = IDD_OK;
+    idd_node *nd = t->grad_fn;
+    if (!nd) {
+        for (int k = 0; k < N_IN; k++)
+            if (t == leaf[k] && !gin[k]) { gin[k] = g; g = NULL; break; }
+        if (g) st = idd_error("norm_conv: a gradient reached an unexpected leaf");
+        idd_tensor_release(g);
+        idd_tensor_release(t);
+        return st;
+    }
+    if (!nd->backward) st = idd_error("norm_conv: %s was already run backward", nd->name);
+    idd_tensor *gi[IDD_NODE_MAX_IN] = {0}, *ins[IDD_NODE_MAX_IN] = {0};
+    if (st == IDD_OK) {
+        st = nd->backward(nd, g, gi);
+        if (st != IDD_OK) idd_error_prefix(nd->name);
+    }
+    idd_tensor_release(g);
+    int n_in = nd->n_in;
+    bool needs[IDD_NODE_MAX_IN];
+    for (int k = 0; k < n_in; k++) { ins[k] = nd->in[k]; nd->in[k] = NULL; needs[k] = nd->needs[k]; }
+    for (int i = 0; i < nd->n_saved; i++) { idd_tensor_release(nd->saved[i]); nd->saved[i] = NULL; }
+    nd->n_saved = 0;
+    nd->backward = NULL;
+    idd_tensor_release(t);   /* frees the node (our tape holds nothing else of it) */
+    for (int k = 0; k < n_in; k++) {
+        if (st == IDD_OK && gi[k] && needs[k] && ins[k]) {
+            st = walk(ins[k], gi[k], leaf, gin);
+        } else {
+            idd_tensor_release(gi[k]);
+            idd_tensor_release(ins[k]);
+        }
+    }
+    return st;
+}
+
 /* recompute the conv's input d (recording the norm and dropout on a private tape of
- * aliases of the inputs), run the conv's backward alone, then backpropagate from d */
+ * aliases of the inputs), run the conv's backward alone, then walk the tape from d */
 static idd_status norm_conv_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
     idd_tensor *leaf[N_IN] = {0};
     idd_status st = IDD_OK;
@@ -56,15 +94,8 @@ static idd_status norm_conv_backward(idd_node *n, idd_tensor *g, idd_tensor **gi
     }
     gin[IN_W] = gc[1];
     gin[IN_B] = gc[2];
-    /* the private tape's own backward: the leaves (aliases of x, gamma, beta, scale,
-     * shift) collect their gradients in .grad, handed on to gin */
-    if (st == IDD_OK && gc[0]) {
-        st = idd_backward(d, gc[0]);
-        for (int k = 0; k < N_IN; k++)
-            if (leaf[k] && k != IN_W && k != IN_B) { gin[k] = leaf[k]->grad; leaf[k]->grad = NULL; }
-    }
-    idd_tensor_release(gc[0]);
-    idd_tensor_release(d);
+    if (st == IDD_OK && gc[0]) st = walk(d, gc[0], leaf, gin);
+    else { idd_tensor_release(gc[0]); idd_tensor_release(d); }
     for (int k = 0; k < N_IN; k++) idd_tensor_release(leaf[k]);
     return st;
 }
