@@ -1,5 +1,5 @@
 -- iddpm/metrics.lua — evaluation: the FID Inception-v3 feature net, feature statistics,
--- the Fréchet distance, precision/recall (DESIGN §3):
+-- the Fréchet distance, precision/recall:
 --
 --   M.frechet_distance(mu1, sigma1, mu2, sigma2)   float64 tensors -> fid, parts
 --   net = M.inception(T.load("inception.safetensors") or a path [, {resize = "tf1"}])
@@ -13,7 +13,7 @@
 -- count padding, a max pool in the last block), batch norm (eps 1e-3) folded into the
 -- convolutions at load time. Input: uint8 images (N,C,H,W), C = 3 (RGB) or 1 (repeated
 -- to 3), any size; float tensors are taken as 0..255 values. They are resized to
--- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped: docs/iddpm_spec.md §11)
+-- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped, as the TF Inception graph)
 -- and normalised (x-128)/128, as the TF graph and mmgen's TorchScript model do.
 -- {resize = "pytorch"} instead resizes like F.interpolate(align_corners=False) and
 -- normalises 2*x/255-1, the preprocessing of pytorch-fid.

@@ -1,4 +1,4 @@
--- iddpm/recipe.lua — recipes as plain Lua tables (docs/style.md §7.9).
+-- iddpm/recipe.lua — recipes as plain Lua tables.
 --
 -- A recipe file is data plus one line that hands it to the driver:
 --     return require("iddpm.recipe").run({ image_size = 32, ... }, arg)

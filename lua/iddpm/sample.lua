@@ -1,4 +1,4 @@
--- iddpm/sample.lua — sampling from a checkpoint (docs/iddpm_spec.md §7, issue 6).
+-- iddpm/sample.lua — sampling from a checkpoint.
 --
 --   local S = require "iddpm.sample"
 --   model, diff, info = S.load(path, {use_ema = true, steps = "250", device = "cpu"})

@@ -10,7 +10,7 @@ local iddpm = require "iddpm"
 local T, nn = iddpm.tensor, iddpm.nn
 
 -- float32 UNet vs float32 PyTorch: different summation orders give ~1e-6 relative
--- differences; 1e-4 (the issue's bound) leaves room and still catches any wrong term.
+-- differences; 1e-4 (the required bound) leaves room and still catches any wrong term.
 -- test_unet_ref_bf16.lua runs this file with bf16 activations and its own bound
 local REF_TOL = UNET_REF_TOL or 1e-4
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""make_unet_ref.py — more official UNetModel configurations, with formula weights (issue 3).
+"""make_unet_ref.py — more official UNetModel configurations, with formula weights.
 
 For each configuration below, builds the official improved-diffusion UNetModel and sets
 EVERY parameter from a formula (so nothing is zero-initialised and no weights need to be
