@@ -129,13 +129,20 @@ end
 
 -- steps: nil/"" (the checkpoint's timestep_respacing, else every step), a number of
 -- steps, a section list "10,15,20", or "ddimN" (DDIM). -> diffusion, sampler name
-function S.diffusion(cfg, steps, sampler)
+-- betas: the checkpoint's diffusion.betas (a Lua array), which win over the config's
+-- noise_schedule (required when that is "custom": a recipe's function or table)
+function S.diffusion(cfg, steps, sampler, betas)
   local T0 = math.tointeger(cfg.diffusion_steps or cfg.steps or 1000)
+  if betas then T0 = #betas end
+  local sched = betas or cfg.noise_schedule or "linear"
+  if sched == "custom" then
+    fail("this checkpoint's noise_schedule is \"custom\" (a recipe's function or table) but it holds no diffusion.betas")
+  end
   local resp = steps
   if resp == nil or resp == "" then resp = cfg.timestep_respacing or "" end
   resp = tostring(resp)
   if resp == tostring(T0) then resp = "" end
-  local ok, diff = pcall(D.new, {steps = T0, noise_schedule = cfg.noise_schedule or "linear",
+  local ok, diff = pcall(D.new, {steps = T0, noise_schedule = sched,
     learn_sigma = cfg.learn_sigma and true or false, sigma_small = cfg.sigma_small and true or false,
     use_kl = cfg.use_kl and true or false, predict_xstart = cfg.predict_xstart and true or false,
     rescale_timesteps = cfg.rescale_timesteps ~= false, rescale_learned_sigmas = cfg.rescale_learned_sigmas ~= false,
@@ -156,7 +163,8 @@ function S.load(path, opts)
   local ok, ck = pcall(C.read, file)
   if not ok then fail(tostring(ck):gsub("^[^:]*checkpoint%.lua:%d+: ", "")) end
   local cfg = S.flat_config(ck.config)
-  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler)
+  local betas = ck.tensors["diffusion.betas"] and ck.tensors["diffusion.betas"]:totable()
+  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler, betas)
   local ucfg = S.unet_config(cfg)
   -- which weights
   local prefix, rate

@@ -169,13 +169,15 @@ end
 function Trainer:stored_config()
   local c = {}
   for k, v in pairs(self.c) do c[k] = v end
+  -- a function or table schedule lives on as the checkpoint's diffusion.betas
+  if type(c.noise_schedule) ~= "string" then c.noise_schedule = "custom" end
   return c
 end
 
 function Trainer:save()
   if self.last_saved == self.step then return end
   local path = checkpoint.save(self.c.run_dir, {model = self.model, emas = self.emas, opt = self.opt, extra = self:extra(),
-    step = self.step, config = self:stored_config(), meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version}})
+    step = self.step, config = self:stored_config(), betas = self.diffusion.base_betas, meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version}})
   self.last_saved = self.step
   if self.c.keep_checkpoints > 0 then checkpoint.prune(self.c.run_dir, self.c.keep_checkpoints) end
   self:plot_loss()
@@ -199,8 +201,19 @@ function Trainer:resume()
     return
   end
   local ck = checkpoint.read(path)
+  local stored_betas = ck.tensors["diffusion.betas"]
+  if stored_betas then   -- the schedule itself must agree, whatever wrote it
+    local a, b = stored_betas:totable(), self.diffusion.base_betas
+    local same = #a == #b
+    for i = 1, same and #a or 0 do if math.abs(a[i] - b[i]) > 1e-12 * math.max(1, math.abs(b[i])) then same = false end end
+    if not same then
+      error(("resume: %s was saved with another noise schedule (its diffusion.betas differ from this run's); use another " ..
+        "run_dir, or resume=none to start over"):format(path), 0)
+    end
+  end
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
+    if k == "noise_schedule" and type(b) ~= "string" then b = "custom" end
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
       error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
         :format(path, k, tostring(a), k, tostring(b)), 0)
