@@ -71,6 +71,7 @@ R.KEYS = {
   {"sample_interval", "int", 0, "steps between sample grids (0 = only at the end)"},
   {"sample_steps", "str", "100", "respacing used for the sample grids (e.g. 50, ddim50)"},
   {"num_samples", "int", 16, "images in each sample grid"},
+  {"grid_scale", "int", 0, "sample grids: upscale each image this many times (nearest); 0 = so that a grid is >= 512 px wide"},
   {"num_threads", "int", 0, "engine threads (0 = all cores)"},
   {"device", "str", "cpu", "cpu or cuda (model, EMA, optimizer state, batches and noise on that device)"},
   {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda: bf16 channels-last activations, bf16 products, fp32 weights and optimizer), fp32, tf32 or bf16; the CPU uses fp32"},

@@ -400,9 +400,17 @@ function Trainer:log(t_start, step_start)
   self.acc = nil
 end
 
+-- RUN/loss.png: loss, mse, vb and lr from log.jsonl (iddpm.plot.training); a run
+-- whose log is gone falls back to the loss curve kept in the checkpoints
 function Trainer:plot_loss()
-  if #self.curve < 2 then return end
-  pcall(plot.loss_curve, self.c.run_dir .. "/loss.png", self.curve)
+  local recs = plot.read_log(self.c.run_dir .. "/log.jsonl")
+  if #recs < 2 then
+    recs = {}
+    for i, p in ipairs(self.curve) do recs[i] = {step = p[1], loss = p[2]} end
+  end
+  if #recs < 2 then return end
+  local ok, err = pcall(plot.training, self.c.run_dir .. "/loss.png", recs)
+  if not ok and not self.quiet then say("loss.png not written: %s", tostring(err)) end
 end
 
 -- a grid of samples from the (first) EMA weights with the respaced sampler
@@ -430,7 +438,7 @@ function Trainer:sample_grid()
   if not ok then error(x, 0) end
   x = x:to("cpu")
   local path = ("%s/samples_%08d.png"):format(c.run_dir, self.step)
-  image.save_grid(path, x, {cols = math.ceil(math.sqrt(n))})
+  image.save_grid(path, x, {cols = math.ceil(math.sqrt(n)), scale = c.grid_scale})
   if not self.quiet then say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
     sd.num_timesteps, data.now() - t0, path) end
   self.last_grid = path
@@ -496,6 +504,8 @@ function Trainer:run()
   self:save()
   self:plot_loss()
   if c.num_samples > 0 then self:sample_grid() end
+  local okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end)
+  if not self.quiet then say(okr and "run report: %s" or "run report not written: %s", tostring(rep)) end
   return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
 end
