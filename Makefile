@@ -136,6 +136,9 @@ deps:
 	  fi; \
 	fi
 
+# the run report's browser test (tests/report_browser_test.sh) needs a headless browser;
+# installing chromium took 20 s on a Debian 12 VM. Without it that test skips.
+test: DEB_PKGS += chromium
 test: deps
 	@$(MAKE) --no-print-directory all $(CTEST_BIN)
 	@BUILD=$(BUILD) sh tests/run.sh

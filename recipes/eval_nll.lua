@@ -9,6 +9,7 @@
 --
 --   iddpm run recipes/eval_nll.lua checkpoint=runs/fmnist data=/usr/share/datasets/fashion-mnist \
 --        [split=test] [num=N (all)] [batch_size=16] [ema=0.9999|model] [out=DIR] [clip_denoised=true]
+--   out= defaults to RUN/eval when checkpoint= is a run directory, else "."
 --        [device=cpu|cuda] [precision=auto|fp32|tf32|bf16]
 -- device=cuda runs the model and every diffusion op of calc_bpd_loop on the GPU.
 -- Data go in as the model was trained on them: uint8 -> x/127.5 - 1.
@@ -90,7 +91,9 @@ for i = 1, N, o.batch_size do
 end
 
 local bpd = running / N
-local out = o.out or "."
+-- default: RUN/eval when checkpoint= is a run directory (the run report reads RUN/eval/*.json)
+local lfs_ok, lfs = pcall(require, "lfs")
+local out = o.out or ((lfs_ok and lfs.attributes(o.checkpoint, "mode") == "directory") and (o.checkpoint .. "/eval") or ".")
 os.execute(('mkdir -p "%s"'):format(out))
 local tot, pri = T.from_table(totals, {N}):double(), T.from_table(priors, {N}):double()
 for k, acc in pairs(sums) do
