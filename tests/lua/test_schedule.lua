@@ -3,7 +3,7 @@
 -- against plain array indexing, noise_schedule as a function alpha_bar(t) or a table of
 -- betas (against betas computed here by the formula), and a tiny training run whose
 -- recipe gives a function: its checkpoint stores the betas, and sampling from it with
--- the recipe file deleted rebuilds the same schedule.
+-- the recipe file deleted rebuilds the same schedule, and so does recipes/eval_nll.lua.
 local H = require "harness"
 local iddpm = require "iddpm"
 local D = iddpm.diffusion
@@ -15,6 +15,8 @@ local S = require "iddpm.sample"
 local TOL_BETAS = 1e-12
 -- betas stored as float64 in the checkpoint and read back: no rounding at all
 local TOL_STORED = 0
+-- the prior term in the engine runs on float32 images: relative rounding ~1e-6
+local TOL_PRIOR = 1e-5
 
 local TMP = os.tmpname()
 os.remove(TMP)
@@ -120,6 +122,31 @@ return require("iddpm.recipe").run({dataset = "random", image_size = 8, num_imag
     local _, fast = S.load(run, {steps = "10"})
     local ref = D.new{noise_schedule = want, timestep_respacing = "10"}
     H.close("sample.load: respacing the stored schedule", fast.alphas_cumprod, ref.alphas_cumprod, TOL_BETAS)
+    -- eval_nll from the run directory (script gone): its prior term depends on the
+    -- schedule alone (KL of q(x_T | x_0) from N(0, I)), recomputed here by the formula
+    local imgs = {}
+    for i = 1, 2 * 64 do imgs[i] = (i * 53) % 256 end
+    local npz = TMP .. "/two.npz"
+    iddpm.io.npz_write(npz, {{"arr_0", iddpm.tensor.from_table(imgs, {2, 8, 8, 1}, "uint8")}})
+    local okn = os.execute(("%s run recipes/eval_nll.lua checkpoint=%s data=%s num=2 batch_size=2 > %s/nll.txt 2>&1")
+      :format(BIN, run, npz, TMP))
+    H.check("eval_nll: runs on the run directory", okn)
+    local jf = io.open(run .. "/eval/nll.json")
+    H.check("eval_nll: writes RUN/eval/nll.json by default", jf ~= nil)
+    if jf then
+      local res = iddpm.io.json_decode(jf:read("a"))
+      jf:close()
+      local ab = 1
+      for i = 1, TT do ab = ab * (1 - want[i]) end
+      local kl = 0
+      for i = 1, #imgs do
+        local x = imgs[i] / 127.5 - 1
+        local m, v = math.sqrt(ab) * x, 1 - ab
+        kl = kl + 0.5 * (-1 - math.log(v) + v + m * m) / math.log(2)
+      end
+      H.check("eval_nll: T = 50 from the stored betas", res.T == TT, res.T)
+      H.close("eval_nll: prior bpd == the formula with the recipe's alpha_bar(T-1)", {res.prior_bpd}, {kl / #imgs}, TOL_PRIOR)
+    end
     -- resuming with another schedule is refused
     local c = recipe.resolve({dataset = "random", image_size = 8, num_images = 8, in_channels = 1, num_channels = 32,
       num_res_blocks = 1, channel_mult = "1,2", attention_resolutions = "", learn_sigma = true, diffusion_steps = 50,
