@@ -173,13 +173,33 @@ local function panel(cv, box, xs, ys, p)
     ticks.x[#ticks.x + 1] = {value = v, x = x, label = plot.fmt(v)}
   end
   -- curves
-  local function polyline(vals, color, thick)
+  -- more points than pixel columns: each column gets one vertical span from the lowest
+  -- to the highest value that falls in it (raw) or the column's last value (lines)
+  local function columns(vals)
+    local lo_, hi_, last, order = {}, {}, {}, {}
+    for i = 1, #px do
+      local c = math.floor(sx(px[i]) + 0.5)
+      local y = sy(vals[i])
+      if not last[c] then order[#order + 1] = c; lo_[c], hi_[c] = y, y end
+      lo_[c], hi_[c], last[c] = math.min(lo_[c], y), math.max(hi_[c], y), y
+    end
+    return order, lo_, hi_, last
+  end
+  local function polyline(vals, color, thick, span)
+    if #px > 2 * pw then
+      local order, lo_, hi_, last = columns(vals)
+      for k, c in ipairs(order) do
+        if span then cv:line(c, lo_[c], c, hi_[c], color) end
+        if k > 1 then cv:line(order[k - 1], last[order[k - 1]], c, last[c], color, thick) end
+      end
+      return
+    end
     for i = 2, #px do cv:line(sx(px[i - 1]), sy(vals[i - 1]), sx(px[i]), sy(vals[i]), color, thick) end
     if #px == 1 then cv:rect(math.floor(sx(px[1])) - 1, math.floor(sy(vals[1])) - 1, 3, 3, color) end
   end
   local sm
   if p.smooth then
-    polyline(py, C.raw, 1)
+    polyline(py, C.raw, 1, true)
     sm = plot.ema(py, math.max(1, #py // plot.EMA_FRACTION), log)
     polyline(sm, C.ema, 2)
   else

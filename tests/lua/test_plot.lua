@@ -142,6 +142,17 @@ do
   plot.training(path, recs)
   local back = iddpm.io.png_read(path)
   H.check("figure: PNG read back equals the canvas", (back:float() - cv:tensor():float()):abs():max():item() == 0)
+  -- more points than pixels: each column spans its lowest and highest raw value
+  local many = {}
+  for i = 1, 5000 do many[i] = {step = i, loss = i % 2 == 0 and 0.1 or 0.2, mse = 0.1, vb = 0.01, lr = 1e-4} end
+  local cm, lm = plot.training_canvas(many)
+  local pl, miss = lm.panels.loss, 0
+  for _, st in ipairs{100, 1000, 2500, 4000} do
+    for _, v in ipairs{0.1, 0.2} do
+      if not near(cm, pl.sx(st), pl.sy(v), C.raw, TOL_PX) then miss = miss + 1 end
+    end
+  end
+  H.check("figure, 5000 points: every column spans the raw minimum and maximum", miss == 0, miss)
   -- vb = 0 throughout (no learned sigma): an empty panel, not a crash
   local z = {}
   for i = 1, 5 do z[i] = {step = i, loss = 1 / i, mse = 1 / i, vb = 0, lr = 1e-3} end
