@@ -307,7 +307,8 @@ end
 
 -- ---------------------------------------------------------------- help and display
 
-local WIDTH = 99
+local WIDTH = 99   -- help lines stay under 100 columns
+local VALW = 14   -- the value column
 
 local function wrap(text, indent, width)
   local lines, line = {}, ""
@@ -327,8 +328,8 @@ function C.help(s, values)
   values = values or C.defaults(s)
   local out = {}
   if s.usage then out[#out + 1] = "usage: " .. s.usage end
-  out[#out + 1] = "key=value options (current value shown; `help` or --help anywhere prints this; --dry-run "
-    .. "resolves and checks the config and lists what would be written):"
+  out[#out + 1] = wrap("key=value options, with their current values. `help` or --help anywhere on the line prints "
+    .. "this; --dry-run resolves and checks the config and lists what would be written.", 0, WIDTH)
   local wname = 0
   for _, k in ipairs(s.keys) do wname = math.max(wname, #k[1]) end
   wname = math.min(wname, 24)
@@ -341,10 +342,13 @@ function C.help(s, values)
     end
     local v = values[k[1]]
     local vs = v == nil and "(unset)" or show(v)
-    if #vs > 20 then vs = vs:sub(1, 17) .. "..." end
     local text = k[4]
     if k.aliases and #k.aliases > 0 then text = text .. " (alias: " .. table.concat(k.aliases, ", ") .. ")" end
-    local head = ("  %-" .. wname .. "s %-20s "):format(k[1], vs)
+    local head = ("  %-" .. wname .. "s %-" .. VALW .. "s "):format(k[1], vs)
+    if #vs > VALW then   -- a long value gets its own line
+      out[#out + 1] = ("  %-" .. wname .. "s %s"):format(k[1], vs)
+      head = (" "):rep(wname + VALW + 4)
+    end
     out[#out + 1] = head .. wrap(text, #head, WIDTH)
   end
   return table.concat(out, "\n") .. "\n"
