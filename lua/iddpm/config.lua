@@ -37,21 +37,26 @@ function C.is_user_error(e) return type(e) == "table" and e.user_error == true e
 
 -- ---------------------------------------------------------------- did you mean
 
+-- edit distance with transpositions ("nmu" -> "num" is 1)
 local function distance(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
+  local d = {}
+  for i = 0, #a do d[i] = {[0] = i} end
+  for j = 0, #b do d[0][j] = j end
   for i = 1, #a do
-    local cur = {[0] = i}
     for j = 1, #b do
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:sub(i, i) == b:sub(j, j) and 0 or 1))
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      local v = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+      if i > 1 and j > 1 and a:sub(i, i) == b:sub(j - 1, j - 1) and a:sub(i - 1, i - 1) == b:sub(j, j) then
+        v = math.min(v, d[i - 2][j - 2] + 1)
+      end
+      d[i][j] = v
     end
-    prev = cur
   end
-  return prev[#b]
+  return d[#a][#b]
 end
 
 function C.suggest(word, names)
-  local best, bd = nil, math.max(2, math.min(4, #word // 2 + 1))
+  local best, bd = nil, math.max(2, math.min(4, #word // 3 + 1))   -- accept distances below bd
   for _, n in ipairs(names) do
     local d = distance(word, n)
     if d < bd then best, bd = n, d end
@@ -102,7 +107,11 @@ end
 C.show = show
 
 local function unknown(s, key, where)
-  local hint = C.suggest(key, s.names)
+  local cands = {}
+  for _, n in ipairs(s.names) do cands[#cands + 1] = n end
+  for a in pairs(s.alias) do cands[#cands + 1] = a end
+  table.sort(cands)
+  local hint = C.suggest(key, cands)
   C.error(("unknown %s key '%s'%s%s; `%s` lists the keys"):format(s.name, key, where or "",
     hint and (" (did you mean '" .. hint .. "'?)") or "", s.help_cmd))
 end
@@ -280,7 +289,7 @@ function C.resolve(s, base, args)
   end
   for _, k in ipairs(s.keys) do
     if k.required and (c[k[1]] == nil or c[k[1]] == "") then
-      C.error(("%s= is required: %s"):format(k[1], k[4]))
+      C.error(("%s= is required: %s; `%s` lists the keys"):format(k[1], k[4], s.help_cmd))
     end
   end
   if s.check then s.check(c, given) end

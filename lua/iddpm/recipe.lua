@@ -89,9 +89,9 @@ for _, k in ipairs(R.KEYS) do R.TYPE[k[1]], R.DEFAULT[k[1]], R.HELP[k[1]] = k[2]
 -- a respacing ("100", "10,15,20", "ddim50") must fit T; -> nil or the reason
 local function respacing_error(steps, resp)
   if resp == "" or resp == tostring(steps) then return nil end
-  local ok, err = pcall(require("iddpm.diffusion").new, {steps = steps, noise_schedule = "linear", timestep_respacing = resp})
+  local ok, err = pcall(require("iddpm.diffusion").space_timesteps, steps, resp)
   if ok then return nil end
-  return tostring(err):gsub("^D%.new: ", "")
+  return (tostring(err):gsub("^D%.space_timesteps: ", ""))
 end
 
 -- cross-key checks, after every key has its type and range
@@ -100,7 +100,7 @@ local function check(c)
   if c.use_fp16 then E("use_fp16=true is not supported (the engine trains in float32; on a GPU use precision=bf16)") end
   local r = respacing_error(c.diffusion_steps, c.timestep_respacing)
   if r then E(("timestep_respacing=%s does not fit diffusion_steps=%d: %s"):format(c.timestep_respacing, c.diffusion_steps, r)) end
-  r = respacing_error(c.diffusion_steps, c.sample_steps)
+  r = c.num_samples > 0 and respacing_error(c.diffusion_steps, c.sample_steps)
   if r then
     E(("sample_steps=%s does not fit diffusion_steps=%d: %s; use a number of steps <= %d, a list like 10,15,20, "
       .. "or ddimN where some integer stride gives N steps"):format(c.sample_steps, c.diffusion_steps, r, c.diffusion_steps))
