@@ -350,7 +350,7 @@ function C.help(s, values)
       out[#out + 1] = group .. ":"
     end
     local v = values[k[1]]
-    local vs = v == nil and "(unset)" or show(v)
+    local vs = (v == nil or (k.required and v == "")) and "(required)" or show(v)
     local text = k[4]
     if k.aliases and #k.aliases > 0 then text = text .. " (alias: " .. table.concat(k.aliases, ", ") .. ")" end
     local head = ("  %-" .. wname .. "s %-" .. VALW .. "s "):format(k[1], vs)
