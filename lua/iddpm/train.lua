@@ -94,8 +94,13 @@ function train.new(c, opts)
   end
   -- data (before run_dir is created: a missing dataset leaves nothing behind)
   local t0 = data.now()
-  self.ds = data.load{dataset = c.dataset, data_dir = c.data_dir, image_size = c.image_size, in_channels = c.in_channels,
-    pad = c.pad, num_images = c.num_images, seed = c.seed}
+  local ok, ds = pcall(data.load, {dataset = c.dataset, data_dir = c.data_dir, image_size = c.image_size,
+    in_channels = c.in_channels, pad = c.pad, num_images = c.num_images, seed = c.seed})
+  if not ok then   -- the dataset's messages are about the user's files: no traceback
+    if cfg.is_user_error(ds) or tostring(ds):find("interrupted", 1, true) then error(ds, 0) end
+    cfg.error(tostring(ds))
+  end
+  self.ds = ds
   mkdir(c.run_dir)
   os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
   if c.in_channels == 0 then c.in_channels = self.ds.channels end
@@ -248,8 +253,8 @@ function Trainer:resume()
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
-      error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
-        :format(path, k, tostring(a), k, tostring(b)), 0)
+      cfg.error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
+        :format(path, k, tostring(a), k, tostring(b)))
     end
   end
   local tz = ck.tensors
@@ -259,7 +264,7 @@ function Trainer:resume()
     T.no_grad(function()
       for i, n in ipairs(self.names) do
         local src = sd[n]
-        if not src then error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n), 0) end
+        if not src then cfg.error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n)) end
         e.ema.shadow[i]:copy_(src)
       end
     end)
