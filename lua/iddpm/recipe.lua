@@ -2,12 +2,15 @@
 --
 -- A recipe file is data plus one line that hands it to the driver:
 --     return require("iddpm.recipe").run({ image_size = 32, ... }, arg)
--- The driver merges defaults <- recipe <- command-line key=value overrides, converts
--- each override to the key's type, rejects unknown keys (listing the valid ones), prints
--- the resolved config and trains (iddpm.train). Key names are the official ones
--- (improved-diffusion's model_and_diffusion_defaults() and train flags); the rest are ours.
+-- The driver merges defaults <- recipe <- command-line key=value overrides through the
+-- schema below (iddpm.config: each key's type, range, meaning and default; unknown keys
+-- name the nearest one; cross-key checks such as sample_steps against diffusion_steps,
+-- the image size against the UNet's downsamplings and a writable run_dir), prints the
+-- keys that differ from the defaults and trains (iddpm.train). Key names are the official
+-- ones (improved-diffusion's model_and_diffusion_defaults() and train flags); the rest are ours.
 --
---   recipe.KEYS                  ordered list of {name, type, default, help}
+--   recipe.KEYS                  ordered list of {name, type, default, help, constraints}
+--   recipe.SCHEMA                the iddpm.config schema of KEYS
 --   recipe.defaults()            -> fresh table of defaults
 --   recipe.parse_args(arg)       -> {key = string} from "key=value" strings
 --   recipe.resolve(cfg, args)    -> resolved config (errors on unknown keys / bad values)

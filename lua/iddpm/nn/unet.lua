@@ -259,9 +259,9 @@ function M.check_config(cfg)
       if size % (1 << d) == 0 then fits = d + 1; break end
     end
     E(("image_size=%d cannot go through the UNet's %d downsamplings (channel_mult %s has %d levels): the side "
-      .. "must be a multiple of %d, e.g. %s%d; or use %d level%s (channel_mult with %d entries) at %d px")
+      .. "must be a multiple of %d, e.g. %s%d; at %d px a channel_mult of at most %d entr%s works")
       :format(size, downs, table.concat(mult, ","), #mult, f, lo > 0 and (lo .. " or ") or "", hi,
-        fits, fits == 1 and "" or "s", fits, size))
+        size, fits, fits == 1 and "y" or "ies"))
   end
   local mc = cfg.num_channels or DEFAULTS.num_channels
   local heads = cfg.num_heads or DEFAULTS.num_heads
