@@ -14,7 +14,9 @@
 --       GEMM, ~1e-5); exact = true calls the model one sample at a time and makes them
 --       bit-identical for any batch size (slower: ~3x at 32x32 on 2 cores). record = {samples = S, frames = K} keeps x_t and pred_x0 of the
 --       first S samples at K steps (returned as the third value).
---   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`)
+--   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`); its keys
+--       (S.KEYS, an iddpm.config schema) are checked before anything is loaded or written;
+--       `help` lists them, --dry-run loads the checkpoint and lists the outputs
 --   device=cuda: the model and every step's tensors on the GPU (the same noise numbers
 --   as on the CPU); the images come back to the CPU batch by batch.
 --   S.save_denoise(dir, record) -> dir/denoise.png, dir/denoise.gif
@@ -430,6 +432,10 @@ S.KEYS = {
     .. "or bf16", one_of = {"auto", "fp32", "tf32", "bf16"}},
   {"graph", "bool", true, "cuda: replay each step's model call as a CUDA graph (same images, less host time)"},
 }
+
+-- name -> help text, for scripts that listed the options
+S.OPTIONS = {}
+for _, k in ipairs(S.KEYS) do S.OPTIONS[k[1]] = k[4] end
 
 -- out= default: samples/ beside the checkpoint (in its run directory)
 function S.default_out(ckpt)

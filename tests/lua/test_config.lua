@@ -224,6 +224,15 @@ do
     and exists(out .. "/sample_000000.png") and not exists(out .. "/sample_000001.png"), err)
   rc = run(("sample ckpt=%s num_samples=1 steps=2 progress=false"):format(rd))
   H.check("sample: default out is samples/ in the run directory", rc == 0 and exists(rd .. "/samples/grid.png"))
+  local out3, err3
+  rc, out3, err3 = run(("sample ckpt=%s num_samples=3 steps=2 out=%s/dry --dry-run"):format(rd, TMP))
+  H.check("sample --dry-run: loads, lists the outputs, writes nothing", rc == 0 and out3:find("dry run", 1, true)
+    and out3:find("samples_3x8x8x3.npz", 1, true) and not exists(TMP .. "/dry"), out3 .. err3)
+  user_error("sample --dry-run still checks the steps", ("sample ckpt=%s steps=50 out=%s/dry --dry-run"):format(rd, TMP),
+    "steps=50 does not fit this checkpoint (T = 20", TMP .. "/dry")
+  rc, out3 = run(("run recipes/eval_nll.lua ckpt=%s data=%s --dry-run"):format(rd, rd))
+  H.check("eval_nll --dry-run: writes into the run directory by default", rc == 0
+    and out3:find(rd .. "/nll.json", 1, true) and not exists(rd .. "/nll.json"), out3)
   io.open(TMP .. "/f", "w"):close()
   user_error("sample: out below a file", ("sample ckpt=%s out=%s/f/x"):format(rd, TMP), "is not a directory")
   user_error("sample: grid_max=0", ("sample ckpt=%s grid_max=0 out=%s/s2"):format(rd, TMP), "grid_max=0", TMP .. "/s2")
