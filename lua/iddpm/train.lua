@@ -28,6 +28,16 @@
 -- device, so a GPU checkpoint resumes or samples on the CPU and vice versa. On a device
 -- the per-step losses stay there until the next log line, and the gradient norm (a host
 -- wait) is computed on log steps only, unless grad_clip needs it every step.
+--
+-- Config and outputs: train.main resolves the recipe through iddpm.config (every key
+-- checked before data is loaded or a file is written; `help`, --dry-run), prints the
+-- keys that differ from the defaults and writes RUN/config.json (the full config),
+-- RUN/log.jsonl (with a UTC timestamp and wall_time, the training seconds summed over
+-- resumes) and RUN/metrics.csv. A non-finite loss, gradient norm or weight stops
+-- training with a user error naming the step, before anything of that state is saved.
+-- A resumed run that already reached its last step says so and returns. On a terminal
+-- a progress line (rate, ETA) is redrawn after every step between the log lines.
+-- Ctrl-C saves the current step and raises a user error with exit status 130.
 local T = require "iddpm.tensor"
 local io_ = require "iddpm.io"
 local nn = require "iddpm.nn"
@@ -196,32 +206,33 @@ local function all_finite(t)
 end
 train.all_finite = all_finite
 
--- raise the divergence error: nothing is saved, the last good checkpoint stays
-function Trainer:diverged(what)
+-- raise the divergence error: nothing is saved, the last good checkpoint stays.
+-- step: the step that went wrong (default: the one being computed)
+function Trainer:diverged(what, step)
   cfg.error(("training stopped: %s at step %d (lr %s); the last good checkpoint is %s and nothing was saved after it; "
-    .. "lower lr (or set grad_clip) and resume from it"):format(what, self.step + 1, cfg.show(self.opt.lr or self.c.lr),
+    .. "lower lr (or set grad_clip) and resume from it"):format(what, step or self.step + 1, cfg.show(self.opt.lr or self.c.lr),
     self.last_saved and ("step " .. self.last_saved) or "none (no checkpoint was written)"), 1)
 end
 
--- the accumulated losses since the last log line are finite (reads them on a device)
-function Trainer:check_losses()
+-- the accumulated losses since the last log line are finite (reads them on a device,
+-- where a bad value is found at the log or save step after it: step names that one)
+function Trainer:check_losses(step)
   self:flush()
   local acc = self.acc
   if not acc then return end
   for _, k in ipairs{"loss", "mse", "vb"} do
     local v = acc.sum[k]
-    if v ~= v or v == math.huge or v == -math.huge then self:diverged(("the %s is not finite (%s)"):format(k, tostring(v))) end
+    if v ~= v or v == math.huge or v == -math.huge then
+      self:diverged(("the %s is not finite (%s)"):format(k, tostring(v)), step)
+    end
   end
 end
 
 function Trainer:save()
   if self.last_saved == self.step then return end
-  self:check_losses()
+  self:check_losses(self.step)
   for i, p in ipairs(self.model:parameters()) do
-    if not all_finite(p) then
-      self.step = self.step - 1   -- the step that made them is the one named
-      self:diverged(("the weights are not finite (%s)"):format(self.names[i]))
-    end
+    if not all_finite(p) then self:diverged(("the weights are not finite (%s)"):format(self.names[i]), self.step) end
   end
   self.wall_saved = self:wall_time()
   local path = checkpoint.save(self.c.run_dir, {model = self.model, emas = self.emas, opt = self.opt, extra = self:extra(),
@@ -422,7 +433,7 @@ function Trainer:log(t_start, step_start)
   local now = data.now()
   local steps_done = self.step - step_start
   local ips = steps_done * c.batch_size / math.max(now - t_start, 1e-9)
-  self:check_losses()
+  self:check_losses(self.step)
   local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
     images_per_s = ips, time = now - self.t0, wall_time = self:wall_time(), timestamp = os.date("!%Y-%m-%dT%H:%M:%SZ")}
   for _, k in ipairs(TERMS) do
