@@ -65,6 +65,8 @@ static void usage(FILE *f) {
           "  sample [key=value ...]  run the sampling recipe (module iddpm.cli.sample)\n"
           "  train [key=value ...]   run the training recipe (module iddpm.cli.train)\n"
           "  help                    show this help\n"
+          "  ... help | --dry-run    after sample, train or a recipe: list its keys with their\n"
+          "                          values | check the config and list what would be written\n"
           "\n"
           "options:\n"
           "  -e CODE        run CODE (repeatable); exit afterwards unless -i\n"
