@@ -34,5 +34,8 @@ idd_dtype lt_optdtype(lua_State *L, int idx, idd_dtype def);
 void lt_open_ops(lua_State *L, int methods_idx, int module_idx);
 void lt_open_autograd(lua_State *L, int module_idx);
 void lt_open_nn(lua_State *L, int module_idx);
+void lt_open_scope(lua_State *L, int module_idx);
+/* record the new tensor handle on top of the stack in the open T.scope (l_scope.c) */
+void ls_track(lua_State *L);
 
 #endif

@@ -32,6 +32,7 @@ int lt_push(lua_State *L, idd_tensor *t) {
     idd_tensor **box = lua_newuserdatauv(L, sizeof *box, 0);
     *box = t;
     luaL_setmetatable(L, IDD_TENSOR_MT);
+    ls_track(L);   /* the open T.scope owns it (l_scope.c) */
     gc_pressure(L);
     return 1;
 }
@@ -579,6 +580,7 @@ int luaopen_iddpm_tensor(lua_State *L) {
     lt_open_ops(L, meth, mod);                 /* math methods + metamethods */
     lt_open_autograd(L, mod);                  /* T.gradcheck */
     lt_open_nn(L, mod);                        /* T.conv2d, T.group_norm, ... */
+    lt_open_scope(L, mod);                     /* T.scope, T.keep (l_scope.c) */
     luaL_newmetatable(L, IDD_TENSOR_MT);
     lua_pushvalue(L, meth);
     lua_pushcclosure(L, t_index, 1);

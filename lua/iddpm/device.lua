@@ -16,18 +16,8 @@
 --                                          bf16 graphs through its fp32 kernels; for tests) | "fp32"
 --                                          (bf16 products on fp32 activations, the pre-bf16-storage
 --                                          mode); IDDPM_ACTIVATIONS sets the default
---   device.collect([bytes])               a full Lua GC when live tensor bytes grew by more
---                                          than `bytes` (256 MiB) since the last one
 --
--- Why collect: a tensor's memory goes back when Lua collects its userdata, and Lua does
--- not know how big a tensor is. After backward the graph's nodes still hold their input
--- tensors (the activations) until the loss tensor at its root is collected; with only
--- Lua's own pace that happened during the next step, so on the GPU the next forward ran
--- with the previous step's activations alive (training peak memory in use 22.5 GiB
--- instead of 12.6 at CIFAR-10 batch 128, fp32). The training step drops its references
--- to the loss after backward and calls collect(); the sampling loops call it once per
--- step. A full collection of our heap takes about 1-2 ms, paid only when that much
--- memory is waiting.
+-- Memory is not handled here: tensor scopes release intermediates (lua/l_scope.c, T.scope).
 -- Precision goes through iddpm.cuda.precision(name) when the build has it; otherwise
 -- "tf32" maps to iddpm.cuda.tf32(true) and "bf16" falls back to tf32 with a warning.
 local iddpm = require "iddpm"
@@ -97,7 +87,9 @@ function M.set_activations(a)
   return a
 end
 
-function M.activation_dtype(x)
+function M.activation_dtype(x, dtype)
+  if dtype == "bfloat16" then return "bfloat16" end   -- a model's own setting (Module:to) wins
+  if dtype == "float32" then return nil end
   local a = M._activations or "auto"
   if a == "bf16" then return "bfloat16" end
   if a == "fp32" then return nil end
@@ -105,19 +97,6 @@ function M.activation_dtype(x)
   -- effect: it keeps float32 activations too (tests compare it with CPU runs exactly)
   if x:device() == "cuda" and M.precision() == "bf16" and not FAKE_CUDA then return "bfloat16" end
   return nil
-end
-
-local COLLECT_BYTES = 256 * 2 ^ 20
-local T = iddpm.tensor
-local collected_at = 0
-function M.collect(bytes)
-  local now = T.live_bytes()
-  if now - collected_at > (bytes or COLLECT_BYTES) then
-    collectgarbage()
-    collected_at = T.live_bytes()
-  elseif now < collected_at then
-    collected_at = now
-  end
 end
 
 function M.setup(dev, precision, who)

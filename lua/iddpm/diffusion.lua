@@ -387,11 +387,12 @@ end
 local graph_cache = setmetatable({}, {__mode = "k"})
 local MAX_GRAPHS = 4
 
-local function graph_key(cu, x, t, y)
+local function graph_key(cu, model, x, t, y)
   local function d(v) return v == nil and "-" or (shape_str(v:shape()) .. v:dtype()) end
   -- the activation dtype (bf16 channels-last or float32) changes the captured kernels too
   return table.concat({d(x), d(t), d(y), cu.precision(), cu.conv_impl(),
-    tostring(require("iddpm.device").activation_dtype(x))}, " ")
+    tostring(type(model) == "table" and model.activation_dtype and model:activation_dtype(x)
+      or require("iddpm.device").activation_dtype(x))}, " ")
 end
 
 function D.graphed(model)
@@ -406,7 +407,7 @@ function D.graphed(model)
       or (type(model) == "table" and model.training) then
       return eager(x, t, y)
     end
-    local key = graph_key(cu, x, t, y)
+    local key = graph_key(cu, model, x, t, y)
     local e = entries[key]
     if e == nil then   -- the warm-up call of this shape
       if count >= MAX_GRAPHS then
@@ -429,6 +430,7 @@ function D.graphed(model)
         e.state, e.reason = "eager", ok and "the model returned no tensor" or tostring(g)
         return eager(x, t, y)
       end
+      T.keep(out, sx, st, sy)   -- the graph's buffers outlive the sampling step's scope
       e.state, e.graph, e.out, e.x, e.t, e.y = "graph", g, out, sx, st, sy
     else
       e.x:copy_(x)
@@ -466,9 +468,6 @@ end
 
 -- wall-clock seconds (os.clock is CPU time summed over the engine's threads)
 local function now() return require("iddpm").wall_time() end
--- a GC when much tensor memory waits in Lua garbage (iddpm/device.lua)
-local function collect() require("iddpm.device").collect() end
-
 local function progress_line(i, n, t0)
   local dt = now() - t0
   io.stderr:write(("\rsampling step %d/%d  %.1fs"):format(i, n, dt))
@@ -497,10 +496,10 @@ local function progressive(self, model, shape, opts, step, fname)
   return function()
     if i < 0 then return nil end
     local prev = T.set_grad_enabled(false)
-    local ok, sample, pred = pcall(step, img, i, B)
+    -- one tensor scope per step: its intermediates are released when it returns
+    local ok, sample, pred = pcall(T.scope, step, img, i, B)
     T.set_grad_enabled(prev)
     if not ok then error(sample, 2) end
-    collect()   -- the step's intermediate tensors (Lua garbage) give their memory back
     img = sample
     local res = {sample = sample, pred_xstart = pred, t = i}
     i = i - 1
@@ -604,14 +603,15 @@ function Diffusion:calc_bpd_loop(model, x0, opts)
   T.no_grad(function()
     for col = 1, n do
       local step = n - col
-      local t = to_t(step, B, fname)
-      local noise = randn_like(x0, opts.generator)
-      local xt = ccall("diff:q_sample", self._c.q_sample, self._c, x0, t, noise)
-      local mo = call_model(self, model, fname, xt, t, y)
-      local v, pred = ccall("diff:calc_bpd_loop", self._c.vb_terms_bpd, self._c, mo, x0, xt, t, clip)
-      local eps = ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, t, pred)
-      cols[col] = {v, C.mean_flat_sq_diff(pred, x0), C.mean_flat_sq_diff(eps, noise)}
-      collect()
+      cols[col] = T.scope(function()   -- the column's intermediates are released when it ends
+        local t = to_t(step, B, fname)
+        local noise = randn_like(x0, opts.generator)
+        local xt = ccall("diff:q_sample", self._c.q_sample, self._c, x0, t, noise)
+        local mo = call_model(self, model, fname, xt, t, y)
+        local v, pred = ccall("diff:calc_bpd_loop", self._c.vb_terms_bpd, self._c, mo, x0, xt, t, clip)
+        local eps = ccall("diff:predict_eps_from_xstart", self._c.predict_eps_from_xstart, self._c, xt, t, pred)
+        return {v, C.mean_flat_sq_diff(pred, x0), C.mean_flat_sq_diff(eps, noise)}
+      end)
       if on_cpu then read(col, cols[col]); cols[col] = nil end
       if opts.progress then progress_line(col, n, t0) end
     end

@@ -402,17 +402,18 @@ function Trainer:step_once()
     local ym = (self.num_classes and y) and (n == B and y or y:narrow(1, i, n)) or nil
     local t, w = self.sampler:sample(n, self.gen_t)
     local noise = T.randn(xm:shape(), self.gen_noise, "float32", self.device)
-    local losses = diff:training_losses(model, xm, t, {noise = noise, y = ym})
-    if c.schedule_sampler ~= "uniform" then updates[#updates + 1] = {t, losses.loss:detach()} end
-    local wd = self.device == "cpu" and w or w:to(self.device)
-    local loss = (losses.loss * wd):mean()
-    if not c.microbatch_sum and n ~= B then loss = loss * (n / B) end
-    loss:backward()
+    -- forward + backward in one tensor scope: the graph and every intermediate are
+    -- released when it returns; only the detached per-example losses come out
+    local losses = T.scope(function()
+      local l = diff:training_losses(model, xm, t, {noise = noise, y = ym})
+      local wd = self.device == "cpu" and w or w:to(self.device)
+      local loss = (l.loss * wd):mean()
+      if not c.microbatch_sum and n ~= B then loss = loss * (n / B) end
+      loss:backward()
+      return {loss = l.loss:detach(), mse = l.mse:detach(), vb = l.vb:detach()}
+    end)
+    if c.schedule_sampler ~= "uniform" then updates[#updates + 1] = {t, losses.loss} end
     self:accumulate(t, w, losses)   -- keeps detached copies
-    -- drop the graph: its nodes hold their input tensors (the activations) until the
-    -- root is collected; collect() then frees them before the next forward
-    loss, losses = nil, nil
-    device.collect()
   end
   -- the norm waits for the device: there, only on log steps (unless clipping needs it)
   local gn

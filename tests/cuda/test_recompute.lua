@@ -94,13 +94,11 @@ end
 
 -- a small UNet, bf16 activations, on the GPU: recompute on vs off
 do
-  local saved = unet.recompute
   local res = {}
   for _, on in ipairs({true, false}) do
-    unet.recompute = on
-    device.set_activations("bf16")
     local m = iddpm.nn.unet{image_size = 16, num_channels = 64, num_res_blocks = 1, channel_mult = {1, 2},
-      attention_resolutions = {8}, num_heads = 2, learn_sigma = true, dropout = 0.2, seed = 3}:to("cuda")
+      attention_resolutions = {8}, num_heads = 2, learn_sigma = true, dropout = 0.2, seed = 3}
+      :to("cuda", {recompute = on, dtype = "bfloat16"})
     -- the zero-initialised convs would leave most gradients zero: perturb every parameter
     local pg = T.generator(SEED + 9)
     T.no_grad(function()
@@ -115,8 +113,6 @@ do
     for _, p in ipairs(m:named_parameter_list()) do grads[p[1]] = p[2].grad end
     res[on] = {loss = loss:item(), grads = grads}
   end
-  unet.recompute = saved
-  device.set_activations("auto")
   record("UNet bf16: loss", math.abs(res[true].loss - res[false].loss) / math.abs(res[false].loss), TOL.unet)
   local worst, at = 0, ""
   for name, g in pairs(res[false].grads) do

@@ -89,11 +89,9 @@ end, "conv2d: input (1,32,4,4) has 32 channels")
 
 -- a small UNet: recomputation on and off give the same loss and gradients
 local function unet_run(recompute, act, scale_shift)
-  unet.recompute = recompute
-  device.set_activations(act or "fp32")
   local m = iddpm.nn.unet{image_size = 8, num_channels = 32, num_res_blocks = 1, channel_mult = {1, 2},
     attention_resolutions = {4}, num_heads = 2, learn_sigma = true, dropout = 0.2, seed = 3,
-    use_scale_shift_norm = scale_shift}
+    use_scale_shift_norm = scale_shift}:to("cpu", {recompute = recompute, dtype = act or "float32"})
     -- the zero-initialised convs would leave most gradients zero: perturb every parameter
     local pg = T.generator(SEED + 9)
     T.no_grad(function()
@@ -120,6 +118,16 @@ for _, v in ipairs({{"fp32", nil, true}, {"fp32 no scale-shift", nil, false}, {"
   H.check("UNet " .. v[1] .. ": every gradient equal", worst == 0, ("max |diff| %g at %s"):format(worst, at))
   H.check("UNet " .. v[1] .. ": dropout generator advanced the same", maxdiff(r1, r0) == 0)
 end
-unet.recompute = os.getenv("IDDPM_RECOMPUTE") ~= "0"
-device.set_activations("auto")
+
+-- recompute is a setting of the model: a module-level assignment is an error, never ignored
+H.raises("iddpm.nn.recompute = false is an error", function() iddpm.nn.recompute = false end,
+  "settings belong to a model")
+H.raises("iddpm.nn.unet.recompute = false is an error", function() unet.recompute = false end,
+  "settings belong to a model")
+H.raises("model:to: an unknown setting", function() iddpm.nn.unet{image_size = 8, num_channels = 32,
+  num_res_blocks = 1, channel_mult = {1, 2}, attention_resolutions = {}}:to("cpu", {recomput = true}) end,
+  "unknown setting 'recomput'")
+H.raises("model:to: a bad value", function() iddpm.nn.unet{image_size = 8, num_channels = 32,
+  num_res_blocks = 1, channel_mult = {1, 2}, attention_resolutions = {}}:to("cpu", {dtype = "fp16"}) end,
+  "dtype=fp16 is not one of")
 H.done()

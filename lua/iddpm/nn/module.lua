@@ -14,9 +14,24 @@ local Module = {}
 Module.__index = Module
 nn.Module = Module
 
+-- Memory: every forward is a tensor scope (T.scope, lua/l_scope.c). The tensors a
+-- forward creates and does not return are released when it returns (a tensor the tape
+-- saved for the backward lives on in the tape); what it returns belongs to its caller's
+-- scope. So a module holds no frees and no collector calls, and writes its forward as
+-- the math reads. A forward that keeps a tensor it made beyond the call (a cache in
+-- self) marks it with T.keep(t).
+local scope = T.scope
+local function scoped(forward)
+  return function(...) return scope(forward, ...) end
+end
+local function class_newindex(cls, k, v)
+  if k == "forward" and type(v) == "function" then v = scoped(v) end
+  rawset(cls, k, v)
+end
+
 -- Make a class: nn.class("Conv2d") returns a table whose instances are modules.
 function nn.class(name, parent)
-  local cls = setmetatable({}, {__index = parent or Module})
+  local cls = setmetatable({}, {__index = parent or Module, __newindex = class_newindex})
   cls.__index = cls
   cls.__name = name
   cls.__call = function(self, ...) return self:forward(...) end
@@ -149,8 +164,92 @@ end
 
 function Module:eval() return self:train(false) end
 
--- move every parameter to device ("cpu" or "cuda") in place; returns self
-function Module:to(device)
+-- ---------------------------------------------------------------- settings
+-- How a model runs is a property of the model, shared by all its submodules, set by
+-- model:to(device, opts) (the recipe's `precision` reaches it through the trainer and the
+-- checkpoint loader) and saved in checkpoints (iddpm.checkpoint):
+--   recompute  true | false   GroupNorm -> conv as one op that recomputes the norm in
+--                             the backward (less training memory, same numbers)
+--   dtype      "auto" | "float32" | "bfloat16"   activation dtype; "auto": bf16
+--                             channels-last on the GPU in precision bf16, else float32
+--   precision  "auto" | "fp32" | "tf32" | "bf16"  the GPU's product precision; the model
+--                             sets it on the engine when it runs on the GPU
+-- The defaults come from nn.SETTINGS; IDDPM_RECOMPUTE=0 flips its recompute default, for
+-- benchmarks only.
+nn.SETTINGS = {recompute = os.getenv("IDDPM_RECOMPUTE") ~= "0", dtype = "auto", precision = "auto"}
+local SETTING_VALUES = {recompute = {[true] = true, [false] = true},
+  dtype = {auto = true, float32 = true, bfloat16 = true},
+  precision = {auto = true, fp32 = true, tf32 = true, bf16 = true}}
+
+-- `iddpm.nn.recompute = false` and the like would change nothing: they are errors
+function nn.guard_settings(tbl, name)
+  return setmetatable(tbl, {__newindex = function(t, k, v)
+    if SETTING_VALUES[k] or k == "activations" then
+      error(("%s.%s = ...: settings belong to a model: model:to(device, {%s = %s})"):format(name, k,
+        k == "activations" and "dtype" or k, type(v) == "string" and ("%q"):format(v) or tostring(v)), 2)
+    end
+    rawset(t, k, v)
+  end})
+end
+
+function Module:setting(k)
+  local s = rawget(self, "settings")
+  local v = s and s[k]
+  if v == nil then v = nn.SETTINGS[k] end
+  return v
+end
+
+-- the settings in effect, as a plain table (what checkpoints store)
+function Module:get_settings()
+  local r = {}
+  for k in pairs(SETTING_VALUES) do r[k] = self:setting(k) end
+  return r
+end
+
+-- set the settings named in opts (others keep their values) on this module and every
+-- submodule; an unknown name or value is an error
+function Module:set_settings(opts)
+  local s = {}
+  for k in pairs(SETTING_VALUES) do s[k] = self:setting(k) end
+  for k, v in pairs(opts or {}) do
+    if k ~= "device" then
+      if not SETTING_VALUES[k] then
+        error(("model:to: unknown setting '%s' (recompute, dtype, precision)"):format(tostring(k)), 3)
+      end
+      if v == "bf16" and k == "dtype" then v = "bfloat16" elseif v == "fp32" and k == "dtype" then v = "float32" end
+      if not SETTING_VALUES[k][v] then
+        local ok = {}
+        for a in pairs(SETTING_VALUES[k]) do ok[#ok + 1] = tostring(a) end
+        table.sort(ok)
+        error(("model:to: %s=%s is not one of %s"):format(k, tostring(v), table.concat(ok, ", ")), 3)
+      end
+      s[k] = v
+    end
+  end
+  local function set(m)
+    rawset(m, "settings", s)
+    for _, n in ipairs(m._child_names) do set(m._children[n]) end
+  end
+  set(self)
+  return self
+end
+
+-- the activation dtype for input x under this model's settings: "bfloat16" or nil
+-- (float32 as given). On the GPU the model's precision is put in effect first.
+function Module:activation_dtype(x)
+  local dev = require "iddpm.device"
+  local p = self:setting("precision")
+  if x:device() == "cuda" and p ~= "auto" and dev.precision() ~= p then dev.set_precision(p) end
+  return dev.activation_dtype(x, self:setting("dtype"))
+end
+
+-- move every parameter to device ("cpu" or "cuda") in place; returns self.
+-- model:to(device, {recompute =, dtype =, precision =}) also sets the model's settings
+-- (above); model:to({recompute = false}) sets settings only.
+function Module:to(device, opts)
+  if type(device) == "table" then device, opts = device.device, device end
+  if opts then self:set_settings(opts) end
+  if device == nil then return self end
   T.no_grad(function()
     for _, n in ipairs(self._param_names) do
       local p = self._params[n]
@@ -297,4 +396,5 @@ function Sequential:forward(x, ...)
 end
 function Sequential:len() return #self._child_names end
 
+nn.guard_settings(nn, "iddpm.nn")
 return nn

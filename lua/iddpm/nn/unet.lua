@@ -28,22 +28,22 @@ end
 
 local function fail(path, err) error(nn.where(path, err), 0) end
 
--- Intermediates are freed (t:free()) as soon as the forward no longer needs them: a
--- tensor's memory otherwise waits for Lua's collector, which does not know its size,
--- and on the GPU a training step then held every unsaved intermediate of the forward
--- (about as much again as the activations the tape saves). Freeing drops only this
--- reference: a tensor the tape saved for the backward stays alive. `keep` is a tensor
--- that must survive (e.g. a module that returned its input unchanged).
-local function drop(t, keep)
-  if t ~= nil and t ~= keep then t:free() end
+-- run fn(...) as a part named `path`, the way Module:call runs a child: its errors get
+-- the path in front, and it is a tensor scope (T.scope), so what it makes and does not
+-- return is released when it returns. Every forward is a scope too (nn/module.lua):
+-- model code holds no frees.
+local function at(path, fn, ...)
+  local ok, r = pcall(T.scope, fn, ...)
+  if not ok then fail(path, r) end
+  return r
 end
 
 -- Recomputation (training memory): GroupNorm (+scale/shift, SiLU, dropout)
 -- followed by a convolution runs as one T.norm_conv, which saves only the norm's input
 -- and recomputes the norm (and the dropout mask) in the backward instead of keeping the
 -- conv's input, as torch.compile's partitioner does. Same kernels, same results, same
--- random stream. IDDPM_RECOMPUTE=0 (or M.recompute = false) runs the ops one by one.
-M.recompute = os.getenv("IDDPM_RECOMPUTE") ~= "0"
+-- random stream. A property of the model: model:to(device, {recompute = false}) runs
+-- the ops one by one (nn/module.lua, Module:to).
 
 -- gn: a GroupNorm, cv: a Conv2d (or the weight and bias of a 1x1 conv given as
 -- {weight =, bias =, stride =, padding =}), dr: a Dropout or nil; opts: scale, shift, silu
@@ -53,59 +53,33 @@ local function norm_conv(x, gn, cv, opts, dr)
     silu = opts.silu, eps = gn.eps, dropout = p, generator = nn.dropout_gen, stride = cv.stride, padding = cv.padding})
 end
 
--- x (N, ch, H, W), emb (N, emb_ch) -> (N, out, H, W)
+-- x (N, ch, H, W), emb (N, emb_ch) -> (N, out, H, W); the official ResBlock._forward
 function ResBlock:forward(x, emb)
-  local ok, r = pcall(function()
-    local il = self.in_layers
-    if M.recompute then return norm_conv(x, il:child(0), il:child(2), {silu = true}) end
-    local h = il:child(0):forward(x, {silu = true})             -- GN + SiLU fused
-    local o = il:call("2", h)
-    drop(h, o)
-    return o
-  end)
-  if not ok then fail("in_layers", r) end
-  local h = r
-  local e = self:call("emb_layers", emb)                          -- (N, out or 2*out)
-  local ol = self.out_layers
-  ok, r = pcall(function()
-    local n = ol:child(0)
-    local g
-    if self.scale_shift then
-      local scale, shift = e:narrow(2, 1, self.out_ch), e:narrow(2, self.out_ch + 1, self.out_ch)
-      if M.recompute then
-        local o = norm_conv(h, n, ol:child(3), {scale = scale, shift = shift, silu = true}, ol:child(2))
-        drop(h, o)
-        return o
+  local il, ol = self.in_layers, self.out_layers
+  local recompute = self:setting("recompute")
+  local e = self:call("emb_layers", emb)                            -- (N, out or 2*out)
+  local function layers()   -- in_layers then out_layers, in one scope
+    local h = at("in_layers", function()
+      if recompute then return norm_conv(x, il:child(0), il:child(2), {silu = true}) end
+      return il:call("2", il:child(0):forward(x, {silu = true}))   -- GN + SiLU fused, conv
+    end)
+    return at("out_layers", function()
+      local norm, dropout, conv = ol:child(0), ol:child(2), ol:child(3)
+      local nopts
+      if self.scale_shift then   -- out_norm(h) * (1 + scale) + shift, inside the norm kernel
+        nopts = {scale = e:narrow(2, 1, self.out_ch), shift = e:narrow(2, self.out_ch + 1, self.out_ch), silu = true}
+      else
+        local er = e:reshape(e:size(1), self.out_ch, 1, 1)
+        if h:dtype() ~= er:dtype() then er = er:to(h:dtype()) end   -- bf16 activations stay bf16
+        h, nopts = h + er, {silu = true}
       end
-      g = n:forward(h, {scale = scale, shift = shift, silu = true})
-    else
-      local er = e:reshape(e:size(1), self.out_ch, 1, 1)
-      if h:dtype() ~= er:dtype() then er = er:to(h:dtype()) end   -- bf16 activations stay bf16
-      local he = h + er
-      if M.recompute then
-        local o = norm_conv(he, n, ol:child(3), {silu = true}, ol:child(2))
-        drop(he, o)
-        drop(h, o)
-        return o
-      end
-      g = n:forward(he, {silu = true})
-      drop(he, g)
-    end
-    drop(h, g)
-    local d = ol:call("2", g)                                     -- dropout
-    drop(g, d)
-    local o = ol:call("3", d)
-    drop(d, o)
-    return o
-  end)
-  if not ok then fail("out_layers", r) end
-  h = r
-  drop(e)
+      if recompute then return norm_conv(h, norm, conv, nopts, dropout) end
+      return ol:call("3", ol:call("2", norm:forward(h, nopts)))
+    end)
+  end
+  local h = T.scope(layers)
   local skip = self.skip and self:call("skip_connection", x) or x
-  local out = skip + h
-  drop(h)
-  drop(skip, x)
-  return out
+  return skip + h
 end
 function ResBlock:describe() return ("ResBlock(%d -> %d)"):format(self.ch, self.out_ch) end
 
@@ -127,31 +101,18 @@ function AttentionBlock:forward(x)
   local s = x:shape()
   local xf = x:reshape(s[1], s[2], s[3] * s[4])
   local qkv
-  if M.recompute then
+  if self:setting("recompute") then
     -- norm + the 1x1 Conv1d over (N, C, H*W) as Conv1d runs it: a conv2d over (N, C, H*W, 1)
     -- (a view of x; the same kernels and shapes as the unfused pair)
     local q = self.qkv
-    local x4 = x:reshape(s[1], s[2], s[3] * s[4], 1)
-    local ok, r = pcall(norm_conv, x4, self.norm, {weight = q.weight:reshape(q.cout, q.cin, 1, 1), bias = q.bias,
-      stride = 1, padding = 0}, {})
-    if not ok then fail("qkv", r) end
-    drop(x4, r)
-    qkv = r:reshape(s[1], 3 * s[2], s[3] * s[4])
-    drop(r, qkv)
+    qkv = at("qkv", norm_conv, x:reshape(s[1], s[2], s[3] * s[4], 1), self.norm,
+      {weight = q.weight:reshape(q.cout, q.cin, 1, 1), bias = q.bias, stride = 1, padding = 0}, {})
+    qkv = qkv:reshape(s[1], 3 * s[2], s[3] * s[4])
   else
-    local normed = self:call("norm", xf)
-    qkv = self:call("qkv", normed)
-    drop(normed, qkv)
+    qkv = self:call("qkv", self:call("norm", xf))
   end
-  local a = T.qkv_attention(qkv, self.heads)
-  drop(qkv, a)
-  local h = self:call("proj_out", a)
-  drop(a, h)
-  local sum = xf + h
-  drop(h)
-  local out = sum:reshape(s)
-  drop(sum, out)
-  return out
+  local h = self:call("proj_out", T.qkv_attention(qkv, self.heads))
+  return (xf + h):reshape(s)
 end
 function AttentionBlock:describe() return ("AttentionBlock(%d, heads %d)"):format(self.ch, self.heads) end
 
@@ -197,7 +158,6 @@ function TimestepBlock:forward(x, emb)
     local c = self._children[name]
     local nxt
     if getmetatable(c) == ResBlock then nxt = self:call(name, cur, emb) else nxt = self:call(name, cur) end
-    if cur ~= x then drop(cur, nxt) end   -- the caller's x is not ours to free
     cur = nxt
   end
   return cur
@@ -392,48 +352,28 @@ function UNet:forward(x, t, y)
   end
   -- bf16 activations (GPU, precision bf16): the input goes to bf16 channels-last (NHWC
   -- memory) once, every layer keeps that dtype and layout, the output comes back float32
-  local act = require("iddpm.device").activation_dtype(x)
+  local act = self:activation_dtype(x)
   if act and x:dtype() ~= act then x = x:channels_last(act) end
   local hs = {}
   local h = x
   local ib = self.input_blocks
   for _, name in ipairs(ib._child_names) do
-    local ok, r = pcall(ib._children[name].forward, ib._children[name], h, emb)
-    if not ok then fail("input_blocks." .. name, r) end
-    h = r
+    h = at("input_blocks." .. name, ib._children[name].forward, ib._children[name], h, emb)
     hs[#hs + 1] = h
   end
   h = self:call("middle_block", h, emb)
   local ob = self.output_blocks
   for _, name in ipairs(ob._child_names) do
-    local skip = table.remove(hs)
-    local ok, r = pcall(function()
-      local cat = T.cat({h, skip}, 2)
-      drop(skip, x)
-      drop(h, x)
-      local o = ob._children[name]:forward(cat, emb)
-      drop(cat, o)
-      return o
-    end)
-    if not ok then fail("output_blocks." .. name, r) end
-    h = r
+    local block = ob._children[name]
+    h = at("output_blocks." .. name, T.scope, function(skip) return block:forward(T.cat({h, skip}, 2), emb) end,
+      table.remove(hs))
   end
   local o = self.out
-  local ok, r = pcall(function()
-    if M.recompute then return norm_conv(h, o:child(0), o:child(2), {silu = true}) end
-    local g = o:child(0):forward(h, {silu = true})
-    local out = o:call("2", g)
-    drop(g, out)
-    return out
+  local r = at("out", function()
+    if self:setting("recompute") then return norm_conv(h, o:child(0), o:child(2), {silu = true}) end
+    return o:call("2", o:child(0):forward(h, {silu = true}))
   end)
-  if not ok then fail("out", r) end
-  drop(h, x)
-  drop(emb)
-  if act and r:dtype() ~= "float32" then
-    local f = r:float()
-    r = f:contiguous()
-    drop(f, r)
-  end
+  if act and r:dtype() ~= "float32" then r = r:float():contiguous() end
   return r
 end
 
@@ -444,4 +384,4 @@ function UNet:describe()
 end
 
 M.unet = UNet.new
-return M
+return nn.guard_settings(M, "iddpm.nn.unet")
