@@ -87,6 +87,8 @@ R.KEYS = {
     one_of = {"cpu", "cuda"}},
   {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda: bf16 channels-last activations, bf16 products, fp32 weights and optimizer), fp32, tf32 or bf16; the CPU uses fp32",
     one_of = {"auto", "fp32", "tf32", "bf16"}},
+  {"recompute", "bool", true, "recompute each GroupNorm in the backward instead of keeping its output (less training "
+    .. "memory, the same numbers); a setting of the model, saved in its checkpoints", group = "machine"},
 }
 
 R.TYPE, R.DEFAULT, R.HELP = {}, {}, {}

@@ -15,7 +15,7 @@
 --                always), upscaled as they are, shown pixelated
 --   throughput   images/s over the run (first, median, last), device and precision
 --   checkpoints  ckpt_*.safetensors: step, size, EMA rates
---   evaluation   RUN/eval/*.json: any JSON object (recipes/eval_nll.lua writes
+--   evaluation   RUN/eval/*.json: any JSON object (tools/eval_nll.lua writes
 --                RUN/eval/nll.json when given a run directory; eval_fid.lua writes where
 --                out= says, so out=RUN/eval/fid.json); bpd and fid go into the summary
 -- Only the checkpoint headers are read (not their tensors), so it is cheap on big runs.
@@ -273,7 +273,7 @@ function report.html(run_dir)
   -- evaluation
   local eb = {}
   if #evals == 0 then
-    eb[1] = "<p>No evaluation yet. <code>iddpm run recipes/eval_nll.lua checkpoint=RUN data=...</code> writes RUN/eval/nll.json; " ..
+    eb[1] = "<p>No evaluation yet. <code>iddpm run tools/eval_nll.lua checkpoint=RUN data=...</code> writes RUN/eval/nll.json; " ..
       "<code>iddpm run recipes/eval_fid.lua samples=... stats=... out=RUN/eval/fid.json</code> the FID.</p>"
   end
   for _, e in ipairs(evals) do

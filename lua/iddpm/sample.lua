@@ -14,7 +14,7 @@
 --       GEMM, ~1e-5); exact = true calls the model one sample at a time and makes them
 --       bit-identical for any batch size (slower: ~3x at 32x32 on 2 cores). record = {samples = S, frames = K} keeps x_t and pred_x0 of the
 --       first S samples at K steps (returned as the third value).
---   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`); its keys
+--   S.main("key=value", ...)   the tool (tools/sample.lua, `iddpm sample`); its keys
 --       (S.KEYS, an iddpm.config schema) are checked before anything is loaded or written;
 --       `help` lists them, --dry-run loads the checkpoint and lists the outputs
 --   device=cuda: the model and every step's tensors on the GPU (the same noise numbers
@@ -159,66 +159,8 @@ function S.diffusion(cfg, steps, sampler, betas)
   return diff, sampler
 end
 
--- -> model, diff, info {path, step, config, weights, rate, sampler, steps}
-function S.load(path, opts)
-  opts = opts or {}
-  local file = S.resolve(path)
-  local ok, ck = pcall(C.read, file)
-  if not ok then fail(tostring(ck):gsub("^[^:]*checkpoint%.lua:%d+: ", "")) end
-  local cfg = S.flat_config(ck.config)
-  local betas = ck.tensors["diffusion.betas"] and ck.tensors["diffusion.betas"]:totable()
-  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler, betas)
-  local ucfg = S.unet_config(cfg)
-  -- which weights
-  local prefix, rate
-  if opts.use_ema ~= false then
-    local rates = {}
-    for _, r in ipairs(ck.ema_rates or {}) do rates[#rates + 1] = tostring(r) end
-    if #rates == 0 then
-      local seen = {}
-      for k in pairs(ck.tensors) do
-        local r = k:match("^ema_([%d.]-)%.%a")
-        if r and not seen[r] then seen[r] = true; rates[#rates + 1] = r end
-      end
-      table.sort(rates)
-    end
-    local want = opts.ema_rate and tostring(opts.ema_rate)
-    if want then
-      local found = false
-      for _, r in ipairs(rates) do if r == want or tonumber(r) == tonumber(want) then rate = r; found = true end end
-      if not found then fail(("no EMA weights with rate %s in %s (rates: %s)"):format(want, file,
-        #rates > 0 and table.concat(rates, ", ") or "none")) end
-    else
-      for _, r in ipairs(rates) do if tonumber(r) == 0.9999 then rate = r end end
-      rate = rate or rates[#rates]
-    end
-    if rate then prefix = "ema_" .. rate .. "." end
-  end
-  local weights = prefix and prefix:sub(1, -2) or "model"
-  prefix = prefix or "model."
-  local sd = C.subset(ck.tensors, prefix)
-  if next(sd) == nil then fail(("%s has no %s* tensors"):format(file, prefix)) end
-  local ok2, model = pcall(iddpm.nn.unet, ucfg)
-  if not ok2 then fail(("cannot build the model of %s: %s"):format(file, tostring(model))) end
-  for _, name in ipairs(model:parameter_names()) do
-    local t = sd[name]
-    if t then
-      local d = t:float()
-      if (d - d):sum():item() ~= 0 then
-        fail(("%s: the %s weights hold NaN or Inf (%s): the run diverged before this checkpoint; use an earlier one")
-          :format(file, weights, name))
-      end
-    end
-  end
-  local ok3, err = pcall(model.load_state_dict, model, sd)
-  if not ok3 then fail(("%s (%s weights) does not fit its config: %s"):format(file, weights, tostring(err))) end
-  if opts.device and opts.device ~= "cpu" then model:to(opts.device) end
-  model:eval()
-  local msg = rate and ("using EMA weights (rate %s)"):format(rate)
-    or (opts.use_ema ~= false and "no EMA weights in the checkpoint: using raw model weights" or "using raw model weights")
-  return model, diff, {path = file, step = ck.step, config = cfg, unet = ucfg, weights = weights, rate = rate,
-    sampler = sampler, message = msg}
-end
+-- -> model, diff, info: the one checkpoint loader, iddpm.checkpoint.load_model
+function S.load(path, opts) return C.load_model(path, opts) end
 
 -- ---------------------------------------------------------------- sampling
 
@@ -410,7 +352,7 @@ end
 
 local cfg = require "iddpm.config"
 
--- the keys of `iddpm sample` / recipes/sample.lua (iddpm.config schema)
+-- the keys of `iddpm sample` / tools/sample.lua (iddpm.config schema)
 S.KEYS = {
   {"ckpt", "str", "", "run directory (its newest ckpt_*.safetensors) or checkpoint file", required = true,
     aliases = {"checkpoint"}, group = "model"},
@@ -456,7 +398,7 @@ function S.default_out(ckpt)
 end
 
 S.SCHEMA = cfg.schema("sample", S.KEYS, {usage = "iddpm sample ckpt=RUN_DIR_OR_FILE [key=value ...] [help] [--dry-run]\n"
-  .. "       iddpm run recipes/sample.lua ckpt=... [key=value ...]",
+  .. "       iddpm run tools/sample.lua ckpt=... [key=value ...]",
   check = function(c)
     if c.out == "" then c.out = S.default_out(c.ckpt) end
     cfg.check_writable(c.out, "out")
@@ -600,7 +542,7 @@ function S.main(...)
   local out = o.out
   -- everything that can fail on user input is checked before out/ is created
   local model, diff, info = S.load(o.ckpt, {use_ema = o.use_ema, steps = o.steps, sampler = o.sampler, ema_rate = o.ema_rate,
-    device = dev})
+    device = dev, settings = {precision = prec}})
   local nc = info.unet.num_classes
   local cls = parse_class(o.class, nc)
   local labels = S.make_labels(cls, N, nc, o.seed)

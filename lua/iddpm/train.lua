@@ -123,7 +123,7 @@ function train.new(c, opts)
   end
   -- model, diffusion, optimizer, EMA
   self.model = nn.unet(train.model_config(c, self.num_classes))
-  if self.device ~= "cpu" then self.model:to(self.device) end
+  self.model:to(self.device, {precision = self.precision, recompute = c.recompute ~= false})
   self.model:train()
   self.names = self.model:parameter_names()
   self.diffusion = D.new(train.diffusion_config(c))
@@ -282,7 +282,7 @@ function Trainer:resume()
     end
   end
   local tz = ck.tensors
-  self.model:load_state_dict(checkpoint.subset(tz, "model."))
+  checkpoint.load_model(path, {checkpoint = ck, model = self.model, use_ema = false})   -- the raw weights
   for _, e in ipairs(self.emas) do
     local sd = checkpoint.subset(tz, "ema_" .. e.rate .. ".")
     T.no_grad(function()

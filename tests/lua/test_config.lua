@@ -124,7 +124,7 @@ do
     and out:find("run_dir%s+" .. TMP:gsub("%p", "%%%0") .. "/h") ~= nil, out:sub(1, 300))
   H.check("run RECIPE help: grouped", out:find("\nmodel:\n", 1, true) and out:find("\ndiffusion:\n", 1, true))
   H.check("run RECIPE help: writes nothing", not exists(TMP .. "/h"))
-  for _, cmd in ipairs{"train --help", "sample help", "sample ckpt=x -h", "run recipes/eval_nll.lua help",
+  for _, cmd in ipairs{"train --help", "sample help", "sample ckpt=x -h", "run tools/eval_nll.lua help",
                        "run recipes/eval_fid.lua --help", "run recipes/fid_stats.lua help", "train lr=3 help"} do
     local rc2, o2 = run(cmd)
     local long
@@ -132,7 +132,7 @@ do
     H.check(("help: `iddpm %s` exits 0 with lines under 100 columns"):format(cmd), rc2 == 0 and #o2 > 200 and not long,
       long or o2:sub(1, 200))
   end
-  local _, o3 = run("run recipes/eval_nll.lua help")
+  local _, o3 = run("run tools/eval_nll.lua help")
   H.check("eval_nll help: the shared names", o3:find("ckpt ", 1, true) and o3:find("num_samples ", 1, true)
     and o3:find("num_threads ", 1, true) and o3:find("use_ema ", 1, true) and o3:find("alias:%s+checkpoint") and o3:find("ckpt%s+%(required%)"))
 end
@@ -166,7 +166,7 @@ do
   local rc, _, err = run(("train %s run_dir=%s lr=-1"):format(TINY, rd), "IDDPM_DEBUG=1")
   H.check("IDDPM_DEBUG=1 shows the traceback of a user error", rc == 2 and err:find("traceback", 1, true) ~= nil, err)
   user_error("train: a missing recipe", "train " .. TMP .. "/nope.lua", "recipe " .. TMP .. "/nope.lua does not exist")
-  user_error("eval_nll: unknown key", "run recipes/eval_nll.lua ckpt=x data=y nmu=3", "did you mean 'num'?")
+  user_error("eval_nll: unknown key", "run tools/eval_nll.lua ckpt=x data=y nmu=3", "did you mean 'num'?")
   user_error("eval_fid: a typo is no longer accepted", "run recipes/eval_fid.lua samples=a stats=b bach_size=5",
     "did you mean 'batch_size'?")
   user_error("fid_stats: required key", "run recipes/fid_stats.lua data=" .. TMP, "out= is required")
@@ -231,7 +231,7 @@ do
     and out3:find("samples_3x8x8x3.npz", 1, true) and not exists(TMP .. "/dry"), out3 .. err3)
   user_error("sample --dry-run still checks the steps", ("sample ckpt=%s steps=50 out=%s/dry --dry-run"):format(rd, TMP),
     "steps=50 does not fit this checkpoint (T = 20", TMP .. "/dry")
-  rc, out3 = run(("run recipes/eval_nll.lua ckpt=%s data=%s --dry-run"):format(rd, rd))
+  rc, out3 = run(("run tools/eval_nll.lua ckpt=%s data=%s --dry-run"):format(rd, rd))
   H.check("eval_nll --dry-run: writes into RUN/eval by default", rc == 0
     and out3:find(rd .. "/eval/nll.json", 1, true) and not exists(rd .. "/eval/nll.json"), out3)
   io.open(TMP .. "/f", "w"):close()
@@ -248,7 +248,7 @@ do
   user_error("sample: NaN weights refused", ("sample ckpt=%s out=%s/s3"):format(bad, TMP), "hold NaN or Inf (out.2.weight)",
     TMP .. "/s3")
   user_error("eval_nll: unwritable out found before the evaluation",
-    ("run recipes/eval_nll.lua ckpt=%s data=%s out=%s/f/nll"):format(rd, rd, TMP), "is not a directory")
+    ("run tools/eval_nll.lua ckpt=%s data=%s out=%s/f/nll"):format(rd, rd, TMP), "is not a directory")
 end
 
 -- ---------------------------------------------------------------- a diverging run

@@ -87,7 +87,7 @@ if arg[1] ~= "fake" then
         :format(sh_quote(BIN), sh_quote(TMP .. "/cli_run"))},
       {"iddpm sample device=cuda", ("%s sample ckpt=%s device=cuda out=%s"):format(sh_quote(BIN), sh_quote(TMP .. "/cpu_run"),
         sh_quote(TMP .. "/samples"))},
-      {"eval_nll device=cuda", ("%s run recipes/eval_nll.lua checkpoint=%s data=%s device=cuda"):format(sh_quote(BIN),
+      {"eval_nll device=cuda", ("%s run tools/eval_nll.lua checkpoint=%s data=%s device=cuda"):format(sh_quote(BIN),
         sh_quote(TMP .. "/cpu_run"), sh_quote(TMP))},
     }) do
       local out, rc = run(c[2])

@@ -173,9 +173,13 @@ H.check("iddpm sample says which weights", log:find("using EMA weights (rate 0.9
 H.check("iddpm sample prints the expected time", log:find("expected time:", 1, true) ~= nil, log)
 H.check("iddpm sample shows progress", log:find("steps/s", 1, true) ~= nil, log)
 H.check("iddpm sample wrote the npz", exists(cli_out .. "/samples_3x8x8x3.npz"))
-p = io.popen(("%s run recipes/sample.lua ckpt=%s num_samples=3 batch_size=3 steps=ddim4 seed=5 exact=true out=%s2 progress=false 2>&1; echo rc=$?"):format(exe, uncond, cli_out))
+p = io.popen(("%s run tools/sample.lua ckpt=%s num_samples=3 batch_size=3 steps=ddim4 seed=5 exact=true out=%s2 progress=false 2>&1; echo rc=$?"):format(exe, uncond, cli_out))
 log = p:read("a"); p:close()
-H.check("recipes/sample.lua exits 0", log:find("rc=0") ~= nil, log)
+H.check("tools/sample.lua exits 0", log:find("rc=0") ~= nil, log)
+p = io.popen(("%s run recipes/sample.lua ckpt=%s --dry-run 2>&1; echo rc=$?"):format(exe, uncond))
+log = p:read("a"); p:close()
+H.check("recipes/sample.lua (the old path) forwards to tools/sample.lua with a note", log:find("rc=0") ~= nil
+  and log:find("now tools/sample.lua", 1, true) ~= nil and log:find("dry run:", 1, true) ~= nil, log)
 H.check("CLI exact=true: batch 2 and batch 3 give the same npz", exists(cli_out .. "2/samples_3x8x8x3.npz") and
   read(cli_out .. "/samples_3x8x8x3.npz") == read(cli_out .. "2/samples_3x8x8x3.npz"))
 p = io.popen(("%s sample ckpt=%s/nope out=%s3 2>&1; echo rc=$?"):format(exe, tmp, cli_out))

@@ -3,7 +3,7 @@
 -- tests/ref/make_unet_sample_ref.py): an 8x8 class-conditional UNet perturbed away from
 -- its zero init, cosine T=100, learned-range sigma; p_sample_loop respaced to "10" and
 -- DDIM ("ddim10", eta 0 and 1) from fixed x_T, labels and per-step noise. Also checks
--- tests/ref/convert_official.py: a torch .pt of the same weights, converted, loads
+-- tools/convert_official.py: a torch .pt of the same weights, converted, loads
 -- into iddpm.sample and gives the official forward.
 local H = require "harness"
 local iddpm = require "iddpm"
@@ -72,7 +72,7 @@ else
   local dir = os.tmpname(); os.remove(dir); os.execute("mkdir -p " .. dir)
   local cmd = ([==[/usr/bin/python3 - <<'PY'
 import sys, collections, torch
-sys.path.insert(0, "tests/ref")
+sys.path.insert(0, "tools")
 from convert_official import *
 import json, struct, numpy as np
 raw = open("tests/ref/unet_sample_ref.safetensors", "rb").read()
@@ -84,7 +84,7 @@ for k, v in h.items():
         sd[k[6:]] = torch.from_numpy(np.frombuffer(data[b:e], dtype="<f4").reshape(v["shape"]).copy())
 torch.save(sd, "%s/model.pt")
 PY
-/usr/bin/python3 tests/ref/convert_official.py %s/model.pt %s/conv.safetensors --image_size 8 --num_channels 32 \
+/usr/bin/python3 tools/convert_official.py %s/model.pt %s/conv.safetensors --image_size 8 --num_channels 32 \
   --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 --learn_sigma True --class_cond True \
   --num_classes 3 --diffusion_steps 100 --noise_schedule cosine >/dev/null]==]):format(dir, dir, dir)
   local ok = os.execute(cmd)

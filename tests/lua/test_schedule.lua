@@ -3,7 +3,7 @@
 -- against plain array indexing, noise_schedule as a function alpha_bar(t) or a table of
 -- betas (against betas computed here by the formula), and a tiny training run whose
 -- recipe gives a function: its checkpoint stores the betas, and sampling from it with
--- the recipe file deleted rebuilds the same schedule, and so does recipes/eval_nll.lua.
+-- the recipe file deleted rebuilds the same schedule, and so does tools/eval_nll.lua.
 local H = require "harness"
 local iddpm = require "iddpm"
 local D = iddpm.diffusion
@@ -128,7 +128,7 @@ return require("iddpm.recipe").run({dataset = "random", image_size = 8, num_imag
     for i = 1, 2 * 64 do imgs[i] = (i * 53) % 256 end
     local npz = TMP .. "/two.npz"
     iddpm.io.npz_write(npz, {{"arr_0", iddpm.tensor.from_table(imgs, {2, 8, 8, 1}, "uint8")}})
-    local okn = os.execute(("%s run recipes/eval_nll.lua checkpoint=%s data=%s num=2 batch_size=2 > %s/nll.txt 2>&1")
+    local okn = os.execute(("%s run tools/eval_nll.lua checkpoint=%s data=%s num=2 batch_size=2 > %s/nll.txt 2>&1")
       :format(BIN, run, npz, TMP))
     H.check("eval_nll: runs on the run directory", okn)
     local jf = io.open(run .. "/eval/nll.json")

@@ -1,6 +1,6 @@
 """Convert the FID Inception-v3 weights to safetensors for iddpm.metrics.inception.
 
-    /usr/bin/python3 tests/ref/convert_inception.py pt_inception-2015-12-05-6726825d.pth inception.safetensors
+    /usr/bin/python3 tools/convert_inception.py pt_inception-2015-12-05-6726825d.pth inception.safetensors
 
 Input: pytorch-fid's FID weights (the TF 'classify_image_graph_def.pb' of 2015-12-05,
 ported by pytorch-fid), downloaded from
@@ -21,7 +21,8 @@ import zipfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# st_write and the network definition are shared with the reference scripts in tests/ref
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "ref"))
 import st_write  # noqa: E402
 from fid_inception import fid_inception  # noqa: E402
 

@@ -2,7 +2,7 @@
 """convert_official.py — an official improved-diffusion (or mmgeneration) checkpoint
 to an iddpm checkpoint (safetensors, format iddpm-ckpt-1) that `iddpm sample` reads.
 
-    /usr/bin/python3 tests/ref/convert_official.py MODEL.pt OUT.safetensors \\
+    /usr/bin/python3 tools/convert_official.py MODEL.pt OUT.safetensors \\
         --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True \\
         --dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine
 

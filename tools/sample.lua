@@ -1,0 +1,11 @@
+-- tools/sample.lua — sample images from a checkpoint.
+--
+--   iddpm run tools/sample.lua ckpt=runs/cifar num_samples=64 steps=250 batch_size=16 \
+--       seed=0 use_ema=true clip_denoised=true out=samples [class=K] [animate=true frames=10]
+--
+-- Model and diffusion settings come from the checkpoint. steps: 4000 | 250 | 100 | 50
+-- (respaced ancestral sampling) or ddim50 (DDIM, eta=0 unless eta=). Writes out/:
+-- sample_*.png, grid.png, samples_NxHxWxC.npz (arr_0 uint8 NHWC, arr_1 labels),
+-- settings.json, and denoise.png / denoise.gif with animate=true.
+-- `iddpm sample ...` is the same; `iddpm sample help` lists every option.
+require("iddpm.sample").main(...)
