@@ -9,13 +9,15 @@
 --   device.check(dev [, who])             -> dev, or an error when it is not available
 --   device.set_precision(p)               -> the precision in effect on the GPU
 --   device.precision()                    -> the GPU precision now ("fp32" on the CPU)
---   device.activation_dtype(x)            -> "bfloat16" when the UNet should run its activations in
---                                          bf16 channels-last for input x (x on the GPU in precision
---                                          bf16), else nil (float32 as given)
---   device.set_activations(a)             "auto" (the rule above) | "bf16" (any device: the CPU runs
---                                          bf16 graphs through its fp32 kernels; for tests) | "fp32"
---                                          (bf16 products on fp32 activations, the pre-bf16-storage
---                                          mode); IDDPM_ACTIVATIONS sets the default
+--   device.activation_dtype(x [, dtype])  -> "bfloat16" when the UNet should run its activations in
+--                                          bf16 channels-last for input x, else nil (float32 as given).
+--                                          dtype: the model's setting (Module:to): "bfloat16" or
+--                                          "float32" decide; "auto"/nil: the process default below,
+--                                          then bf16 for x on the GPU in precision bf16
+--   device.set_activations(a)             the process default for models whose dtype is "auto":
+--                                          "auto" | "bf16" | "fp32"; for benchmarks and tests (a
+--                                          model's own setting is the way: model:to(dev, {dtype =});
+--                                          IDDPM_ACTIVATIONS sets it, for benchmarking)
 --
 -- Memory is not handled here: tensor scopes release intermediates (lua/l_scope.c, T.scope).
 -- Precision goes through iddpm.cuda.precision(name) when the build has it; otherwise
