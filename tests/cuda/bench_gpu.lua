@@ -56,12 +56,12 @@ local function train_step()
   local t = {}
   for i = 1, TB do t[i] = math.random(0, 3999) end
   model:zero_grad()
-  local l = diff:training_losses(model, x0, t, {generator = gen})
-  local loss = l.loss:mean()
-  loss:backward()
-  local value = loss:detach()
-  l, loss = nil, nil
-  device.collect()   -- as the trainer does: the graph and the activations it holds go back
+  -- one tensor scope, as the trainer runs it: the graph and the activations go back at its end
+  local value = T.scope(function()
+    local loss = diff:training_losses(model, x0, t, {generator = gen}).loss:mean()
+    loss:backward()
+    return loss:detach()
+  end)
   opt:step()
   ema:update()
   return value
@@ -103,10 +103,9 @@ for p in o.precisions:gmatch("[%w]+") do
       model:train(false)
       iddpm.cuda.reset_peak_memory()
       local ss = time_it(function()
-        T.no_grad(function() diff:p_sample(model, xs, 500, {generator = gen}) end)
-        device.collect()
+        T.scope(T.no_grad, function() diff:p_sample(model, xs, 500, {generator = gen}) end)
       end, o.iters)
-      local sf = time_it(function() T.no_grad(function() model:forward(xs, ts) end); device.collect() end, o.iters)
+      local sf = time_it(function() T.scope(T.no_grad, function() model:forward(xs, ts) end) end, o.iters)
       local _, _, peak_used, peak_res = iddpm.cuda.memory()
       print(("# bench sample %s batch %d: p_sample step %.1f ms, %.0f images x steps/s; forward only %.1f ms, %.0f images x steps/s")
         :format(p, SB, ss * 1e3, SB / ss, sf * 1e3, SB / sf))
@@ -119,15 +118,13 @@ for p in o.precisions:gmatch("[%w]+") do
       sync()
       print(("# bench sample forward %s batch %d: the host queues it in %.1f ms, the GPU finishes at %.1f ms"):format(p, SB,
         enq * 1e3, (wall() - h0) * 1e3))
-      device.collect()
       local row = {row = "sample", precision = p, batch = SB, per_s = SB / sf, ms = sf * 1e3, p_sample_per_s = SB / ss,
         peak_in_use = peak_used, peak_reserved = peak_res}
       if o.graph then
         -- the same with the forward as a CUDA graph (D.graphed: warm-up, capture, replays)
         local gm = iddpm.diffusion.graphed(model)
         local gs = time_it(function()
-          T.no_grad(function() diff:p_sample(gm, xs, 500, {generator = gen}) end)
-          device.collect()
+          T.scope(T.no_grad, function() diff:p_sample(gm, xs, 500, {generator = gen}) end)
         end, o.iters)
         local gf = time_it(function() T.no_grad(function() gm(xs, ts) end) end, o.iters)
         local gmem = iddpm.cuda.graph_memory()
@@ -147,7 +144,6 @@ for p in o.precisions:gmatch("[%w]+") do
           .. "graphs hold %.2f GiB"):format(p, SB, genq * 1e3, gdone * 1e3, gmem / GiB))
         row.graph_per_s, row.graph_p_sample_per_s, row.graph_queue_ms, row.graph_bytes = SB / gf, SB / gs, genq * 1e3, gmem
         iddpm.diffusion.graph_free(model)
-        device.collect()
       end
       add(row)
     end
