@@ -72,6 +72,9 @@ R.KEYS = {
   {"sample_steps", "str", "100", "respacing used for the sample grids (e.g. 50, ddim50)"},
   {"num_samples", "int", 16, "images in each sample grid"},
   {"num_threads", "int", 0, "engine threads (0 = all cores)"},
+  {"gpus", "int", 0, "data parallelism on one machine: start this many ranks, one GPU each (batch_size is per rank)"},
+  {"nproc", "int", 0, "the same as gpus (ranks on one machine); on the CPU use mpirun -np N instead"},
+  {"dist_timeout", "num", 600.0, "seconds a rank waits for the others in a collective before stopping the run"},
   {"device", "str", "cpu", "cpu or cuda (model, EMA, optimizer state, batches and noise on that device)"},
   {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda: bf16 channels-last activations, bf16 products, fp32 weights and optimizer), fp32, tf32 or bf16; the CPU uses fp32"},
 }

@@ -39,6 +39,7 @@ local image = require "iddpm.image"
 local recipe = require "iddpm.recipe"
 local plot = require "iddpm.plot"
 local device = require "iddpm.device"
+local dist = require "iddpm.dist"
 
 local train = {}
 
@@ -47,6 +48,8 @@ train.ARCH_KEYS = {"image_size", "in_channels", "num_channels", "num_res_blocks"
   "num_heads_upsample", "attention_resolutions", "learn_sigma", "sigma_small", "class_cond", "use_scale_shift_norm",
   "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart", "rescale_timesteps",
   "rescale_learned_sigmas", "batch_size", "schedule_sampler", "ema_rate"}
+-- keys that may differ between a checkpoint and the run that resumes it
+train.RESUME_FREE = {gpus = true, nproc = true, dist_timeout = true}
 
 local function say(fmt, ...) io.stdout:write(fmt:format(...), "\n") io.stdout:flush() end
 
@@ -84,15 +87,18 @@ end
 -- c: a resolved config (recipe.resolve). opts.quiet: no config dump
 function train.new(c, opts)
   opts = opts or {}
-  local self = setmetatable({c = c, step = 0, quiet = opts.quiet}, Trainer)
+  local W = dist.world()   -- data parallelism: rank 0 alone prints and writes
+  local self = setmetatable({c = c, step = 0, quiet = opts.quiet or not W.main, dist = W}, Trainer)
   if c.num_threads > 0 then require("iddpm").num_threads(c.num_threads) end
   -- a missing GPU fails here, before any file is written
   self.device, self.precision = device.setup(c.device or "cpu", c.precision or "auto", "train")
   if not opts.quiet and self.device ~= "cpu" then
     say("device: %s (%s), precision %s", self.device, require("iddpm").cuda.device_name(), self.precision)
   end
-  mkdir(c.run_dir)
-  os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
+  if W.main then
+    mkdir(c.run_dir)
+    os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
+  end
   -- data
   local t0 = data.now()
   self.ds = data.load{dataset = c.dataset, data_dir = c.data_dir, image_size = c.image_size, in_channels = c.in_channels,
@@ -100,7 +106,8 @@ function train.new(c, opts)
   if c.in_channels == 0 then c.in_channels = self.ds.channels end
   self.num_classes = c.class_cond and self.ds.num_classes or nil
   c.num_classes = self.num_classes or 0
-  self.loader = data.loader(self.ds, {batch_size = c.batch_size, flip = c.random_flip, seed = c.seed, stream = 4})
+  self.loader = data.loader(self.ds, {batch_size = c.batch_size, flip = c.random_flip, seed = c.seed, stream = 4,
+    rank = W.rank, world_size = W.size})
   if not opts.quiet then
     say("data: %s, %d images %s%s (%.1fs)", self.ds.name, self.ds.images:size(1), table.concat(self.ds.images:shape(), "x", 2),
       self.ds.padded_from and (" (padded from %d)"):format(self.ds.padded_from) or "", data.now() - t0)
@@ -121,10 +128,12 @@ function train.new(c, opts)
   self.gen_t = T.generator(c.seed, 1)
   self.gen_noise = T.generator(c.seed, 2)
   nn.dropout_gen = T.generator(c.seed, 3)
+  for _, g in ipairs{self.gen_t, self.gen_noise, nn.dropout_gen} do g:set_shard(W.rank, W.size) end
   self.curve = {}        -- {step, loss} at every log line, for loss.png
   self.acc = nil
   self.last_saved = nil
   self:resume()
+  if W.size > 1 then self:broadcast_state() end
   return self
 end
 
@@ -152,6 +161,7 @@ function Trainer:extra()
   local e = {
     rng = T.from_table(self:rng_state(), {#GENS, 3}, "int64"),
     data_pos = T.from_table({ls.epoch, ls.index}, {2}, "int64"),
+    world = T.from_table({self.dist.size, self.c.batch_size}, {2}, "int64"),   -- ranks, per-rank batch
   }
   if self.c.schedule_sampler ~= "uniform" then
     local s = self.sampler:state()
@@ -174,6 +184,7 @@ end
 
 function Trainer:save()
   if self.last_saved == self.step then return end
+  if not self.dist.main then self.last_saved = self.step return end
   local path = checkpoint.save(self.c.run_dir, {model = self.model, emas = self.emas, opt = self.opt, extra = self:extra(),
     step = self.step, config = self:stored_config(), meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version}})
   self.last_saved = self.step
@@ -201,6 +212,7 @@ function Trainer:resume()
   local ck = checkpoint.read(path)
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
+    if train.RESUME_FREE[k] then a = b end
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
       error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
         :format(path, k, tostring(a), k, tostring(b)), 0)
@@ -223,7 +235,18 @@ function Trainer:resume()
   if ex.rng then self:set_rng_state(ex.rng:totable()) end
   if ex.data_pos then
     local p = ex.data_pos:totable()
+    local wv = ex.world and ex.world:totable() or {1, c.batch_size}
+    if self.dist.size == 1 and (wv[1] ~= 1 or wv[2] ~= c.batch_size) and
+      (p[2] % c.batch_size ~= 0 or p[2] + c.batch_size > self.loader.size) then
+      -- saved by another world size: the next batch start of this one
+      p[2] = -(-p[2] // c.batch_size) * c.batch_size
+      if p[2] + c.batch_size > self.loader.size then p[1], p[2] = p[1] + 1, 0 end
+    end
     self.loader:set_state{epoch = p[1], index = p[2]}
+    if wv[1] ~= self.dist.size and not self.quiet then
+      say("resume: the checkpoint was written by %d ranks x batch %d, this run has %d x %d: continuing from its data " ..
+        "position and generator offsets (not bit-exact)", wv[1], wv[2], self.dist.size, c.batch_size)
+    end
   end
   if ex.sampler_history then
     self.sampler:load_state{name = c.schedule_sampler, history = ex.sampler_history:totable(), counts = ex.sampler_counts:totable()}
@@ -237,7 +260,7 @@ function Trainer:resume()
   self.resumed_from = ck.step
   -- drop log lines written after this checkpoint by the run that stopped
   local logp = c.run_dir .. "/log.jsonl"
-  local f = io.open(logp, "r")
+  local f = self.dist.main and io.open(logp, "r")
   if f then
     local keep = {}
     for line in f:lines() do
@@ -249,7 +272,17 @@ function Trainer:resume()
     for _, line in ipairs(keep) do f:write(line, "\n") end
     f:close()
   end
-  say("resumed from step %d (%s)", ck.step, path)
+  if not self.quiet then say("resumed from step %d (%s)", ck.step, path) end
+end
+
+-- every rank takes rank 0's weights, EMAs and AdamW moments (at the start and after a
+-- resume), so that all ranks hold identical state
+function Trainer:broadcast_state()
+  local ts = {}
+  for _, p in ipairs(self.model:parameters()) do ts[#ts + 1] = p end
+  for _, e in ipairs(self.emas) do for _, s in ipairs(e.ema.shadow) do ts[#ts + 1] = s end end
+  for i = 1, #self.opt.m do ts[#ts + 1] = self.opt.m[i]; ts[#ts + 1] = self.opt.v[i] end
+  T.no_grad(function() dist.broadcast(ts) end)
 end
 
 -- ---------------------------------------------------------------- one step
@@ -336,6 +369,10 @@ function Trainer:step_once()
     loss, losses = nil, nil
     device.collect()
   end
+  if self.dist.size > 1 then
+    dist.allreduce_grads(model:parameters())   -- the mean gradient over the global batch
+    for _, u in ipairs(updates) do u[1], u[2] = dist.allgather(u[1], self.device), dist.allgather(u[2], self.device) end
+  end
   -- the norm waits for the device: there, only on log steps (unless clipping needs it)
   local gn
   if c.grad_clip > 0 then gn = optim.clip_grad_norm(model:parameters(), c.grad_clip)
@@ -362,11 +399,14 @@ end
 function Trainer:log(t_start, step_start)
   local acc, c = self.acc, self.c
   self:flush()
-  if not acc or acc.n == 0 then return end
+  if not acc then return end
+  if self.dist.size > 1 then self:reduce_acc() end
+  if acc.n == 0 then return end
   local now = data.now()
   local steps_done = self.step - step_start
-  local ips = steps_done * c.batch_size / math.max(now - t_start, 1e-9)
-  local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
+  local gb = c.batch_size * self.dist.size   -- the global batch
+  local ips = steps_done * gb / math.max(now - t_start, 1e-9)
+  local rec = {step = self.step, samples = self.step * gb, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
     images_per_s = ips, time = now - self.t0}
   for _, k in ipairs(TERMS) do
     rec[k] = acc.sum[k] / acc.n
@@ -375,26 +415,46 @@ function Trainer:log(t_start, step_start)
     end
   end
   local stop = self:stop_step()
-  local eta = stop and (stop - self.step) * c.batch_size / ips or nil
+  local eta = stop and (stop - self.step) * gb / ips or nil
   if c.max_minutes > 0 then eta = math.min(eta or math.huge, math.max(0, 60 * c.max_minutes - (now - self.t0))) end
   local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
     stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
   if not self.quiet then say("%s", line) end
-  local f = io.open(c.run_dir .. "/log.jsonl", "a")
+  local f = self.dist.main and io.open(c.run_dir .. "/log.jsonl", "a")
   if f then f:write(io_.json_encode(rec), "\n") f:close() end
   self.curve[#self.curve + 1] = {self.step, rec.loss}
   self.last_log = rec
   self.acc = nil
 end
 
+-- the log sums of every rank added up (grad_norm is the same on every rank)
+function Trainer:reduce_acc()
+  local acc, v = self.acc, {}
+  v[1] = acc.n
+  for q = 1, 4 do v[#v + 1] = acc.qn[q] end
+  for _, k in ipairs(TERMS) do
+    v[#v + 1] = acc.sum[k]
+    for q = 1, 4 do v[#v + 1] = acc.qsum[k][q] end
+  end
+  v = dist.sum_numbers(v, self.device)
+  local i = 1
+  acc.n = v[1]
+  for q = 1, 4 do i = i + 1; acc.qn[q] = v[i] end
+  for _, k in ipairs(TERMS) do
+    i = i + 1; acc.sum[k] = v[i]
+    for q = 1, 4 do i = i + 1; acc.qsum[k][q] = v[i] end
+  end
+end
+
 function Trainer:plot_loss()
-  if #self.curve < 2 then return end
+  if #self.curve < 2 or not self.dist.main then return end
   pcall(plot.loss_curve, self.c.run_dir .. "/loss.png", self.curve)
 end
 
 -- a grid of samples from the (first) EMA weights with the respaced sampler
 function Trainer:sample_grid()
   local c = self.c
+  if not self.dist.main then return end
   local respacing = c.sample_steps
   local sd = D.new(train.diffusion_config(c, respacing))
   local restore = self.emas[1] and self.emas[1].ema:apply()
@@ -500,6 +560,12 @@ end
 
 function train.main(cfg, args)
   local c = recipe.resolve(cfg, args)
+  local launched = dist.setup(c)   -- gpus=N: this process starts the ranks and waits
+  if launched then
+    if launched ~= 0 then error(("train: a rank failed (exit status %d)"):format(launched), 0) end
+    return {launched = true}
+  end
+  if dist.world().size > 1 then return train.main_rank(c) end
   device.check(c.device, "train")   -- a missing GPU is the first thing said
   say("iddpm train: resolved config")
   say("%s", recipe.describe(c))
@@ -509,6 +575,24 @@ function train.main(cfg, args)
   local res = train.run(c)
   say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
   if res.grid then say("final sample grid: %s", res.grid) end
+  return res
+end
+
+-- one rank of a data-parallel run: rank 0 prints; an error on any rank ends them all
+function train.main_rank(c)
+  local W = dist.world()
+  device.check(c.device, "train")
+  if W.main then
+    say("iddpm train: resolved config (rank 0 of %d; global batch %d = %d x %d)", W.size, W.size * c.batch_size, W.size,
+      c.batch_size)
+    say("%s", recipe.describe(c))
+  end
+  local ok, res = pcall(train.run, c, {quiet = not W.main})
+  if not ok then dist.abort(tostring(res)) end
+  if W.main then
+    say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
+  end
+  dist.finalize()
   return res
 end
 
