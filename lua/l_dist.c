@@ -70,8 +70,10 @@ static void nap(void) {
 
 static int timed_out(lua_State *L, const char *op, double t0) {
     if (now_s() - t0 <= timeout_s) return 0;
-    return luaL_error(L, "dist.%s: rank %d waited %.0f s for the other ranks (timeout; a rank died or hangs: "
-                         "stopping; set dist_timeout= to wait longer)", op, me, timeout_s);
+    char msg[256];
+    snprintf(msg, sizeof msg, "dist.%s: rank %d waited %.0f s for the other ranks (timeout; a rank died or hangs: "
+             "stopping; set dist_timeout= to wait longer)", op, me, timeout_s);
+    return luaL_error(L, "%s", msg);
 }
 
 /* the tensors of the table at idx: contiguous, one device, float32 or float64 */

@@ -210,9 +210,11 @@ function Trainer:resume()
     return
   end
   local ck = checkpoint.read(path)
+  local saved_world = ck.tensors["extra.world"] and ck.tensors["extra.world"]:totable()[1] or 1
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
-    if train.RESUME_FREE[k] then a = b end
+    -- the per-rank batch may change with the number of ranks
+    if train.RESUME_FREE[k] or (k == "batch_size" and saved_world ~= self.dist.size) then a = b end
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
       error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
         :format(path, k, tostring(a), k, tostring(b)), 0)
