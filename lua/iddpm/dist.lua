@@ -31,6 +31,7 @@
 --   dist.world()        -> {rank, size, local_rank, main}
 --   dist.allreduce_grads(params), dist.broadcast(tensors), dist.sum_numbers(list, device)
 --   dist.allgather(tensor), dist.barrier(), dist.abort(msg), dist.finalize()
+--   dist.generate(generate, model, diff, opts, device)   sampling split over the ranks
 local T = require "iddpm.tensor"
 local C = require "iddpm._dist"
 
@@ -125,8 +126,8 @@ function dist.launch(c, n)
       "an MPI build (install libopenmpi-dev openmpi-bin and rebuild) and mpirun -np N iddpm train ..."
     error(("dist: nproc=%d on the CPU needs MPI (forked ranks have no CPU transport): use %s"):format(n, how), 0)
   end
-  io.stdout:write(("iddpm: launching %d ranks (global batch %d = %d x batch_size %d)\n"):format(n, n * c.batch_size, n,
-    c.batch_size))
+  io.stdout:write(c.batch_size and ("iddpm: launching %d ranks (global batch %d = %d x batch_size %d)\n"):format(n,
+    n * c.batch_size, n, c.batch_size) or ("iddpm: launching %d ranks\n"):format(n))
   io.stdout:flush()
   return C.launch(command_line(), n, env)
 end
@@ -165,6 +166,31 @@ function dist.allgather(t, device)
   if W.size == 1 then return t end
   if device and device ~= "cpu" and t:device() == "cpu" then return C.allgather(t:to(device):contiguous()):to("cpu") end
   return C.allgather(t:contiguous())
+end
+
+-- sampling across ranks: rank r makes samples r*per .. (r+1)*per - 1 (per = ceil(N/W))
+-- with generate(model, diff, opts) (iddpm.sample.generate; sample i's noise comes from
+-- its own index, so the images are those of one process), and every rank gets all N in
+-- order (float32, gathered through `device`); the labels and record as generate's
+function dist.generate(generate, model, diff, opts, device)
+  local N, Wn = opts.num_samples, W.size
+  local per = (N + Wn - 1) // Wn
+  local lo = W.rank * per
+  local n = math.max(0, math.min(per, N - lo))
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.first, o.num_samples, o.progress = lo, n, opts.progress and W.main
+  local x, rec
+  if n > 0 then
+    local _
+    x, _, rec = generate(model, diff, o)
+  end
+  local cfg = model.config
+  local mine = T.zeros({per, cfg.in_channels, cfg.image_size, cfg.image_size})
+  if n > 0 then mine:narrow(1, 1, n):copy_(x) end
+  local all = dist.allgather(mine, device)
+  if all:device() ~= "cpu" then all = all:to("cpu") end
+  return all:narrow(1, 1, N):contiguous(), opts.labels, rec
 end
 
 function dist.barrier() if W.size > 1 then C.barrier() end end
