@@ -408,7 +408,7 @@ function Trainer:log(t_start, step_start)
   local steps_done = self.step - step_start
   local gb = c.batch_size * self.dist.size   -- the global batch
   local ips = steps_done * gb / math.max(now - t_start, 1e-9)
-  local rec = {step = self.step, samples = self.step * gb, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
+  local rec = {step = self.step, samples = self.step * gb, global_batch = gb, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
     images_per_s = ips, time = now - self.t0}
   for _, k in ipairs(TERMS) do
     rec[k] = acc.sum[k] / acc.n
