@@ -17,9 +17,12 @@
  * idd_array is always a separate malloc() block, so a caller may take it over (copy the
  * pointer, set a->data = NULL, later free() it) before freeing the container.
  *
- * Writers (safetensors, npy, npz, png, gif) write to "<path>.tmp.<pid>", fsync, then
+ * Writers (safetensors, npy, npz, png, gif) write to "<path>.tmp.<pid>.<k>", created
+ * exclusively next to <path> (O_EXCL|O_NOFOLLOW: an existing file or symbolic link of
+ * that name is never written through), check every write, flush and close, fsync, then
  * rename() into place: a crash or an error never leaves a half-written file at <path>,
  * and on error the temp file is removed and an existing <path> is untouched.
+ * Readers open only regular files (a FIFO or device is refused, never blocked on).
  *
  * Assumes a little-endian host (x86-64, aarch64). */
 #ifndef IDDPM_IO_H
@@ -41,6 +44,9 @@ typedef struct {
     void *data;                    /* malloc'd, nbytes long (NULL allowed when nbytes == 0) */
     size_t nbytes;                 /* = prod(shape) * idd_dtype_size(dtype) */
 } idd_array;
+
+/* Write len bytes to path atomically, as the writers above do (what labels errors). */
+idd_status idd_write_file_atomic(const char *path, const void *data, size_t len, const char *what);
 
 /* Free name and data of one array (not the struct itself) and zero it. NULL is fine. */
 void idd_array_clear(idd_array *a);
