@@ -13,7 +13,8 @@
  * Interrupts: while Lua code runs, SIGINT sets a hook that raises "interrupted!" at
  * the next Lua instruction, and sets idd_interrupted (iddpm/core.h) so that long engine
  * loops stop too; the handler is one-shot, so a second Ctrl-C kills the process (as in
- * lua.c). At the prompt readline's own signal handling is off: our handler sets a flag
+ * lua.c). SIGTERM is handled the same way while code runs (a trainer saves and exits).
+ * At the prompt readline's own signal handling is off: our handler sets a flag
  * and readline's signal event hook discards the line (and any pending multi-line chunk).
  *
  * Modules: package.preload["iddpm"] = luaopen_iddpm (the engine, provided elsewhere);
@@ -116,6 +117,18 @@ static void set_sigint(void (*handler)(int), int flags) {
     sigaction(SIGINT, &sa, NULL);
 }
 
+/* SIGTERM (kill, a batch scheduler, systemd) is treated as Ctrl-C while code runs: the
+ * trainer saves a checkpoint and exits; a second SIGTERM kills. Outside docall (at the
+ * prompt) it keeps its default action. */
+static void set_sigterm(void (*handler)(int), int flags) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handler;
+    sa.sa_flags = flags;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
 static int msghandler(lua_State *L) {
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
@@ -135,8 +148,10 @@ static int docall(lua_State *L, int narg, int nres) {
     idd_interrupted = 0;
     idd_interrupt_deferred = 0;
     set_sigint(on_sigint_running, SA_RESETHAND);
+    set_sigterm(on_sigint_running, SA_RESETHAND);
     int status = lua_pcall(L, narg, nres, base);
     set_sigint(SIG_DFL, 0);
+    set_sigterm(SIG_DFL, 0);
     last_interrupted = idd_interrupted;
     lua_sethook(L, NULL, 0, 0); /* a Ctrl-C that came too late must not hit the next call */
     idd_interrupted = 0;

@@ -21,6 +21,8 @@ if not o.checkpoint or not o.data then
     .. "[batch_size=16] [ema=RATE|model] [out=DIR] [device=cpu|cuda]\n")
   os.exit(2)
 end
+local fs = require "iddpm.fs"
+if o.out ~= nil then fs.check_path(o.out, "out") end   -- an empty out= fails now, not after the work
 local dev, prec = iddpm.device.setup(o.device, o.precision, "eval_nll")
 
 -- the model and its diffusion: iddpm.sample's loader when present, else a small one
@@ -91,7 +93,7 @@ end
 
 local bpd = running / N
 local out = o.out or "."
-os.execute(('mkdir -p "%s"'):format(out))
+fs.mkdir_p(out, "out")   -- no shell: out= is only ever a directory name
 local tot, pri = T.from_table(totals, {N}):double(), T.from_table(priors, {N}):double()
 for k, acc in pairs(sums) do
   io_.npz_write(("%s/%s_terms.npz"):format(out, k), {{k, acc / N}, {"total_bpd", tot}, {"prior_bpd", pri}})
@@ -100,8 +102,6 @@ local vb = (sums.vb / N):totable()
 local res = {bpd = bpd, n = N, checkpoint = file, weights = msg, data = o.data, split = o.split, T = Tn,
   prior_bpd = (pri:sum():item()) / N, decoder_bpd_t0 = vb[#vb], kl_terms_bpd = bpd - vb[#vb] - pri:sum():item() / N,
   clip_denoised = o.clip_denoised}
-local f = assert(io.open(out .. "/nll.json", "w"))
-f:write(io_.json_encode(res), "\n")
-f:close()
+fs.write_atomic(out .. "/nll.json", io_.json_encode(res) .. "\n")
 print(("eval_nll: NLL %.4f bits/dim over %d images (prior %.4f, L_0 %.4f, sum of KL terms %.4f); wrote %s/"
   .. "{vb,mse,xstart_mse}_terms.npz, nll.json"):format(bpd, N, res.prior_bpd, res.decoder_bpd_t0, res.kl_terms_bpd, out))

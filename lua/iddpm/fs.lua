@@ -30,11 +30,11 @@ fs.getpid, fs.hostname, fs.pid_alive = C.getpid, C.hostname, C.pid_alive
 
 function fs.check_path(p, what)
   what = what or "path"
-  if type(p) ~= "string" then error(("%s must be a path string, got %s"):format(what, type(p)), 2) end
+  if type(p) ~= "string" then error(("%s must be a path string, got %s"):format(what, type(p)), 0) end
   if p == "" or not p:find("%S") then
-    error(("%s is empty: give a directory or file name (%s=\"%s\")"):format(what, what, p), 2)
+    error(("%s is empty: give a directory or file name (%s=\"%s\")"):format(what, what, p), 0)
   end
-  if p:find("\0", 1, true) then error(("%s contains a NUL byte"):format(what), 2) end
+  if p:find("\0", 1, true) then error(("%s contains a NUL byte"):format(what), 0) end
   return p
 end
 
@@ -55,7 +55,7 @@ function fs.mkdir_p(p, what)
     if part ~= "." and part ~= ".." and not fs.is_dir(acc) then
       local ok, err = C.mkdir(acc)
       if not ok and not fs.is_dir(acc) then
-        error(("cannot create %s%s: %s"):format(what and (what .. " ") or "directory ", p, err), 2)
+        error(("cannot create %s%s: %s"):format(what and (what .. " ") or "directory ", p, err), 0)
       end
     end
   end
@@ -85,7 +85,7 @@ function fs.remove(p) return C.remove(p) end
 function fs.rewrite_lines(p, keep)
   if fs.kind(p) ~= "file" then return false end
   local f, err = io.open(p, "rb")
-  if not f then error(("cannot read %s: %s"):format(p, err), 2) end
+  if not f then error(("cannot read %s: %s"):format(p, err), 0) end
   local kept, dropped = {}, 0
   for line in f:lines() do
     if keep(line) then kept[#kept + 1] = line else dropped = dropped + 1 end
@@ -132,7 +132,7 @@ function fs.lock_dir(dir, what)
     local handle, holder = C.lock(path)
     if not handle then
       error(("%s %s is in use by another process (%s holds %s); wait for it to finish, " ..
-        "stop it, or use another %s"):format(what or "directory", dir, holder, path, what or "directory"), 2)
+        "stop it, or use another %s"):format(what or "directory", dir, holder, path, what or "directory"), 0)
     end
     _, id = C.kind(path, true)
     h = {handle = handle, count = 0}

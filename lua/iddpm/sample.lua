@@ -31,7 +31,7 @@ local D = require "iddpm.diffusion"
 local C = require "iddpm.checkpoint"
 local image = require "iddpm.image"
 local io_ = iddpm.io
-local lfs_ok, lfs = pcall(require, "lfs")
+local fs = require "iddpm.fs"
 
 local S = {}
 
@@ -49,41 +49,12 @@ S.fmt_time = fmt_time
 
 -- ---------------------------------------------------------------- files
 
-local function is_dir(p)
-  if lfs_ok then return lfs.attributes(p, "mode") == "directory" end
-  return os.execute(('test -d "%s"'):format(p)) == true
-end
+local is_dir, exists = fs.is_dir, fs.exists
 
-local function exists(p)
-  if lfs_ok then return lfs.attributes(p, "mode") ~= nil end
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local function mkdir_p(p) fs.mkdir_p(p, "out") end
 
-local function mkdir_p(p)
-  if is_dir(p) then return end
-  if lfs_ok then
-    local acc = p:sub(1, 1) == "/" and "" or "."
-    for part in p:gmatch("[^/]+") do
-      acc = acc .. "/" .. part
-      if not is_dir(acc) then
-        local ok, err = lfs.mkdir(acc)
-        if not ok and not is_dir(acc) then fail(("cannot create %s: %s"):format(acc, err)) end
-      end
-    end
-  elseif not os.execute(('mkdir -p "%s"'):format(p)) then
-    fail("cannot create directory " .. p)
-  end
-end
-
-local function write_text(path, text)
-  local tmp = path .. ".tmp"
-  local f = assert(io.open(tmp, "wb"))
-  f:write(text)
-  f:close()
-  assert(os.rename(tmp, path))
-end
+-- checked: exclusive temp file, every write, flush and close checked, renamed into place
+local function write_text(path, text) fs.write_atomic(path, text) end
 
 -- ---------------------------------------------------------------- checkpoints
 
@@ -544,6 +515,7 @@ function S.main(...)
   local nc = info.unet.num_classes
   local cls = parse_class(o.class, nc)
   local labels = S.make_labels(cls, N, nc, o.seed)
+  fs.check_path(out, "out")
   if exists(out) and not is_dir(out) then fail(("out=%s exists and is not a directory"):format(out)) end
   local cfg = model.config
   local K = diff.num_timesteps
@@ -560,6 +532,8 @@ function S.main(...)
   print(("expected time: %s (%d batches x %d steps x %.3fs per model call)"):format(
     fmt_time(per_call * nb * K), nb, K, per_call))
   mkdir_p(out)
+  -- temp files of an earlier run that crashed (<name>.tmp.<pid>.<k>, pid no longer alive)
+  fs.clean_stale_temps(out)
   local save_each = o.save_each ~= false
   local rec_opts = o.animate and {samples = o.animate_samples or 4, frames = o.frames or 10} or nil
   local u8s = {}

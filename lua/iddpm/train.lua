@@ -39,6 +39,7 @@ local image = require "iddpm.image"
 local recipe = require "iddpm.recipe"
 local plot = require "iddpm.plot"
 local device = require "iddpm.device"
+local fs = require "iddpm.fs"
 
 local train = {}
 
@@ -57,8 +58,6 @@ local function fmt_time(s)
   if s >= 60 then return ("%dm%02ds"):format(s // 60, s % 60) end
   return ("%ds"):format(s)
 end
-
-local function mkdir(dir) os.execute(("mkdir -p '%s'"):format(dir:gsub("'", "'\\''"))) end
 
 -- ---------------------------------------------------------------- construction
 
@@ -91,8 +90,11 @@ function train.new(c, opts)
   if not opts.quiet and self.device ~= "cpu" then
     say("device: %s (%s), precision %s", self.device, require("iddpm").cuda.device_name(), self.precision)
   end
-  mkdir(c.run_dir)
-  os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
+  -- the run directory: created (no shell), locked against a second trainer for as long
+  -- as this one lives, then cleared of the temp files of a killed save
+  fs.mkdir_p(fs.check_path(c.run_dir, "run_dir"), "run_dir")
+  self.lock = fs.lock_dir(c.run_dir, "run_dir")
+  fs.clean_stale_temps(c.run_dir)
   -- data
   local t0 = data.now()
   self.ds = data.load{dataset = c.dataset, data_dir = c.data_dir, image_size = c.image_size, in_channels = c.in_channels,
@@ -235,20 +237,14 @@ function Trainer:resume()
   self.step = ck.step
   self.last_saved = ck.step
   self.resumed_from = ck.step
-  -- drop log lines written after this checkpoint by the run that stopped
-  local logp = c.run_dir .. "/log.jsonl"
-  local f = io.open(logp, "r")
-  if f then
-    local keep = {}
-    for line in f:lines() do
-      local s = tonumber(line:match('"step":(%d+)'))
-      if not s or s <= ck.step then keep[#keep + 1] = line end
-    end
-    f:close()
-    f = io.open(logp, "w")
-    for _, line in ipairs(keep) do f:write(line, "\n") end
-    f:close()
-  end
+  -- drop log lines written after this checkpoint by the run that stopped (and a record
+  -- cut short by a crash): the kept lines go to a new file renamed over the log, so a
+  -- crash here leaves the old log or the new one, never a truncated file
+  fs.rewrite_lines(c.run_dir .. "/log.jsonl", function(line)
+    if not line:match("^{.*}$") then return false end
+    local st = tonumber(line:match('"step":(%d+)'))
+    return not st or st <= ck.step
+  end)
   say("resumed from step %d (%s)", ck.step, path)
 end
 
@@ -380,8 +376,7 @@ function Trainer:log(t_start, step_start)
   local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
     stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
   if not self.quiet then say("%s", line) end
-  local f = io.open(c.run_dir .. "/log.jsonl", "a")
-  if f then f:write(io_.json_encode(rec), "\n") f:close() end
+  fs.append(c.run_dir .. "/log.jsonl", io_.json_encode(rec) .. "\n")   -- a failed write raises
   self.curve[#self.curve + 1] = {self.step, rec.loss}
   self.last_log = rec
   self.acc = nil
@@ -487,7 +482,10 @@ function Trainer:run()
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
 end
 
-function Trainer:close() self.loader:close() end
+function Trainer:close()
+  self.loader:close()
+  if self.lock then self.lock:release(); self.lock = nil end
+end
 
 -- ---------------------------------------------------------------- entry point
 
