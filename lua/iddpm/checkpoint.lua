@@ -77,6 +77,19 @@ function C.read(path)
           ema_rates = io_.json_decode(meta.ema_rates or "[]"), opt_step = tonumber(meta.opt_step or "0")}
 end
 
+-- error unless tensor src (name in the checkpoint at path) has exactly dst's shape:
+-- copy_ would broadcast a (1,C) into (C,C) or a numel-equal reshape would scramble
+function C.check_shape(path, name, src, dst)
+  local a, b = src:shape(), dst:shape()
+  local same = #a == #b
+  for i = 1, #b do if a[i] ~= b[i] then same = false end end
+  if not same then
+    error(("checkpoint %s: %s has shape (%s), the model expects (%s)"):format(path, name,
+      table.concat(a, ","), table.concat(b, ",")), 0)
+  end
+  return src
+end
+
 -- the tensors under a prefix ("model." or "ema_0.9999."), prefix removed
 function C.subset(tensors, prefix)
   local r = {}

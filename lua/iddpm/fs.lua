@@ -5,6 +5,7 @@
 --   fs.check_path(p, what)     error unless p is a non-empty, not all-blank string
 --   fs.kind(p [, nofollow])    "file" | "directory" | "link" | "fifo" | ... | nil
 --   fs.is_dir(p), fs.is_file(p) (regular file), fs.exists(p)   (follow links; never open)
+--   fs.file_id(p)              "dev:ino" of p itself (a rename over p gives a new one)
 --   fs.mkdir_p(p, what)        create p and its parents (error names p and what)
 --   fs.list(dir)               sorted names in dir ({} if dir is missing)
 --   fs.walk(dir)               sorted paths of the regular files below dir (recursive;
@@ -42,6 +43,7 @@ function fs.kind(p, nofollow)
   if type(p) ~= "string" or p == "" then return nil end
   return (C.kind(p, nofollow))
 end
+function fs.file_id(p) local _, id = C.kind(p, true) return id end   -- "dev:ino" or nil
 function fs.is_dir(p) return fs.kind(p) == "directory" end
 function fs.is_file(p) return fs.kind(p) == "file" end
 function fs.exists(p) return fs.kind(p, true) ~= nil end

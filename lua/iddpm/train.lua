@@ -209,16 +209,23 @@ function Trainer:resume()
     end
   end
   local tz = ck.tensors
-  self.model:load_state_dict(checkpoint.subset(tz, "model."))
+  local okm, errm = pcall(self.model.load_state_dict, self.model, checkpoint.subset(tz, "model."), {prefix = ""})
+  if not okm then error(("resume: %s: %s"):format(path, tostring(errm):gsub("^[^:]*module%.lua:%d+: ", "")), 0) end
   for _, e in ipairs(self.emas) do
     local sd = checkpoint.subset(tz, "ema_" .. e.rate .. ".")
     T.no_grad(function()
       for i, n in ipairs(self.names) do
         local src = sd[n]
         if not src then error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n), 0) end
-        e.ema.shadow[i]:copy_(src)
+        e.ema.shadow[i]:copy_(checkpoint.check_shape(path, "ema_" .. e.rate .. "." .. n, src, e.ema.shadow[i]))
       end
     end)
+  end
+  for i, n in ipairs(self.names) do
+    for _, mv in ipairs{"m", "v"} do
+      local src = tz["opt." .. mv .. "." .. n]
+      if src then checkpoint.check_shape(path, "opt." .. mv .. "." .. n, src, self.opt[mv][i]) end
+    end
   end
   self.opt:load_state_tensors(tz, self.names, "opt.", ck.opt_step)
   local ex = checkpoint.subset(tz, "extra.")
