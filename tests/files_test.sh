@@ -99,12 +99,18 @@ printf '\0\0\10\1\0\0\0\2\1\2' >idx/train-labels-idx1-ubyte
 train max_steps=1 run_dir=idxrun dataset=idx data_dir=idx
 check "train: an IDX FIFO fails at once: not a regular file" eval '[ $rc != 0 ] && [ $rc != 124 ] && has "not a regular file"'
 
+mkfifo fifo.npz fifo.png fifo.bin
+for call in 'io.npz_read("fifo.npz")' 'io.png_read("fifo.png")' 'io.cifar10_read("fifo.bin")' 'tensor.load("fifo.npz")'; do
+    run -e "local ok, e = pcall(function() return require('iddpm').$call end) print(ok, e)"
+    check "reader $call: a FIFO is refused at once" eval '[ $rc = 0 ] && has "false" && has "not a regular file"'
+done
+
 # ---------------------------------------------------------------- lock and SIGTERM
 # shellcheck disable=SC2086
 "$BIN" run "$TRAIN" $TINY max_steps=100000 save_interval=100000 lr=1e-4 run_dir=locked >"$TMP/first" 2>&1 </dev/null &
 first=$!
 PIDS+=("$first")
-for _ in $(seq 300); do grep -q "step 2/" "$TMP/first" && break; sleep 0.1; done
+for _ in $(seq 300); do grep -qs "step 2/" "$TMP/first" && break; sleep 0.1; done
 start=$(date +%s)
 train max_steps=3 lr=2e-4 run_dir=locked
 check "lock: a second trainer fails at once, naming the first one's pid" \
