@@ -10,7 +10,8 @@
 #   - FIFOs named ckpt_*.safetensors / as an IDX file / as ckpt=: never blocked on
 #   - a second trainer on a locked run directory fails at once, naming the holder's pid;
 #     SIGTERM makes the first one save a checkpoint and exit
-#   - full disk (ulimit -f, SIGXFSZ ignored -> EFBIG): `iddpm sample` fails naming the
+#   - full disk (a full tmpfs where mount is allowed; ulimit -f with SIGXFSZ ignored ->
+#     EFBIG everywhere): `iddpm sample` fails naming the
 #     file and leaves no empty settings.json; a log record is never cut in half; the
 #     trainer stops with an error naming log.jsonl
 #   - `iddpm sample` removes its stale temp files (dead pid) and keeps others
@@ -21,7 +22,8 @@ BIN=$(realpath "${1:?usage: $0 path/to/iddpm}")
 REPO=$(pwd)
 TMP=$(mktemp -d)
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done; rm -rf "$TMP"' EXIT
+MOUNTED=
+trap 'for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done; [ -n "$MOUNTED" ] && umount "$MOUNTED"; rm -rf "$TMP"' EXIT
 fails=0
 LIMIT=${FILES_TEST_LIMIT:-60}   # seconds before a command that should finish at once counts as blocked
 
@@ -132,6 +134,20 @@ rc=$?
 check "full disk: sample fails, naming the file" eval '[ $rc != 0 ] && has "full/settings.json"'
 check "full disk: no empty or partial settings.json, no temp file left" \
     eval '[ ! -e full/settings.json ] && [ -z "$(ls full | grep "\.tmp")" ]'
+# a real full disk where mounting is allowed (root): a 64 KiB tmpfs with two pages free
+# holds the npz and grid.png; settings.json then fails with ENOSPC
+mkdir -p tfs
+if mount -t tmpfs -o size=64k tmpfs tfs 2>/dev/null; then
+    MOUNTED=$W/tfs
+    head -c 57344 /dev/zero >tfs/filler
+    run sample "ckpt=bob's run" out=tfs/o num_samples=2 steps=5 progress=false save_each=false
+    check "full tmpfs: sample fails naming settings.json (No space left)" \
+        eval '[ $rc != 0 ] && has "tfs/o/settings.json" && has "No space left"'
+    check "full tmpfs: no settings.json, no temp file left" eval '[ ! -e tfs/o/settings.json ] && [ -z "$(ls tfs/o | grep "\.tmp")" ]'
+    umount tfs && MOUNTED=
+else
+    echo "# tmpfs cannot be mounted here (not root?): the ulimit checks stand in for it"
+fi
 head -c 1000 /dev/zero | tr '\0' 'x' >big.log
 ( ulimit -f 1; trap '' XFSZ; exec "$BIN" -e 'require("iddpm.fs").append("big.log", ("y"):rep(100) .. "\n")' ) >"$TMP/out" 2>&1
 rc=$?

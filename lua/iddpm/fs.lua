@@ -80,8 +80,13 @@ function fs.walk(dir, out)
   return out
 end
 
-function fs.write_atomic(p, s) fs.check_path(p, "file"); C.write_atomic(p, s) end
-function fs.append(p, s) fs.check_path(p, "file"); C.append(p, s) end
+-- errors of the C calls carry the file name; the Lua position is left off
+local function call(f, ...)
+  local ok, err = pcall(f, ...)
+  if not ok then error((tostring(err):gsub("^[^:]*fs%.lua:%d+: ", "")), 0) end
+end
+function fs.write_atomic(p, s) fs.check_path(p, "file"); call(C.write_atomic, p, s) end
+function fs.append(p, s) fs.check_path(p, "file"); call(C.append, p, s) end
 function fs.remove(p) return C.remove(p) end
 
 function fs.rewrite_lines(p, keep)
@@ -94,7 +99,7 @@ function fs.rewrite_lines(p, keep)
   end
   f:close()
   if dropped == 0 then return false end
-  C.write_atomic(p, #kept > 0 and (table.concat(kept, "\n") .. "\n") or "")
+  call(C.write_atomic, p, #kept > 0 and (table.concat(kept, "\n") .. "\n") or "")
   return true
 end
 
