@@ -9,6 +9,7 @@
 --
 --   iddpm run recipes/eval_nll.lua checkpoint=runs/fmnist data=/usr/share/datasets/fashion-mnist \
 --        [split=test] [num=N (all)] [batch_size=16] [ema=0.9999|model] [out=DIR] [clip_denoised=true]
+--   out= defaults to RUN/eval when checkpoint= is a run directory, else "."
 --        [device=cpu|cuda] [precision=auto|fp32|tf32|bf16]
 -- device=cuda runs the model and every diffusion op of calc_bpd_loop on the GPU.
 -- Data go in as the model was trained on them: uint8 -> x/127.5 - 1.
@@ -92,7 +93,8 @@ for i = 1, N, o.batch_size do
 end
 
 local bpd = running / N
-local out = o.out or "."
+-- default: RUN/eval when checkpoint= is a run directory (the run report reads RUN/eval/*.json)
+local out = o.out or (fs.is_dir(o.checkpoint) and (o.checkpoint .. "/eval") or ".")
 fs.mkdir_p(out, "out")   -- no shell: out= is only ever a directory name
 local tot, pri = T.from_table(totals, {N}):double(), T.from_table(priors, {N}):double()
 for k, acc in pairs(sums) do

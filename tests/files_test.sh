@@ -126,9 +126,9 @@ train max_steps=$(( ${at:-0} + 1 )) run_dir=locked
 check "lock: released when the holder exits; the run resumes" eval '[ $rc = 0 ] && has "resumed from step ${at:-x}"'
 
 # ---------------------------------------------------------------- full disk
-# settings.json (~1.3 KB) exceeds a 1 KiB file-size limit; the images and npz do not
+# settings.json (~1.3 KB) exceeds a 1 KiB file-size limit; the images (grid_scale=1) and npz do not
 mkdir -p full
-( ulimit -f 1; trap '' XFSZ; exec timeout "$LIMIT" "$BIN" sample "ckpt=bob's run" out=full num_samples=2 steps=5 progress=false ) \
+( ulimit -f 1; trap '' XFSZ; exec timeout "$LIMIT" "$BIN" sample "ckpt=bob's run" out=full num_samples=2 steps=5 progress=false grid_scale=1 ) \
     >"$TMP/out" 2>&1
 rc=$?
 check "full disk: sample fails, naming the file" eval '[ $rc != 0 ] && has "full/settings.json"'
@@ -140,7 +140,7 @@ mkdir -p tfs
 if mount -t tmpfs -o size=64k tmpfs tfs 2>/dev/null; then
     MOUNTED=$W/tfs
     head -c 57344 /dev/zero >tfs/filler
-    run sample "ckpt=bob's run" out=tfs/o num_samples=2 steps=5 progress=false save_each=false
+    run sample "ckpt=bob's run" out=tfs/o num_samples=2 steps=5 progress=false save_each=false grid_scale=1
     check "full tmpfs: sample fails naming settings.json (No space left)" \
         eval '[ $rc != 0 ] && has "tfs/o/settings.json" && has "No space left"'
     check "full tmpfs: no settings.json, no temp file left" eval '[ ! -e tfs/o/settings.json ] && [ -z "$(ls tfs/o | grep "\.tmp")" ]'

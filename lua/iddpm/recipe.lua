@@ -36,7 +36,7 @@ R.KEYS = {
   {"use_fp16", "bool", false, "accepted for compatibility; must be false"},
   -- diffusion
   {"diffusion_steps", "int", 1000, "T"},
-  {"noise_schedule", "str", "linear", "linear or cosine"},
+  {"noise_schedule", "schedule", "linear", "linear, cosine, (in a recipe) a function alpha_bar(t), t in [0,1], or a table of betas"},
   {"timestep_respacing", "str", "", "respacing for training (normally empty)"},
   {"use_kl", "bool", false, "train on L_vlb (rescaled KL)"},
   {"predict_xstart", "bool", false, "model predicts x_0 instead of eps"},
@@ -71,6 +71,7 @@ R.KEYS = {
   {"sample_interval", "int", 0, "steps between sample grids (0 = only at the end)"},
   {"sample_steps", "str", "100", "respacing used for the sample grids (e.g. 50, ddim50)"},
   {"num_samples", "int", 16, "images in each sample grid"},
+  {"grid_scale", "int", 0, "sample grids: upscale each image this many times (nearest); 0 = so that a grid is >= 512 px wide"},
   {"num_threads", "int", 0, "engine threads (0 = all cores)"},
   {"device", "str", "cpu", "cpu or cuda (model, EMA, optimizer state, batches and noise on that device)"},
   {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda: bf16 channels-last activations, bf16 products, fp32 weights and optimizer), fp32, tf32 or bf16; the CPU uses fp32"},
@@ -122,6 +123,24 @@ function R.convert(key, v)
   if ty == nil then unknown(key, "") end
   local function bad(what) error(("config key '%s': %s (expected %s)"):format(key, what, ty == "int" and "an integer"
     or ty == "num" and "a number" or ty == "bool" and "true or false" or "a string"), 0) end
+  if ty == "schedule" then
+    -- a name, or (from a recipe) a function alpha_bar(t) or a table of betas, kept as is;
+    -- the checkpoint stores the resulting betas (train.lua)
+    if type(v) == "function" then return v end
+    if type(v) == "table" then
+      if #v == 0 then error(("config key '%s': an empty table (expected a list of betas)"):format(key), 0) end
+      for i = 1, #v do
+        if type(v[i]) ~= "number" or not (v[i] > 0 and v[i] <= 1) then
+          error(("config key '%s': betas[%d] = %s is not a number in (0, 1]"):format(key, i, tostring(v[i])), 0)
+        end
+      end
+      return v
+    end
+    if type(v) ~= "string" then
+      error(("config key '%s': a %s (expected linear, cosine, a function alpha_bar(t) or a table of betas)"):format(key, type(v)), 0)
+    end
+    return v
+  end
   if ty == "bool" then
     if type(v) == "boolean" then return v end
     local s = tostring(v):lower()
@@ -187,6 +206,15 @@ function R.resolve(cfg, args)
   if not require("iddpm.device").PRECISIONS[c.precision] then
     error(("config key 'precision': %q (expected auto, fp32, tf32 or bf16)"):format(c.precision), 0)
   end
+  if type(c.noise_schedule) == "table" then   -- T is the table's length
+    local n = #c.noise_schedule
+    if cfg and cfg.diffusion_steps ~= nil or over.diffusion_steps ~= nil then
+      if c.diffusion_steps ~= n then
+        error(("config: diffusion_steps = %d but the noise_schedule table has %d betas"):format(c.diffusion_steps, n), 0)
+      end
+    end
+    c.diffusion_steps = n
+  end
   if c.batch_size < 1 then error("config key 'batch_size' must be >= 1", 0) end
   for r in c.ema_rate:gmatch("[^,]+") do
     local x = tonumber(r)
@@ -195,11 +223,17 @@ function R.resolve(cfg, args)
   return c
 end
 
+-- a function or table noise_schedule in words (nil for anything else)
+function R.schedule_name(v)
+  if type(v) == "function" then return "function alpha_bar(t) (from the recipe)" end
+  if type(v) == "table" then return ("table of %d betas (from the recipe)"):format(#v) end
+end
+
 function R.describe(c)
   local lines = {}
   for _, k in ipairs(R.KEYS) do
     local v = c[k[1]]
-    local s = type(v) == "string" and ("%q"):format(v) or tostring(v)
+    local s = type(v) == "string" and ("%q"):format(v) or R.schedule_name(v) or tostring(v)
     lines[#lines + 1] = ("  %-24s %s%s"):format(k[1], s, v ~= k[3] and "   *" or "")
   end
   return table.concat(lines, "\n")

@@ -23,7 +23,8 @@
 -- Outputs of S.main in out/: sample_<i, 6 digits>.png, grid.png,
 -- samples_NxHxWxC.npz (arr_0 uint8 NHWC, arr_1 int64 labels when class-conditional),
 -- settings.json, and with animate=true denoise.png (rows: x_t and pred x_0 of each
--- recorded sample, columns: steps) and denoise.gif. Every file is written to a
+-- recorded sample, columns: steps, each labelled with its timestep) and denoise.gif.
+-- grid.png and denoise.png are upscaled (nearest) to at least 512 px wide unless grid_scale= says. Every file is written to a
 -- temporary name and renamed.
 local iddpm = require "iddpm"
 local T = iddpm.tensor
@@ -100,13 +101,20 @@ end
 
 -- steps: nil/"" (the checkpoint's timestep_respacing, else every step), a number of
 -- steps, a section list "10,15,20", or "ddimN" (DDIM). -> diffusion, sampler name
-function S.diffusion(cfg, steps, sampler)
+-- betas: the checkpoint's diffusion.betas (a Lua array), which win over the config's
+-- noise_schedule (required when that is "custom": a recipe's function or table)
+function S.diffusion(cfg, steps, sampler, betas)
   local T0 = math.tointeger(cfg.diffusion_steps or cfg.steps or 1000)
+  if betas then T0 = #betas end
+  local sched = betas or cfg.noise_schedule or "linear"
+  if sched == "custom" then
+    fail("this checkpoint's noise_schedule is \"custom\" (a recipe's function or table) but it holds no diffusion.betas")
+  end
   local resp = steps
   if resp == nil or resp == "" then resp = cfg.timestep_respacing or "" end
   resp = tostring(resp)
   if resp == tostring(T0) then resp = "" end
-  local ok, diff = pcall(D.new, {steps = T0, noise_schedule = cfg.noise_schedule or "linear",
+  local ok, diff = pcall(D.new, {steps = T0, noise_schedule = sched,
     learn_sigma = cfg.learn_sigma and true or false, sigma_small = cfg.sigma_small and true or false,
     use_kl = cfg.use_kl and true or false, predict_xstart = cfg.predict_xstart and true or false,
     rescale_timesteps = cfg.rescale_timesteps ~= false, rescale_learned_sigmas = cfg.rescale_learned_sigmas ~= false,
@@ -127,7 +135,8 @@ function S.load(path, opts)
   local ok, ck = pcall(C.read, file)
   if not ok then fail(tostring(ck):gsub("^[^:]*checkpoint%.lua:%d+: ", "")) end
   local cfg = S.flat_config(ck.config)
-  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler)
+  local betas = ck.tensors["diffusion.betas"] and ck.tensors["diffusion.betas"]:totable()
+  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler, betas)
   local ucfg = S.unet_config(cfg)
   -- which weights
   local prefix, rate
@@ -372,6 +381,7 @@ S.OPTIONS = {
   class = "class-conditional models: K, a list 1,5,7 (cycled) or random",
   out = "output directory (samples)",
   grid_max = "images in grid.png (64)",
+  grid_scale = "upscale grid.png and denoise.png this many times, nearest (0 = auto: at least 512 px wide)",
   save_each = "one PNG per image (true)",
   animate = "also write denoise.png and denoise.gif (false)",
   frames = "steps shown by animate (10)",
@@ -387,7 +397,7 @@ S.OPTIONS = {
 
 local BOOL = {exact = true, use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true,
   graph = true}
-local INT = {num_samples = true, batch_size = true, seed = true, grid_max = true, frames = true,
+local INT = {num_samples = true, batch_size = true, seed = true, grid_max = true, grid_scale = true, frames = true,
   animate_samples = true, gif_delay = true, threads = true}
 
 local function valid_list()
@@ -491,12 +501,42 @@ end
 
 -- write dir/denoise.png (strip) and dir/denoise.gif of a record from S.generate
 -- (opts.record); opts.delay in 1/100 s (20), opts.name ("denoise") -> the two paths
+-- the strip as a labelled picture: the grid (upscaled, opts.scale or auto) with a band
+-- on top naming each column's timestep ("T=999") and one on the left naming the rows
+-- ("X_T": the noisy x_t, "X_0": the predicted x_0) -> u8 (H,W,C), layout
+function S.denoise_picture(rec, opts)
+  opts = opts or {}
+  local K = require "iddpm.canvas"
+  local strip, cols = denoise_strip(rec)
+  local pad = 2
+  local g, sc = image.grid(strip, {cols = cols, scale = opts.scale or 0, pad = pad})
+  local sh, s1 = g:shape(), rec.xt[1]:shape()
+  local H, W, C, h, w = sh[1], sh[2], sh[3], s1[3], s1[4]
+  local colw = sc * w
+  local widest = ("T=%d"):format(rec.t[1] or 0)
+  local fs = K.text_width(widest, 2) <= colw - 2 and 2 or 1
+  local band_h, left_w = K.text_height(fs) + 8, K.text_width("X_0", fs) + 10
+  local top = K.new(left_w + W, band_h, {255, 255, 255}, C)
+  local layout = {scale = sc, font = fs, band_h = band_h, left_w = left_w, columns = {}}
+  for q = 0, cols - 1 do
+    local cx = left_w + sc * (pad + q * (w + pad)) + colw // 2
+    top:label(cx, band_h // 2, ("T=%d"):format(rec.t[q + 1] or 0), {0, 0, 0}, fs, "center", "middle")
+    layout.columns[q + 1] = cx
+  end
+  local left = K.new(left_w, H, {255, 255, 255}, C)
+  local rows = H // sc // (h + pad)
+  for r = 0, rows - 1 do
+    local cy = sc * (pad + r * (h + pad)) + sc * h // 2
+    left:label(left_w - 6, cy, r % 2 == 0 and "X_T" or "X_0", {0, 0, 0}, fs, "right", "middle")
+  end
+  return T.cat({top:tensor(), T.cat({left:tensor(), g}, 2)}, 1), layout
+end
+
 function S.save_denoise(dir, rec, opts)
   opts = opts or {}
   local name = opts.name or "denoise"
-  local strip, cols = denoise_strip(rec)
   local png, gif = ("%s/%s.png"):format(dir, name), ("%s/%s.gif"):format(dir, name)
-  image.save_grid(png, strip, {cols = cols})
+  io_.png_write(png, (S.denoise_picture(rec, {scale = opts.scale})))
   local frames, rs = denoise_frames(rec)
   image.save_gif(gif, frames, {cols = rs, delay = opts.delay or 20})
   return png, gif
@@ -554,10 +594,10 @@ function S.main(...)
   if labels then arrays[2] = {"arr_1", T.from_table(labels, {N}, "int64")} end
   io_.npz_write(npz, arrays)
   local gm = math.min(N, o.grid_max or 64)
-  image.save_grid(out .. "/grid.png", u:narrow(1, 1, gm))
+  image.save_grid(out .. "/grid.png", u:narrow(1, 1, gm), {scale = o.grid_scale or 0})
   local written = {npz, out .. "/grid.png"}
   if rec then
-    local png, gif = S.save_denoise(out, rec, {delay = o.gif_delay})
+    local png, gif = S.save_denoise(out, rec, {delay = o.gif_delay, scale = o.grid_scale})
     written[#written + 1] = png
     written[#written + 1] = gif
     print(("denoise.png: rows x_t and predicted x_0 of %d samples; columns at timesteps %s"):format(

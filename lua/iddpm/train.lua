@@ -171,13 +171,15 @@ end
 function Trainer:stored_config()
   local c = {}
   for k, v in pairs(self.c) do c[k] = v end
+  -- a function or table schedule lives on as the checkpoint's diffusion.betas
+  if type(c.noise_schedule) ~= "string" then c.noise_schedule = "custom" end
   return c
 end
 
 function Trainer:save()
   if self.last_saved == self.step then return end
   local path = checkpoint.save(self.c.run_dir, {model = self.model, emas = self.emas, opt = self.opt, extra = self:extra(),
-    step = self.step, config = self:stored_config(), meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version}})
+    step = self.step, config = self:stored_config(), betas = self.diffusion.base_betas, meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version}})
   self.last_saved = self.step
   if self.c.keep_checkpoints > 0 then checkpoint.prune(self.c.run_dir, self.c.keep_checkpoints) end
   self:plot_loss()
@@ -201,8 +203,19 @@ function Trainer:resume()
     return
   end
   local ck = checkpoint.read(path)
+  local stored_betas = ck.tensors["diffusion.betas"]
+  if stored_betas then   -- the schedule itself must agree, whatever wrote it
+    local a, b = stored_betas:totable(), self.diffusion.base_betas
+    local same = #a == #b
+    for i = 1, same and #a or 0 do if math.abs(a[i] - b[i]) > 1e-12 * math.max(1, math.abs(b[i])) then same = false end end
+    if not same then
+      error(("resume: %s was saved with another noise schedule (its diffusion.betas differ from this run's); use another " ..
+        "run_dir, or resume=none to start over"):format(path), 0)
+    end
+  end
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
+    if k == "noise_schedule" and type(b) ~= "string" then b = "custom" end
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
       error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
         :format(path, k, tostring(a), k, tostring(b)), 0)
@@ -389,9 +402,17 @@ function Trainer:log(t_start, step_start)
   self.acc = nil
 end
 
+-- RUN/loss.png: loss, mse, vb and lr from log.jsonl (iddpm.plot.training); a run
+-- whose log is gone falls back to the loss curve kept in the checkpoints
 function Trainer:plot_loss()
-  if #self.curve < 2 then return end
-  pcall(plot.loss_curve, self.c.run_dir .. "/loss.png", self.curve)
+  local recs = plot.read_log(self.c.run_dir .. "/log.jsonl")
+  if #recs < 2 then
+    recs = {}
+    for i, p in ipairs(self.curve) do recs[i] = {step = p[1], loss = p[2]} end
+  end
+  if #recs < 2 then return end
+  local ok, err = pcall(plot.training, self.c.run_dir .. "/loss.png", recs)
+  if not ok and not self.quiet then say("loss.png not written: %s", tostring(err)) end
 end
 
 -- a grid of samples from the (first) EMA weights with the respaced sampler
@@ -419,7 +440,7 @@ function Trainer:sample_grid()
   if not ok then error(x, 0) end
   x = x:to("cpu")
   local path = ("%s/samples_%08d.png"):format(c.run_dir, self.step)
-  image.save_grid(path, x, {cols = math.ceil(math.sqrt(n))})
+  image.save_grid(path, x, {cols = math.ceil(math.sqrt(n)), scale = c.grid_scale})
   if not self.quiet then say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
     sd.num_timesteps, data.now() - t0, path) end
   self.last_grid = path
@@ -485,6 +506,8 @@ function Trainer:run()
   self:save()
   self:plot_loss()
   if c.num_samples > 0 then self:sample_grid() end
+  local okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end)
+  if not self.quiet then say(okr and "run report: %s" or "run report not written: %s", tostring(rep)) end
   return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
 end

@@ -121,8 +121,22 @@ H.check("denoise.gif is a GIF", read(out .. "/denoise.gif"):sub(1, 6) == "GIF89a
 H.check("no temporary files left", not exists(out .. "/grid.png.tmp") and not exists(out .. "/settings.json.tmp"))
 local g = iddpm.io.png_read(out .. "/denoise.png")
 local gs = g:shape()
--- 2 samples x 2 rows (x_t, x_0) = 4 rows of 8px + pad 2; 3 columns
-H.check(("denoise.png is 4 rows x 3 columns (%s)"):format(table.concat(gs, "x")), gs[1] == 4 * 10 + 2 and gs[2] == 3 * 10 + 2)
+-- 2 samples x 2 rows (x_t, x_0) = 4 rows of 8px + pad 2; 3 columns; upscaled (auto) by
+-- ceil(512 / 32) = 16; a band of column labels on top (font scale 2: 7*2 + 8 = 22 px) and
+-- of row labels on the left ("X_0" at scale 2: (3*6 - 1)*2 + 10 = 44 px)
+H.check(("denoise.png is 4 rows x 3 columns, x16, with label bands (%s)"):format(table.concat(gs, "x")),
+  gs[1] == 22 + 16 * (4 * 10 + 2) and gs[2] == 44 + 16 * (3 * 10 + 2))
+do   -- every column has ink in the band above it (its "T=..." label)
+  local inked = 0
+  for q = 0, 2 do
+    local cx = 44 + 16 * (2 + q * 10 + 4)
+    local band = g:narrow(1, 1, 22):narrow(2, cx - 20 + 1, 40):float()
+    if band:min():item() < 128 then inked = inked + 1 end
+  end
+  H.check("denoise.png: a timestep label above each column", inked == 3, inked)
+  local gg = iddpm.io.png_read(out .. "/grid.png"):shape()
+  H.check(("grid.png upscaled to >= 512 px wide (%s)"):format(table.concat(gg, "x")), gg[2] >= 512)
+end
 local z = iddpm.io.npz_read(out .. "/samples_5x8x8x3.npz")
 H.check("npz read back: arr_0 uint8 (5,8,8,3)", z.arr_0:dtype() == "uint8" and table.concat(z.arr_0:shape(), ",") == "5,8,8,3")
 H.check("npz equals the images", max_abs(z.arr_0:float(), iddpm.image.nhwc(r.images):float()) == 0)
