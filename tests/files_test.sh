@@ -68,6 +68,10 @@ check "run_dir=<blanks> is an error" eval '[ $rc != 0 ] && has run_dir'
 check "empty run_dir: nothing written here or in /" \
     eval '[ "$(ls -A "$W" | sort | tr "\n" "|")" = "$before" ] && [ "$(ls -A / | sort | tr "\n" "|")" = "$rootbefore" ]'
 
+run sample "ckpt=bob's run" out= num_samples=1 steps=5
+check "sample out= (empty) is an error, nothing written" \
+    eval '[ $rc != 0 ] && has "out is empty" && [ "$(ls -A "$W" | sort | tr "\n" "|")" = "$before" ]'
+
 # eval_nll with a command substitution in out=: a folder of two 8x8 PNGs as data
 mkdir -p png
 "$BIN" -e 'local T = require("iddpm").tensor; local io_ = require("iddpm").io

@@ -20,10 +20,10 @@
 --                              writer process is gone; returns how many
 --   fs.TEMP_PATTERN            the Lua pattern of those temp names
 --
--- Locks: flock(2) on RUN/lock, held while the returned handle lives (a trainer keeps it
--- until it closes, or the process ends). A second process fails at once with an error
--- naming the holder ("pid 1234 on host h"); within one process the same directory may
--- be locked again (the count goes up; :release() brings it down).
+-- Locks: flock(2) on RUN/lock, held until every lock_dir of it in this process is
+-- :release()d (a trainer never releases: the lock lasts until the process exits). A
+-- second process fails at once with an error naming the holder ("pid 1234 on host h");
+-- within one process the same directory may be locked again (a count goes up).
 local C = require "iddpm._fs"
 
 local fs = {}

@@ -90,8 +90,8 @@ function train.new(c, opts)
   if not opts.quiet and self.device ~= "cpu" then
     say("device: %s (%s), precision %s", self.device, require("iddpm").cuda.device_name(), self.precision)
   end
-  -- the run directory: created (no shell), locked against a second trainer for as long
-  -- as this one lives, then cleared of the temp files of a killed save
+  -- the run directory: created (no shell), locked against a second trainer for the life
+  -- of this process, then cleared of the temp files of a killed save
   fs.mkdir_p(fs.check_path(c.run_dir, "run_dir"), "run_dir")
   self.lock = fs.lock_dir(c.run_dir, "run_dir")
   fs.clean_stale_temps(c.run_dir)
@@ -512,10 +512,9 @@ function Trainer:run()
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
 end
 
-function Trainer:close()
-  self.loader:close()
-  if self.lock then self.lock:release(); self.lock = nil end
-end
+-- (the run_dir lock stays with the process until it exits: the report and anything
+-- else written after training are covered too; this process may lock it again)
+function Trainer:close() self.loader:close() end
 
 -- ---------------------------------------------------------------- entry point
 
