@@ -1,4 +1,4 @@
--- iddpm/checkpoint.lua — run-directory checkpoints (DESIGN §5).
+-- iddpm/checkpoint.lua — run-directory checkpoints.
 --
 -- One safetensors file per save, RUN/ckpt_<step, 8 digits>.safetensors, holding:
 --   model.<param>            the model's parameters (official names after the prefix)

@@ -104,8 +104,8 @@ fails("ddim without stride", {"ckpt=" .. uncond, "steps=ddim8"}, "steps=ddim8 do
 fails("class on unconditional", {"ckpt=" .. uncond, "steps=5", "class=1"}, "unconditional")
 fails("class missing on conditional", {"ckpt=" .. cond, "steps=5"}, "class-conditional (3 classes)")
 fails("class out of range", {"ckpt=" .. cond, "steps=5", "class=3"}, "not a class of this model")
-fails("unknown key", {"ckpt=" .. uncond, "stepz=5"}, "unknown option 'stepz'; valid options: animate")
-fails("bad boolean", {"ckpt=" .. uncond, "use_ema=maybe"}, "use_ema=maybe: expected true or false")
+fails("unknown key", {"ckpt=" .. uncond, "stepz=5"}, "unknown sample key 'stepz' on the command line (did you mean 'steps'?)")
+fails("bad boolean", {"ckpt=" .. uncond, "use_ema=maybe"}, "use_ema=maybe: not a boolean (expected true or false)")
 fails("ema rate absent", {"ckpt=" .. uncond, "ema_rate=0.999"}, "no EMA weights with rate 0.999")
 
 -- ---- the recipe in-process: conditional, animate
@@ -180,7 +180,7 @@ H.check("CLI exact=true: batch 2 and batch 3 give the same npz", exists(cli_out 
   read(cli_out .. "/samples_3x8x8x3.npz") == read(cli_out .. "2/samples_3x8x8x3.npz"))
 p = io.popen(("%s sample ckpt=%s/nope out=%s3 2>&1; echo rc=$?"):format(exe, tmp, cli_out))
 log = p:read("a"); p:close()
-H.check("CLI: missing checkpoint exits 1 with the message", log:find("rc=1") ~= nil and log:find("does not exist", 1, true) ~= nil, log)
+H.check("CLI: missing checkpoint exits 2 with the message", log:find("rc=2") ~= nil and log:find("does not exist", 1, true) ~= nil, log)
 
 os.execute("rm -rf " .. tmp)
 -- a training run's config writes attention_resolutions = "" for "no attention"

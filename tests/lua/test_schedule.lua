@@ -82,10 +82,10 @@ H.close("function schedule: the cosine written in Lua == the named cosine", D.ne
 
 -- recipes
 do
-  local c = recipe.resolve({noise_schedule = sigmoid_ab, diffusion_steps = TT})
+  local c = recipe.resolve({noise_schedule = sigmoid_ab, diffusion_steps = TT, num_samples = 0})
   H.check("recipe: a function noise_schedule is kept", c.noise_schedule == sigmoid_ab)
   H.check("recipe: describe names it", recipe.describe(c):find("function alpha_bar", 1, true) ~= nil)
-  local ct = recipe.resolve({noise_schedule = want})
+  local ct = recipe.resolve({noise_schedule = want, num_samples = 0})
   H.check("recipe: a table of betas sets diffusion_steps", ct.diffusion_steps == TT, ct.diffusion_steps)
   H.raises("recipe: table length vs diffusion_steps", function() recipe.resolve({noise_schedule = want, diffusion_steps = 7}) end,
     "has 50 betas")
