@@ -13,6 +13,7 @@
  *                                and raised, so a full disk never leaves half a record
  *   lock(path) -> handle | nil, holder   exclusive flock(2) on path (created if needed,
  *                                never through a link); the file then holds "pid host".
+ *                                | nil, nil, why: the file system has no locks
  *                                The lock lives until handle:close() or the handle is
  *                                collected; holder is the other process's "pid host".
  *   pid_alive(pid), getpid(), hostname()
@@ -173,6 +174,12 @@ static int l_lock(lua_State *L) {
         char buf[256];
         ssize_t r = e == EWOULDBLOCK ? pread(fd, buf, sizeof buf - 1, 0) : -1;
         close(fd);
+        if (e == ENOLCK || e == EOPNOTSUPP || e == ENOSYS) {   /* a file system without locks */
+            lua_pushnil(L);
+            lua_pushnil(L);
+            lua_pushfstring(L, "%s: %s", p, strerror(e));
+            return 3;
+        }
         if (e != EWOULDBLOCK) return luaL_error(L, "lock: %s: %s", p, strerror(e));
         buf[r > 0 ? r : 0] = 0;
         buf[strcspn(buf, "\n")] = 0;

@@ -136,7 +136,11 @@ function fs.lock_dir(dir, what)
   local _, id = C.kind(path, true)
   local h = id and held[id]
   if not h then
-    local handle, holder = C.lock(path)
+    local handle, holder, nolocks = C.lock(path)
+    if not handle and nolocks then   -- e.g. an NFS mount without lock support: go on unlocked
+      io.stderr:write(("warning: cannot lock %s (%s): nothing stops a second trainer here\n"):format(dir, nolocks))
+      return setmetatable({released = true}, Lock)
+    end
     if not handle then
       error(("%s %s is in use by another process (%s holds %s); wait for it to finish, " ..
         "stop it, or use another %s"):format(what or "directory", dir, holder, path, what or "directory"), 0)
