@@ -51,7 +51,11 @@ check "run_dir with '; touch ...': no command runs" eval '[ ! -e INJECTED ] && [
 check "run_dir with '; touch ...': the literal folder holds the run" \
     eval '[ $rc = 0 ] && [ -f "x'"'"'; touch INJECTED; echo '"'"'/ckpt_00000001.safetensors" ]'
 
+check "run_dir with '; touch ...': nothing else created here" eval '[ "$(ls -A)" = "x'"'"'; touch INJECTED; echo '"'"'" ]'
+
 train max_steps=1 "run_dir=x' $TMP/sentinel/* '"
+check "run_dir with a glob: only the literal folder is created" \
+    eval '[ $rc = 0 ] && [ "$(ls -A | wc -l)" = 2 ] && [ -f "x'"'"' $TMP/sentinel/* '"'"'/ckpt_00000001.safetensors" ]'
 check "run_dir with a glob of another folder: its files stay" \
     eval '[ -f "$TMP/sentinel/a.txt" ] && [ -f "$TMP/sentinel/b.tmp.1" ] && [ "$(ls "$TMP/sentinel" | wc -l)" = 2 ]'
 
