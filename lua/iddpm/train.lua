@@ -551,7 +551,7 @@ function Trainer:sample_grid()
   image.save_grid(path, x, {cols = math.ceil(math.sqrt(n)), scale = c.grid_scale})
   if not self.quiet then self:clear_progress(); say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
     sd.num_timesteps, data.now() - t0, path) end
-  self.last_grid = path
+  self.last_grid, self.last_grid_step = path, self.step
   return path
 end
 
@@ -630,7 +630,8 @@ function Trainer:run()
   self:clear_progress()
   self:save()
   self:plot_loss()
-  if c.num_samples > 0 then self:sample_grid() end
+  -- the final grid, unless the last step already drew it (sample_interval dividing it)
+  if c.num_samples > 0 and self.last_grid_step ~= self.step then self:sample_grid() end
   local okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end)
   if not self.quiet then say(okr and "run report: %s" or "run report not written: %s", tostring(rep)) end
   return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
