@@ -6,11 +6,14 @@ return function(iddpm)
   local T = iddpm.tensor
   iddpm.no_grad = T.no_grad
   iddpm.manual_seed = T.manual_seed
+  T.tensor = require("iddpm.tensor_nested")(T)
   local lazy = {nn = "iddpm.nn", diffusion = "iddpm.diffusion", optim = "iddpm.optim",
                 data = "iddpm.data", train = "iddpm.train", sample = "iddpm.sample",
                 metrics = "iddpm.metrics", image = "iddpm.image", recipe = "iddpm.recipe",
                 device = "iddpm.device"}
-  setmetatable(iddpm, {__index = function(t, k)
+  local names = {}   -- for Tab completion in the REPL (iddpm/repl.lua)
+  for k in pairs(lazy) do names[#names + 1] = k end
+  setmetatable(iddpm, {__complete = names, __index = function(t, k)
     local name = lazy[k]
     if not name then return nil end
     local m = require(name)
