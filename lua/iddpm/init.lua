@@ -13,7 +13,7 @@ return function(iddpm)
                 device = "iddpm.device"}
   local names = {}   -- for Tab completion in the REPL (iddpm/repl.lua)
   for k in pairs(lazy) do names[#names + 1] = k end
-  setmetatable(iddpm, {__complete = names, __index = function(t, k)
+  setmetatable(iddpm, {__complete = names, __internal = {optim_c = true}, __index = function(t, k)
     local name = lazy[k]
     if not name then return nil end
     local m = require(name)
