@@ -58,8 +58,11 @@ r -e 'x = 20' -e 'print(x + 1)'
 check "-e runs code in order" eval '[ $rc = 0 ] && out_is 21'
 r -e 'error("e-fail")'
 check "-e errors exit 1" eval '[ $rc = 1 ] && has "$ERR" "iddpm: (command line):1: e-fail"'
-r -e 'local m = require "iddpm"; print(type(m), iddpm)'
-check "scripts require iddpm; no global iddpm outside the REPL" eval '[ $rc = 0 ] && out_is "table	nil"'
+r -e 'local m = require "iddpm"; print(type(m), m == iddpm)'
+check "-e code has the global iddpm, as the REPL" eval '[ $rc = 0 ] && out_is "table	true"'
+echo 'print(type(require "iddpm"), iddpm)' >"$TMP/noglobal.lua"
+r run "$TMP/noglobal.lua"
+check "scripts require iddpm; no global iddpm in a script" eval '[ $rc = 0 ] && out_is "table	nil"'
 
 r --version
 check "--version prints 'iddpm V (Lua 5.4.x)'" \
