@@ -540,7 +540,7 @@ static int t_index(lua_State *L) {
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_pushliteral(L, "Tensor");
     lua_call(L, 3, 1);
-    luaL_where(L, 2);   /* the Lua line that asked for the method */
+    luaL_where(L, 1);   /* the Lua line that asked for the method */
     lua_insert(L, -2);
     lua_concat(L, 2);
     return lua_error(L);

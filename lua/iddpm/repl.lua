@@ -213,6 +213,14 @@ function M.help(what)
   local name = type(what) == "string" and D.normalize(what) or name_of(what)
   local text = name and D.text(name)
   if text then print(text) return end
+  if type(what) == "table" or type(what) == "userdata" then   -- a model, an object: its members
+    local names, list = {}, {}
+    members(what, names)
+    for k in pairs(names) do if is_ident(k) and k:sub(1, 1) ~= "_" then list[#list + 1] = k end end
+    table.sort(list)
+    print(("%s (no docstring); members:\n  %s"):format(M.tostring(what):sub(1, 60), table.concat(list, " ")))
+    return
+  end
   local shown = type(what) == "string" and what or (name or type(what))
   local s = M.suggest(D.normalize(shown), D.names())
   print(("no help for %s%s"):format(shown, #s > 0 and "; did you mean " .. table.concat(s, ", ") .. "?" or ""))
