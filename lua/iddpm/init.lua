@@ -13,7 +13,15 @@ return function(iddpm)
                 device = "iddpm.device"}
   local names = {}   -- for Tab completion in the REPL (iddpm/repl.lua)
   for k in pairs(lazy) do names[#names + 1] = k end
-  setmetatable(iddpm, {__complete = names, __internal = {optim_c = true}, __index = function(t, k)
+  -- The C cores of other modules stay reachable (iddpm._data) but out of pairs() and
+  -- Tab completion: the public modules are what `iddpm.` lists.
+  local internal = {}
+  for _, k in ipairs {"optim_c", "_diffusion", "_metrics", "_data"} do
+    internal[k] = rawget(iddpm, k)
+    rawset(iddpm, k, nil)
+  end
+  setmetatable(iddpm, {__complete = names, __index = function(t, k)
+    if internal[k] ~= nil then return internal[k] end
     local name = lazy[k]
     if not name then return nil end
     local m = require(name)

@@ -146,7 +146,6 @@ local function members(v, out, seen)
     local mt = getmetatable(v)
     if type(mt) ~= "table" then return end
     if type(mt.__complete) == "table" then for _, k in ipairs(mt.__complete) do out[k] = true end end
-    if type(mt.__internal) == "table" then for k in pairs(mt.__internal) do out[k] = nil end end
     local idx = rawget(mt, "__index")
     if type(idx) == "function" then
       local ok, _, up = pcall(debug.getupvalue, idx, 1)

@@ -79,6 +79,10 @@ H.check("complete X:su (methods via __index)", has(c, "X:sum") and has(c, "X:sub
 c = R.complete("iddpm.")
 H.check("iddpm. lists the lazy public modules", has(c, "iddpm.nn") and has(c, "iddpm.diffusion") and has(c, "iddpm.tensor"))
 H.check("iddpm. hides internals", not has(c, "iddpm._data") and not has(c, "iddpm.optim_c"), table.concat(c, " "))
+local internals = {}
+for k in pairs(iddpm) do if k:sub(1, 1) == "_" or k == "optim_c" then internals[#internals + 1] = k end end
+H.check("pairs(iddpm) lists no internals", #internals == 0, table.concat(internals, " "))
+H.check("internals stay reachable", type(iddpm._data) == "table" and type(iddpm.optim_c) == "table")
 H.check("complete globals", has(R.complete("pri"), "print"))
 X, _G.iddpm = nil, nil
 
