@@ -380,7 +380,7 @@ static const luaL_Reg io_functions[] = {
 int luaopen_iddpm_io(lua_State *L);
 int luaopen_iddpm_io(lua_State *L) {
     luaL_newlib(L, io_functions);
-    /* T.load / T.save live on the tensor module too (DESIGN §3) */
+    /* T.load / T.save live on the tensor module too */
     lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
     lua_getfield(L, -1, "iddpm.tensor");
     if (lua_istable(L, -1)) {

@@ -1,4 +1,4 @@
--- iddpm/data.lua — training datasets and the batch loader (DESIGN §5 "Datasets").
+-- iddpm/data.lua — training datasets and the batch loader.
 --
 --   data.load{dataset, data_dir, image_size, class_cond, in_channels, pad}
 --       -> ds {images = uint8 (N,C,H,W), labels = int64 (N) or nil, num_classes, name, files}

@@ -10,7 +10,7 @@ return function(iddpm)
   local lazy = {nn = "iddpm.nn", diffusion = "iddpm.diffusion", optim = "iddpm.optim",
                 data = "iddpm.data", train = "iddpm.train", sample = "iddpm.sample",
                 metrics = "iddpm.metrics", image = "iddpm.image", recipe = "iddpm.recipe",
-                device = "iddpm.device"}
+                device = "iddpm.device", config = "iddpm.config"}
   local names = {}   -- for Tab completion in the REPL (iddpm/repl.lua)
   for k in pairs(lazy) do names[#names + 1] = k end
   -- The C cores of other modules stay reachable (iddpm._data) but out of pairs() and

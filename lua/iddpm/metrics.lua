@@ -1,5 +1,5 @@
 -- iddpm/metrics.lua — evaluation: the FID Inception-v3 feature net, feature statistics,
--- the Fréchet distance, precision/recall (DESIGN §3):
+-- the Fréchet distance, precision/recall:
 --
 --   M.frechet_distance(mu1, sigma1, mu2, sigma2)   float64 tensors -> fid, parts
 --   net = M.inception(T.load("inception.safetensors") or a path [, {resize = "tf1"}])
@@ -13,7 +13,7 @@
 -- count padding, a max pool in the last block), batch norm (eps 1e-3) folded into the
 -- convolutions at load time. Input: uint8 images (N,C,H,W), C = 3 (RGB) or 1 (repeated
 -- to 3), any size; float tensors are taken as 0..255 values. They are resized to
--- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped: docs/iddpm_spec.md §11)
+-- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped, as the TF Inception graph)
 -- and normalised (x-128)/128, as the TF graph and mmgen's TorchScript model do.
 -- {resize = "pytorch"} instead resizes like F.interpolate(align_corners=False) and
 -- normalises 2*x/255-1, the preprocessing of pytorch-fid.
@@ -389,12 +389,15 @@ function M.read_images(path, opts)
 end
 
 -- key=value arguments of a recipe -> table (numbers and booleans converted)
+-- (kept for scripts; the recipes declare their keys with iddpm.config, which also
+-- checks names, types and ranges)
 function M.parse_args(args, defaults)
   local o = {}
   for k, v in pairs(defaults or {}) do o[k] = v end
-  for _, a in ipairs(args or {}) do
-    local k, v = a:match("^%-*([%w_]+)=(.*)$")
-    if not k then error(("bad argument %q: expected key=value"):format(a), 0) end
+  local p = require("iddpm.config").parse_args(args)
+  if p.positional[1] then require("iddpm.config").error(("bad argument %q: expected key=value"):format(p.positional[1])) end
+  for _, kv in ipairs(p.pairs) do
+    local k, v = kv[1], kv[2]
     if v == "true" then v = true elseif v == "false" then v = false
     elseif tonumber(v) then v = tonumber(v) end
     o[k] = v

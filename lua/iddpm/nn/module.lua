@@ -71,7 +71,7 @@ function Module:named_parameter_list(prefix, out)
   return out
 end
 
--- name -> tensor (DESIGN §3)
+-- name -> tensor
 function Module:named_parameters()
   local r = {}
   for _, p in ipairs(self:named_parameter_list()) do r[p[1]] = p[2] end
