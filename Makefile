@@ -7,7 +7,7 @@
 #   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
 #   make MPI=1|0      link MPI or not (default: where pkg-config ompi-c or mpicc finds it)
 #   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS; cuDNN 9 if found) into build/*-cuda
-#   make cuda-check   only compile the CUDA sources (CI runs it where nvcc exists)
+#   make cuda-check   only compile the CUDA sources and the NCCL binding (CI runs it where nvcc exists)
 #   make test-cuda    build with CUDA=1 and run the CPU-vs-GPU tests (needs a GPU)
 #   make cuda-bundle  build with CUDA=1 and collect program + libraries in build/cuda-bundle
 #                     (runs where only the CUDA runtime is installed; tests/cuda/bundle.sh)
@@ -111,7 +111,7 @@ $(BUILD)/%.o: %.cu $(BUILD)/%.d
 	$(NVCC) $(NVFLAGS) -MMD -MP -c -o $@ $<
 
 cuda-check:
-	@$(MAKE) --no-print-directory CUDA=1 $(patsubst $(BUILD)/%,$(BUILD)-cuda/%,$(CU_OBJ))
+	@$(MAKE) --no-print-directory CUDA=1 $(patsubst $(BUILD)/%,$(BUILD)-cuda/%,$(CU_OBJ)) $(BUILD)-cuda/lua/l_dist.o
 
 test-cuda:
 	@$(MAKE) --no-print-directory CUDA=1 all

@@ -221,9 +221,7 @@ int lt_dist_launch(lua_State *L) {
             stopping = 1;
             stop_at = mono();
             signal_all(rp, started, SIGTERM);
-        } else if (failed >= 0) {
-            describe_exit(failed, rp[failed].status);
-        }
+        }   /* ranks that fail after being told to stop are not reported one by one */
         if (stopping && mono() - stop_at > grace) {
             signal_all(rp, started, SIGKILL);
             stop_at = mono() + 1e9;   /* once */
