@@ -1,8 +1,9 @@
 /* l_dist.c — module iddpm._dist: the collectives of data-parallel training and the
  * one-machine launcher (the Lua side is lua/iddpm/dist.lua).
  *
- * Transports: MPI for CPU tensors (built with IDDPM_MPI: `make MPI=1`, or found through
- * pkg-config ompi-c), NCCL for CUDA tensors (built with IDDPM_CUDA). Every collective
+ * Transports: for CPU tensors MPI (built with IDDPM_MPI: `make MPI=1`, or found through
+ * pkg-config ompi-c) or, between the ranks the launcher forked, its ring of socket pairs
+ * (l_dist_ring.c); NCCL for CUDA tensors (built with IDDPM_CUDA). Every collective
  * waits with a deadline (set_timeout): a rank that died or hangs makes the others fail
  * with a message naming the operation and the timeout, never hang. MPI collectives are
  * the non-blocking ones polled with MPI_Test; NCCL ones are polled on the backend's
@@ -11,6 +12,7 @@
  *
  *   info() -> {mpi = bool, nccl = bool}
  *   mpi_init() -> rank, size, local_rank, local_size (MPI_COMM_TYPE_SHARED for the node)
+ *   ring_init(left_fd, right_fd, rank, size)          the launcher's ring (forked ranks)
  *   nccl_unique_id() -> 256 hex characters; nccl_init(hex, rank, size)
  *   set_timeout(seconds)
  *   allreduce({tensor, ...}, "sum" | "avg" | "max")   in place, every tensor float32/64
@@ -35,6 +37,7 @@
 
 #include "iddpm/core.h"
 #include "l_common.h"
+#include "l_dist.h"
 
 #ifdef IDDPM_MPI
 #include <mpi.h>
@@ -174,6 +177,18 @@ static int on_cuda(lua_State *L, idd_tensor *t, const char *op) {
 
 /* ---------------------------------------------------------------- collectives */
 
+/* the mean from the sum over the ranks: x / W (identical on every rank) */
+static void scale(idd_tensor *t, int w) {
+    int64_t m = idd_numel(t);
+    if (t->dtype == IDD_F64) {
+        double *p = idd_data(t);
+        for (int64_t k = 0; k < m; k++) p[k] /= w;
+    } else {
+        float *p = idd_data(t);
+        for (int64_t k = 0; k < m; k++) p[k] /= (float)w;
+    }
+}
+
 static int l_allreduce(lua_State *L) {
     idd_tensor *ts[MAX_TENSORS];
     int n = tensors_of(L, 1, "allreduce", ts);
@@ -192,6 +207,14 @@ static int l_allreduce(lua_State *L) {
 #endif
         return 0;
     }
+    if (idd_ring_up()) {
+        for (int i = 0; i < n; i++) {
+            const char *err = idd_ring_allreduce(idd_data(ts[i]), idd_numel(ts[i]), ts[i]->dtype == IDD_F64, timeout_s);
+            if (err) return luaL_error(L, "%s", err);
+            if (op == 1) scale(ts[i], world);
+        }
+        return 0;
+    }
     need_mpi(L, "allreduce");
 #ifdef IDDPM_MPI
     for (int i = 0; i < n; i++) {
@@ -201,15 +224,7 @@ static int l_allreduce(lua_State *L) {
                            MPI_COMM_WORLD, &rq) != MPI_SUCCESS)
             return luaL_error(L, "dist.allreduce: MPI error on tensor %d", i + 1);
         mpi_wait(L, "allreduce", &rq);
-        if (op == 1) {   /* the mean: the sum over ranks times 1/W (identical on every rank) */
-            if (ts[i]->dtype == IDD_F64) {
-                double *p = idd_data(ts[i]);
-                for (int64_t k = 0; k < m; k++) p[k] /= world;
-            } else {
-                float *p = idd_data(ts[i]);
-                for (int64_t k = 0; k < m; k++) p[k] /= (float)world;
-            }
-        }
+        if (op == 1) scale(ts[i], world);
     }
 #endif
     return 0;
@@ -229,6 +244,15 @@ static int l_broadcast(lua_State *L) {
         NCCL_TRY(L, ncclGroupEnd(), "broadcast");
         nccl_wait(L, "broadcast");
 #endif
+        return 0;
+    }
+    if (idd_ring_up()) {
+        if (root != 0) return luaL_error(L, "dist.broadcast: the ring broadcasts from rank 0 only");
+        for (int i = 0; i < n; i++) {
+            const char *err = idd_ring_broadcast(idd_data(ts[i]), (size_t)idd_numel(ts[i]) * idd_dtype_size(ts[i]->dtype),
+                                                 timeout_s);
+            if (err) return luaL_error(L, "%s", err);
+        }
         return 0;
     }
     need_mpi(L, "broadcast");
@@ -265,6 +289,11 @@ static int l_allgather(lua_State *L) {
         memcpy(idd_data(out), idd_data(t), bytes);
         return 1;
     }
+    if (idd_ring_up()) {
+        const char *err = idd_ring_allgather(idd_data(t), idd_data(out), bytes, timeout_s);
+        if (err) return luaL_error(L, "%s", err);
+        return 1;
+    }
     need_mpi(L, "allgather");
 #ifdef IDDPM_MPI
     MPI_Request rq;
@@ -278,6 +307,12 @@ static int l_allgather(lua_State *L) {
 
 static int l_barrier(lua_State *L) {
     if (world == 1) return 0;
+    if (idd_ring_up()) {
+        float one = 0;
+        const char *err = idd_ring_allreduce(&one, 1, 0, timeout_s);
+        if (err) return luaL_error(L, "%s", err);
+        return 0;
+    }
 #ifdef IDDPM_MPI
     if (mpi_up) {
         MPI_Request rq;
@@ -345,6 +380,18 @@ static int l_mpi_init(lua_State *L) {
 #else
     return luaL_error(L, "dist: this build has no MPI (install libopenmpi-dev and rebuild, or `make MPI=1`)");
 #endif
+}
+
+static int l_ring_init(lua_State *L) {
+    int left = (int)luaL_checkinteger(L, 1), right = (int)luaL_checkinteger(L, 2);
+    int rank = (int)luaL_checkinteger(L, 3), size = (int)luaL_checkinteger(L, 4);
+    if (fcntl(left, F_GETFD) < 0 || fcntl(right, F_GETFD) < 0)
+        return luaL_error(L, "dist.ring_init: descriptors %d, %d are not open (IDDPM_RING_FDS from another process?)",
+                          left, right);
+    idd_ring_setup(left, right, rank, size);
+    me = rank;
+    world = size;
+    return 0;
 }
 
 /* the id as hex (NCCL_UNIQUE_ID_BYTES = 128 bytes -> 256 characters) */
@@ -447,7 +494,7 @@ int luaopen_iddpm_dist_c(lua_State *L) {
         {"nccl_init", l_nccl_init}, {"set_timeout", l_set_timeout}, {"allreduce", l_allreduce},
         {"broadcast", l_broadcast}, {"allgather", l_allgather},   {"barrier", l_barrier},
         {"finalize", l_finalize},   {"abort", l_abort},           {"select_gpu", l_select_gpu},
-        {"launch", lt_dist_launch}, {NULL, NULL}};
+        {"launch", lt_dist_launch}, {"ring_init", l_ring_init},   {NULL, NULL}};
     luaL_newlib(L, fns);
     return 1;
 }

@@ -4,7 +4,9 @@
  *   launch(argv, nproc, env [, grace_s]) -> exit status
  *     argv: the command line of every rank (argv[1] is replaced by this program,
  *     /proc/self/exe; no shell is involved); env: {NAME = value} set in every rank, plus
- *     IDDPM_RANK, IDDPM_LOCAL_RANK (= rank), IDDPM_WORLD_SIZE, IDDPM_LOCAL_WORLD_SIZE.
+ *     IDDPM_RANK, IDDPM_LOCAL_RANK (= rank), IDDPM_WORLD_SIZE, IDDPM_LOCAL_WORLD_SIZE, and
+ *     IDDPM_RING_FDS = "left,right": the rank's ends of a ring of Unix socket pairs (from
+ *     rank-1, to rank+1), the CPU transport of forked ranks (l_dist_ring.c).
  *
  * Each rank runs in its own process group with its stdout and stderr on one pipe; the
  * launcher prints every line prefixed with "[rank R] " as it arrives. When a rank exits
@@ -21,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -110,7 +113,7 @@ static void describe_exit(int rank, int status) {
         fprintf(stderr, "iddpm: rank %d failed with exit status %d\n", rank, status);
 }
 
-static pid_t spawn(char **argv, int rank, int nproc, int out_fd, int close_fd) {
+static pid_t spawn(char **argv, int rank, int nproc, int out_fd, int close_fd, int left, int right) {
     pid_t pid = fork();
     if (pid != 0) return pid;
     /* child: own process group, output to the pipe, rank variables, exec */
@@ -128,6 +131,10 @@ static pid_t spawn(char **argv, int rank, int nproc, int out_fd, int close_fd) {
     snprintf(v, sizeof v, "%d", nproc);
     setenv("IDDPM_WORLD_SIZE", v, 1);
     setenv("IDDPM_LOCAL_WORLD_SIZE", v, 1);
+    fcntl(left, F_SETFD, 0);   /* the ring ends survive exec; every other pair closes */
+    fcntl(right, F_SETFD, 0);
+    snprintf(v, sizeof v, "%d,%d", left, right);
+    setenv("IDDPM_RING_FDS", v, 1);
     execv("/proc/self/exe", argv);
     fprintf(stderr, "iddpm: rank %d: cannot start %s: %s\n", rank, "/proc/self/exe", strerror(errno));
     _exit(127);
@@ -157,6 +164,13 @@ int lt_dist_launch(lua_State *L) {
     }
     rank_proc *rp = lua_newuserdatauv(L, sizeof *rp * (size_t)nproc, 0);
     memset(rp, 0, sizeof *rp * (size_t)nproc);
+    int(*ring)[2] = lua_newuserdatauv(L, sizeof *ring * (size_t)nproc, 0);
+    for (int k = 0; k < nproc; k++)   /* pair k: rank k writes [0], rank k+1 reads [1] */
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ring[k]) != 0) {
+            int e = errno;
+            for (int j = 0; j < k; j++) { close(ring[j][0]); close(ring[j][1]); }
+            return luaL_error(L, "dist.launch: cannot make the ranks' socket pairs: %s", strerror(e));
+        }
     struct sigaction sa, old_int, old_term;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
@@ -172,7 +186,7 @@ int lt_dist_launch(lua_State *L) {
         int p[2];
         if (pipe(p) != 0) break;
         fcntl(p[0], F_SETFD, FD_CLOEXEC);
-        rp[i].pid = spawn(argv, i, nproc, p[1], p[0]);
+        rp[i].pid = spawn(argv, i, nproc, p[1], p[0], ring[(i + nproc - 1) % nproc][1], ring[i][0]);
         close(p[1]);
         if (rp[i].pid < 0) { close(p[0]); break; }
         setpgid(rp[i].pid, rp[i].pid);   /* also here: no race with the first kill */
@@ -180,6 +194,7 @@ int lt_dist_launch(lua_State *L) {
         rp[i].running = 1;
         started++;
     }
+    for (int k = 0; k < nproc; k++) { close(ring[k][0]); close(ring[k][1]); }
     int result = 0, stopping = 0, seen_signals = 0;
     double stop_at = 0;
     if (started < nproc) {

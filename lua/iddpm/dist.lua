@@ -9,10 +9,10 @@
 --                 and stops them all when one fails or on Ctrl-C.
 --   many machines `mpirun -np 16 -npernode 8 iddpm train RECIPE device=cuda`: rank, size
 --                 and local rank come from MPI; rank 0's NCCL id is broadcast over MPI.
---   the CPU       `mpirun -np 2 iddpm train RECIPE`: gradients through MPI_Allreduce.
---                 Forked ranks have no CPU transport: nproc=N with device=cpu needs MPI
---                 (the launcher says so and stops).
--- Transports: MPI for CPU tensors, NCCL for CUDA tensors (lua/l_dist.c); every
+--   the CPU       `iddpm train RECIPE nproc=2`: the forked ranks' CPU tensors go over the
+--                 launcher's ring of Unix socket pairs (lua/l_dist_ring.c); or
+--                 `mpirun -np 2 iddpm train RECIPE`: through MPI_Allreduce.
+-- Transports: MPI or the ring for CPU tensors, NCCL for CUDA tensors (lua/l_dist.c); every
 -- collective has a deadline (dist_timeout seconds): a rank that died or hangs makes the
 -- others stop with a message, never a silent hang.
 --
@@ -103,11 +103,13 @@ function dist.setup(c)
   elseif launched and launched > 1 then
     local r = env_int("IDDPM_RANK") or 0
     W = {rank = r, size = launched, local_rank = env_int("IDDPM_LOCAL_RANK") or r, main = r == 0}
-    if c.device ~= "cuda" then
-      error("dist: forked ranks have no CPU transport; on the CPU use mpirun", 0)
+    local left, right = (os.getenv("IDDPM_RING_FDS") or ""):match("^(%d+),(%d+)$")
+    if not left then error("dist: IDDPM_WORLD_SIZE is set but IDDPM_RING_FDS is not (start the ranks with gpus=N)", 0) end
+    C.ring_init(tonumber(left), tonumber(right), r, launched)   -- CPU tensors
+    if c.device == "cuda" then   -- CUDA tensors
+      C.select_gpu(W.local_rank)
+      C.nccl_init(os.getenv("IDDPM_NCCL_ID") or error("dist: IDDPM_NCCL_ID is not set", 0), r, launched)
     end
-    C.select_gpu(W.local_rank)
-    C.nccl_init(os.getenv("IDDPM_NCCL_ID") or error("dist: IDDPM_NCCL_ID is not set", 0), r, launched)
     return nil
   elseif n > 1 then
     return dist.launch(c, n)
@@ -121,10 +123,6 @@ function dist.launch(c, n)
   if c.device == "cuda" then
     if not C.info().nccl then error("dist: gpus=N needs a CUDA build with NCCL (make CUDA=1)", 0) end
     env.IDDPM_NCCL_ID = C.nccl_unique_id()
-  else
-    local how = C.info().mpi and ("mpirun -np %d iddpm train ..."):format(n) or
-      "an MPI build (install libopenmpi-dev openmpi-bin and rebuild) and mpirun -np N iddpm train ..."
-    error(("dist: nproc=%d on the CPU needs MPI (forked ranks have no CPU transport): use %s"):format(n, how), 0)
   end
   io.stdout:write(c.batch_size and ("iddpm: launching %d ranks (global batch %d = %d x batch_size %d)\n"):format(n,
     n * c.batch_size, n, c.batch_size) or ("iddpm: launching %d ranks\n"):format(n))
