@@ -779,7 +779,11 @@ function train.main_rank(c)
     if changed ~= "" then say("%s", changed) end
   end
   local ok, res = pcall(train.run, c, {quiet = not W.main})
-  if not ok then dist.abort(type(res) == "table" and res.msg or tostring(res)) end
+  if not ok then
+    local msg = type(res) == "table" and res.msg or tostring(res)
+    if not W.main and msg:find("^interrupted") then msg = "interrupted" end   -- rank 0 says what was saved
+    dist.abort(msg)
+  end
   if W.main and not res.finished then
     say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
   end

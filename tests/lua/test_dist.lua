@@ -178,6 +178,15 @@ do
     ("%.3g at %s"):format(r, where))
   local out = read(TMP .. "/f.out")
   H.check("fork: output prefixed with the rank", out:find("[rank 0] done: step 3", 1, true) ~= nil, out:sub(-400))
+  -- sampling over forked ranks: the images of one process (exact=true), one npz
+  local common = (" sample ckpt=%s num_samples=5 batch_size=2 steps=4 exact=true progress=false seed=3 out="):format(F)
+  local s1 = sh(BIN .. common .. TMP .. "/fs1 > " .. TMP .. "/fs1.out 2>&1")
+  local s2 = sh(BIN .. common .. TMP .. "/fs2 nproc=2 > " .. TMP .. "/fs2.out 2>&1")
+  H.check("fork sample: both runs succeed", s1 == 0 and s2 == 0, read(TMP .. "/fs2.out"):sub(-600))
+  local z1 = select(2, pcall(iddpm.io.npz_read, TMP .. "/fs1/samples_5x8x8x1.npz"))
+  local z2 = select(2, pcall(iddpm.io.npz_read, TMP .. "/fs2/samples_5x8x8x1.npz"))
+  H.check("fork sample: 2 ranks give the images of one process, in order", type(z1) == "table" and type(z2) == "table"
+    and z1.arr_0 and z2.arr_0 and H.max_rel(z2.arr_0:double(), z1.arr_0:double(), 1) == 0)
   -- a rank that hangs: the other one times out, the launcher stops both
   local code = ("local d = require 'iddpm.dist' d.setup(iddpm.recipe.resolve({}, {'dist_timeout=%d'})) " ..
     "local T = iddpm.tensor if d.world().rank == 1 then local t = os.time() while os.time() - t < 60 do end end " ..
