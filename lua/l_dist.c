@@ -20,7 +20,8 @@
  *   allgather(tensor) -> tensor (size*dim1, ...)      concatenated in rank order
  *   barrier()
  *   finalize(); abort(message)                        abort ends every rank (MPI_Abort)
- *   select_gpu(local_rank)   sets CUDA_VISIBLE_DEVICES to that entry (before CUDA starts)
+ *   select_gpu(local_rank)   sets CUDA_VISIBLE_DEVICES to that entry (before CUDA starts;
+ *                            ranks do it at load, idd_dist_pick_gpu)
  *   launch(argv, nproc, env) -> exit status            see launch() below
  * Tensors must be contiguous; CPU ones travel over MPI, CUDA ones over NCCL. */
 #define _POSIX_C_SOURCE 200809L
@@ -462,9 +463,9 @@ static int l_abort(lua_State *L) {
     _exit(1);
 }
 
-/* CUDA_VISIBLE_DEVICES := the local_rank-th entry of its current value (or local_rank) */
-static int l_select_gpu(lua_State *L) {
-    int lr = (int)luaL_checkinteger(L, 1);
+/* CUDA_VISIBLE_DEVICES := the local_rank-th entry of its current value (or local_rank);
+ * 0, or -1 when the list has no such entry */
+static int pick_gpu(int lr) {
     const char *cur = getenv("CUDA_VISIBLE_DEVICES");
     char buf[64];
     snprintf(buf, sizeof buf, "%d", lr);
@@ -474,14 +475,34 @@ static int l_select_gpu(lua_State *L) {
             p = strchr(p, ',');
             if (p) p++;
         }
-        if (!p || !*p) return luaL_error(L, "dist: local rank %d has no GPU in CUDA_VISIBLE_DEVICES=%s", lr, cur);
+        if (!p || !*p) return -1;
         size_t k = strcspn(p, ",");
         if (k >= sizeof buf) k = sizeof buf - 1;
         memcpy(buf, p, k);
         buf[k] = 0;
     }
     setenv("CUDA_VISIBLE_DEVICES", buf, 1);
-    lua_pushstring(L, buf);
+    return 0;
+}
+
+/* Called before the CUDA backend starts (luaopen_iddpm): a rank of a data-parallel run
+ * (IDDPM_LOCAL_RANK from the launcher, OMPI_COMM_WORLD_LOCAL_RANK under mpirun, with a
+ * world size above 1) sees only its own GPU, as device 0. Once per process tree. */
+void idd_dist_pick_gpu(void) {
+    const char *lr = getenv("IDDPM_LOCAL_RANK"), *ws = getenv("IDDPM_WORLD_SIZE");
+    if (!lr) { lr = getenv("OMPI_COMM_WORLD_LOCAL_RANK"); ws = getenv("OMPI_COMM_WORLD_SIZE"); }
+    if (!lr || !ws || atoi(ws) < 2 || getenv("IDDPM_GPU_PICKED")) return;
+    if (pick_gpu(atoi(lr)) != 0)
+        fprintf(stderr, "iddpm: local rank %s has no GPU in CUDA_VISIBLE_DEVICES=%s (more ranks than GPUs?)\n", lr,
+                getenv("CUDA_VISIBLE_DEVICES"));
+    setenv("IDDPM_GPU_PICKED", "1", 1);
+}
+
+static int l_select_gpu(lua_State *L) {
+    int lr = (int)luaL_checkinteger(L, 1);
+    if (pick_gpu(lr) != 0)
+        return luaL_error(L, "dist: local rank %d has no GPU in CUDA_VISIBLE_DEVICES=%s", lr, getenv("CUDA_VISIBLE_DEVICES"));
+    lua_pushstring(L, getenv("CUDA_VISIBLE_DEVICES"));
     return 1;
 }
 

@@ -14,4 +14,7 @@ const char *idd_ring_allreduce(void *buf, int64_t n, int f64, double timeout);  
 const char *idd_ring_broadcast(void *buf, size_t bytes, double timeout);         /* from rank 0 */
 const char *idd_ring_allgather(const void *in, void *out, size_t bytes, double timeout);
 
+/* a rank sees only its own GPU: narrows CUDA_VISIBLE_DEVICES before CUDA starts */
+void idd_dist_pick_gpu(void);
+
 #endif

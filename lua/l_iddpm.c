@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "l_common.h"
+#include "l_dist.h"
 
 #include "iddpm/backend.h"
 #include "iddpm/cuda.h"   /* declarations only; the CUDA calls below are under IDDPM_CUDA */
@@ -270,6 +271,7 @@ void idd_preload_submodules(lua_State *L) {
 int luaopen_iddpm(lua_State *L);
 int luaopen_iddpm(lua_State *L) {
 #ifdef IDDPM_CUDA
+    idd_dist_pick_gpu();   /* a data-parallel rank: its own GPU only (l_dist.c) */
     /* registers the backend when a GPU is present; otherwise records why not */
     if (idd_cuda_init() != IDD_OK) idd_clear_error();
 #endif

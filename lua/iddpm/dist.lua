@@ -6,7 +6,9 @@
 --                 launcher (dist.launch, lua/l_dist_launch.c) that starts N copies of the
 --                 same command line (fork/exec, no shell) with IDDPM_RANK/IDDPM_WORLD_SIZE
 --                 (and IDDPM_NCCL_ID on the GPU) set, prefixes their output with the rank
---                 and stops them all when one fails or on Ctrl-C.
+--                 and stops them all when one fails or on Ctrl-C. Each rank sees only
+--                 its GPU (CUDA_VISIBLE_DEVICES narrowed when iddpm loads, before CUDA
+--                 starts: l_dist.c idd_dist_pick_gpu).
 --   many machines `mpirun -np 16 -npernode 8 iddpm train RECIPE device=cuda`: rank, size
 --                 and local rank come from MPI; rank 0's NCCL id is broadcast over MPI.
 --   the CPU       `iddpm train RECIPE nproc=2`: the forked ranks' CPU tensors go over the
@@ -95,8 +97,7 @@ function dist.setup(c)
     end
     local r, s, lr = C.mpi_init()
     W = {rank = r, size = s, local_rank = lr, main = r == 0}
-    if c.device == "cuda" then
-      C.select_gpu(lr)
+    if c.device == "cuda" then   -- (the GPU of this local rank was picked at load: l_dist.c)
       C.nccl_init(mpi_share_nccl_id(), r, s)
     end
     return nil
@@ -106,8 +107,7 @@ function dist.setup(c)
     local left, right = (os.getenv("IDDPM_RING_FDS") or ""):match("^(%d+),(%d+)$")
     if not left then error("dist: IDDPM_WORLD_SIZE is set but IDDPM_RING_FDS is not (start the ranks with gpus=N)", 0) end
     C.ring_init(tonumber(left), tonumber(right), r, launched)   -- CPU tensors
-    if c.device == "cuda" then   -- CUDA tensors
-      C.select_gpu(W.local_rank)
+    if c.device == "cuda" then   -- CUDA tensors (this rank's GPU was picked at load)
       C.nccl_init(os.getenv("IDDPM_NCCL_ID") or error("dist: IDDPM_NCCL_ID is not set", 0), r, launched)
     end
     return nil
