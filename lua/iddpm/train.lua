@@ -637,6 +637,13 @@ function Trainer:stop_step()
   return s
 end
 
+-- max_minutes passed (on any rank: the ranks must stop at the same step)
+function Trainer:time_up()
+  local up = data.now() - self.t0 > 60 * self.c.max_minutes
+  if self.dist.size > 1 then up = dist.sum_numbers({up and 1 or 0}, self.device)[1] > 0 end
+  return up
+end
+
 function Trainer:run()
   local c = self.c
   local stop = self:stop_step()
@@ -653,7 +660,7 @@ function Trainer:run()
   local t_start, step_start = self.t0, self.step
   local function loop()
     while not stop or self.step < stop do
-      if c.max_minutes > 0 and data.now() - self.t0 > 60 * c.max_minutes then
+      if c.max_minutes > 0 and self:time_up() then
         if not self.quiet then self:clear_progress(); say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
         break
       end
