@@ -11,7 +11,9 @@
 --     Images smaller than image_size by an even margin (28 -> 32 for MNIST-like data) are
 --     zero-padded when pad ~= false (black, which is the background of those datasets);
 --     PNGs of any size are centre-cropped and resized to image_size.
---   data.loader(ds, {batch_size, shuffle, flip, seed, stream}) -> loader
+--   data.loader(ds, {batch_size, shuffle, flip, seed, stream, rank, world_size}) -> loader
+--     rank/world_size (data parallelism): this rank's slice of each global batch of
+--     world_size x batch_size slots of the epoch's permutation (engine/io/loader.c)
 --     loader:next() -> x float32 (B,C,H,W) in [-1,1], y int64 (B) (nil without labels)
 --     loader:state() -> {epoch, index}; loader:set_state(s); loader:close()
 --     Batches are built by a background thread (engine/io/loader.c); the order is a pure
@@ -19,6 +21,7 @@
 local T = require "iddpm.tensor"
 local io_ = require "iddpm.io"
 local C = require "iddpm._data"
+local fs = require "iddpm.fs"
 
 local data = {}
 data.now = C.now
@@ -28,30 +31,21 @@ data.defer_interrupt = C.defer_interrupt
 data.CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 data.FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
+-- (no file is opened to test it, so a FIFO never blocks; readers refuse non-regular files)
+local function exists(path) return fs.kind(path) ~= nil end
+local function isdir(path) return fs.is_dir(path) end
 
-local function isdir(path)
-  local ok, _, code = os.rename(path, path)
-  return ok or code == 13
-end
-
--- sorted list of files under dir (recursively) whose name matches one of the patterns
+-- sorted list of the regular files under dir (recursively, no shell) whose name matches
+-- one of the patterns; sorted by the whole path, byte order
 local function list_files(dir, patterns)
   local out = {}
-  local p = io.popen(("find '%s' -type f 2>/dev/null | LC_ALL=C sort"):format(dir:gsub("'", "'\\''")))
-  if p then
-    for f in p:lines() do
-      local lower = f:lower()
-      for _, pat in ipairs(patterns) do
-        if lower:match(pat) then out[#out + 1] = f break end
-      end
+  for _, f in ipairs(fs.walk(dir)) do
+    local lower = f:lower()
+    for _, pat in ipairs(patterns) do
+      if lower:match(pat) then out[#out + 1] = f break end
     end
-    p:close()
   end
+  table.sort(out)
   return out
 end
 
@@ -249,7 +243,8 @@ function data.loader(ds, opts)
     error(("data: batch_size %d is larger than the dataset (%d images)"):format(b, ds.images:size(1)), 2)
   end
   local c = C.loader(ds.images, ds.labels, {batch_size = b, shuffle = opts.shuffle == false and 0 or 1,
-    flip = opts.flip and 1 or 0, seed = opts.seed or 0, stream = opts.stream or 0})
+    flip = opts.flip and 1 or 0, seed = opts.seed or 0, stream = opts.stream or 0,
+    rank = opts.rank or 0, world_size = opts.world_size or 1})
   return setmetatable({_c = c, has_labels = ds.labels ~= nil, batch_size = b, size = ds.images:size(1)}, Loader)
 end
 

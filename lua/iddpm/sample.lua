@@ -34,7 +34,7 @@ local D = require "iddpm.diffusion"
 local C = require "iddpm.checkpoint"
 local image = require "iddpm.image"
 local io_ = iddpm.io
-local lfs_ok, lfs = pcall(require, "lfs")
+local fs = require "iddpm.fs"
 
 local S = {}
 
@@ -52,41 +52,12 @@ S.fmt_time = fmt_time
 
 -- ---------------------------------------------------------------- files
 
-local function is_dir(p)
-  if lfs_ok then return lfs.attributes(p, "mode") == "directory" end
-  return os.execute(('test -d "%s"'):format(p)) == true
-end
+local is_dir, exists = fs.is_dir, fs.exists
 
-local function exists(p)
-  if lfs_ok then return lfs.attributes(p, "mode") ~= nil end
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local function mkdir_p(p) fs.mkdir_p(p, "out") end
 
-local function mkdir_p(p)
-  if is_dir(p) then return end
-  if lfs_ok then
-    local acc = p:sub(1, 1) == "/" and "" or "."
-    for part in p:gmatch("[^/]+") do
-      acc = acc .. "/" .. part
-      if not is_dir(acc) then
-        local ok, err = lfs.mkdir(acc)
-        if not ok and not is_dir(acc) then fail(("cannot create %s: %s"):format(acc, err)) end
-      end
-    end
-  elseif not os.execute(('mkdir -p "%s"'):format(p)) then
-    fail("cannot create directory " .. p)
-  end
-end
-
-local function write_text(path, text)
-  local tmp = path .. ".tmp"
-  local f = assert(io.open(tmp, "wb"))
-  f:write(text)
-  f:close()
-  assert(os.rename(tmp, path))
-end
+-- checked: exclusive temp file, every write, flush and close checked, renamed into place
+local function write_text(path, text) fs.write_atomic(path, text) end
 
 -- ---------------------------------------------------------------- checkpoints
 
@@ -272,8 +243,8 @@ function S.generate(model, diff, opts)
   local nb = (N + B - 1) // B
   local t0, calls = now(), 0
   for b = 0, nb - 1 do
-    local first = b * B
-    local n = math.min(B, N - first)
+    local n = math.min(B, N - b * B)
+    local first = (opts.first or 0) + b * B   -- opts.first: the global index of sample 1 (ranks)
     local o = {}
     for k, v in pairs(opts) do o[k] = v end
     o.on_step = function(j)
@@ -384,6 +355,10 @@ S.KEYS = {
   {"precision", "str", "auto", "GPU precision: auto (= bf16: bf16 channels-last activations and products), fp32, tf32 "
     .. "or bf16", one_of = {"auto", "fp32", "tf32", "bf16"}},
   {"graph", "bool", true, "cuda: replay each step's model call as a CUDA graph (same images, less host time)"},
+  {"gpus", "int", 0, "split the samples over this many ranks, one GPU each (or start under mpirun); same images, one npz",
+    min = 0, max = 256},
+  {"nproc", "int", 0, "the same as gpus; on the CPU run under mpirun -np N instead", min = 0, max = 256},
+  {"dist_timeout", "num", 600.0, "seconds a rank waits for the others when the samples are gathered", gt = 0},
 }
 
 -- name -> help text, for scripts that listed the options
@@ -411,12 +386,10 @@ local function ours(name)
     or name == "settings.json" or name == "denoise.png" or name == "denoise.gif" or name:match("%.tmp$")
 end
 
--- out/ must be new or empty; overwrite=true removes sampling's own files (lfs, no shell)
+-- out/ must be new or empty; overwrite=true removes sampling's own files (iddpm.fs, no shell)
 function S.prepare_out(out, overwrite)
-  if cfg.mode(out) ~= "directory" then return end
-  local names = {}
-  if lfs_ok then for f in lfs.dir(out) do if f ~= "." and f ~= ".." then names[#names + 1] = f end end end
-  table.sort(names)
+  if not fs.is_dir(out) then return end
+  local names = fs.list(out)
   if #names == 0 then return end
   if not overwrite then
     cfg.error(("out=%s is not empty (%d entries, e.g. %s): new samples would mix with old ones; give another out= "
@@ -425,7 +398,7 @@ function S.prepare_out(out, overwrite)
   end
   for _, f in ipairs(names) do
     if ours(f) then
-      local ok, err = os.remove(out .. "/" .. f)
+      local ok, err = fs.remove(out .. "/" .. f)
       if not ok then cfg.error(("overwrite: cannot remove %s/%s: %s"):format(out, f, tostring(err))) end
     end
   end
@@ -536,6 +509,15 @@ end
 function S.main(...)
   local o = S.parse_args(...)
   if not o then return end   -- help was printed
+  -- several ranks (gpus=N, or under mpirun): each samples its share, rank 0 writes
+  local dist = require "iddpm.dist"
+  local launched = dist.setup({device = o.device or "cpu", gpus = o.gpus, nproc = o.nproc, dist_timeout = o.dist_timeout})
+  if launched then
+    if launched ~= 0 then fail(("sample: a rank failed (exit status %d)"):format(launched)) end
+    return {launched = true}
+  end
+  local Wd = dist.world()
+  local print = Wd.main and print or function() end
   if o.threads then iddpm.num_threads(o.threads) end
   local dev, prec = require("iddpm.device").setup(o.device or "cpu", o.precision or "auto", "sample")
   local N, B = o.num_samples or 16, o.batch_size or 16
@@ -546,6 +528,7 @@ function S.main(...)
   local nc = info.unet.num_classes
   local cls = parse_class(o.class, nc)
   local labels = S.make_labels(cls, N, nc, o.seed)
+  fs.check_path(out, "out")
   if exists(out) and not is_dir(out) then fail(("out=%s exists and is not a directory"):format(out)) end
   if o.dry_run then
     print(("dry run: %s (step %s), %s; %d samples with %d steps would be written to %s/: sample_*.png, grid.png, "
@@ -554,7 +537,9 @@ function S.main(...)
       o.animate and ", denoise.png, denoise.gif" or ""))
     return {dry_run = true, out = out}
   end
-  S.prepare_out(out, o.overwrite)
+  -- temp files of an earlier run that crashed (<name>.tmp.<pid>[.<k>], pid no longer alive)
+  if Wd.main and is_dir(out) then fs.clean_stale_temps(out) end
+  if Wd.main then S.prepare_out(out, o.overwrite) end
   local cfg = model.config
   local K = diff.num_timesteps
   print(("checkpoint %s (step %s): %s"):format(info.path, tostring(info.step), model:describe()))
@@ -569,20 +554,23 @@ function S.main(...)
   local nb = (N + B - 1) // B
   print(("expected time: %s (%d batches x %d steps x %.3fs per model call)"):format(
     fmt_time(per_call * nb * K), nb, K, per_call))
-  mkdir_p(out)
+  if Wd.main then mkdir_p(out) end
   local save_each = o.save_each ~= false
   local rec_opts = o.animate and {samples = o.animate_samples or 4, frames = o.frames or 10} or nil
   local u8s = {}
-  local x, _, rec = S.generate(model, diff, {num_samples = N, batch_size = B, seed = o.seed or 0,
+  local gen = Wd.size > 1 and function(m, d, go) return dist.generate(S.generate, m, d, go, dev) end or S.generate
+  local x, _, rec = gen(model, diff, {num_samples = N, batch_size = B, seed = o.seed or 0,
     clip_denoised = o.clip_denoised ~= false, labels = labels, sampler = info.sampler, eta = o.eta or 0,
     exact = o.exact, progress = o.progress ~= false, record = rec_opts,
     graph = dev == "cuda" and o.graph ~= false,
-    on_batch = function(first, xb)
+    on_batch = Wd.size == 1 and function(first, xb)
       local u = image.to_uint8(xb)
       u8s[#u8s + 1] = u
       if save_each then image.save_each(out, u, "sample_", first) end
-    end})
+    end or nil})
+  if not Wd.main then dist.finalize() return {rank = Wd.rank} end
   local u = image.to_uint8(x)
+  if Wd.size > 1 and save_each then image.save_each(out, u, "sample_", 0) end
   local nhwc = image.nhwc(u)
   local H, W, Cc = cfg.image_size, cfg.image_size, cfg.in_channels
   local npz = ("%s/samples_%dx%dx%dx%d.npz"):format(out, N, H, W, Cc)
@@ -605,6 +593,7 @@ function S.main(...)
     eta = o.eta or 0, labels = labels, config = info.config, device = dev, precision = prec}
   write_text(out .. "/settings.json", io_.json_encode(settings))
   print(("wrote %s%s"):format(table.concat(written, ", "), save_each and (", and %d sample_*.png"):format(N) or ""))
+  dist.finalize()
   return {out = out, npz = npz, images = u, labels = labels}
 end
 

@@ -49,6 +49,8 @@ local image = require "iddpm.image"
 local recipe = require "iddpm.recipe"
 local plot = require "iddpm.plot"
 local device = require "iddpm.device"
+local dist = require "iddpm.dist"
+local fs = require "iddpm.fs"
 local cfg = require "iddpm.config"
 
 local train = {}
@@ -68,8 +70,6 @@ local function fmt_time(s)
   if s >= 60 then return ("%dm%02ds"):format(s // 60, s % 60) end
   return ("%ds"):format(s)
 end
-
-local function mkdir(dir) os.execute(("mkdir -p '%s'"):format(dir:gsub("'", "'\\''"))) end
 
 -- ---------------------------------------------------------------- construction
 
@@ -95,7 +95,8 @@ end
 -- c: a resolved config (recipe.resolve). opts.quiet: no config dump
 function train.new(c, opts)
   opts = opts or {}
-  local self = setmetatable({c = c, step = 0, quiet = opts.quiet}, Trainer)
+  local W = dist.world()   -- data parallelism (iddpm.dist): rank 0 alone prints and writes
+  local self = setmetatable({c = c, step = 0, quiet = opts.quiet or not W.main, dist = W}, Trainer)
   if c.num_threads > 0 then require("iddpm").num_threads(c.num_threads) end
   -- a missing GPU fails here, before any file is written
   self.device, self.precision = device.setup(c.device or "cpu", c.precision or "auto", "train")
@@ -111,12 +112,18 @@ function train.new(c, opts)
     cfg.error(tostring(ds))
   end
   self.ds = ds
-  mkdir(c.run_dir)
-  os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
+  -- the run directory: created (no shell), locked against a second trainer for the life
+  -- of this process, then cleared of the temp files of a killed save
+  if W.main then
+    fs.mkdir_p(fs.check_path(c.run_dir, "run_dir"), "run_dir")
+    self.lock = fs.lock_dir(c.run_dir, "run_dir")
+    fs.clean_stale_temps(c.run_dir)
+  end
   if c.in_channels == 0 then c.in_channels = self.ds.channels end
   self.num_classes = c.class_cond and self.ds.num_classes or nil
   c.num_classes = self.num_classes or 0
-  self.loader = data.loader(self.ds, {batch_size = c.batch_size, flip = c.random_flip, seed = c.seed, stream = 4})
+  self.loader = data.loader(self.ds, {batch_size = c.batch_size, flip = c.random_flip, seed = c.seed, stream = 4,
+    rank = W.rank, world_size = W.size})
   if not opts.quiet then
     say("data: %s, %d images %s%s (%.1fs)", self.ds.name, self.ds.images:size(1), table.concat(self.ds.images:shape(), "x", 2),
       self.ds.padded_from and (" (padded from %d)"):format(self.ds.padded_from) or "", data.now() - t0)
@@ -137,22 +144,20 @@ function train.new(c, opts)
   self.gen_t = T.generator(c.seed, 1)
   self.gen_noise = T.generator(c.seed, 2)
   nn.dropout_gen = T.generator(c.seed, 3)
+  for _, g in ipairs{self.gen_t, self.gen_noise, nn.dropout_gen} do g:set_shard(W.rank, W.size) end
   self.curve = {}        -- {step, loss} at every log line, for loss.png
   self.acc = nil
   self.last_saved = nil
   self:resume()
-  self:write_config()
+  if W.size > 1 then self:broadcast_state() end
+  if W.main then self:write_config() end
   return self
 end
 
--- RUN/config.json: the full resolved config of this run (temporary file, renamed)
+-- RUN/config.json: the full resolved config of this run (exclusive temporary file,
+-- checked writes, renamed; a failure is an error naming the file)
 function Trainer:write_config()
-  local path = self.c.run_dir .. "/config.json"
-  local f = io.open(path .. ".tmp", "wb")
-  if not f then return end
-  f:write(io_.json_encode(self:stored_config()), "\n")
-  f:close()
-  os.rename(path .. ".tmp", path)
+  fs.write_atomic(self.c.run_dir .. "/config.json", io_.json_encode(self:stored_config()) .. "\n")
 end
 
 -- ---------------------------------------------------------------- state
@@ -179,6 +184,7 @@ function Trainer:extra()
   local e = {
     rng = T.from_table(self:rng_state(), {#GENS, 3}, "int64"),
     data_pos = T.from_table({ls.epoch, ls.index}, {2}, "int64"),
+    world = T.from_table({self.dist.size, self.c.batch_size}, {2}, "int64"),   -- ranks, per-rank batch
   }
   if self.c.schedule_sampler ~= "uniform" then
     local s = self.sampler:state()
@@ -232,6 +238,7 @@ end
 
 function Trainer:save()
   if self.last_saved == self.step then return end
+  if not self.dist.main then self.last_saved = self.step return end
   self:check_losses(self.step)
   for i, p in ipairs(self.model:parameters()) do
     if not all_finite(p) then self:diverged(("the weights are not finite (%s)"):format(self.names[i]), self.step) end
@@ -273,9 +280,11 @@ function Trainer:resume()
         "run_dir, or resume=none to start over"):format(path), 0)
     end
   end
+  local saved_world = ck.tensors["extra.world"] and ck.tensors["extra.world"]:totable()[1] or 1
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
     if k == "noise_schedule" and type(b) ~= "string" then b = "custom" end
+    if k == "batch_size" and saved_world ~= self.dist.size then a = b end   -- per rank: changes with the ranks
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
       cfg.error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
         :format(path, k, tostring(a), k, tostring(b)))
@@ -289,15 +298,22 @@ function Trainer:resume()
       for i, n in ipairs(self.names) do
         local src = sd[n]
         if not src then cfg.error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n)) end
-        e.ema.shadow[i]:copy_(src)
+        e.ema.shadow[i]:copy_(checkpoint.check_shape(path, "ema_" .. e.rate .. "." .. n, src, e.ema.shadow[i]))
       end
     end)
+  end
+  for i, n in ipairs(self.names) do
+    for _, mv in ipairs{"m", "v"} do
+      local src = tz["opt." .. mv .. "." .. n]
+      if src then checkpoint.check_shape(path, "opt." .. mv .. "." .. n, src, self.opt[mv][i]) end
+    end
   end
   self.opt:load_state_tensors(tz, self.names, "opt.", ck.opt_step)
   local ex = checkpoint.subset(tz, "extra.")
   if ex.rng then self:set_rng_state(ex.rng:totable()) end
   if ex.data_pos then
     local p = ex.data_pos:totable()
+    if saved_world ~= self.dist.size then p = self:other_world_position(p, ex.world:totable()) end
     self.loader:set_state{epoch = p[1], index = p[2]}
   end
   if ex.sampler_history then
@@ -311,23 +327,52 @@ function Trainer:resume()
   self.last_saved = ck.step
   self.resumed_from = ck.step
   self.wall_before = tonumber(ck.meta.wall_time) or 0   -- training wall time of the runs before this one
-  -- drop log lines written after this checkpoint by the run that stopped
-  for _, name in ipairs{"log.jsonl", "metrics.csv"} do
-    local logp = c.run_dir .. "/" .. name
-    local f = io.open(logp, "r")
-    if f then
-      local keep = {}
-      for line in f:lines() do
-        local s = tonumber(line:match('"step":(%d+)') or line:match("^(%d+),"))
-        if not s or s <= ck.step then keep[#keep + 1] = line end
-      end
-      f:close()
-      f = io.open(logp, "w")
-      for _, line in ipairs(keep) do f:write(line, "\n") end
-      f:close()
-    end
+  -- drop log lines written after this checkpoint by the run that stopped (and a record
+  -- cut short by a crash): the kept lines go to a new file renamed over the old one, so
+  -- a crash here leaves the old file or the new one, never a truncated file
+  if self.dist.main then self:trim_logs(ck.step) end
+  if not self.quiet then say("resumed from step %d (%s)", ck.step, path) end
+end
+
+-- a data position saved by another number of ranks (global slots either way): the
+-- next batch start of this run; said once, as the resume is then not bit-exact
+function Trainer:other_world_position(p, wv)
+  local c = self.c
+  if self.dist.size == 1 and (p[2] % c.batch_size ~= 0 or p[2] + c.batch_size > self.loader.size) then
+    p[2] = -(-p[2] // c.batch_size) * c.batch_size
+    if p[2] + c.batch_size > self.loader.size then p[1], p[2] = p[1] + 1, 0 end
   end
-  say("resumed from step %d (%s)", ck.step, path)
+  if not self.quiet then
+    say("resume: the checkpoint was written by %d ranks x batch %d, this run has %d x %d: continuing from its data " ..
+      "position and generator offsets (not bit-exact)", wv[1], wv[2], self.dist.size, c.batch_size)
+  end
+  return p
+end
+
+-- every rank takes rank 0's weights, EMAs and AdamW moments (at the start and after a
+-- resume), so that all ranks hold identical state
+function Trainer:broadcast_state()
+  local ts = {}
+  for _, p in ipairs(self.model:parameters()) do ts[#ts + 1] = p end
+  for _, e in ipairs(self.emas) do for _, sh in ipairs(e.ema.shadow) do ts[#ts + 1] = sh end end
+  for i = 1, #self.opt.m do ts[#ts + 1] = self.opt.m[i]; ts[#ts + 1] = self.opt.v[i] end
+  T.no_grad(function() dist.broadcast(ts) end)
+end
+
+function Trainer:trim_logs(step)
+  local c, ck = self.c, {step = step}
+  fs.rewrite_lines(c.run_dir .. "/log.jsonl", function(line)
+    if not line:match("^{.*}$") then return false end
+    local st = tonumber(line:match('"step":(%d+)'))
+    return not st or st <= ck.step
+  end)
+  local header_commas
+  fs.rewrite_lines(c.run_dir .. "/metrics.csv", function(line)
+    local _, commas = line:gsub(",", "")
+    local st = tonumber(line:match("^(%d+),"))
+    if not st then header_commas = header_commas or commas; return true end   -- the header
+    return st <= ck.step and commas == header_commas
+  end)
 end
 
 -- ---------------------------------------------------------------- one step
@@ -415,6 +460,10 @@ function Trainer:step_once()
     if c.schedule_sampler ~= "uniform" then updates[#updates + 1] = {t, losses.loss} end
     self:accumulate(t, w, losses)   -- keeps detached copies
   end
+  if self.dist.size > 1 then
+    dist.allreduce_grads(model:parameters())   -- the mean gradient over the global batch
+    for _, u in ipairs(updates) do u[1], u[2] = dist.allgather(u[1], self.device), dist.allgather(u[2], self.device) end
+  end
   -- the norm waits for the device: there, only on log steps (unless clipping needs it)
   local gn
   if c.grad_clip > 0 then gn = optim.clip_grad_norm(model:parameters(), c.grad_clip)
@@ -443,12 +492,15 @@ end
 function Trainer:log(t_start, step_start)
   local acc, c = self.acc, self.c
   self:flush()
-  if not acc or acc.n == 0 then return end
+  if not acc then return end
+  if self.dist.size > 1 then self:reduce_acc() end
+  if acc.n == 0 then return end
   local now = data.now()
   local steps_done = self.step - step_start
-  local ips = steps_done * c.batch_size / math.max(now - t_start, 1e-9)
+  local gb = c.batch_size * self.dist.size   -- the global batch
+  local ips = steps_done * gb / math.max(now - t_start, 1e-9)
   self:check_losses(self.step)
-  local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
+  local rec = {step = self.step, samples = self.step * gb, global_batch = gb, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
     images_per_s = ips, time = now - self.t0, wall_time = self:wall_time(), timestamp = os.date("!%Y-%m-%dT%H:%M:%SZ")}
   for _, k in ipairs(TERMS) do
     rec[k] = acc.sum[k] / acc.n
@@ -457,17 +509,37 @@ function Trainer:log(t_start, step_start)
     end
   end
   local stop = self:stop_step()
-  local eta = stop and (stop - self.step) * c.batch_size / ips or nil
+  local eta = stop and (stop - self.step) * gb / ips or nil
   if c.max_minutes > 0 then eta = math.min(eta or math.huge, math.max(0, 60 * c.max_minutes - (now - self.t0))) end
   local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
     stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
   if not self.quiet then self:clear_progress(); say("%s", line) end
-  local f = io.open(c.run_dir .. "/log.jsonl", "a")
-  if f then f:write(io_.json_encode(rec), "\n") f:close() end
-  self:write_csv(rec)
+  if self.dist.main then
+    fs.append(c.run_dir .. "/log.jsonl", io_.json_encode(rec) .. "\n")   -- a failed write raises
+    self:write_csv(rec)
+  end
   self.curve[#self.curve + 1] = {self.step, rec.loss}
   self.last_log = rec
   self.acc = nil
+end
+
+-- the log sums of every rank added up (grad_norm is the same on every rank)
+function Trainer:reduce_acc()
+  local acc, v = self.acc, {}
+  v[1] = acc.n
+  for q = 1, 4 do v[#v + 1] = acc.qn[q] end
+  for _, k in ipairs(TERMS) do
+    v[#v + 1] = acc.sum[k]
+    for q = 1, 4 do v[#v + 1] = acc.qsum[k][q] end
+  end
+  v = dist.sum_numbers(v, self.device)
+  local i = 1
+  acc.n = v[1]
+  for q = 1, 4 do i = i + 1; acc.qn[q] = v[i] end
+  for _, k in ipairs(TERMS) do
+    i = i + 1; acc.sum[k] = v[i]
+    for q = 1, 4 do i = i + 1; acc.qsum[k][q] = v[i] end
+  end
 end
 
 -- RUN/metrics.csv: the log.jsonl columns as a table (header on the first line)
@@ -477,15 +549,11 @@ train.CSV_COLUMNS = {"step", "samples", "loss", "mse", "vb", "loss_q0", "loss_q1
 
 function Trainer:write_csv(rec)
   local path = self.c.run_dir .. "/metrics.csv"
-  local new = io.open(path, "r")
-  if new then new:close() end
-  local f = io.open(path, "a")
-  if not f then return end
-  if not new then f:write(table.concat(train.CSV_COLUMNS, ","), "\n") end
   local row = {}
   for i, k in ipairs(train.CSV_COLUMNS) do row[i] = rec[k] == nil and "" or cfg.show(rec[k]) end
-  f:write(table.concat(row, ","), "\n")
-  f:close()
+  local text = table.concat(row, ",") .. "\n"
+  if not fs.exists(path) then text = table.concat(train.CSV_COLUMNS, ",") .. "\n" .. text end
+  fs.append(path, text)   -- one whole record (a failed write raises, naming the file)
 end
 
 -- seconds of training over every run of this run directory (resumes included)
@@ -515,6 +583,7 @@ end
 -- RUN/loss.png: loss, mse, vb and lr from log.jsonl (iddpm.plot.training); a run
 -- whose log is gone falls back to the loss curve kept in the checkpoints
 function Trainer:plot_loss()
+  if not self.dist.main then return end
   local recs = plot.read_log(self.c.run_dir .. "/log.jsonl")
   if #recs < 2 then
     recs = {}
@@ -528,6 +597,7 @@ end
 -- a grid of samples from the (first) EMA weights with the respaced sampler
 function Trainer:sample_grid()
   local c = self.c
+  if not self.dist.main then return end
   local respacing = c.sample_steps
   local sd = D.new(train.diffusion_config(c, respacing))
   local restore = self.emas[1] and self.emas[1].ema:apply()
@@ -553,7 +623,7 @@ function Trainer:sample_grid()
   image.save_grid(path, x, {cols = math.ceil(math.sqrt(n)), scale = c.grid_scale})
   if not self.quiet then self:clear_progress(); say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
     sd.num_timesteps, data.now() - t0, path) end
-  self.last_grid = path
+  self.last_grid, self.last_grid_step = path, self.step
   return path
 end
 
@@ -565,6 +635,13 @@ function Trainer:stop_step()
   if c.max_steps > 0 then s = c.max_steps end
   if c.lr_anneal_steps > 0 and (not s or c.lr_anneal_steps < s) then s = c.lr_anneal_steps end
   return s
+end
+
+-- max_minutes passed (on any rank: the ranks must stop at the same step)
+function Trainer:time_up()
+  local up = data.now() - self.t0 > 60 * self.c.max_minutes
+  if self.dist.size > 1 then up = dist.sum_numbers({up and 1 or 0}, self.device)[1] > 0 end
+  return up
 end
 
 function Trainer:run()
@@ -583,7 +660,7 @@ function Trainer:run()
   local t_start, step_start = self.t0, self.step
   local function loop()
     while not stop or self.step < stop do
-      if c.max_minutes > 0 and data.now() - self.t0 > 60 * c.max_minutes then
+      if c.max_minutes > 0 and self:time_up() then
         if not self.quiet then self:clear_progress(); say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
         break
       end
@@ -632,13 +709,17 @@ function Trainer:run()
   self:clear_progress()
   self:save()
   self:plot_loss()
-  if c.num_samples > 0 then self:sample_grid() end
-  local okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end)
+  -- the final grid, unless the last step already drew it (sample_interval dividing it)
+  if c.num_samples > 0 and self.last_grid_step ~= self.step then self:sample_grid() end
+  local okr, rep = true, nil
+  if self.dist.main then okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end) end
   if not self.quiet then say(okr and "run report: %s" or "run report not written: %s", tostring(rep)) end
   return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
 end
 
+-- (the run_dir lock stays with the process until it exits: the report and anything
+-- else written after training are covered too; this process may lock it again)
 function Trainer:close() self.loader:close() end
 
 -- ---------------------------------------------------------------- entry point
@@ -667,6 +748,14 @@ end
 function train.main(recipe_cfg, args)
   local c, flags = cfg.command(recipe.SCHEMA, recipe_cfg, args)
   if not c then return end   -- help was printed
+  if not flags.dry_run then
+    local launched = dist.setup(c)   -- gpus=N: this process starts the ranks and waits
+    if launched then
+      if launched ~= 0 then cfg.error(("train: a rank failed (exit status %d)"):format(launched), launched) end
+      return {launched = true}
+    end
+    if dist.world().size > 1 then return train.main_rank(c) end
+  end
   device.check(c.device, "train")   -- a missing GPU is the first thing said
   local changed = recipe.describe(c, true)
   say("iddpm train: config (the keys that differ from the defaults; all of them go to %s/config.json)", c.run_dir)
@@ -683,6 +772,29 @@ function train.main(recipe_cfg, args)
   if res.finished then return res end
   say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
   if res.grid then say("final sample grid: %s", res.grid) end
+  return res
+end
+
+-- one rank of a data-parallel run: rank 0 prints; an error on any rank ends them all
+function train.main_rank(c)
+  local W = dist.world()
+  device.check(c.device, "train")
+  if W.main then
+    say("iddpm train: rank 0 of %d, global batch %d = %d x batch_size %d", W.size, W.size * c.batch_size, W.size,
+      c.batch_size)
+    local changed = recipe.describe(c, true)
+    if changed ~= "" then say("%s", changed) end
+  end
+  local ok, res = pcall(train.run, c, {quiet = not W.main})
+  if not ok then
+    local msg = type(res) == "table" and res.msg or tostring(res)
+    if not W.main and msg:find("^interrupted") then msg = "interrupted" end   -- rank 0 says what was saved
+    dist.abort(msg)
+  end
+  if W.main and not res.finished then
+    say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
+  end
+  dist.finalize()
   return res
 end
 
