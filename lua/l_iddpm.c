@@ -272,7 +272,8 @@ int luaopen_iddpm(lua_State *L) {
     /* IDDPM_FAKE_CUDA=1 (tests only): without a GPU, serve the "cuda" device with the
      * CPU backend, to exercise device plumbing and the cross-backend test script */
     const char *fake = getenv("IDDPM_FAKE_CUDA");
-    if (fake && *fake == '1' && !idd_backend_get(IDD_CUDA)) idd_backend_register(IDD_CUDA, idd_backend_get(IDD_CPU));
+    if (fake && *fake == '1' && !idd_backend_get(IDD_CUDA) && idd_backend_register(IDD_CUDA, &idd_cpu_backend) != IDD_OK)
+        return luaL_error(L, "%s", idd_last_error());
     idd_embed_preload(L);
     lua_newtable(L);
     int mod = lua_gettop(L);

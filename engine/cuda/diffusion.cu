@@ -3,7 +3,7 @@
  * and the multi-tensor optimizer kernels (AdamW, EMA, sum of squares, scale), plus an
  * upload that is ordered on the stream without waiting for it (pinned staging ring).
  * The per-element arithmetic is include/iddpm/diffusion_kernels.h, in double, shared
- * with the CPU backend's engine/diffusion/kernels_cpu.c. */
+ * with the CPU backend's engine/cpu/diffusion.c. */
 #include "cuda_common.cuh"
 
 #include <math.h>

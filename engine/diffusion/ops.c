@@ -163,7 +163,7 @@ idd_tensor *idd_dops_coef_table(idd_diffusion *d, idd_tensor *t, int64_t B, idd_
         }
         const idd_backend *be = idd_backend_get(dev);
         size_t nb = sizeof(double) * IDD_DK_NCOEF * (size_t)B;
-        idd_status st = nb == 0 ? IDD_OK : be->upload_async ? be->upload_async(idd_data(c), h, nb) : be->upload(idd_data(c), h, nb);
+        idd_status st = nb == 0 ? IDD_OK : be->upload_async(idd_data(c), h, nb);
         if (st != IDD_OK) { idd_error_prefix(op); idd_tensor_release(c); c = NULL; }
     }
     free(h);

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../ops/vmath.h"
+#include "../cpu/vmath.h"
 
 /* ---------------------------------------------------------------- device path
  * Tensors on a device other than the CPU go to the backend's multi-tensor kernels

@@ -2,7 +2,7 @@
  * per-sample coefficient table, the argument block of the backend entries
  * (backend.h: diff_pointwise, diff_p_finish, diff_losses, diff_losses_backward) and
  * the per-element arithmetic, written once as inline functions that both the C
- * backends (engine/diffusion/kernels_cpu.c) and the CUDA kernels
+ * backends (engine/cpu/diffusion.c) and the CUDA kernels
  * (engine/cuda/diffusion.cu) compile. All arithmetic is in double per element, as
  * engine/diffusion/gaussian.c and losses.c do it, so a device result differs from
  * the CPU one by float32 rounding and summation order only. */

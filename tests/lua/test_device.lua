@@ -12,7 +12,7 @@ local recipe, train = iddpm.recipe, iddpm.train
 local checkpoint = require "iddpm.checkpoint"
 
 -- The device path computes the loss with diffusion_kernels.h (engine/diffusion/
--- kernels_cpu.c under the fake device) and the CPU path with losses.c: the same
+-- engine/cpu/diffusion.c under the fake device) and the CPU path with losses.c: the same
 -- double arithmetic, float32 results rounded in a different order. After 4 AdamW
 -- steps (lr 1e-4) the parameters agree to far better than this:
 local TOL_PARAM = 4e-6      -- max |a - b| of any parameter / EMA / moment: 1% of the 4e-4 that

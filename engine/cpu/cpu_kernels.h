@@ -1,7 +1,7 @@
-/* kernels_cpu.h — the CPU backend's entries for the device-side diffusion and optimizer
- * kernels (engine/diffusion/kernels_cpu.c), declared once for backend_cpu.c. */
-#ifndef IDDPM_KERNELS_CPU_H
-#define IDDPM_KERNELS_CPU_H
+/* cpu_kernels.h — the CPU backend's entries for the diffusion and optimizer kernels
+ * (engine/cpu/diffusion.c), declared once for backend.c. */
+#ifndef IDDPM_CPU_KERNELS_H
+#define IDDPM_CPU_KERNELS_H
 
 #include "iddpm/backend.h"
 

@@ -1,6 +1,6 @@
-/* fused.c — norm_conv: group norm (+scale/shift, SiLU) -> dropout -> conv2d as one
+/* norm_conv.c — norm_conv: group norm (+scale/shift, SiLU) -> dropout -> conv2d as one
  * differentiable op that saves only the norm's input (to save training memory). The
- * forward runs the three layer ops of layers.c without recording and frees their
+ * forward runs the three layer ops of conv2d.c, norm.c and dropout.c without recording and frees their
  * intermediates; the backward recomputes the conv's input with the same ops (same
  * kernels, the dropout mask from the same Philox position) recorded on a small private
  * tape, runs the conv's backward alone (idd_conv2d_backward_of) and walks that tape.

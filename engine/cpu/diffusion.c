@@ -1,4 +1,4 @@
-/* kernels_cpu.c — the CPU backend's entries for the device-side diffusion and
+/* diffusion.c — the CPU backend's entries for the device-side diffusion and
  * optimizer kernels (backend.h). The CPU device itself never reaches them (ops.c and
  * optim.c keep their own host paths); they serve a device whose backend is the CPU's
  * (IDDPM_FAKE_CUDA=1), so that the device plumbing is exercised without a GPU. The
@@ -8,7 +8,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "kernels_cpu.h"
+#include "cpu_kernels.h"
 
 idd_status idd_cpu_upload_async(void *dst, const void *src, size_t n) {
     if (n) memcpy(dst, src, n);

@@ -1,9 +1,7 @@
-/* backend_cpu.c — the CPU backend: aligned host memory, strided copy/fill, the
- * generic pointwise and reduction kernels (float32 fast paths, double elsewhere),
- * batched GEMM through OpenBLAS and the Philox random streams (dropout's are in
- * engine/ops/dropout.c).
- * Layer kernels (conv, norm, attention) live in engine/ops and are reached from the
- * op files directly while the CPU is the only backend that has them. */
+/* backend.c — the CPU backend's device part: aligned host memory, strided copy/fill,
+ * the generic pointwise and reduction kernels (float32 fast paths, double elsewhere),
+ * batched GEMM through OpenBLAS and the Philox random streams; and its table, which
+ * names the layer kernels of the other files of engine/cpu (conv2d.c, norm.c, ...). */
 #include "iddpm/backend.h"
 #include "iddpm/bf16.h"
 
@@ -15,7 +13,7 @@
 #include <string.h>
 
 #include "iddpm/kernels.h"
-#include "rng_philox.h"
+#include "iddpm/philox.h"
 
 #define PAR_MIN 32768   /* below this many elements threads cost more than they give */
 
@@ -471,12 +469,16 @@ static idd_status cpu_rand(idd_tensor *t, uint64_t seed, uint64_t stream, uint64
 static idd_status cpu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, true); }
 static idd_status cpu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, false); }
 
-/* ------------------------------------------------------------ registry */
+/* ------------------------------------------------------------ the table */
 
-#include "../diffusion/kernels_cpu.h"
+#include "cpu_kernels.h"
 
-static const idd_backend cpu_backend = {
+/* every layer family in float32; bf16 tensors take the float32 kernels and convert */
+static bool cpu_supports(idd_kernel k, idd_dtype dtype) { return dtype == IDD_F32 && (unsigned)k < IDD_K_COUNT; }
+
+const idd_backend idd_cpu_backend = {
     .name = "cpu",
+    .supports = cpu_supports,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .copy = cpu_copy,
@@ -519,17 +521,3 @@ static const idd_backend cpu_backend = {
     .sumsq = idd_cpu_sumsq,
     .scale = idd_cpu_scale,
 };
-
-static const idd_backend *backends[IDD_NDEVICES] = {&cpu_backend};
-
-const idd_backend *idd_backend_get(idd_device dev) { return (unsigned)dev < IDD_NDEVICES ? backends[dev] : NULL; }
-void idd_backend_register(idd_device dev, const idd_backend *b) { if ((unsigned)dev < IDD_NDEVICES) backends[dev] = b; }
-
-static const char *unavailable[IDD_NDEVICES];
-const char *idd_backend_unavailable_reason(idd_device dev) {
-    if ((unsigned)dev < IDD_NDEVICES && unavailable[dev]) return unavailable[dev];
-    return "this build has no CUDA backend: build with `make CUDA=1` on a machine with a GPU";
-}
-void idd_backend_set_unavailable(idd_device dev, const char *reason) {
-    if ((unsigned)dev < IDD_NDEVICES) unavailable[dev] = reason;
-}

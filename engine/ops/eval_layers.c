@@ -12,7 +12,7 @@ static idd_tensor *cf32(idd_tensor *t) {
     return idd_to_dtype(t, IDD_F32);
 }
 
-static const idd_backend *check4(const char *op, idd_tensor *x, void *fn_present) {
+static const idd_backend *check4(const char *op, idd_tensor *x, idd_kernel k) {
     char sx[96];
     if (x->ndim != 4) {
         idd_error("%s: input %s must be (N,C,H,W)", op, idd_shape_str(x, sx, 96));
@@ -23,7 +23,7 @@ static const idd_backend *check4(const char *op, idd_tensor *x, void *fn_present
         return NULL;
     }
     const idd_backend *be = idd_backend_of(x);
-    if (!fn_present) {
+    if (!idd_backend_supports(be, k, IDD_F32)) {
         idd_error("%s: not implemented on %s", op, idd_device_name(x->device));
         return NULL;
     }
@@ -32,8 +32,7 @@ static const idd_backend *check4(const char *op, idd_tensor *x, void *fn_present
 
 static idd_tensor *pool(idd_tensor *x, int k, int stride, int pad, int avg, int cip) {
     const char *op = avg ? "avg_pool2d" : "max_pool2d";
-    const idd_backend *be0 = idd_backend_of(x);
-    const idd_backend *be = check4(op, x, avg ? (void *)be0->avgpool2d_forward : (void *)be0->maxpool2d_forward);
+    const idd_backend *be = check4(op, x, avg ? IDD_K_AVGPOOL2D : IDD_K_MAXPOOL2D);
     if (!be) return NULL;
     int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
     int Ho = idd_pool2d_out_size(H, k, stride, pad), Wo = idd_pool2d_out_size(W, k, stride, pad);
@@ -61,8 +60,7 @@ idd_tensor *idd_avg_pool2d(idd_tensor *x, int k, int stride, int pad, bool count
 }
 
 idd_tensor *idd_resize_bilinear(idd_tensor *x, int Ho, int Wo, int mode) {
-    const idd_backend *be0 = idd_backend_of(x);
-    const idd_backend *be = check4("resize_bilinear", x, (void *)be0->resize_bilinear);
+    const idd_backend *be = check4("resize_bilinear", x, IDD_K_RESIZE);
     if (!be) return NULL;
     if (Ho < 1 || Wo < 1 || (mode != IDD_RESIZE_TF1 && mode != IDD_RESIZE_HALF_PIXEL)) {
         idd_error("resize_bilinear: bad output size %dx%d or mode %d", Ho, Wo, mode);
