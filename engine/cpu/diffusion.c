@@ -51,39 +51,3 @@ idd_status idd_cpu_diff_losses_backward(const idd_diff_args *a, const float *mo,
             idd_dk_loss_grad(a, b, i, mo + b * cout, x0 + b * n, xt + b * n, noise + b * n, dloss[b], dmo + b * cout);
     return IDD_OK;
 }
-
-idd_status idd_cpu_adamw(int n, float *const *p, const float *const *g, float *const *m, float *const *v,
-                         const int64_t *numel, const float hp[6]) {
-    float b1 = hp[0], b2 = hp[1], eps = hp[2], decay = hp[3], step_size = hp[4], rbc2 = hp[5];
-    for (int t = 0; t < n; t++)
-        for (int64_t j = 0; j < numel[t]; j++) {
-            float gj = g[t][j];
-            float mj = b1 * m[t][j] + (1 - b1) * gj;
-            float vj = b2 * v[t][j] + (1 - b2) * gj * gj;
-            m[t][j] = mj;
-            v[t][j] = vj;
-            p[t][j] = p[t][j] * decay - step_size * mj / (sqrtf(vj) * rbc2 + eps);
-        }
-    return IDD_OK;
-}
-
-idd_status idd_cpu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, float rate) {
-    float q = 1.0f - rate;
-    for (int t = 0; t < n; t++)
-        for (int64_t j = 0; j < numel[t]; j++) e[t][j] = rate * e[t][j] + q * p[t][j];
-    return IDD_OK;
-}
-
-idd_status idd_cpu_sumsq(int n, const float *const *g, const int64_t *numel, double *out) {
-    double s = 0;
-    for (int t = 0; t < n; t++)
-        for (int64_t j = 0; j < numel[t]; j++) s += (double)g[t][j] * g[t][j];
-    *out = s;
-    return IDD_OK;
-}
-
-idd_status idd_cpu_scale(int n, float *const *g, const int64_t *numel, float s) {
-    for (int t = 0; t < n; t++)
-        for (int64_t j = 0; j < numel[t]; j++) g[t][j] = g[t][j] * s;
-    return IDD_OK;
-}

@@ -178,15 +178,16 @@ typedef struct idd_backend {
     idd_status (*diff_losses_backward)(const idd_diff_args *a, const float *mo, const float *x0, const float *xt,
                                        const float *noise, const float *dloss, float *dmo);
 
-    /* ---- multi-tensor optimizer kernels (engine/train/optim.c): n tensors, host arrays
+    /* multi-tensor optimizer kernels (engine/train/optim.c): n tensors, host arrays
      * of device pointers and element counts. hp: lr-free AdamW constants
      * {beta1, beta2, eps, decay = 1 - lr*wd, step_size = lr/bc1, rbc2 = 1/sqrt(bc2)}. */
     idd_status (*adamw)(int n, float *const *p, const float *const *g, float *const *m, float *const *v,
                         const int64_t *numel, const float hp[6]);
-    idd_status (*ema)(int n, float *const *e, const float *const *p, const int64_t *numel, float rate);
+    idd_status (*ema)(int n, float *const *e, const float *const *p, const int64_t *numel, double rate);
     /* *out = sum of squares of every element, in double (waits for the device) */
     idd_status (*sumsq)(int n, const float *const *g, const int64_t *numel, double *out);
-    idd_status (*scale)(int n, float *const *g, const int64_t *numel, float s);
+    /* g *= s (the CPU multiplies in double and rounds once; the GPU by (float)s) */
+    idd_status (*scale)(int n, float *const *g, const int64_t *numel, double s);
 } idd_backend;
 
 extern const idd_backend idd_cpu_backend;   /* engine/cpu/backend.c */
