@@ -1,8 +1,8 @@
-/* diffusion.c — the CPU backend's entries for the device-side diffusion and
- * optimizer kernels (backend.h). The CPU device itself never reaches them (ops.c and
- * optim.c keep their own host paths); they serve a device whose backend is the CPU's
- * (IDDPM_FAKE_CUDA=1), so that the device plumbing is exercised without a GPU. The
- * arithmetic is diffusion_kernels.h, shared with engine/cuda/diffusion.cu. */
+/* diffusion.c — the CPU backend's diffusion kernels (backend.h: diff_pointwise,
+ * diff_p_finish, diff_losses, diff_losses_backward), which engine/diffusion/ops.c and
+ * ops_eval.c reach on every device; and upload_async (a plain copy on the CPU). The
+ * per-element arithmetic is diffusion_kernels.h, the same that
+ * engine/cuda/diffusion.cu compiles. */
 #include "iddpm/backend.h"
 
 #include <math.h>
