@@ -76,7 +76,7 @@ CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard test
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
 
-.PHONY: all test bench demo install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
+.PHONY: all test bench demo docs install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
 
 # the binaries are linked per build mode (release, debug, release-cuda) and copied to
@@ -159,6 +159,11 @@ test: deps
 bench: deps
 	@$(MAKE) --no-print-directory all
 	./iddpm run tests/bench.lua $(BENCH_ARGS)
+
+# docs/API.md from the docstrings in lua/iddpm/doc.lua (tests/lua/test_repl.lua checks it)
+docs: all
+	@mkdir -p docs
+	./iddpm -e 'io.write(require("iddpm.doc").markdown())' > docs/API.md
 
 demo: deps
 	@$(MAKE) --no-print-directory all

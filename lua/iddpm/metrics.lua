@@ -30,11 +30,8 @@ M.WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
 M.CONVERT_CMD = "python3 tests/ref/convert_inception.py pt_inception-2015-12-05-6726825d.pth "
   .. "inception.safetensors"
 
-local function file_exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
+local fs = require "iddpm.fs"
+local function file_exists(path) return fs.kind(path) ~= nil end   -- never opens (a FIFO would block)
 
 -- ---------------------------------------------------------------- the layout
 
@@ -300,25 +297,8 @@ end
 
 -- ---------------------------------------------------------------- image sources
 
-local function list_dir(dir)
-  local names = {}
-  local ok, lfs = pcall(require, "lfs")
-  if ok then
-    local ok2, iter, st = pcall(lfs.dir, dir)
-    if ok2 then for f in iter, st do names[#names + 1] = f end end
-  else
-    local p = io.popen(('ls -1 "%s" 2>/dev/null'):format(dir))
-    if p then for f in p:lines() do names[#names + 1] = f end p:close() end
-  end
-  table.sort(names)
-  return names
-end
-
-local function is_dir(path)   -- "dir/." opens only when dir is a directory
-  local f = io.open(path .. "/.", "rb")
-  if f then f:close() return true end
-  return false
-end
+local function list_dir(dir) return fs.list(dir) end   -- sorted, no shell
+local function is_dir(path) return fs.is_dir(path) end
 
 -- uint8 images (N,C,H,W) from: an .npz (arr_0 NHWC as the standard evaluators write it,
 -- or NCHW), an IDX file (Fashion-MNIST/MNIST images, gzip or raw), a CIFAR-10 binary
