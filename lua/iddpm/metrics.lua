@@ -20,6 +20,7 @@
 local T = require "iddpm.tensor"
 local C = require "iddpm._metrics"
 local io_ = require "iddpm.io"
+local wall = require("iddpm").wall_time
 
 local M = {}
 
@@ -244,28 +245,99 @@ function Net:forward(x)
 end
 Net.__call = Net.forward
 
+-- A feature stream: images go in, in any number of calls, batch_size images at a time
+-- through the net; their features go into running float64 sums (M.stats: mean and
+-- covariance, N-1), and are kept only with opts.keep (precision/recall needs them).
+--   s = net:stream{batch_size = 50, total = N, progress = true, label = "fid"}
+--   s:add(images)  ...;  mu, sigma, n = s:get();  feats = s:features()  (keep only)
+local Stream = {}
+Stream.__index = Stream
+
+local function progress_line(label, done, total, t0)
+  local dt = math.max(wall() - t0, 1e-3)
+  local rate = done / dt
+  if total and total > 0 then
+    return ("\r%s: %d/%d images, %.1f img/s, ETA %ds  "):format(label, done, total, rate,
+      math.floor(math.max(total - done, 0) / math.max(rate, 1e-9)))
+  end
+  return ("\r%s: %d images, %.1f img/s  "):format(label, done, rate)
+end
+
+function Net:stream(opts)
+  opts = opts or {}
+  local bs = opts.batch_size or 50
+  if math.type(bs) ~= "integer" or bs < 1 then
+    error(("iddpm.metrics: batch_size must be a positive integer, got %s"):format(tostring(bs)), 2)
+  end
+  return setmetatable({net = self, st = C.stats(M.FEATURE_DIM), bs = bs, total = opts.total, n = 0,
+    keep = opts.keep and {} or nil, progress = opts.progress, label = opts.label or "inception",
+    t0 = wall(), shown = false}, Stream)
+end
+
+-- images (N,C,H,W) uint8 or float 0..255 -> features added; returns the batch's features
+-- (N,2048) when N <= batch_size (else nil: they are not gathered)
+function Stream:add(images)
+  local N = images:shape()[1]
+  local last
+  for i = 1, N, self.bs do
+    local n = math.min(self.bs, N - i + 1)
+    local x = (i == 1 and n == N) and images or images:narrow(1, i, n)
+    last = self.net:forward(x)
+    self.st:add(last)
+    if self.keep then self.keep[#self.keep + 1] = last end
+    self.n = self.n + n
+    if self.progress then
+      io.stderr:write(progress_line(self.label, self.n, self.total, self.t0))
+      self.shown = true
+    end
+  end
+  return N <= self.bs and last or nil
+end
+
+-- -> mu (2048) float64, sigma (2048,2048) float64 (N-1), n; ends the progress line
+function Stream:get()
+  if self.shown then io.stderr:write("\n"); self.shown = false end
+  if self.n < 2 then
+    error(("iddpm.metrics: FID statistics need at least 2 images, got %d"):format(self.n), 2)
+  end
+  local mu, sigma = self.st:get()
+  return mu, sigma, self.n
+end
+
+-- the kept features (N,2048) float32, copied batch by batch into one tensor (opts.keep)
+function Stream:features()
+  if not self.keep then error("iddpm.metrics: stream:features() needs net:stream{keep = true}", 2) end
+  local out = T.zeros({self.n, M.FEATURE_DIM})
+  local at = 1
+  for _, f in ipairs(self.keep) do
+    local n = f:shape()[1]
+    out:narrow(1, at, n):copy_(f)
+    at = at + n
+  end
+  return out
+end
+
+function Stream:seconds() return wall() - self.t0 end
+
 -- all images in batches, with a progress line on stderr; -> (N,2048) float32
 function Net:features(images, opts)
   opts = opts or {}
-  local bs = opts.batch_size or 50
   local N = images:shape()[1]
-  local out, t0 = {}, os.clock()
-  local wall0 = os.time()
-  local show = opts.progress ~= false and N > bs
-  for i = 1, N, bs do
-    local n = math.min(bs, N - i + 1)
-    out[#out + 1] = self:forward(images:narrow(1, i, n))
-    if show then
-      local done = i + n - 1
-      local dt = math.max(os.time() - wall0, 1)
-      io.stderr:write(("\rinception: %d/%d images, %.1f img/s, ETA %ds  "):format(done, N, done / dt,
-        math.floor((N - done) * dt / done)))
-    end
-  end
-  if show then io.stderr:write("\n") end
-  local _ = t0
-  if #out == 1 then return out[1] end
-  return T.cat(out, 1)
+  local bs = opts.batch_size or 50
+  local s = self:stream{batch_size = bs, total = N, progress = opts.progress ~= false and N > bs, keep = true}
+  s:add(images)
+  if s.shown then io.stderr:write("\n") end
+  return s:features()
+end
+
+-- images -> mu, sigma (float64, N-1), n, streamed: only one batch of features at a time
+function Net:feature_stats(images, opts)
+  opts = opts or {}
+  local N = images:shape()[1]
+  local s = self:stream{batch_size = opts.batch_size, total = N, progress = opts.progress ~= false and N > 1,
+    label = opts.label}
+  s:add(images)
+  return s:get()
 end
 
 -- ---------------------------------------------------------------- statistics and distances
