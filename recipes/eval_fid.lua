@@ -10,7 +10,7 @@
 local iddpm = require "iddpm"
 local M, io_ = iddpm.metrics, iddpm.io
 
-local o = M.parse_args(arg, {weights = os.getenv("IDDPM_INCEPTION") or "inception.safetensors", batch_size = 50,
+local o = M.parse_args(arg, {weights = M.default_weights(), batch_size = 50,
   resize = "tf1", k = 3, split = "test"})
 if not o.samples or not o.stats then
   io.stderr:write("usage: iddpm run recipes/eval_fid.lua samples=NPZ|DIR stats=STATS [weights=...] [num=N] "
@@ -24,8 +24,10 @@ local n = images:shape()[1]
 if n < 50000 then
   print(("eval_fid: warning: %d samples; FID is biased upwards at small n (published numbers use 50,000)"):format(n))
 end
-local feats = net:features(images, {batch_size = o.batch_size})
-local mu, sigma = M.feature_stats(feats)
+local stream = net:stream{batch_size = o.batch_size, total = n, progress = true, keep = o.real_features ~= nil,
+  label = "eval_fid"}
+stream:add(images)
+local mu, sigma = stream:get()
 local fid, parts = M.frechet_distance(mu, sigma, mu_r, sigma_r)
 local res = {fid = fid, mean_term = parts.mean, trace_term = parts.trace, offset = parts.offset, n = n,
   samples = o.samples, stats = o.stats, weights = o.weights, resize = o.resize}
@@ -33,7 +35,7 @@ print(("eval_fid: FID %.4f (%.4f/%.4f)  n=%d samples=%s stats=%s inception=%s re
   parts.trace, n, o.samples, o.stats, o.weights, o.resize, parts.offset > 0 and " (1e-6 offset used)" or ""))
 if o.real_features then
   local rf = io_.npz_read(o.real_features).features
-  local p, r = M.precision_recall(rf, feats, {k = o.k})
+  local p, r = M.precision_recall(rf, stream:features(), {k = o.k})
   res.precision, res.recall = p, r
   print(("eval_fid: precision %.4f recall %.4f (k=%d, %d real features)"):format(p, r, o.k, rf:shape()[1]))
 end

@@ -14,8 +14,7 @@
 local iddpm = require "iddpm"
 local T, M, io_ = iddpm.tensor, iddpm.metrics, iddpm.io
 
-local o = M.parse_args(arg, {split = "train", weights = os.getenv("IDDPM_INCEPTION") or "inception.safetensors",
-  batch_size = 50, resize = "tf1"})
+local o = M.parse_args(arg, {split = "train", weights = M.default_weights(), batch_size = 50, resize = "tf1"})
 if not o.data or not o.out then
   io.stderr:write("usage: iddpm run recipes/fid_stats.lua data=PATH out=STATS [split=train] [num=N] "
     .. "[weights=inception.safetensors] [batch_size=50] [resize=tf1|pytorch] [features=F.npz]\n")
@@ -33,23 +32,12 @@ if s[1] < 50000 then
     :format(s[1]))
 end
 
-local st = M.stats(M.FEATURE_DIM)
-local keep = o.features and {} or nil
-local bs, chunk = o.batch_size, o.batch_size * 20
-local t0 = os.time()
-for i = 1, s[1], chunk do
-  local n = math.min(chunk, s[1] - i + 1)
-  local f = net:features(images:narrow(1, i, n), {batch_size = bs, progress = false})
-  st:add(f)
-  if keep then keep[#keep + 1] = f end
-  local done, dt = i + n - 1, math.max(os.time() - t0, 1)
-  io.stderr:write(("\rfid_stats: %d/%d images, %.1f img/s, ETA %ds   "):format(done, s[1], done / dt,
-    math.floor((s[1] - done) * dt / done)))
-end
-io.stderr:write("\n")
-local mu, sigma = st:get()
+local stream = net:stream{batch_size = o.batch_size, total = s[1], progress = true, keep = o.features ~= nil,
+  label = "fid_stats"}
+stream:add(images)
+local mu, sigma = stream:get()
 M.save_stats(base .. ".safetensors", mu, sigma, s[1], {source = o.data, split = o.split, resize = o.resize,
   weights = o.weights})
 M.save_stats(base .. ".npz", mu, sigma, s[1])
-if keep then io_.npz_write(o.features, {{"features", T.cat(keep, 1)}}) end
-print(("fid_stats: wrote %s.safetensors and %s.npz (n = %d, %ds)"):format(base, base, s[1], os.time() - t0))
+if o.features then io_.npz_write(o.features, {{"features", stream:features()}}) end
+print(("fid_stats: wrote %s.safetensors and %s.npz (n = %d, %ds)"):format(base, base, s[1], math.floor(stream:seconds())))
