@@ -3,7 +3,7 @@
  *   iddpm                        REPL (readline, Tab completion, history, values printed)
  *   iddpm run FILE.lua [args]    run a script (`iddpm FILE.lua [args]` does the same)
  *   iddpm -e CODE [-e ...] [-i]  run code, then exit (or open the REPL with -i)
- *   iddpm sample|train [args]    run the embedded recipe iddpm.cli.sample / .train
+ *   iddpm sample|train|fid [args] run the embedded recipe iddpm.cli.sample / .train / .fid
  *   iddpm --version | --help | help
  *
  * Scripts see `arg` and `...` exactly as lua.c gives them; errors print "iddpm: msg"
@@ -61,6 +61,8 @@ static void usage(FILE *f) {
           "  FILE.lua [args...]      same as run\n"
           "  sample [key=value ...]  run the sampling recipe (module iddpm.cli.sample)\n"
           "  train [key=value ...]   run the training recipe (module iddpm.cli.train)\n"
+          "  fid [stats] [key=value ...]  sample a checkpoint and print its FID, or make\n"
+          "                          reference statistics (module iddpm.cli.fid)\n"
           "  help                    show this help\n"
           "\n"
           "options:\n"
@@ -544,7 +546,7 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
         } else if (strcmp(cmd, "run") == 0) {
             if (first + 1 >= argc) return bad_usage("%s: missing the script to run", "run");
             script = first + 1;
-        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 ||
+        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "fid") == 0 ||
                    ends_with(cmd, ".lua") || strcmp(cmd, "-") == 0) {
             script = first;
         } else {
@@ -563,7 +565,7 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
     }
     if (cmd) {
         int status;
-        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0)
+        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "fid") == 0)
             status = run_recipe(L, cmd, argv, argc, script);
         else
             status = run_script(L, argv[script], argv, argc, script);

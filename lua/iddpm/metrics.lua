@@ -375,8 +375,8 @@ end
 
 function M.load_stats(path)
   if not file_exists(path) then
-    error(("iddpm.metrics: statistics file %s not found; make it with\n  iddpm run recipes/fid_stats.lua "
-      .. "data=<dataset> out=%s"):format(path, path), 2)
+    error(("iddpm.metrics: statistics file %s not found; make it with\n  iddpm fid stats data=<dataset> out=%s\n"
+      .. "(or iddpm run recipes/fid_stats.lua data=<dataset> out=%s)"):format(path, path, path), 2)
   end
   local t = path:match("%.npz$") and io_.npz_read(path) or T.load(path)
   local mu, sigma = t.mu or t.mean, t.sigma or t.cov
