@@ -21,7 +21,8 @@ static int l_conv2d(lua_State *L) {
     } else {
         ph = pw = (int)luaL_optinteger(L, 5, 0);
     }
-    return lt_push(L, idd_conv2d_hw(x, w, b, stride, ph, pw));
+    return lt_push(L, lua_toboolean(L, lua_upvalueindex(1)) ? idd_conv2d_relu(x, w, b, stride, ph, pw)
+                                                             : idd_conv2d_hw(x, w, b, stride, ph, pw));
 }
 
 /* T.group_norm(x, groups, weight, bias [, scale, shift, silu=false, eps=1e-5]) */
@@ -122,5 +123,9 @@ void lt_open_nn(lua_State *L, int mod);
 void lt_open_nn(lua_State *L, int mod) {
     lua_pushvalue(L, mod);
     luaL_setfuncs(L, fns, 0);
+    /* T.conv2d_relu(x, w, b, stride, pad): the same arguments, forward only, max(0, .) fused */
+    lua_pushboolean(L, 1);
+    lua_pushcclosure(L, l_conv2d, 1);
+    lua_setfield(L, -2, "conv2d_relu");
     lua_pop(L, 1);
 }

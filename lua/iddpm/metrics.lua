@@ -175,7 +175,7 @@ end
 function Net:conv(name, x, stride, pad)
   local p = self.p[name]
   if not pad then pad = {(p.kh - 1) // 2, (p.kw - 1) // 2} end
-  return T.conv2d(x, p.w, p.b, stride or 1, pad):maximum(0)
+  return T.conv2d_relu(x, p.w, p.b, stride or 1, pad)   -- BN folded at load, ReLU in place
 end
 
 local function avg3(x) return T.avg_pool2d(x, 3, 1, 1, false) end   -- count_include_pad = False
