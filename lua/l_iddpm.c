@@ -4,6 +4,7 @@
  * optim and the recipe drivers. */
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "l_common.h"
 
@@ -220,6 +221,12 @@ static int c_wall_time(lua_State *L) {
     return 1;
 }
 
+/* iddpm.isatty(fd) -> whether file descriptor fd (1 = stdout) is a terminal */
+static int c_isatty(lua_State *L) {
+    lua_pushboolean(L, isatty((int)luaL_optinteger(L, 1, 1)));
+    return 1;
+}
+
 static const luaL_Reg cuda_fns[] = {
     {"available", c_available}, {"reason", c_reason}, {"device_name", c_device_name},
     {"synchronize", c_synchronize}, {"memory", c_memory}, {"empty_cache", c_empty_cache},
@@ -275,6 +282,8 @@ int luaopen_iddpm(lua_State *L) {
     lua_setfield(L, mod, "num_threads");
     lua_pushcfunction(L, c_wall_time);
     lua_setfield(L, mod, "wall_time");
+    lua_pushcfunction(L, c_isatty);
+    lua_setfield(L, mod, "isatty");
     luaL_newlib(L, cuda_fns);
     lua_setfield(L, mod, "cuda");
     graph_register(L);

@@ -3,11 +3,13 @@
  *   iddpm                        REPL (readline, Tab completion, history, values printed)
  *   iddpm run FILE.lua [args]    run a script (`iddpm FILE.lua [args]` does the same)
  *   iddpm -e CODE [-e ...] [-i]  run code, then exit (or open the REPL with -i)
- *   iddpm sample|train|fid [args] run the embedded recipe iddpm.cli.sample / .train / .fid
+ *   iddpm sample|train|report|fid [args]  run the embedded iddpm.cli.sample / .train / .report / .fid
  *   iddpm --version | --help | help
  *
  * Scripts see `arg` and `...` exactly as lua.c gives them; errors print "iddpm: msg"
- * with a traceback and exit 1. With stdin not a terminal and nothing to run, stdin is
+ * with a traceback and exit 1. A user error (a table {user_error = true, msg, exit},
+ * raised by iddpm.config.error for bad input) prints "iddpm: msg" alone and exits with
+ * its `exit` (2); IDDPM_DEBUG=1 adds the traceback. With stdin not a terminal and nothing to run, stdin is
  * read as a script (like `lua -`).
  *
  * Interrupts: while Lua code runs, SIGINT sets a hook that raises "interrupted!" at
@@ -51,6 +53,7 @@ void idd_preload_submodules(lua_State *L); /* lua/l_iddpm.c: "iddpm.tensor" & co
 static const char *errprefix = "iddpm"; /* NULL in the REPL, as lua.c does */
 static lua_State *globalL;
 static int last_interrupted; /* the last docall saw a Ctrl-C */
+static int user_exit;        /* the exit status of the last docall's user error, else 0 */
 
 static void usage(FILE *f) {
     fputs("usage: iddpm [options] [command | FILE.lua] [args...]\n"
@@ -61,9 +64,12 @@ static void usage(FILE *f) {
           "  FILE.lua [args...]      same as run\n"
           "  sample [key=value ...]  run the sampling recipe (module iddpm.cli.sample)\n"
           "  train [key=value ...]   run the training recipe (module iddpm.cli.train)\n"
+          "  report RUN [out=FILE]   write RUN/report.html (module iddpm.cli.report)\n"
           "  fid [stats] [key=value ...]  sample a checkpoint and print its FID, or make\n"
           "                          reference statistics (module iddpm.cli.fid)\n"
           "  help                    show this help\n"
+          "  ... help | --dry-run    after sample, train or a recipe: list its keys with their\n"
+          "                          values | check the config and list what would be written\n"
           "\n"
           "options:\n"
           "  -e CODE        run CODE (repeatable); exit afterwards unless -i\n"
@@ -118,9 +124,27 @@ static void set_sigint(void (*handler)(int), int flags) {
     sigaction(SIGINT, &sa, NULL);
 }
 
+/* A user error: the message (traceback only with IDDPM_DEBUG), its exit status kept. */
+static int user_error(lua_State *L) {
+    if (lua_type(L, 1) != LUA_TTABLE || lua_getfield(L, 1, "user_error") != LUA_TBOOLEAN ||
+        !lua_toboolean(L, -1))
+        return 0;
+    lua_getfield(L, 1, "exit");
+    user_exit = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 2;
+    lua_getfield(L, 1, "msg");
+    const char *msg = lua_tostring(L, -1) ? lua_tostring(L, -1) : "(user error without a message)";
+    const char *debug = getenv("IDDPM_DEBUG");
+    if (debug && *debug && strcmp(debug, "0") != 0)
+        luaL_traceback(L, L, msg, 1);
+    else
+        lua_pushstring(L, msg);
+    return 1;
+}
+
 static int msghandler(lua_State *L) {
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
+        if (user_error(L)) return 1;
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
         msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     }
@@ -134,6 +158,7 @@ static int docall(lua_State *L, int narg, int nres) {
     lua_pushcfunction(L, msghandler);
     lua_insert(L, base);
     globalL = L;
+    user_exit = 0;
     idd_interrupted = 0;
     idd_interrupt_deferred = 0;
     set_sigint(on_sigint_running, SA_RESETHAND);
@@ -546,7 +571,7 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
         } else if (strcmp(cmd, "run") == 0) {
             if (first + 1 >= argc) return bad_usage("%s: missing the script to run", "run");
             script = first + 1;
-        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "fid") == 0 ||
+        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0 || strcmp(cmd, "fid") == 0 ||
                    ends_with(cmd, ".lua") || strcmp(cmd, "-") == 0) {
             script = first;
         } else {
@@ -561,22 +586,22 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
     for (int j = 1; j < first; j++) { /* -e chunks, in order */
         if (strncmp(argv[j], "-e", 2) != 0) continue;
         const char *code = argv[j][2] ? argv[j] + 2 : argv[++j];
-        if (run_string(L, code, "=(command line)") != LUA_OK) return 1;
+        if (run_string(L, code, "=(command line)") != LUA_OK) return user_exit ? user_exit : 1;
     }
     if (cmd) {
         int status;
-        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "fid") == 0)
+        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0 || strcmp(cmd, "fid") == 0)
             status = run_recipe(L, cmd, argv, argc, script);
         else
             status = run_script(L, argv[script], argv, argc, script);
-        if (status != LUA_OK) return 1;
+        if (status != LUA_OK) return user_exit ? user_exit : 1;
     }
     interactive = isatty(0);
     if (want_repl || (!cmd && !ran_code && interactive)) {
         set_iddpm_global(L);
         repl(L);
     } else if (!cmd && !ran_code) {
-        if (run_script(L, NULL, argv, argc, argc - 1) != LUA_OK) return 1;
+        if (run_script(L, NULL, argv, argc, argc - 1) != LUA_OK) return user_exit ? user_exit : 1;
     }
     return 0;
 }

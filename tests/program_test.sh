@@ -58,6 +58,14 @@ r -e 'x = 20' -e 'print(x + 1)'
 check "-e runs code in order" eval '[ $rc = 0 ] && out_is 21'
 r -e 'error("e-fail")'
 check "-e errors exit 1" eval '[ $rc = 1 ] && has "$ERR" "iddpm: (command line):1: e-fail"'
+r -e 'require("iddpm.config").error("bad value")'
+check "a user error exits 2 with 'iddpm: msg' and no traceback" \
+    eval '[ $rc = 2 ] && [ "$(cat "$ERR")" = "iddpm: bad value" ]'
+IDDPM_DEBUG=1 "$BIN" -e 'require("iddpm.config").error("bad value")' >"$OUT" 2>"$ERR" </dev/null
+rc=$?
+check "IDDPM_DEBUG=1: a user error shows its traceback" eval '[ $rc = 2 ] && has "$ERR" "stack traceback:"'
+r -e 'require("iddpm.config").error("stopped", 130)'
+check "a user error carries its exit status" eval '[ $rc = 130 ] && has "$ERR" "iddpm: stopped"'
 r -e 'local m = require "iddpm"; print(type(m), iddpm)'
 check "scripts require iddpm; no global iddpm outside the REPL" eval '[ $rc = 0 ] && out_is "table	nil"'
 

@@ -5,6 +5,8 @@
 --   ema_<rate>.<param>       one EMA copy per rate, e.g. ema_0.9999.input_blocks.0.0.weight
 --   opt.m.<param>, opt.v.<param>   AdamW moments
 --   extra.<name>             anything else a trainer needs back (RNG state, sampler history)
+--   diffusion.betas          the base betas (float64, T); config.noise_schedule is "custom"
+--                            when the recipe gave a function or a table
 -- and __metadata__ {format = "iddpm-ckpt-1", step, config (JSON of the resolved config),
 -- ema_rates (JSON list), plus any string the caller adds}. Files are written to a
 -- temporary name and renamed (engine/io), so a crash never damages the previous one.
@@ -57,6 +59,9 @@ function C.save(dir, parts)
     for k, v in pairs(parts.opt:state_tensors(names, "opt.")) do tensors[k] = v end
   end
   for k, v in pairs(parts.extra or {}) do tensors["extra." .. k] = v end
+  -- the diffusion's base betas (float64, length T): sampling and evaluation rebuild the
+  -- schedule from them, so a schedule written as a function in a recipe needs no script
+  if parts.betas then tensors["diffusion.betas"] = T.from_table(parts.betas, {#parts.betas}, "float64") end
   local meta = {format = C.FORMAT, step = tostring(parts.step), config = io_.json_encode(parts.config or {}),
                 ema_rates = io_.json_encode(rates), opt_step = tostring(parts.opt and parts.opt.step_count or 0)}
   for k, v in pairs(parts.meta or {}) do meta[k] = v end

@@ -9,7 +9,7 @@ return function(iddpm)
   local lazy = {nn = "iddpm.nn", diffusion = "iddpm.diffusion", optim = "iddpm.optim",
                 data = "iddpm.data", train = "iddpm.train", sample = "iddpm.sample",
                 metrics = "iddpm.metrics", image = "iddpm.image", recipe = "iddpm.recipe",
-                device = "iddpm.device"}
+                device = "iddpm.device", config = "iddpm.config"}
   setmetatable(iddpm, {__index = function(t, k)
     local name = lazy[k]
     if not name then return nil end

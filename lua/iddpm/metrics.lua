@@ -477,12 +477,15 @@ function M.read_images(path, opts)
 end
 
 -- key=value arguments of a recipe -> table (numbers and booleans converted)
+-- (kept for scripts; the recipes declare their keys with iddpm.config, which also
+-- checks names, types and ranges)
 function M.parse_args(args, defaults)
   local o = {}
   for k, v in pairs(defaults or {}) do o[k] = v end
-  for _, a in ipairs(args or {}) do
-    local k, v = a:match("^%-*([%w_]+)=(.*)$")
-    if not k then error(("bad argument %q: expected key=value"):format(a), 0) end
+  local p = require("iddpm.config").parse_args(args)
+  if p.positional[1] then require("iddpm.config").error(("bad argument %q: expected key=value"):format(p.positional[1])) end
+  for _, kv in ipairs(p.pairs) do
+    local k, v = kv[1], kv[2]
     if v == "true" then v = true elseif v == "false" then v = false
     elseif tonumber(v) then v = tonumber(v) end
     o[k] = v

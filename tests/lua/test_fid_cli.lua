@@ -31,18 +31,18 @@ end
 
 -- ---------------------------------------------------------------- parsing and errors
 
-local o = F.parse({"num_samples=12", "steps=ddim5", "use_ema=false", "eta=0.5", "seed=0"}, F.EVAL)
-H.check("parse: types converted", o.num_samples == 12 and o.steps == "ddim5" and o.use_ema == false and o.eta == 0.5
-  and o.seed == 0)
-H.raises("parse: unknown key lists the valid ones", function() F.parse({"stepz=5"}, F.EVAL) end,
-  "unknown option 'stepz'; valid: batch_size")
-H.raises("parse: bad integer", function() F.parse({"num_samples=0"}, F.EVAL) end, "num_samples=0: expected a positive")
-H.raises("parse: not key=value", function() F.parse({"oops"}, F.EVAL) end, "expected key=value")
+local o = F.parse({"stats=s.npz", "num_samples=12", "steps=ddim5", "use_ema=false", "eta=0.5", "seed=0"}, F.EVAL)
+H.check("parse: types converted, unset strings nil", o.num_samples == 12 and o.steps == "ddim5" and o.use_ema == false
+  and o.eta == 0.5 and o.seed == 0 and o.ckpt == nil and o.fid_batch == 50)
+H.raises("parse: unknown key names the nearest", function() F.parse({"stats=s", "stepz=5"}, F.EVAL) end,
+  "did you mean 'steps'")
+H.raises("parse: bad integer", function() F.parse({"stats=s", "num_samples=-1"}, F.EVAL) end, "num_samples=-1")
+H.raises("parse: not key=value", function() F.parse({"stats=s", "oops"}, F.EVAL) end, "key=value")
 H.raises("fid: stats= required", function() F.main("ckpt=x") end, "stats= is required")
 H.raises("fid: a missing stats file names the command that makes it",
   function() F.main("samples=x.npz", "stats=" .. tmp .. "/none.npz") end, "iddpm fid stats data=")
 H.raises("fid: ckpt= and samples= exclusive", function() F.main("ckpt=a", "samples=b", "stats=c") end, "either ckpt=")
-H.raises("fid stats: data= and out= required", function() F.main("stats", "data=x") end, "data= and out= are required")
+H.raises("fid stats: out= required", function() F.main("stats", "data=x") end, "out= is required")
 H.raises("fid stats: a missing weights file names make fid-weights",
   function() F.main("stats", "data=x", "out=y", "weights=" .. tmp .. "/none.safetensors") end, "make fid-weights")
 
@@ -81,7 +81,7 @@ CK.save(run, {model = m, step = 7, config = cfg})
 local data = tmp .. "/data.npz"
 local imgs = M.hash_uniform({6, 8, 8, 3}, "fid_cli_data", 0, 256):floor():byte()
 iddpm.io.npz_write(data, {{"arr_0", imgs}})
-F.main("stats", "data=" .. data, "out=" .. tmp .. "/ref", "fid_batch=4", "progress=false",
+F.main("stats", "data=" .. data, "out=" .. tmp .. "/ref", "batch_size=4", "progress=false",
   "features=" .. tmp .. "/ref_feats.npz")
 H.check("fid stats: out=X writes X.npz and X.safetensors", exists(tmp .. "/ref.npz") and exists(tmp .. "/ref.safetensors"))
 local z = iddpm.io.npz_read(tmp .. "/ref.npz")

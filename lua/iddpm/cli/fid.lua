@@ -19,85 +19,75 @@ local io_ = iddpm.io
 
 local F = {}
 
-local function fail(msg) error(msg, 0) end
+local cfg = require "iddpm.config"
+local function fail(msg) cfg.error(msg) end   -- a user error: "iddpm: msg", exit 2
 
--- key -> {type, help}; types: str, int (positive), int0 (non-negative), num, bool
-local INCEPTION = {
-  weights = {"str", "FID Inception weights (default: $IDDPM_INCEPTION or ~/.cache/iddpm/" .. M.WEIGHTS_FILE .. ")"},
-  fid_batch = {"int", "images per Inception batch (50)"},
-  resize = {"str", "tf1 (default: the TF graph's resize) or pytorch (pytorch-fid's F.interpolate)"},
-  threads = {"int", "engine threads (default: all cores)"},
-  progress = {"bool", "progress line with ETA on stderr (true)"},
-}
-F.EVAL = {
-  ckpt = {"str", "run directory (newest ckpt_*.safetensors) or checkpoint file: sample it"},
-  samples = {"str", "or: images already sampled (.npz arr_0, IDX, CIFAR .bin, folder of PNGs)"},
-  stats = {"str", "reference statistics (.npz mu/sigma or .safetensors; required)"},
-  num_samples = {"int", "images to sample, or the first N of samples= (default: 50000 with ckpt=, all of samples=)"},
-  steps = {"str", "sampling steps: a number like 250, sections 10,15,20, or ddim50 (default: the checkpoint's)"},
-  sampler = {"str", "ddpm | ddim (default: ddim for steps=ddimN)"},
-  eta = {"num", "DDIM eta (0)"},
-  batch_size = {"int", "images per sampling batch (16)"},
-  seed = {"int0", "seed (0): sample i uses stream i, as iddpm sample"},
-  use_ema = {"bool", "EMA weights (true)"},
-  ema_rate = {"str", "which EMA rate (default 0.9999 or the only one)"},
-  clip_denoised = {"bool", "clip predicted x_0 to [-1,1] (true)"},
-  class = {"str", "class-conditional models: K or random (default random)"},
-  real_features = {"str", "reference features .npz (iddpm fid stats ... features=F.npz): adds precision/recall"},
-  k = {"int", "k of precision/recall (3)"},
-  out = {"str", "also write the result as JSON to this file"},
-  device = {"str", "cpu (default) or cuda: where the diffusion model runs (the Inception runs on the CPU)"},
-  split = {"str", "split of a dataset folder given as samples= (test)"},
-}
-F.STATS = {
-  data = {"str", "dataset: IDX/CIFAR folder or file, .npz (arr_0), folder of PNGs (required)"},
-  out = {"str", "output: X.npz, X.safetensors, or X (both) (required)"},
-  split = {"str", "train (default) or test"},
-  num = {"int", "the first N images only"},
-  features = {"str", "also save the features (.npz, key features) for precision/recall"},
-}
-for _, spec in ipairs{F.EVAL, F.STATS} do for k, v in pairs(INCEPTION) do spec[k] = v end end
-
-local function keys_of(spec)
-  local k = {}
-  for n in pairs(spec) do k[#k + 1] = n end
-  table.sort(k)
-  return k
+-- f(...), with a failure on the user's input (a missing weights, statistics or data file)
+-- turned into a user error (no traceback, exit 2)
+local function user(f, ...)
+  local r = table.pack(pcall(f, ...))
+  if r[1] then return table.unpack(r, 2, r.n) end
+  if cfg.is_user_error(r[2]) then error(r[2], 0) end
+  fail((tostring(r[2]):gsub("^[^\n:]*:%d+: ", "")))
 end
 
--- {"key=value", ...} -> table, every value converted to its type; unknown keys are errors
-function F.parse(args, spec)
-  local o = {}
-  for _, a in ipairs(args) do
-    local k, v = tostring(a):match("^%-*([%w_]+)=(.*)$")
-    if not k then fail(("bad argument '%s': expected key=value (iddpm fid help)"):format(tostring(a))) end
-    local s = spec[k]
-    if not s then fail(("unknown option '%s'; valid: %s"):format(k, table.concat(keys_of(spec), ", "))) end
-    local ty = s[1]
-    if ty == "int" or ty == "int0" then
-      local n = math.tointeger(tonumber(v))
-      if not n or n < (ty == "int" and 1 or 0) then
-        fail(("%s=%s: expected a %s integer"):format(k, v, ty == "int" and "positive" or "non-negative"))
-      end
-      v = n
-    elseif ty == "num" then
-      local n = tonumber(v)
-      if not n then fail(("%s=%s: expected a number"):format(k, v)) end
-      v = n
-    elseif ty == "bool" then
-      local l = v:lower()
-      if l == "true" or l == "1" or l == "yes" then v = true
-      elseif l == "false" or l == "0" or l == "no" then v = false
-      else fail(("%s=%s: expected true or false"):format(k, v)) end
-    end
-    o[k] = v
-  end
-  return o
+-- the keys, in iddpm.config's schema form {name, type, default, help, ...}; "" = not given
+local function inception_keys(list, batch_key)
+  list[#list + 1] = {"weights", "str", M.default_weights(), "FID Inception weights (make fid-weights)",
+    group = "Inception"}
+  list[#list + 1] = {batch_key, "int", 50, "images per Inception call", min = 1, max = 100000}
+  list[#list + 1] = {"resize", "str", "tf1", "tf1 (the TF graph's resize) or pytorch (pytorch-fid's)",
+    one_of = {"tf1", "pytorch"}}
+  list[#list + 1] = {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096,
+    aliases = {"threads"}, group = "machine"}
+  list[#list + 1] = {"progress", "bool", true, "progress line with ETA on stderr"}
+  return list
 end
 
-local function usage(spec, head)
-  print(head .. "\n\noptions:")
-  for _, k in ipairs(keys_of(spec)) do print(("  %-16s %s"):format(k, spec[k][2])) end
+F.EVAL = cfg.schema("fid", inception_keys({
+  {"stats", "str", "", "reference statistics (.npz mu/sigma or .safetensors)", required = true, group = "inputs"},
+  {"ckpt", "str", "", "run directory (newest ckpt_*.safetensors) or checkpoint file: sample it",
+    aliases = {"checkpoint"}},
+  {"samples", "str", "", "or: images already sampled (.npz arr_0, IDX, CIFAR .bin, folder of PNGs)"},
+  {"split", "str", "test", "split when samples= is a dataset folder", one_of = {"train", "test"}},
+  {"num_samples", "int", 0, "images to sample (0: 50000 with ckpt=) or the first N of samples= (0: all)",
+    min = 0, aliases = {"num"}},
+  {"steps", "str", "", "sampling steps: 250, sections 10,15,20, or ddim50 (default: the checkpoint's)",
+    group = "sampling"},
+  {"sampler", "str", "", "ddpm | ddim (default: ddim for steps=ddimN)", one_of = {"", "ddpm", "ddim"}},
+  {"eta", "num", 0, "DDIM eta", min = 0},
+  {"batch_size", "int", 16, "images per sampling batch", min = 1, max = 100000},
+  {"seed", "int", 0, "seed: sample i uses stream i, as iddpm sample", min = 0},
+  {"use_ema", "bool", true, "EMA weights", aliases = {"ema"}},
+  {"ema_rate", "str", "", "which EMA rate (default 0.9999 or the only one)"},
+  {"clip_denoised", "bool", true, "clip predicted x_0 to [-1,1]"},
+  {"class", "str", "", "class-conditional models: K or random (default random)"},
+  {"device", "str", "cpu", "where the diffusion model runs (the Inception runs on the CPU)",
+    one_of = {"cpu", "cuda"}},
+  {"real_features", "str", "", "reference features .npz (iddpm fid stats features=F.npz): precision/recall",
+    group = "outputs"},
+  {"k", "int", 3, "neighbours for precision/recall", min = 1, max = 1000},
+  {"out", "str", "", "also write the result as JSON to this file"},
+}, "fid_batch"), {usage = "iddpm fid ckpt=RUN num_samples=N [steps=S] stats=FILE | samples=NPZ stats=FILE "
+  .. "[key=value ...]\n       iddpm fid stats data=PATH out=FILE [key=value ...]   (iddpm fid stats help)",
+  help_cmd = "iddpm fid help"})
+
+F.STATS = cfg.schema("fid stats", inception_keys({
+  {"data", "str", "", "dataset: IDX/CIFAR folder or file, .npz (arr_0 NHWC uint8), folder of PNGs",
+    required = true, group = "data"},
+  {"split", "str", "train", "train or test", one_of = {"train", "test"}},
+  {"num_samples", "int", 0, "the first N images only (0 = all)", min = 0, aliases = {"num"}},
+  {"out", "str", "", "output: X.npz (mu, sigma), X.safetensors, or X (both)", required = true, group = "output"},
+  {"features", "str", "", "also save the features (.npz, key features) for precision/recall"},
+}, "batch_size"), {usage = "iddpm fid stats data=PATH out=FILE [key=value ...]", help_cmd = "iddpm fid stats help"})
+
+-- {"key=value", ...} -> options ("" for strings not given -> nil), flags; nil after help.
+-- The one place where the command line is parsed (iddpm.config).
+function F.parse(args, schema)
+  local o, flags = cfg.command(schema, nil, args)
+  if not o then return nil end
+  for k, v in pairs(o) do if v == "" then o[k] = nil end end
+  return o, flags
 end
 
 local function fmt_time(s)
@@ -116,28 +106,32 @@ local function write_json(path, t)
 end
 
 local function inception(o)
-  if o.threads then iddpm.num_threads(o.threads) end
+  if o.num_threads and o.num_threads > 0 then iddpm.num_threads(o.num_threads) end
   local w = o.weights or M.default_weights()
-  return M.inception(w, {resize = o.resize}), w
+  return user(M.inception, w, {resize = o.resize}), w
 end
 
 -- ---------------------------------------------------------------- iddpm fid stats
 
 function F.stats(args)
-  local o = F.parse(args, F.STATS)
-  if not o.data or not o.out then fail("iddpm fid stats: data= and out= are required (iddpm fid help)") end
+  local o, flags = F.parse(args, F.STATS)
+  if not o then return end
+  if flags.dry_run then
+    print(("dry run: statistics of %s [%s] -> %s"):format(o.data, o.split, o.out))
+    return
+  end
   local net, w = inception(o)
-  local images = M.read_images(o.data, {split = o.split or "train", num = o.num})
+  local images = user(M.read_images, o.data, {split = o.split, num = o.num_samples > 0 and o.num_samples or nil})
   local s = images:shape()
   print(("fid stats: %d images (%dx%dx%d) from %s [%s], Inception %s, resize %s"):format(s[1], s[2], s[3], s[4],
-    o.data, o.split or "train", w, net.resize))
-  local stream = net:stream{batch_size = o.fid_batch, total = s[1], progress = o.progress ~= false,
+    o.data, o.split, w, net.resize))
+  local stream = net:stream{batch_size = o.batch_size, total = s[1], progress = o.progress,
     keep = o.features ~= nil, label = "fid stats"}
   stream:add(images)
   local mu, sigma, n = stream:get()
   local out = o.out
   local written = {}
-  local meta = {source = o.data, split = o.split or "train", resize = net.resize, weights = w}
+  local meta = {source = o.data, split = o.split, resize = net.resize, weights = w}
   if out:match("%.npz$") or out:match("%.safetensors$") then
     M.save_stats(out, mu, sigma, n, meta)
     written[1] = out
@@ -161,10 +155,11 @@ local function sample_into(stream, o)
   local S = require "iddpm.sample"
   local image = require "iddpm.image"
   local dev = require("iddpm.device").setup(o.device or "cpu", "auto", "sample")
-  local model, diff, info = S.load(o.ckpt, {use_ema = o.use_ema, steps = o.steps, sampler = o.sampler,
+  local model, diff, info = user(S.load, o.ckpt, {use_ema = o.use_ema, steps = o.steps, sampler = o.sampler,
     ema_rate = o.ema_rate, device = dev})
   local nc = info.unet.num_classes
-  local N, B = o.num_samples or 50000, math.min(o.batch_size or 16, o.num_samples or 50000)
+  local N = o.num_samples > 0 and o.num_samples or 50000
+  local B = math.min(o.batch_size, N)
   local cls = o.class
   if nc and not cls then cls = "random" end
   if cls and not nc then fail(("class=%s given, but this checkpoint is unconditional"):format(cls)) end
@@ -179,12 +174,12 @@ local function sample_into(stream, o)
     :format(info.path, tostring(info.step), info.weights, info.sampler, K, N, B, o.seed or 0))
   local nb = (N + B - 1) // B
   local t0 = iddpm.wall_time()
-  local show = o.progress ~= false
+  local show = o.progress
   for b = 0, nb - 1 do
     local first = b * B
     local n = math.min(B, N - first)
     local x = S.sample_batch(model, diff, first, n, {seed = o.seed or 0, clip_denoised = o.clip_denoised ~= false,
-      labels = labels, sampler = info.sampler, eta = o.eta or 0,
+      labels = labels, sampler = info.sampler, eta = o.eta,
       on_step = show and function(j)
         local done = b + j / K            -- batches done, counting sampling only
         local dt = iddpm.wall_time() - t0
@@ -199,11 +194,15 @@ local function sample_into(stream, o)
 end
 
 function F.evaluate(args)
-  local o = F.parse(args, F.EVAL)
-  if not o.stats then fail("iddpm fid: stats= is required (make it with: iddpm fid stats data=... out=...)") end
+  local o, flags = F.parse(args, F.EVAL)
+  if not o then return end
   if (o.ckpt == nil) == (o.samples == nil) then fail("iddpm fid: give either ckpt= (sample it) or samples=") end
-  local mu_r, sigma_r = M.load_stats(o.stats)            -- clear errors before any long work
-  local rf = o.real_features and io_.npz_read(o.real_features).features
+  if flags.dry_run then
+    print(("dry run: FID of %s against %s"):format(o.ckpt or o.samples, o.stats))
+    return
+  end
+  local mu_r, sigma_r = user(M.load_stats, o.stats)            -- clear errors before any long work
+  local rf = o.real_features and user(io_.npz_read, o.real_features).features
   if o.real_features and not rf then fail(("%s has no 'features' array"):format(o.real_features)) end
   local net, w = inception(o)
   local res
@@ -212,8 +211,8 @@ function F.evaluate(args)
     stream = net:stream{batch_size = o.fid_batch, keep = rf ~= nil, label = "fid"}
     res = sample_into(stream, o)
   else
-    local images = M.read_images(o.samples, {num = o.num_samples, split = o.split or "test"})
-    stream = net:stream{batch_size = o.fid_batch, total = images:shape()[1], progress = o.progress ~= false,
+    local images = user(M.read_images, o.samples, {num = o.num_samples > 0 and o.num_samples or nil, split = o.split})
+    stream = net:stream{batch_size = o.fid_batch, total = images:shape()[1], progress = o.progress,
       keep = rf ~= nil, label = "fid"}
     stream:add(images)
     res = {samples = o.samples}
@@ -238,21 +237,8 @@ end
 
 function F.main(...)
   local args = {...}
-  local a1 = args[1]
-  if a1 == nil or a1 == "help" or a1 == "--help" or a1 == "-h" then
-    usage(F.EVAL, "usage: iddpm fid ckpt=RUN num_samples=N [steps=S] stats=FILE [key=value ...]\n"
-      .. "       iddpm fid samples=NPZ|DIR stats=FILE [key=value ...]\n"
-      .. "       iddpm fid stats data=PATH out=FILE [key=value ...]   (iddpm fid stats help)")
-    if a1 == nil then fail("iddpm fid: ckpt= or samples=, and stats=, are required") end
-    return
-  end
-  if a1 == "stats" then
+  if args[1] == "stats" then
     table.remove(args, 1)
-    if args[1] == nil or args[1] == "help" or args[1] == "--help" then
-      usage(F.STATS, "usage: iddpm fid stats data=PATH out=FILE [key=value ...]")
-      if args[1] == nil then fail("iddpm fid stats: data= and out= are required") end
-      return
-    end
     return F.stats(args)
   end
   return F.evaluate(args)
