@@ -1,6 +1,7 @@
 /* l_nn.c — Lua bindings of the UNet layer ops (include/iddpm/nn.h), installed on the
  * tensor module: T.conv2d, T.group_norm, T.qkv_attention, T.upsample_nearest,
- * T.avg_pool2d, T.timestep_embedding, T.dropout, T.norm_conv. */
+ * T.avg_pool2d, T.timestep_embedding, T.dropout, T.norm_conv; and for the FID Inception
+ * T.max_pool2d, T.resize_bilinear, T.conv2d_relu (forward only). */
 #include "iddpm/kernels.h"
 #include "iddpm/nn.h"
 #include "l_common.h"

@@ -3,6 +3,9 @@
 --
 --   M.frechet_distance(mu1, sigma1, mu2, sigma2)   float64 tensors -> fid, parts
 --   net = M.inception([weights] [, {resize = "tf1"}])   -- nil: M.default_weights(), `make fid-weights`
+--   s = net:stream{batch_size = 50, total = N, progress = true, keep = false}
+--   s:add(images) ...; mu, sigma, n = s:get()        -- float64 running sums, one batch at a time
+--   mu, sigma, n = net:feature_stats(images [, opts]) -- the same in one call
 --   feats = net:features(images [, {batch_size = 50, progress = true}])  -- (N,2048) float32
 --   M.precision_recall(real_feats, fake_feats, {k = 3})                   --> precision, recall
 --   st = M.stats(2048); st:add(feats); mu, sigma = st:get()              -- float64, N-1
@@ -424,8 +427,18 @@ function M.read_images(path, opts)
   end
   if path:match("%.npz$") then
     local z = io_.npz_read(path)
-    x = z.arr_0 or z.images or z.x
-    if not x then error(("iddpm.metrics: %s has no arr_0 array"):format(path), 2) end
+    x = z.arr_0 or z.images or z.x or z.data
+    if not x then error(("iddpm.metrics: %s has no arr_0 (or images, x, data) array"):format(path), 2) end
+    local s = x:shape()
+    if #s == 2 then
+      -- the downsampled ImageNet batches (Imagenet64_train_npz): data (N, 3*S*S) uint8,
+      -- each row the R, G and B planes in turn, as CIFAR-10
+      local side = math.tointeger(math.floor(math.sqrt(s[2] / 3) + 0.5))
+      if not side or 3 * side * side ~= s[2] then
+        error(("iddpm.metrics: %s: a (N,%d) array is not (N, 3*S*S) images"):format(path, s[2]), 2)
+      end
+      x = x:reshape{s[1], 3, side, side}
+    end
     x = nchw(x)
   elseif path:match("ubyte") or path:match("%.idx[%d]?") then
     x = nchw(io_.idx_read(path))

@@ -52,6 +52,20 @@ local log = p:read("a"); p:close()
 H.check("iddpm fid help: usage and exit 0", log:find("usage: iddpm fid ckpt=RUN", 1, true) ~= nil
   and log:find("rc=0", 1, true) ~= nil, log)
 
+-- the downsampled-ImageNet npz layout: data (N, 3*S*S), R, G, B planes per row
+do
+  local flat = M.hash_uniform({4, 3 * 8 * 8}, "imagenet_npz", 0, 256):floor():byte()
+  local path = tmp .. "/imagenet_like.npz"
+  iddpm.io.npz_write(path, {{"data", flat}})
+  local x = M.read_images(path)
+  local v, f = x:float():totable(), flat:float():totable()
+  local same = #v == #f
+  for i = 1, #f do same = same and v[i] == f[i] end
+  H.check("read_images: npz 'data' (N, 3*S*S) -> (N,3,S,S), planes in order",
+    table.concat(x:shape(), ",") == "4,3,8,8" and same, table.concat(x:shape(), ","))
+  os.remove(path)
+end
+
 -- ---------------------------------------------------------------- end to end
 
 if not exists(M.default_weights()) then
