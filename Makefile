@@ -79,7 +79,7 @@ CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard test
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy python3-pip
 
-.PHONY: all test bench bench-fid demo fid-weights install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
+.PHONY: all test bench bench-fid demo docs fid-weights install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
 
 # the binaries are linked per build mode (release, debug, release-cuda) and copied to
@@ -173,6 +173,11 @@ bench: deps
 bench-fid: deps
 	@$(MAKE) --no-print-directory all
 	./iddpm run tests/bench_inception.lua $(BENCH_ARGS)
+
+# docs/API.md from the docstrings in lua/iddpm/doc.lua (tests/lua/test_repl.lua checks it)
+docs: all
+	@mkdir -p docs
+	./iddpm -e 'io.write(require("iddpm.doc").markdown())' > docs/API.md
 
 demo: deps
 	@$(MAKE) --no-print-directory all

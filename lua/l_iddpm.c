@@ -21,6 +21,7 @@ int luaopen_iddpm_optim_c(lua_State *L);
 int luaopen_iddpm_diffusion_core(lua_State *L);
 int luaopen_iddpm_metrics_core(lua_State *L);
 int luaopen_iddpm_data_c(lua_State *L);
+int luaopen_iddpm_fs_c(lua_State *L);
 void idd_embed_preload(lua_State *L);
 
 typedef struct { const char *name; lua_CFunction open; } submodule;
@@ -31,6 +32,7 @@ static const submodule submodules[] = {
     {"_diffusion", luaopen_iddpm_diffusion_core},   /* C core of iddpm.diffusion */
     {"_metrics", luaopen_iddpm_metrics_core},       /* C core of iddpm.metrics */
     {"_data", luaopen_iddpm_data_c},                /* C core of iddpm.data: batch loader */
+    {"_fs", luaopen_iddpm_fs_c},                    /* C core of iddpm.fs: files without a shell */
     {NULL, NULL},
 };
 

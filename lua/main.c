@@ -15,7 +15,8 @@
  * Interrupts: while Lua code runs, SIGINT sets a hook that raises "interrupted!" at
  * the next Lua instruction, and sets idd_interrupted (iddpm/core.h) so that long engine
  * loops stop too; the handler is one-shot, so a second Ctrl-C kills the process (as in
- * lua.c). At the prompt readline's own signal handling is off: our handler sets a flag
+ * lua.c). SIGTERM is handled the same way while code runs (a trainer saves and exits).
+ * At the prompt readline's own signal handling is off: our handler sets a flag
  * and readline's signal event hook discards the line (and any pending multi-line chunk).
  *
  * Modules: package.preload["iddpm"] = luaopen_iddpm (the engine, provided elsewhere);
@@ -124,6 +125,18 @@ static void set_sigint(void (*handler)(int), int flags) {
     sigaction(SIGINT, &sa, NULL);
 }
 
+/* SIGTERM (kill, a batch scheduler, systemd) is treated as Ctrl-C while code runs: the
+ * trainer saves a checkpoint and exits; a second SIGTERM kills. Outside docall (at the
+ * prompt) it keeps its default action. */
+static void set_sigterm(void (*handler)(int), int flags) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handler;
+    sa.sa_flags = flags;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
 /* A user error: the message (traceback only with IDDPM_DEBUG), its exit status kept. */
 static int user_error(lua_State *L) {
     if (lua_type(L, 1) != LUA_TTABLE || lua_getfield(L, 1, "user_error") != LUA_TBOOLEAN ||
@@ -162,8 +175,10 @@ static int docall(lua_State *L, int narg, int nres) {
     idd_interrupted = 0;
     idd_interrupt_deferred = 0;
     set_sigint(on_sigint_running, SA_RESETHAND);
+    set_sigterm(on_sigint_running, SA_RESETHAND);
     int status = lua_pcall(L, narg, nres, base);
     set_sigint(SIG_DFL, 0);
+    set_sigterm(SIG_DFL, 0);
     last_interrupted = idd_interrupted;
     lua_sethook(L, NULL, 0, 0); /* a Ctrl-C that came too late must not hit the next call */
     idd_interrupted = 0;
@@ -272,54 +287,40 @@ static int on_readline_signal(void) {
     return 0;
 }
 
-/* Tab completion of globals and dotted fields ("iddpm.ver" -> "iddpm.version"), with
- * raw accesses only (no metamethods run), following __index tables. */
+/* Tab completion of globals, dotted fields ("iddpm.tensor.ra" -> "iddpm.tensor.rand")
+ * and methods ("x:su" -> "x:sum", through the metatable's __index): the names come from
+ * iddpm.repl.complete(text), run protected; a failure completes nothing. */
 static char **completions;
 static int ncompletions;
 
-static void add_keys(lua_State *L, int t, const char *prefix, size_t plen, const char *tail) {
-    for (int depth = 0; depth < 4 && lua_type(L, t) == LUA_TTABLE; depth++) {
-        lua_pushnil(L);
-        while (lua_next(L, t)) {
-            lua_pop(L, 1);
-            if (lua_type(L, -1) != LUA_TSTRING) continue;
-            const char *k = lua_tostring(L, -1);
-            if (strncmp(k, tail, strlen(tail)) != 0 || ncompletions >= 4096) continue;
-            char **c = realloc(completions, (ncompletions + 1) * sizeof *c), *m;
-            if (c) completions = c;
-            if (!c || !(m = malloc(plen + strlen(k) + 1))) continue;
-            memcpy(m, prefix, plen);
-            strcpy(m + plen, k);
-            completions[ncompletions++] = m;
+static void lua_completions(lua_State *L, const char *text) {
+    int top = lua_gettop(L);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "iddpm.repl");
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) { lua_settop(L, top); return; }
+    lua_getfield(L, -1, "complete");
+    lua_pushstring(L, text);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) { lua_settop(L, top); return; }
+    lua_Integer n = luaL_len(L, -1);
+    for (lua_Integer i = 1; i <= n && ncompletions < 4096; i++) {
+        lua_rawgeti(L, -1, i);
+        const char *k = lua_tostring(L, -1);
+        char **c = k ? realloc(completions, (ncompletions + 1) * sizeof *c) : NULL;
+        if (c) {
+            completions = c;
+            char *m = strdup(k);
+            if (m) completions[ncompletions++] = m;
         }
-        if (!lua_getmetatable(L, t)) break; /* then look through __index */
-        lua_pushliteral(L, "__index");
-        lua_rawget(L, -2);
-        lua_replace(L, t);
         lua_pop(L, 1);
     }
+    lua_settop(L, top);
 }
 
 static char *complete_next(const char *text, int state) {
     static int next;
     if (state == 0) {
-        lua_State *L = globalL;
-        int top = lua_gettop(L);
-        const char *last = text, *p = text; /* last: after the final '.' or ':' */
-        for (const char *q = text; *q; q++)
-            if (*q == '.' || *q == ':') last = q + 1;
-        lua_pushglobaltable(L);
-        while (p < last && lua_type(L, -1) == LUA_TTABLE) { /* walk "a.b." */
-            size_t n = strcspn(p, ".:");
-            lua_pushlstring(L, p, n);
-            lua_rawget(L, -2);
-            lua_remove(L, -2);
-            p += n + 1;
-        }
         ncompletions = next = 0;
-        if (lua_type(L, -1) == LUA_TTABLE)
-            add_keys(L, lua_gettop(L), text, (size_t)(last - text), last);
-        lua_settop(L, top);
+        lua_completions(globalL, text);
     }
     if (next < ncompletions) return completions[next++]; /* readline frees it */
     free(completions);
@@ -427,14 +428,24 @@ static int load_chunk(lua_State *L) {
     }
 }
 
+/* The results go through iddpm.repl.show (tables as tables, tensors with their
+ * values); plain print if that module cannot load. */
 static void print_results(lua_State *L) {
     int n = lua_gettop(L);
     if (n == 0) return;
     luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
-    lua_getglobal(L, "print");
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "iddpm.repl");
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_istable(L, -1)) {
+        lua_getfield(L, -1, "show");
+        lua_remove(L, -2);
+    } else {
+        lua_pop(L, 1);
+        lua_getglobal(L, "print");
+    }
     lua_insert(L, 1);
-    if (lua_pcall(L, n, 0, 0) != LUA_OK)
-        message(lua_pushfstring(L, "error calling 'print' (%s)", lua_tostring(L, -1)));
+    if (docall(L, n, 0) != LUA_OK) /* Ctrl-C can stop a long print */
+        message(lua_pushfstring(L, "error printing the result (%s)", lua_tostring(L, -1)));
 }
 
 static void history_open(void) {
@@ -494,13 +505,17 @@ static void repl(lua_State *L) {
     errprefix = saved;
 }
 
-/* REPL convenience: the global `iddpm`. A failure to load it is only a warning. */
+/* REPL and -e convenience: the globals `iddpm` and `help` (iddpm.repl.help). A
+ * failure to load them is only a warning. */
+static const char set_globals_code[] =
+    "iddpm = require 'iddpm'\n"
+    "help = require('iddpm.repl').help\n";
+
 static void set_iddpm_global(lua_State *L) {
-    lua_getglobal(L, "require");
-    lua_pushliteral(L, "iddpm");
-    if (docall(L, 1, 1) == LUA_OK)
-        lua_setglobal(L, "iddpm");
-    else {
+    static int done;
+    if (done++) return;
+    if (luaL_loadbuffer(L, set_globals_code, sizeof set_globals_code - 1, "=iddpm") != LUA_OK ||
+        docall(L, 0, 0) != LUA_OK) {
         fprintf(stderr, "iddpm: warning: could not load the iddpm module:\n");
         report(L, LUA_ERRRUN);
     }
@@ -583,6 +598,7 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
         if (!cmd && !ran_code && !want_repl) return 0;
     }
     create_arg_table(L, argv, argc, script);
+    if (ran_code) set_iddpm_global(L); /* -e code sees `iddpm` and `help`, as the REPL */
     for (int j = 1; j < first; j++) { /* -e chunks, in order */
         if (strncmp(argv[j], "-e", 2) != 0) continue;
         const char *code = argv[j][2] ? argv[j] + 2 : argv[++j];

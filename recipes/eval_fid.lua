@@ -68,7 +68,7 @@ if o.real_features then
   print(("eval_fid: precision %.4f recall %.4f (k=%d, %d real features)"):format(p, r, o.k, rf:shape()[1]))
 end
 if o.out then
-  local f = assert(io.open(o.out, "w"))
-  f:write(io_.json_encode(res), "\n")
-  f:close()
+  -- exclusive temp file, checked writes, renamed into place (no half-written file on a full disk)
+  local fs = require "iddpm.fs"
+  fs.write_atomic(fs.check_path(o.out, "out"), io_.json_encode(res) .. "\n")
 end

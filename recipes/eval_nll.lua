@@ -17,6 +17,7 @@ local iddpm = require "iddpm"
 local T, M, io_ = iddpm.tensor, iddpm.metrics, iddpm.io
 
 local cfg = require "iddpm.config"
+local fs = require "iddpm.fs"
 local S = require "iddpm.sample"
 
 local schema = cfg.schema("eval_nll", {
@@ -91,8 +92,6 @@ local vb = (sums.vb / N):totable()
 local res = {bpd = bpd, n = N, checkpoint = file, weights = msg, data = o.data, split = o.split, T = Tn,
   prior_bpd = (pri:sum():item()) / N, decoder_bpd_t0 = vb[#vb], kl_terms_bpd = bpd - vb[#vb] - pri:sum():item() / N,
   clip_denoised = o.clip_denoised}
-local f = assert(io.open(out .. "/nll.json", "w"))
-f:write(io_.json_encode(res), "\n")
-f:close()
+fs.write_atomic(out .. "/nll.json", io_.json_encode(res) .. "\n")
 print(("eval_nll: NLL %.4f bits/dim over %d images (prior %.4f, L_0 %.4f, sum of KL terms %.4f); wrote %s/"
   .. "{vb,mse,xstart_mse}_terms.npz, nll.json"):format(bpd, N, res.prior_bpd, res.decoder_bpd_t0, res.kl_terms_bpd, out))

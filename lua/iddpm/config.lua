@@ -391,16 +391,10 @@ end
 
 -- ---------------------------------------------------------------- output folders
 
-local lfs_ok, lfs = pcall(require, "lfs")
+local fs = require "iddpm.fs"
 
-local function mode(p)
-  if lfs_ok then return lfs.attributes(p, "mode") end
-  local f = io.open(p, "rb")
-  if not f then return nil end
-  local _, _, code = f:read(1)
-  f:close()
-  return code == 21 and "directory" or "file"
-end
+-- "directory", "file", "fifo", ... or nil (a stat, never an open: a FIFO would block)
+local function mode(p) return fs.kind(p) end
 C.mode = mode
 
 local function parent(p)
@@ -414,10 +408,8 @@ end
 -- removed; the probe is the only thing ever created
 local function dir_writable(d)
   local probe = ("%s/.iddpm_probe_%d_%d"):format(d, os.time(), math.random(1 << 30))
-  local f = io.open(probe, "wb")
-  if not f then return false end
-  f:close()
-  os.remove(probe)
+  if not pcall(fs.write_atomic, probe, "") then return false end   -- exclusive create, no link followed
+  fs.remove(probe)
   return true
 end
 
@@ -460,18 +452,10 @@ function C.check_writable_file(path, what)
   C.check_writable(parent(path), what .. " " .. path .. ": folder")
 end
 
--- mkdir -p without a shell (local helper until the file module takes over)
+-- mkdir -p without a shell (iddpm.fs); a failure is a user error naming the path
 function C.mkdir_p(p)
-  if mode(p) == "directory" then return end
-  if not lfs_ok then C.error("cannot create " .. p .. ": LuaFileSystem (lua-filesystem) is not installed") end
-  local acc = p:sub(1, 1) == "/" and "" or "."
-  for part in p:gmatch("[^/]+") do
-    acc = acc .. "/" .. part
-    if mode(acc) ~= "directory" then
-      local ok, err = lfs.mkdir(acc)
-      if not ok and mode(acc) ~= "directory" then C.error(("cannot create %s: %s"):format(acc, tostring(err))) end
-    end
-  end
+  local ok, err = pcall(fs.mkdir_p, p)
+  if not ok then C.error(tostring(err)) end
 end
 
 return C

@@ -1,4 +1,4 @@
--- iddpm/diffusion.lua — Improved DDPM's Gaussian diffusion for Lua (DESIGN section 3).
+-- iddpm/diffusion.lua — Improved DDPM's Gaussian diffusion for Lua.
 --
 -- The mathematics is in C (engine/diffusion, bound as iddpm._diffusion by
 -- lua/l_diffusion.c); this module is the official code's API around it:

@@ -1,5 +1,5 @@
 -- iddpm/metrics.lua — evaluation: the FID Inception-v3 feature net, feature statistics,
--- the Fréchet distance, precision/recall (DESIGN §3):
+-- the Fréchet distance, precision/recall:
 --
 --   M.frechet_distance(mu1, sigma1, mu2, sigma2)   float64 tensors -> fid, parts
 --   net = M.inception([weights] [, {resize = "tf1"}])   -- nil: M.default_weights(), `make fid-weights`
@@ -16,7 +16,7 @@
 -- count padding, a max pool in the last block), batch norm (eps 1e-3) folded into the
 -- convolutions at load time. Input: uint8 images (N,C,H,W), C = 3 (RGB) or 1 (repeated
 -- to 3), any size; float tensors are taken as 0..255 values. They are resized to
--- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped: docs/iddpm_spec.md §11)
+-- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped, as the TF Inception graph)
 -- and normalised (x-128)/128, as the TF graph and mmgen's TorchScript model do.
 -- {resize = "pytorch"} instead resizes like F.interpolate(align_corners=False) and
 -- normalises 2*x/255-1, the preprocessing of pytorch-fid.
@@ -47,11 +47,8 @@ function M.default_weights()
   return cache .. "/iddpm/" .. M.WEIGHTS_FILE
 end
 
-local function file_exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
+local fs = require "iddpm.fs"
+local function file_exists(path) return fs.kind(path) ~= nil end   -- never opens (a FIFO would block)
 
 -- ---------------------------------------------------------------- the layout
 
@@ -391,25 +388,8 @@ end
 
 -- ---------------------------------------------------------------- image sources
 
-local function list_dir(dir)
-  local names = {}
-  local ok, lfs = pcall(require, "lfs")
-  if ok then
-    local ok2, iter, st = pcall(lfs.dir, dir)
-    if ok2 then for f in iter, st do names[#names + 1] = f end end
-  else
-    local p = io.popen(('ls -1 "%s" 2>/dev/null'):format(dir))
-    if p then for f in p:lines() do names[#names + 1] = f end p:close() end
-  end
-  table.sort(names)
-  return names
-end
-
-local function is_dir(path)   -- "dir/." opens only when dir is a directory
-  local f = io.open(path .. "/.", "rb")
-  if f then f:close() return true end
-  return false
-end
+local function list_dir(dir) return fs.list(dir) end   -- sorted, no shell
+local function is_dir(path) return fs.is_dir(path) end
 
 -- uint8 images (N,C,H,W) from: an .npz (arr_0 NHWC as the standard evaluators write it,
 -- or NCHW), an IDX file (Fashion-MNIST/MNIST images, gzip or raw), a CIFAR-10 binary

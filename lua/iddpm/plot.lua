@@ -272,7 +272,7 @@ end
 -- the records of a log.jsonl file (lines that are not JSON objects are skipped)
 function plot.read_log(path)
   local recs = {}
-  local f = io.open(path, "r")
+  local f = require("iddpm.fs").is_file(path) and io.open(path, "r")   -- never a FIFO
   if not f then return recs end
   local json_decode = require("iddpm.io").json_decode
   for line in f:lines() do

@@ -1,4 +1,4 @@
--- iddpm/recipe.lua — recipes as plain Lua tables (docs/style.md §7.9).
+-- iddpm/recipe.lua — recipes as plain Lua tables.
 --
 -- A recipe file is data plus one line that hands it to the driver:
 --     return require("iddpm.recipe").run({ image_size = 32, ... }, arg)
@@ -109,6 +109,11 @@ local function check(c, given)
       E(("diffusion_steps = %d but the noise_schedule table has %d betas"):format(c.diffusion_steps, n))
     end
     c.diffusion_steps = n
+  end
+  if c.noise_schedule == "linear" and c.diffusion_steps <= 20 then   -- beta_T = 0.02 * 1000 / T must stay below 1
+    E(("noise_schedule=linear needs diffusion_steps > 20 (its last beta is 0.02 * 1000 / T = %g, which must be below 1; "
+      .. "at 1 the last step destroys the image and the loss is not finite); use more steps or noise_schedule=cosine")
+      :format(0.02 * 1000 / c.diffusion_steps))
   end
   if c.use_fp16 then E("use_fp16=true is not supported (the engine trains in float32; on a GPU use precision=bf16)") end
   local r = respacing_error(c.diffusion_steps, c.timestep_respacing)

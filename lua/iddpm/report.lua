@@ -21,7 +21,7 @@
 -- Only the checkpoint headers are read (not their tensors), so it is cheap on big runs.
 local io_ = require "iddpm.io"
 local plot = require "iddpm.plot"
-local lfs_ok, lfs = pcall(require, "lfs")
+local fs = require "iddpm.fs"
 
 local report = {}
 report.MAX_GRIDS = 8
@@ -48,6 +48,7 @@ end
 local esc = report.escape
 
 local function read_all(path)
+  if not fs.is_file(path) then return nil end   -- a FIFO would block
   local f = io.open(path, "rb")
   if not f then return nil end
   local s = f:read("a")
@@ -55,19 +56,10 @@ local function read_all(path)
   return s
 end
 
-local function list_dir(dir)
-  local names = {}
-  if lfs_ok then
-    local ok, iter, state = pcall(lfs.dir, dir)
-    if ok then for f in iter, state do if f ~= "." and f ~= ".." then names[#names + 1] = f end end end
-  end
-  table.sort(names)
-  return names
-end
+local function list_dir(dir) return fs.list(dir) end   -- sorted
 
 local function size_of(path)
-  if lfs_ok then return lfs.attributes(path, "size") end
-  local f = io.open(path, "rb")
+  local f = fs.is_file(path) and io.open(path, "rb")
   if not f then return nil end
   local n = f:seek("end")
   f:close()
@@ -99,7 +91,7 @@ end
 
 -- the __metadata__ of a safetensors file, reading only its header
 function report.header(path)
-  local f = io.open(path, "rb")
+  local f = fs.is_file(path) and io.open(path, "rb")
   if not f then return nil, "cannot open " .. path end
   local head = f:read(8)
   if not head or #head < 8 then f:close() return nil, path .. ": too short for safetensors" end
@@ -299,22 +291,14 @@ end
 
 function report.write(run_dir, out)
   if type(run_dir) ~= "string" or run_dir == "" then error("report.write: run_dir must be a directory name", 2) end
-  if lfs_ok and lfs.attributes(run_dir, "mode") ~= "directory" then
+  if not fs.is_dir(run_dir) then
     error(("report: %s is not a run directory"):format(run_dir), 2)
   end
   out = out or (run_dir .. "/report.html")
   local page = report.html(run_dir)
-  local tmp = out .. ".tmp"
-  local f, err = io.open(tmp, "wb")
-  if not f then error(("report: cannot write %s: %s"):format(tmp, tostring(err)), 2) end
-  local ok, werr = f:write(page)
-  local cok, cerr = f:close()
-  if not ok or not cok then
-    os.remove(tmp)
-    error(("report: writing %s failed: %s"):format(tmp, tostring(werr or cerr)), 2)
-  end
-  local rok, rerr = os.rename(tmp, out)
-  if not rok then os.remove(tmp) error(("report: cannot rename %s to %s: %s"):format(tmp, out, tostring(rerr)), 2) end
+  -- exclusive temp file, checked writes, fsync, rename (never through a planted link)
+  local ok, err = pcall(fs.write_atomic, out, page)
+  if not ok then error(("report: %s"):format(tostring(err)), 2) end
   return out
 end
 

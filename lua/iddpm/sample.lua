@@ -1,4 +1,4 @@
--- iddpm/sample.lua — sampling from a checkpoint (docs/iddpm_spec.md §7, issue 6).
+-- iddpm/sample.lua — sampling from a checkpoint.
 --
 --   local S = require "iddpm.sample"
 --   model, diff, info = S.load(path, {use_ema = true, steps = "250", device = "cpu"})
@@ -34,7 +34,7 @@ local D = require "iddpm.diffusion"
 local C = require "iddpm.checkpoint"
 local image = require "iddpm.image"
 local io_ = iddpm.io
-local lfs_ok, lfs = pcall(require, "lfs")
+local fs = require "iddpm.fs"
 
 local S = {}
 
@@ -52,41 +52,12 @@ S.fmt_time = fmt_time
 
 -- ---------------------------------------------------------------- files
 
-local function is_dir(p)
-  if lfs_ok then return lfs.attributes(p, "mode") == "directory" end
-  return os.execute(('test -d "%s"'):format(p)) == true
-end
+local is_dir, exists = fs.is_dir, fs.exists
 
-local function exists(p)
-  if lfs_ok then return lfs.attributes(p, "mode") ~= nil end
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local function mkdir_p(p) fs.mkdir_p(p, "out") end
 
-local function mkdir_p(p)
-  if is_dir(p) then return end
-  if lfs_ok then
-    local acc = p:sub(1, 1) == "/" and "" or "."
-    for part in p:gmatch("[^/]+") do
-      acc = acc .. "/" .. part
-      if not is_dir(acc) then
-        local ok, err = lfs.mkdir(acc)
-        if not ok and not is_dir(acc) then fail(("cannot create %s: %s"):format(acc, err)) end
-      end
-    end
-  elseif not os.execute(('mkdir -p "%s"'):format(p)) then
-    fail("cannot create directory " .. p)
-  end
-end
-
-local function write_text(path, text)
-  local tmp = path .. ".tmp"
-  local f = assert(io.open(tmp, "wb"))
-  f:write(text)
-  f:close()
-  assert(os.rename(tmp, path))
-end
+-- checked: exclusive temp file, every write, flush and close checked, renamed into place
+local function write_text(path, text) fs.write_atomic(path, text) end
 
 -- ---------------------------------------------------------------- checkpoints
 
@@ -469,12 +440,10 @@ local function ours(name)
     or name == "settings.json" or name == "denoise.png" or name == "denoise.gif" or name:match("%.tmp$")
 end
 
--- out/ must be new or empty; overwrite=true removes sampling's own files (lfs, no shell)
+-- out/ must be new or empty; overwrite=true removes sampling's own files (iddpm.fs, no shell)
 function S.prepare_out(out, overwrite)
-  if cfg.mode(out) ~= "directory" then return end
-  local names = {}
-  if lfs_ok then for f in lfs.dir(out) do if f ~= "." and f ~= ".." then names[#names + 1] = f end end end
-  table.sort(names)
+  if not fs.is_dir(out) then return end
+  local names = fs.list(out)
   if #names == 0 then return end
   if not overwrite then
     cfg.error(("out=%s is not empty (%d entries, e.g. %s): new samples would mix with old ones; give another out= "
@@ -483,7 +452,7 @@ function S.prepare_out(out, overwrite)
   end
   for _, f in ipairs(names) do
     if ours(f) then
-      local ok, err = os.remove(out .. "/" .. f)
+      local ok, err = fs.remove(out .. "/" .. f)
       if not ok then cfg.error(("overwrite: cannot remove %s/%s: %s"):format(out, f, tostring(err))) end
     end
   end
@@ -604,6 +573,7 @@ function S.main(...)
   local nc = info.unet.num_classes
   local cls = parse_class(o.class, nc)
   local labels = S.make_labels(cls, N, nc, o.seed)
+  fs.check_path(out, "out")
   if exists(out) and not is_dir(out) then fail(("out=%s exists and is not a directory"):format(out)) end
   if o.dry_run then
     print(("dry run: %s (step %s), %s; %d samples with %d steps would be written to %s/: sample_*.png, grid.png, "
@@ -612,6 +582,8 @@ function S.main(...)
       o.animate and ", denoise.png, denoise.gif" or ""))
     return {dry_run = true, out = out}
   end
+  -- temp files of an earlier run that crashed (<name>.tmp.<pid>[.<k>], pid no longer alive)
+  if is_dir(out) then fs.clean_stale_temps(out) end
   S.prepare_out(out, o.overwrite)
   local cfg = model.config
   local K = diff.num_timesteps

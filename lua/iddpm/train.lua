@@ -49,6 +49,7 @@ local image = require "iddpm.image"
 local recipe = require "iddpm.recipe"
 local plot = require "iddpm.plot"
 local device = require "iddpm.device"
+local fs = require "iddpm.fs"
 local cfg = require "iddpm.config"
 
 local train = {}
@@ -68,8 +69,6 @@ local function fmt_time(s)
   if s >= 60 then return ("%dm%02ds"):format(s // 60, s % 60) end
   return ("%ds"):format(s)
 end
-
-local function mkdir(dir) os.execute(("mkdir -p '%s'"):format(dir:gsub("'", "'\\''"))) end
 
 -- ---------------------------------------------------------------- construction
 
@@ -111,8 +110,11 @@ function train.new(c, opts)
     cfg.error(tostring(ds))
   end
   self.ds = ds
-  mkdir(c.run_dir)
-  os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
+  -- the run directory: created (no shell), locked against a second trainer for the life
+  -- of this process, then cleared of the temp files of a killed save
+  fs.mkdir_p(fs.check_path(c.run_dir, "run_dir"), "run_dir")
+  self.lock = fs.lock_dir(c.run_dir, "run_dir")
+  fs.clean_stale_temps(c.run_dir)
   if c.in_channels == 0 then c.in_channels = self.ds.channels end
   self.num_classes = c.class_cond and self.ds.num_classes or nil
   c.num_classes = self.num_classes or 0
@@ -145,14 +147,10 @@ function train.new(c, opts)
   return self
 end
 
--- RUN/config.json: the full resolved config of this run (temporary file, renamed)
+-- RUN/config.json: the full resolved config of this run (exclusive temporary file,
+-- checked writes, renamed; a failure is an error naming the file)
 function Trainer:write_config()
-  local path = self.c.run_dir .. "/config.json"
-  local f = io.open(path .. ".tmp", "wb")
-  if not f then return end
-  f:write(io_.json_encode(self:stored_config()), "\n")
-  f:close()
-  os.rename(path .. ".tmp", path)
+  fs.write_atomic(self.c.run_dir .. "/config.json", io_.json_encode(self:stored_config()) .. "\n")
 end
 
 -- ---------------------------------------------------------------- state
@@ -282,16 +280,23 @@ function Trainer:resume()
     end
   end
   local tz = ck.tensors
-  self.model:load_state_dict(checkpoint.subset(tz, "model."))
+  local okm, errm = pcall(self.model.load_state_dict, self.model, checkpoint.subset(tz, "model."), {prefix = ""})
+  if not okm then error(("resume: %s: %s"):format(path, tostring(errm):gsub("^[^:]*module%.lua:%d+: ", "")), 0) end
   for _, e in ipairs(self.emas) do
     local sd = checkpoint.subset(tz, "ema_" .. e.rate .. ".")
     T.no_grad(function()
       for i, n in ipairs(self.names) do
         local src = sd[n]
         if not src then cfg.error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n)) end
-        e.ema.shadow[i]:copy_(src)
+        e.ema.shadow[i]:copy_(checkpoint.check_shape(path, "ema_" .. e.rate .. "." .. n, src, e.ema.shadow[i]))
       end
     end)
+  end
+  for i, n in ipairs(self.names) do
+    for _, mv in ipairs{"m", "v"} do
+      local src = tz["opt." .. mv .. "." .. n]
+      if src then checkpoint.check_shape(path, "opt." .. mv .. "." .. n, src, self.opt[mv][i]) end
+    end
   end
   self.opt:load_state_tensors(tz, self.names, "opt.", ck.opt_step)
   local ex = checkpoint.subset(tz, "extra.")
@@ -311,22 +316,21 @@ function Trainer:resume()
   self.last_saved = ck.step
   self.resumed_from = ck.step
   self.wall_before = tonumber(ck.meta.wall_time) or 0   -- training wall time of the runs before this one
-  -- drop log lines written after this checkpoint by the run that stopped
-  for _, name in ipairs{"log.jsonl", "metrics.csv"} do
-    local logp = c.run_dir .. "/" .. name
-    local f = io.open(logp, "r")
-    if f then
-      local keep = {}
-      for line in f:lines() do
-        local s = tonumber(line:match('"step":(%d+)') or line:match("^(%d+),"))
-        if not s or s <= ck.step then keep[#keep + 1] = line end
-      end
-      f:close()
-      f = io.open(logp, "w")
-      for _, line in ipairs(keep) do f:write(line, "\n") end
-      f:close()
-    end
-  end
+  -- drop log lines written after this checkpoint by the run that stopped (and a record
+  -- cut short by a crash): the kept lines go to a new file renamed over the old one, so
+  -- a crash here leaves the old file or the new one, never a truncated file
+  fs.rewrite_lines(c.run_dir .. "/log.jsonl", function(line)
+    if not line:match("^{.*}$") then return false end
+    local st = tonumber(line:match('"step":(%d+)'))
+    return not st or st <= ck.step
+  end)
+  local header_commas
+  fs.rewrite_lines(c.run_dir .. "/metrics.csv", function(line)
+    local _, commas = line:gsub(",", "")
+    local st = tonumber(line:match("^(%d+),"))
+    if not st then header_commas = header_commas or commas; return true end   -- the header
+    return st <= ck.step and commas == header_commas
+  end)
   say("resumed from step %d (%s)", ck.step, path)
 end
 
@@ -461,8 +465,7 @@ function Trainer:log(t_start, step_start)
   local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
     stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
   if not self.quiet then self:clear_progress(); say("%s", line) end
-  local f = io.open(c.run_dir .. "/log.jsonl", "a")
-  if f then f:write(io_.json_encode(rec), "\n") f:close() end
+  fs.append(c.run_dir .. "/log.jsonl", io_.json_encode(rec) .. "\n")   -- a failed write raises
   self:write_csv(rec)
   self.curve[#self.curve + 1] = {self.step, rec.loss}
   self.last_log = rec
@@ -476,15 +479,11 @@ train.CSV_COLUMNS = {"step", "samples", "loss", "mse", "vb", "loss_q0", "loss_q1
 
 function Trainer:write_csv(rec)
   local path = self.c.run_dir .. "/metrics.csv"
-  local new = io.open(path, "r")
-  if new then new:close() end
-  local f = io.open(path, "a")
-  if not f then return end
-  if not new then f:write(table.concat(train.CSV_COLUMNS, ","), "\n") end
   local row = {}
   for i, k in ipairs(train.CSV_COLUMNS) do row[i] = rec[k] == nil and "" or cfg.show(rec[k]) end
-  f:write(table.concat(row, ","), "\n")
-  f:close()
+  local text = table.concat(row, ",") .. "\n"
+  if not fs.exists(path) then text = table.concat(train.CSV_COLUMNS, ",") .. "\n" .. text end
+  fs.append(path, text)   -- one whole record (a failed write raises, naming the file)
 end
 
 -- seconds of training over every run of this run directory (resumes included)
@@ -552,7 +551,7 @@ function Trainer:sample_grid()
   image.save_grid(path, x, {cols = math.ceil(math.sqrt(n)), scale = c.grid_scale})
   if not self.quiet then self:clear_progress(); say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
     sd.num_timesteps, data.now() - t0, path) end
-  self.last_grid = path
+  self.last_grid, self.last_grid_step = path, self.step
   return path
 end
 
@@ -631,13 +630,16 @@ function Trainer:run()
   self:clear_progress()
   self:save()
   self:plot_loss()
-  if c.num_samples > 0 then self:sample_grid() end
+  -- the final grid, unless the last step already drew it (sample_interval dividing it)
+  if c.num_samples > 0 and self.last_grid_step ~= self.step then self:sample_grid() end
   local okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end)
   if not self.quiet then say(okr and "run report: %s" or "run report not written: %s", tostring(rep)) end
   return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
 end
 
+-- (the run_dir lock stays with the process until it exits: the report and anything
+-- else written after training are covered too; this process may lock it again)
 function Trainer:close() self.loader:close() end
 
 -- ---------------------------------------------------------------- entry point

@@ -156,6 +156,7 @@ do
     {"image_size=27 channel_mult=1,2,2,2", "image_size=27 cannot go through"},
     {"bogus_key=1", "unknown train key 'bogus_key'"},
     {"dataset=cifar", "did you mean 'cifar10'?"},
+    {"noise_schedule=linear", "noise_schedule=linear needs diffusion_steps > 20"},
   } do
     user_error("train " .. case[1], ("train %s run_dir=%s %s"):format(TINY, rd, case[1]), case[2], rd)
   end

@@ -1,4 +1,4 @@
--- iddpm/nn/unet.lua — the Improved-DDPM UNet (docs/iddpm_spec.md §8), block by block,
+-- iddpm/nn/unet.lua — the Improved-DDPM UNet (the official UNetModel), block by block,
 -- with the official parameter names: ResBlock, AttentionBlock, Downsample, Upsample,
 -- TimestepBlock (a Sequential that hands the timestep embedding to its ResBlocks),
 -- and UNet{...} with the keys of model_and_diffusion_defaults().
@@ -38,7 +38,7 @@ local function drop(t, keep)
   if t ~= nil and t ~= keep then t:free() end
 end
 
--- Recomputation (issue #9, training memory): GroupNorm (+scale/shift, SiLU, dropout)
+-- Recomputation (training memory): GroupNorm (+scale/shift, SiLU, dropout)
 -- followed by a convolution runs as one T.norm_conv, which saves only the norm's input
 -- and recomputes the norm (and the dropout mask) in the backward instead of keeping the
 -- conv's input, as torch.compile's partitioner does. Same kernels, same results, same
