@@ -116,6 +116,9 @@ end
 function F.stats(args)
   local o, flags = F.parse(args, F.STATS)
   if not o then return end
+  local base = o.out:gsub("%.npz$", ""):gsub("%.safetensors$", "")
+  cfg.check_writable_file(base .. ".npz", "out")      -- before the long work, not after it
+  if o.features then cfg.check_writable_file(o.features, "features") end
   if flags.dry_run then
     print(("dry run: statistics of %s [%s] -> %s"):format(o.data, o.split, o.out))
     return
@@ -181,7 +184,7 @@ local function sample_into(stream, o)
     local x = S.sample_batch(model, diff, first, n, {seed = o.seed or 0, clip_denoised = o.clip_denoised ~= false,
       labels = labels, sampler = info.sampler, eta = o.eta,
       on_step = show and function(j)
-        local done = b + j / K            -- batches done, counting sampling only
+        local done = b + j / K   -- batches done; the elapsed time includes the finished batches' Inception
         local dt = iddpm.wall_time() - t0
         io.stderr:write(("\rfid: batch %d/%d step %d/%d, %d/%d images, ETA %s   "):format(b + 1, nb, j, K, first,
           N, fmt_time(dt * (nb - done) / math.max(done, 1e-9))))
@@ -197,6 +200,7 @@ function F.evaluate(args)
   local o, flags = F.parse(args, F.EVAL)
   if not o then return end
   if (o.ckpt == nil) == (o.samples == nil) then fail("iddpm fid: give either ckpt= (sample it) or samples=") end
+  if o.out then cfg.check_writable_file(o.out, "out") end
   if flags.dry_run then
     print(("dry run: FID of %s against %s"):format(o.ckpt or o.samples, o.stats))
     return
