@@ -1,5 +1,6 @@
 /* eval_layers.c — forward-only layer ops used by the evaluation networks (the FID
- * Inception): general max / average pooling and bilinear resize. They record no tape
+ * Inception): general max / average pooling, bilinear resize, and conv2d + ReLU (the
+ * BN-folded BasicConv2d: the conv's fresh output is clamped in place, no second tensor). They record no tape
  * node (feature extraction never differentiates through them); each checks shapes,
  * makes its input contiguous float32 (uint8 images are converted) and dispatches to the
  * backend kernel (kernels.h). */
@@ -73,4 +74,28 @@ idd_tensor *idd_resize_bilinear(idd_tensor *x, int Ho, int Wo, int mode) {
     idd_tensor_release(xc);
     if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
     return out;
+}
+
+/* relu(conv2d(x, w, b)) for the evaluation nets: the conv as idd_conv2d_hw (every shape
+ * check and kernel choice is its own), then max(0, .) in place on its new output, which
+ * saves the allocation and the second pass of a separate maximum op. CPU only. */
+idd_tensor *idd_conv2d_relu(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad_h, int pad_w) {
+    char sx[96];
+    if (x->device != IDD_CPU || x->requires_grad || w->requires_grad || (b && b->requires_grad)) {
+        idd_error("conv2d_relu: forward-only CPU op; input %s on %s%s", idd_shape_str(x, sx, 96),
+                  idd_device_name(x->device), x->requires_grad || w->requires_grad ? " requires grad" : "");
+        return NULL;
+    }
+    idd_tensor *y = idd_conv2d_hw(x, w, b, stride, pad_h, pad_w);
+    if (!y) return NULL;
+    if (y->dtype != IDD_F32 || !idd_is_contiguous(y)) {
+        idd_error("conv2d_relu: expected a float32 input, got %s", idd_shape_str(x, sx, 96));
+        idd_tensor_release(y);
+        return NULL;
+    }
+    float *d = idd_data(y);
+    const long n = (long)idd_numel(y);
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i = 0; i < n; i++) d[i] = d[i] > 0.0f ? d[i] : (d[i] != d[i] ? d[i] : 0.0f);   /* NaN stays */
+    return y;
 }

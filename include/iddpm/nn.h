@@ -54,5 +54,7 @@ idd_tensor *idd_max_pool2d(idd_tensor *x, int k, int stride, int pad);
 idd_tensor *idd_avg_pool2d(idd_tensor *x, int k, int stride, int pad, bool count_include_pad);
 /* bilinear resize to (Ho,Wo); mode IDD_RESIZE_TF1 or IDD_RESIZE_HALF_PIXEL (kernels.h) */
 idd_tensor *idd_resize_bilinear(idd_tensor *x, int Ho, int Wo, int mode);
+/* max(0, conv2d(x, w, b)) with (pad_h, pad_w) zero padding; float32, CPU */
+idd_tensor *idd_conv2d_relu(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad_h, int pad_w);
 
 #endif
