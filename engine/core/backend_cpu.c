@@ -13,6 +13,8 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 
 #include "iddpm/kernels.h"
 #include "rng_philox.h"
@@ -30,10 +32,34 @@ static void cpu_malloc_tuning(void) {
     mallopt(M_TRIM_THRESHOLD, -1);   /* never: a step frees its peak at the top of the heap */
 }
 
+/* OpenBLAS (0.3.x) takes a GEMM work buffer (128 MiB + a page) per concurrent caller
+ * the first time that many call at once, and when the allocation fails it retries
+ * forever (blas_memory_alloc loops until one of its allocators succeeds): under an
+ * address-space limit (ulimit -v) a run that fills memory then spins in sgemm instead
+ * of stopping. So under such a limit our own allocations leave room for one buffer per
+ * thread plus the caller's: an allocation that would not leave it fails (our clean "out
+ * of memory" error) first. The probe is a PROT_NONE mapping (counted by RLIMIT_AS,
+ * never touched) and is skipped entirely when there is no limit. */
+#define BLAS_BUFFER_BYTES (((size_t)128 << 20) + 4096)
+static size_t blas_headroom(void) {
+    static int limited = -1;
+    if (limited < 0) {
+        struct rlimit r;
+        limited = getrlimit(RLIMIT_AS, &r) == 0 && r.rlim_cur != RLIM_INFINITY;
+    }
+    return limited ? (size_t)(omp_get_max_threads() + 1) * BLAS_BUFFER_BYTES : 0;
+}
+
 static void *cpu_alloc(size_t n) {
     void *p = NULL;
     cpu_malloc_tuning();
     if (posix_memalign(&p, 64, (n + 63) & ~(size_t)63)) return NULL;
+    size_t room = blas_headroom();
+    if (room) {
+        void *q = mmap(NULL, room, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (q == MAP_FAILED) { free(p); return NULL; }
+        munmap(q, room);
+    }
     return p;
 }
 static void cpu_free(void *p) { free(p); }
