@@ -75,9 +75,9 @@ idd_tensor *idd_narrow(idd_tensor *a, int dim, int64_t start, int64_t len) {
     char sa[96];
     int d = idd_norm_dim(a, dim, "narrow", &st);
     if (d < 0) return NULL;
-    if (start < 0 || len < 0 || start + len > a->shape[d]) {
+    if (start < 0 || len < 0 || start > a->shape[d] || len > a->shape[d] - start) {
         idd_error("narrow: positions %lld..%lld out of bounds for dim %d of %s", (long long)start + 1,
-                  (long long)(start + len), d + 1, idd_shape_str(a, sa, 96));
+                  (long long)((uint64_t)start + (uint64_t)len), d + 1, idd_shape_str(a, sa, 96));
         return NULL;
     }
     idd_tensor *out = idd_view_narrow(a, d, start, len);

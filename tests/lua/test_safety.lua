@@ -34,6 +34,7 @@ H.raises("zeros (2^62,4) overflows", function()
 H.raises("zeros 2^50 float32 bytes", function() return T.zeros({2 ^ 25 | 0, 2 ^ 25 | 0}) end, "too large")
 H.raises("expand negative size", function() return T.zeros(3, 1):expand(3, -4) end, "negative size -4")
 H.raises("reshape overflow", function() return T.zeros(4):reshape(4611686018427387904, 4, 0, -1) end, "reshape")
+H.raises("narrow start+length overflow", function() return T.zeros(4):narrow(1, 2, math.maxinteger) end, "out of bounds")
 H.raises("arange huge", function() return T.arange(0, 1e300) end, "arange")
 H.raises("arange nan", function() return T.arange(0, 0 / 0) end, "arange")
 
