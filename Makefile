@@ -21,13 +21,21 @@ PKG_CFLAGS := $(shell pkg-config --cflags lua5.4 openblas 2>/dev/null || echo -I
 PKG_LIBS   := $(shell pkg-config --libs lua5.4 openblas 2>/dev/null || echo -llua5.4 -lopenblas)
 
 WARN    := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wpointer-arith -Wmissing-prototypes -Wno-missing-field-initializers
+# MARCH: the instruction set the C code is compiled for. x86-64-v3 (AVX2 + FMA) where the
+# build machine has AVX2, the baseline otherwise; `make MARCH=native` for this CPU only.
+ifeq ($(shell uname -m),x86_64)
+  MARCH ?= $(if $(shell grep -m1 -ow avx2 /proc/cpuinfo 2>/dev/null),x86-64-v3,x86-64)
+  ARCH_FLAGS := -march=$(MARCH)
+else
+  ARCH_FLAGS := $(if $(MARCH),-march=$(MARCH))
+endif
 ifeq ($(DEBUG),1)
   BUILD := build/debug
   SAN   := -fsanitize=address,undefined
-  OPT   := -O0 -g $(SAN) -fno-omit-frame-pointer -march=x86-64-v3
+  OPT   := -O0 -g $(SAN) -fno-omit-frame-pointer $(ARCH_FLAGS)
 else
   BUILD := build/release
-  OPT   := -O2 -g -march=x86-64-v3 -mtune=native
+  OPT   := -O2 -g $(ARCH_FLAGS)
 endif
 CFLAGS  := -std=c11 -D_GNU_SOURCE -DIDDPM_VERSION='"$(VERSION)"' -fPIC -fopenmp $(OPT) $(WARN) -Iinclude -Ilua $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS  := $(PKG_LIBS) -lpng -lz -lgif -lreadline -lm
@@ -68,7 +76,7 @@ CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard test
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
             libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
 
-.PHONY: all test bench demo install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
+.PHONY: all test bench demo docs install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
 
 # the binaries are linked per build mode (release, debug, release-cuda) and copied to
@@ -84,9 +92,9 @@ $(BUILD)/iddpm: $(MAIN_OBJ) $(BIND_OBJ) $(ENGINE_OBJ)
 $(BUILD)/iddpm.so: $(BIND_OBJ) $(ENGINE_OBJ)
 	$(CC) $(LDFLAGS) -shared -o $@ $^ $(filter-out -llua5.4,$(LDLIBS)) $(CU_LIBS)
 
-$(BUILD)/%.o: %.cu engine/cuda/cuda_common.cuh $(wildcard include/iddpm/*.h)
+$(BUILD)/%.o: %.cu $(BUILD)/%.d
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVFLAGS) -c -o $@ $<
+	$(NVCC) $(NVFLAGS) -MMD -MP -c -o $@ $<
 
 cuda-check:
 	@$(MAKE) --no-print-directory CUDA=1 $(patsubst $(BUILD)/%,$(BUILD)-cuda/%,$(CU_OBJ))
@@ -107,9 +115,14 @@ cuda-bundle:
 	@$(MAKE) --no-print-directory CUDA=1 all
 	BUILD=$(BUILD)-cuda sh tests/cuda/bundle.sh build/cuda-bundle $(BUNDLE_ARGS)
 
-$(BUILD)/%.o: %.c $(wildcard include/iddpm/*.h) $(wildcard lua/*.h) $(wildcard engine/*/*.h)
+# each object depends on the headers it includes: -MMD writes build/.../x.d beside x.o;
+# an object without its .d (an older build) is rebuilt once to make it
+DEP_FILES := $(patsubst %.o,%.d,$(filter-out $(BUILD)/embed.o,$(ENGINE_OBJ) $(BIND_OBJ) $(MAIN_OBJ)))
+$(BUILD)/%.o: %.c $(BUILD)/%.d
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c -o $@ $<
+	$(CC) $(CFLAGS) -MMD -MP -c -o $@ $<
+$(DEP_FILES): ;
+-include $(wildcard $(DEP_FILES))
 
 # pure-Lua modules are compiled into the binary and the .so
 $(BUILD)/embed.c: lua/embed.lua $(LUA_MODS)
@@ -136,6 +149,9 @@ deps:
 	  fi; \
 	fi
 
+# the run report's browser test (tests/report_browser_test.sh) needs a headless browser;
+# installing chromium took 20 s on a Debian 12 VM. Without it that test skips.
+test: DEB_PKGS += chromium
 test: deps
 	@$(MAKE) --no-print-directory all $(CTEST_BIN)
 	@BUILD=$(BUILD) sh tests/run.sh
@@ -143,6 +159,11 @@ test: deps
 bench: deps
 	@$(MAKE) --no-print-directory all
 	./iddpm run tests/bench.lua $(BENCH_ARGS)
+
+# docs/API.md from the docstrings in lua/iddpm/doc.lua (tests/lua/test_repl.lua checks it)
+docs: all
+	@mkdir -p docs
+	./iddpm -e 'io.write(require("iddpm.doc").markdown())' > docs/API.md
 
 demo: deps
 	@$(MAKE) --no-print-directory all

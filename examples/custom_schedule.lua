@@ -14,13 +14,16 @@ local function alpha_bar(u)
   local lo, hi = sigmoid(-6), sigmoid(6)
   return (sigmoid(6 - 12 * u) - lo) / (hi - lo) * 0.9999 + 1e-6
 end
-local betas = D.schedule(alpha_bar, 200)
-print(("sigmoid schedule: beta[1] = %.3g, beta[100] = %.3g, beta[200] = %.3g"):format(betas[1], betas[100], betas[200]))
-
 local cfg = {image_size = 16, in_channels = 1, num_channels = 32, num_res_blocks = 1, channel_mult = {1, 2},
              attention_resolutions = {8}, num_heads = 2, learn_sigma = true, seed = 0}
 local unet = nn.unet(cfg)
-local diff = D.new{betas = alpha_bar, steps = 200, learn_sigma = true}
+-- noise_schedule: "linear", "cosine", a function alpha_bar(u) or a table of betas. In a
+-- training recipe the same key takes the function, and the checkpoint stores the betas,
+-- so `iddpm sample` needs no copy of this script.
+local diff = D.new{noise_schedule = alpha_bar, steps = 200, learn_sigma = true}
+-- timesteps are 0-based: diff:beta(t), diff:alpha_bar(t) for t = 0 .. T-1
+print(("sigmoid schedule: beta(0) = %.3g, beta(99) = %.3g, beta(199) = %.3g; alpha_bar(99) = %.3g"):format(
+  diff:beta(0), diff:beta(99), diff:beta(199), diff:alpha_bar(99)))
 local opt = iddpm.optim.adamw(unet:parameters(), {lr = 2e-3})
 local gen = T.generator(7)
 
@@ -57,7 +60,7 @@ end
 if vb_first then print(("vb went from %.4f to %.4f"):format(vb_first, vb_last)) end
 
 unet:eval()
-local fast = D.new{betas = alpha_bar, steps = 200, learn_sigma = true, timestep_respacing = "25"}
+local fast = D.new{noise_schedule = alpha_bar, steps = 200, learn_sigma = true, timestep_respacing = "25"}
 local x = T.no_grad(function() return fast:p_sample_loop(unet, {8, 1, 16, 16}, {generator = T.generator(1)}) end)
 iddpm.image.save_grid(out, x)
 print("samples: " .. out)

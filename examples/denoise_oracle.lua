@@ -40,7 +40,7 @@ end})
 local diff = D.new{steps = TSTEPS, noise_schedule = "cosine", learn_sigma = true, timestep_respacing = opt.steps}
 local x, _, rec = S.generate(model, diff, {num_samples = 3, batch_size = 3, seed = 1, record = {samples = 3, frames = 8}})
 print(("%d steps: largest |sample - x0| = %.2e"):format(diff.num_timesteps, (x - x0:expand({3, 3, H, H})):abs():max():item()))
-os.execute(('mkdir -p "%s"'):format(opt.out))
+require("iddpm.fs").mkdir_p(opt.out, "out")
 image.save_grid(opt.out .. "/grid.png", x)
 local png, gif = S.save_denoise(opt.out, rec)
 print(("wrote %s/grid.png, %s, %s (columns at timesteps %s)"):format(opt.out, png, gif, table.concat(rec.t, ",")))

@@ -4,6 +4,7 @@
  * optim and the recipe drivers. */
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "l_common.h"
 
@@ -20,6 +21,7 @@ int luaopen_iddpm_optim_c(lua_State *L);
 int luaopen_iddpm_diffusion_core(lua_State *L);
 int luaopen_iddpm_metrics_core(lua_State *L);
 int luaopen_iddpm_data_c(lua_State *L);
+int luaopen_iddpm_fs_c(lua_State *L);
 void idd_embed_preload(lua_State *L);
 
 typedef struct { const char *name; lua_CFunction open; } submodule;
@@ -30,6 +32,7 @@ static const submodule submodules[] = {
     {"_diffusion", luaopen_iddpm_diffusion_core},   /* C core of iddpm.diffusion */
     {"_metrics", luaopen_iddpm_metrics_core},       /* C core of iddpm.metrics */
     {"_data", luaopen_iddpm_data_c},                /* C core of iddpm.data: batch loader */
+    {"_fs", luaopen_iddpm_fs_c},                    /* C core of iddpm.fs: files without a shell */
     {NULL, NULL},
 };
 
@@ -225,6 +228,12 @@ static int c_wall_time(lua_State *L) {
     return 1;
 }
 
+/* iddpm.isatty(fd) -> whether file descriptor fd (1 = stdout) is a terminal */
+static int c_isatty(lua_State *L) {
+    lua_pushboolean(L, isatty((int)luaL_optinteger(L, 1, 1)));
+    return 1;
+}
+
 static const luaL_Reg cuda_fns[] = {
     {"available", c_available}, {"reason", c_reason}, {"device_name", c_device_name},
     {"synchronize", c_synchronize}, {"memory", c_memory}, {"empty_cache", c_empty_cache},
@@ -280,6 +289,8 @@ int luaopen_iddpm(lua_State *L) {
     lua_setfield(L, mod, "num_threads");
     lua_pushcfunction(L, c_wall_time);
     lua_setfield(L, mod, "wall_time");
+    lua_pushcfunction(L, c_isatty);
+    lua_setfield(L, mod, "isatty");
     luaL_newlib(L, cuda_fns);
     lua_setfield(L, mod, "cuda");
     graph_register(L);

@@ -180,7 +180,8 @@ static int l_gif_write(lua_State *L) {
 
 // ---------------------------------------------------------------- npz / npy
 
-/* io.npz_write(path, {{"arr_0", t0}, {"arr_1", t1}}) — names kept in the given order */
+/* io.npz_write(path, {{"arr_0", t0}, {"arr_1", t1}}) — names kept in the given order;
+ * bfloat16 tensors are written as float32 (numpy has no bfloat16) */
 static int l_npz_write(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
@@ -198,7 +199,14 @@ static int l_npz_write(lua_State *L) {
             for (int k = 0; k < i; k++) idd_tensor_release(hold[k]);
             return luaL_error(L, "npz_write: entry %d must be {name, tensor}", i + 1);
         }
-        array_from_tensor(L, t, name, &arr[i], &hold[i]);
+        /* numpy has no bfloat16: bf16 arrays are written as float32 (exact) */
+        idd_tensor *f = t->dtype == IDD_BF16 ? idd_to_dtype(t, IDD_F32) : (idd_tensor_retain(t), t);
+        if (!f) {
+            for (int k = 0; k < i; k++) idd_tensor_release(hold[k]);
+            return lt_error(L);
+        }
+        array_from_tensor(L, f, name, &arr[i], &hold[i]);
+        idd_tensor_release(f);
         lua_pop(L, 3);
     }
     idd_status st = idd_npz_write(path, arr, (size_t)n);
@@ -412,7 +420,7 @@ static const luaL_Reg io_functions[] = {
 int luaopen_iddpm_io(lua_State *L);
 int luaopen_iddpm_io(lua_State *L) {
     luaL_newlib(L, io_functions);
-    /* T.load / T.save live on the tensor module too (DESIGN §3) */
+    /* T.load / T.save live on the tensor module too */
     lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
     lua_getfield(L, -1, "iddpm.tensor");
     if (lua_istable(L, -1)) {

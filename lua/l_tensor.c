@@ -364,31 +364,33 @@ static int m_get(lua_State *L) {
     return 1;
 }
 
-static int m_tostring(lua_State *L) {
+/* The one-line form, "Tensor(2,3) float32 cpu requires_grad": the fallback of __tostring
+ * when the Lua printer cannot run, and x:summary(). */
+static int m_summary(lua_State *L) {
     idd_tensor **box = luaL_checkudata(L, 1, IDD_TENSOR_MT);
     if (!*box) { lua_pushstring(L, "Tensor(freed)"); return 1; }
     idd_tensor *t = *box;
     char sb[128];
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    luaL_addstring(&b, "Tensor");
-    luaL_addstring(&b, idd_shape_str(t, sb, sizeof sb));
-    lua_pushfstring(L, " %s %s", idd_dtype_name(t->dtype), idd_device_name(t->device));
-    luaL_addvalue(&b);
-    if (t->requires_grad) luaL_addstring(&b, " requires_grad");
-    int64_t n = idd_numel(t);
-    if (t->device == IDD_CPU && n <= 8) {
-        luaL_addstring(&b, " {");
-        for (int64_t i = 0; i < n; i++) {
-            double v = idd_get_flat(t, i);
-            if (t->dtype == IDD_I64 || t->dtype == IDD_U8) lua_pushfstring(L, i ? ", %I" : "%I", (lua_Integer)v);
-            else lua_pushfstring(L, i ? ", %f" : "%f", v);
-            luaL_addvalue(&b);
-        }
-        luaL_addstring(&b, "}");
-    }
-    luaL_pushresult(&b);
+    lua_pushfstring(L, "Tensor%s %s %s%s", idd_shape_str(t, sb, sizeof sb), idd_dtype_name(t->dtype),
+                    idd_device_name(t->device), t->requires_grad ? " requires_grad" : "");
     return 1;
+}
+
+/* __tostring: the values, PyTorch style, by the Lua module iddpm.tensor_print. */
+static int m_tostring(lua_State *L) {
+    idd_tensor **box = luaL_checkudata(L, 1, IDD_TENSOR_MT);
+    if (!*box) { lua_pushstring(L, "Tensor(freed)"); return 1; }
+    lua_settop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "iddpm.tensor_print");
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_istable(L, -1)) {
+        lua_getfield(L, -1, "tostring");
+        lua_pushvalue(L, 1);
+        lua_call(L, 1, 1);   /* errors (a Ctrl-C, out of memory) go up */
+        return 1;
+    }
+    lua_settop(L, 1);
+    return m_summary(L);
 }
 
 // ---------------------------------------------------------------- views and copies
@@ -498,7 +500,30 @@ static int m_zero_grad(lua_State *L) {
     return 0;
 }
 
+/* x[i]: the view at position i (1-based, negative from the end) along dim 1, with that
+ * dim dropped: (4,3,8) -> (3,8). Out of range raises; a 0-dim tensor has no positions. */
+static int t_select(lua_State *L, idd_tensor *t) {
+    char sb[96];
+    int isint;
+    lua_Integer i = lua_tointegerx(L, 2, &isint);
+    if (!isint)
+        return luaL_error(L, "index: position %s is not an integer (tensor of shape %s)",
+                          luaL_tolstring(L, 2, NULL), idd_shape_str(t, sb, 96));
+    if (t->ndim == 0) return luaL_error(L, "index: a 0-dim tensor has no positions (use x:item())");
+    int64_t n = t->shape[0];
+    if (i < 0) i += n + 1;
+    if (i < 1 || i > n)
+        return luaL_error(L, "index: position %I out of range 1..%I (or -%I..-1) for dim 1 of shape %s",
+                          lua_tointeger(L, 2), (lua_Integer)n, (lua_Integer)n, idd_shape_str(t, sb, 96));
+    idd_tensor *row = idd_narrow(t, 0, i - 1, 1);
+    if (!row) return lt_error(L);
+    idd_tensor *v = idd_reshape(row, t->ndim - 1, t->shape + 1);
+    idd_tensor_release(row);
+    return lt_push(L, v);
+}
+
 static int t_index(lua_State *L) {
+    if (lua_type(L, 2) == LUA_TNUMBER) return t_select(L, lt_check(L, 1));
     const char *k = lua_tostring(L, 2);
     if (k) {
         idd_tensor *t = lt_check(L, 1);
@@ -514,7 +539,20 @@ static int t_index(lua_State *L) {
     lua_pushvalue(L, lua_upvalueindex(1));   /* methods */
     lua_pushvalue(L, 2);
     lua_rawget(L, -2);
-    return 1;
+    if (!lua_isnil(L, -1) || !k || k[0] == '_') return 1;   /* "__name" & co. probe: nil */
+    /* no such method: "no method 'sume' on Tensor; did you mean 'sum'?" (iddpm.repl) */
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "iddpm.repl");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "no_method");
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushliteral(L, "Tensor");
+    lua_call(L, 3, 1);
+    luaL_where(L, 1);   /* the Lua line that asked for the method */
+    lua_insert(L, -2);
+    lua_concat(L, 2);
+    return lua_error(L);
 }
 
 static int t_newindex(lua_State *L) {
@@ -568,7 +606,7 @@ static const luaL_Reg methods[] = {
     {"detach", m_detach}, {"float", m_float}, {"double", m_double}, {"long", m_long}, {"byte", m_byte}, {"bfloat16", m_bfloat16},
     {"channels_last", m_channels_last}, {"is_channels_last", m_is_channels_last}, {"stride", m_stride},
     {"cpu", m_cpu}, {"cuda", m_cuda}, {"to", m_to}, {"fill_", m_fill_}, {"zero_", m_zero_},
-    {"copy_", m_copy_}, {"free", m_free}, {"backward", m_backward}, {"zero_grad", m_zero_grad},
+    {"copy_", m_copy_}, {"free", m_free}, {"summary", m_summary}, {"backward", m_backward}, {"zero_grad", m_zero_grad},
     {NULL, NULL}};
 
 static const luaL_Reg functions[] = {

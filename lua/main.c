@@ -3,17 +3,20 @@
  *   iddpm                        REPL (readline, Tab completion, history, values printed)
  *   iddpm run FILE.lua [args]    run a script (`iddpm FILE.lua [args]` does the same)
  *   iddpm -e CODE [-e ...] [-i]  run code, then exit (or open the REPL with -i)
- *   iddpm sample|train [args]    run the embedded recipe iddpm.cli.sample / .train
+ *   iddpm sample|train|report [args]  run the embedded iddpm.cli.sample / .train / .report
  *   iddpm --version | --help | help
  *
  * Scripts see `arg` and `...` exactly as lua.c gives them; errors print "iddpm: msg"
- * with a traceback and exit 1. With stdin not a terminal and nothing to run, stdin is
+ * with a traceback and exit 1. A user error (a table {user_error = true, msg, exit},
+ * raised by iddpm.config.error for bad input) prints "iddpm: msg" alone and exits with
+ * its `exit` (2); IDDPM_DEBUG=1 adds the traceback. With stdin not a terminal and nothing to run, stdin is
  * read as a script (like `lua -`).
  *
  * Interrupts: while Lua code runs, SIGINT sets a hook that raises "interrupted!" at
  * the next Lua instruction, and sets idd_interrupted (iddpm/core.h) so that long engine
  * loops stop too; the handler is one-shot, so a second Ctrl-C kills the process (as in
- * lua.c). At the prompt readline's own signal handling is off: our handler sets a flag
+ * lua.c). SIGTERM is handled the same way while code runs (a trainer saves and exits).
+ * At the prompt readline's own signal handling is off: our handler sets a flag
  * and readline's signal event hook discards the line (and any pending multi-line chunk).
  *
  * Modules: package.preload["iddpm"] = luaopen_iddpm (the engine, provided elsewhere);
@@ -51,6 +54,7 @@ void idd_preload_submodules(lua_State *L); /* lua/l_iddpm.c: "iddpm.tensor" & co
 static const char *errprefix = "iddpm"; /* NULL in the REPL, as lua.c does */
 static lua_State *globalL;
 static int last_interrupted; /* the last docall saw a Ctrl-C */
+static int user_exit;        /* the exit status of the last docall's user error, else 0 */
 
 static void usage(FILE *f) {
     fputs("usage: iddpm [options] [command | FILE.lua] [args...]\n"
@@ -61,7 +65,10 @@ static void usage(FILE *f) {
           "  FILE.lua [args...]      same as run\n"
           "  sample [key=value ...]  run the sampling recipe (module iddpm.cli.sample)\n"
           "  train [key=value ...]   run the training recipe (module iddpm.cli.train)\n"
+          "  report RUN [out=FILE]   write RUN/report.html (module iddpm.cli.report)\n"
           "  help                    show this help\n"
+          "  ... help | --dry-run    after sample, train or a recipe: list its keys with their\n"
+          "                          values | check the config and list what would be written\n"
           "\n"
           "options:\n"
           "  -e CODE        run CODE (repeatable); exit afterwards unless -i\n"
@@ -116,9 +123,39 @@ static void set_sigint(void (*handler)(int), int flags) {
     sigaction(SIGINT, &sa, NULL);
 }
 
+/* SIGTERM (kill, a batch scheduler, systemd) is treated as Ctrl-C while code runs: the
+ * trainer saves a checkpoint and exits; a second SIGTERM kills. Outside docall (at the
+ * prompt) it keeps its default action. */
+static void set_sigterm(void (*handler)(int), int flags) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handler;
+    sa.sa_flags = flags;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* A user error: the message (traceback only with IDDPM_DEBUG), its exit status kept. */
+static int user_error(lua_State *L) {
+    if (lua_type(L, 1) != LUA_TTABLE || lua_getfield(L, 1, "user_error") != LUA_TBOOLEAN ||
+        !lua_toboolean(L, -1))
+        return 0;
+    lua_getfield(L, 1, "exit");
+    user_exit = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 2;
+    lua_getfield(L, 1, "msg");
+    const char *msg = lua_tostring(L, -1) ? lua_tostring(L, -1) : "(user error without a message)";
+    const char *debug = getenv("IDDPM_DEBUG");
+    if (debug && *debug && strcmp(debug, "0") != 0)
+        luaL_traceback(L, L, msg, 1);
+    else
+        lua_pushstring(L, msg);
+    return 1;
+}
+
 static int msghandler(lua_State *L) {
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
+        if (user_error(L)) return 1;
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
         msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     }
@@ -132,11 +169,14 @@ static int docall(lua_State *L, int narg, int nres) {
     lua_pushcfunction(L, msghandler);
     lua_insert(L, base);
     globalL = L;
+    user_exit = 0;
     idd_interrupted = 0;
     idd_interrupt_deferred = 0;
     set_sigint(on_sigint_running, SA_RESETHAND);
+    set_sigterm(on_sigint_running, SA_RESETHAND);
     int status = lua_pcall(L, narg, nres, base);
     set_sigint(SIG_DFL, 0);
+    set_sigterm(SIG_DFL, 0);
     last_interrupted = idd_interrupted;
     lua_sethook(L, NULL, 0, 0); /* a Ctrl-C that came too late must not hit the next call */
     idd_interrupted = 0;
@@ -245,54 +285,40 @@ static int on_readline_signal(void) {
     return 0;
 }
 
-/* Tab completion of globals and dotted fields ("iddpm.ver" -> "iddpm.version"), with
- * raw accesses only (no metamethods run), following __index tables. */
+/* Tab completion of globals, dotted fields ("iddpm.tensor.ra" -> "iddpm.tensor.rand")
+ * and methods ("x:su" -> "x:sum", through the metatable's __index): the names come from
+ * iddpm.repl.complete(text), run protected; a failure completes nothing. */
 static char **completions;
 static int ncompletions;
 
-static void add_keys(lua_State *L, int t, const char *prefix, size_t plen, const char *tail) {
-    for (int depth = 0; depth < 4 && lua_type(L, t) == LUA_TTABLE; depth++) {
-        lua_pushnil(L);
-        while (lua_next(L, t)) {
-            lua_pop(L, 1);
-            if (lua_type(L, -1) != LUA_TSTRING) continue;
-            const char *k = lua_tostring(L, -1);
-            if (strncmp(k, tail, strlen(tail)) != 0 || ncompletions >= 4096) continue;
-            char **c = realloc(completions, (ncompletions + 1) * sizeof *c), *m;
-            if (c) completions = c;
-            if (!c || !(m = malloc(plen + strlen(k) + 1))) continue;
-            memcpy(m, prefix, plen);
-            strcpy(m + plen, k);
-            completions[ncompletions++] = m;
+static void lua_completions(lua_State *L, const char *text) {
+    int top = lua_gettop(L);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "iddpm.repl");
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) { lua_settop(L, top); return; }
+    lua_getfield(L, -1, "complete");
+    lua_pushstring(L, text);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) { lua_settop(L, top); return; }
+    lua_Integer n = luaL_len(L, -1);
+    for (lua_Integer i = 1; i <= n && ncompletions < 4096; i++) {
+        lua_rawgeti(L, -1, i);
+        const char *k = lua_tostring(L, -1);
+        char **c = k ? realloc(completions, (ncompletions + 1) * sizeof *c) : NULL;
+        if (c) {
+            completions = c;
+            char *m = strdup(k);
+            if (m) completions[ncompletions++] = m;
         }
-        if (!lua_getmetatable(L, t)) break; /* then look through __index */
-        lua_pushliteral(L, "__index");
-        lua_rawget(L, -2);
-        lua_replace(L, t);
         lua_pop(L, 1);
     }
+    lua_settop(L, top);
 }
 
 static char *complete_next(const char *text, int state) {
     static int next;
     if (state == 0) {
-        lua_State *L = globalL;
-        int top = lua_gettop(L);
-        const char *last = text, *p = text; /* last: after the final '.' or ':' */
-        for (const char *q = text; *q; q++)
-            if (*q == '.' || *q == ':') last = q + 1;
-        lua_pushglobaltable(L);
-        while (p < last && lua_type(L, -1) == LUA_TTABLE) { /* walk "a.b." */
-            size_t n = strcspn(p, ".:");
-            lua_pushlstring(L, p, n);
-            lua_rawget(L, -2);
-            lua_remove(L, -2);
-            p += n + 1;
-        }
         ncompletions = next = 0;
-        if (lua_type(L, -1) == LUA_TTABLE)
-            add_keys(L, lua_gettop(L), text, (size_t)(last - text), last);
-        lua_settop(L, top);
+        lua_completions(globalL, text);
     }
     if (next < ncompletions) return completions[next++]; /* readline frees it */
     free(completions);
@@ -400,14 +426,24 @@ static int load_chunk(lua_State *L) {
     }
 }
 
+/* The results go through iddpm.repl.show (tables as tables, tensors with their
+ * values); plain print if that module cannot load. */
 static void print_results(lua_State *L) {
     int n = lua_gettop(L);
     if (n == 0) return;
     luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
-    lua_getglobal(L, "print");
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "iddpm.repl");
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_istable(L, -1)) {
+        lua_getfield(L, -1, "show");
+        lua_remove(L, -2);
+    } else {
+        lua_pop(L, 1);
+        lua_getglobal(L, "print");
+    }
     lua_insert(L, 1);
-    if (lua_pcall(L, n, 0, 0) != LUA_OK)
-        message(lua_pushfstring(L, "error calling 'print' (%s)", lua_tostring(L, -1)));
+    if (docall(L, n, 0) != LUA_OK) /* Ctrl-C can stop a long print */
+        message(lua_pushfstring(L, "error printing the result (%s)", lua_tostring(L, -1)));
 }
 
 static void history_open(void) {
@@ -467,13 +503,17 @@ static void repl(lua_State *L) {
     errprefix = saved;
 }
 
-/* REPL convenience: the global `iddpm`. A failure to load it is only a warning. */
+/* REPL and -e convenience: the globals `iddpm` and `help` (iddpm.repl.help). A
+ * failure to load them is only a warning. */
+static const char set_globals_code[] =
+    "iddpm = require 'iddpm'\n"
+    "help = require('iddpm.repl').help\n";
+
 static void set_iddpm_global(lua_State *L) {
-    lua_getglobal(L, "require");
-    lua_pushliteral(L, "iddpm");
-    if (docall(L, 1, 1) == LUA_OK)
-        lua_setglobal(L, "iddpm");
-    else {
+    static int done;
+    if (done++) return;
+    if (luaL_loadbuffer(L, set_globals_code, sizeof set_globals_code - 1, "=iddpm") != LUA_OK ||
+        docall(L, 0, 0) != LUA_OK) {
         fprintf(stderr, "iddpm: warning: could not load the iddpm module:\n");
         report(L, LUA_ERRRUN);
     }
@@ -544,7 +584,7 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
         } else if (strcmp(cmd, "run") == 0) {
             if (first + 1 >= argc) return bad_usage("%s: missing the script to run", "run");
             script = first + 1;
-        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 ||
+        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0 ||
                    ends_with(cmd, ".lua") || strcmp(cmd, "-") == 0) {
             script = first;
         } else {
@@ -556,25 +596,26 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
         if (!cmd && !ran_code && !want_repl) return 0;
     }
     create_arg_table(L, argv, argc, script);
+    if (ran_code) set_iddpm_global(L); /* -e code sees `iddpm` and `help`, as the REPL */
     for (int j = 1; j < first; j++) { /* -e chunks, in order */
         if (strncmp(argv[j], "-e", 2) != 0) continue;
         const char *code = argv[j][2] ? argv[j] + 2 : argv[++j];
-        if (run_string(L, code, "=(command line)") != LUA_OK) return 1;
+        if (run_string(L, code, "=(command line)") != LUA_OK) return user_exit ? user_exit : 1;
     }
     if (cmd) {
         int status;
-        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0)
+        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0)
             status = run_recipe(L, cmd, argv, argc, script);
         else
             status = run_script(L, argv[script], argv, argc, script);
-        if (status != LUA_OK) return 1;
+        if (status != LUA_OK) return user_exit ? user_exit : 1;
     }
     interactive = isatty(0);
     if (want_repl || (!cmd && !ran_code && interactive)) {
         set_iddpm_global(L);
         repl(L);
     } else if (!cmd && !ran_code) {
-        if (run_script(L, NULL, argv, argc, argc - 1) != LUA_OK) return 1;
+        if (run_script(L, NULL, argv, argc, argc - 1) != LUA_OK) return user_exit ? user_exit : 1;
     }
     return 0;
 }

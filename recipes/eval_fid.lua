@@ -2,20 +2,48 @@
 -- optionally precision/recall (k=3) against saved reference features.
 --
 --   iddpm run recipes/eval_fid.lua samples=samples_10000x28x28x1.npz stats=stats/fmnist_train.safetensors \
---        [weights=inception.safetensors] [num=N] [batch_size=50] [resize=tf1] \
+--        [weights=inception.safetensors] [num_samples=N] [batch_size=50] [resize=tf1] \
 --        [real_features=feats.npz] [k=3] [out=fid.json]
 -- samples: the samples .npz (arr_0 NHWC uint8, as iddpm sample and the standard
 -- evaluators write it), any source fid_stats reads, or a folder of PNGs.
 -- stats: .safetensors or pytorch-fid .npz (mu, sigma). Prints the protocol with the number.
+-- `help` lists the keys (num= still works); --dry-run checks them.
 local iddpm = require "iddpm"
 local M, io_ = iddpm.metrics, iddpm.io
 
-local o = M.parse_args(arg, {weights = os.getenv("IDDPM_INCEPTION") or "inception.safetensors", batch_size = 50,
-  resize = "tf1", k = 3, split = "test"})
-if not o.samples or not o.stats then
-  io.stderr:write("usage: iddpm run recipes/eval_fid.lua samples=NPZ|DIR stats=STATS [weights=...] [num=N] "
-    .. "[real_features=F.npz] [k=3] [out=fid.json]\n")
-  os.exit(2)
+local cfg = require "iddpm.config"
+
+local schema = cfg.schema("eval_fid", {
+  {"samples", "str", "", "the samples: .npz (arr_0 NHWC uint8), any source fid_stats reads, or a folder of PNGs",
+    required = true, group = "inputs"},
+  {"stats", "str", "", "reference statistics: .safetensors (fid_stats.lua) or pytorch-fid .npz (mu, sigma)",
+    required = true},
+  {"split", "str", "test", "split when samples= is a dataset", one_of = {"train", "test"}},
+  {"num_samples", "int", 0, "samples to use (0 = all)", min = 0, aliases = {"num"}},
+  {"real_features", "str", "", "reference features .npz: also precision and recall"},
+  {"k", "int", 3, "neighbours for precision/recall", min = 1, max = 1000},
+  {"out", "str", "", "also write the results as JSON to this file", group = "output"},
+  {"weights", "str", os.getenv("IDDPM_INCEPTION") or "inception.safetensors", "FID Inception weights",
+    group = "network"},
+  {"batch_size", "int", 50, "images per Inception call", min = 1, max = 100000},
+  {"resize", "str", "tf1", "tf1 (TF1-style bilinear, as the reference) or pytorch", one_of = {"tf1", "pytorch"}},
+  {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096, aliases = {"threads"}, group = "machine"},
+}, {usage = "iddpm run recipes/eval_fid.lua samples=NPZ|DIR stats=STATS [key=value ...]",
+    help_cmd = "iddpm run recipes/eval_fid.lua help",
+    check = function(c)
+      for _, k in ipairs{"samples", "stats", "real_features"} do
+        if c[k] ~= "" and cfg.mode(c[k]) == nil then cfg.error(("%s=%s does not exist"):format(k, c[k])) end
+      end
+      if c.out ~= "" then cfg.check_writable_file(c.out, "out") end
+    end})
+local o, flags = cfg.command(schema, nil, arg)
+if not o then return end
+if o.num_threads > 0 then iddpm.num_threads(o.num_threads) end
+o.num = o.num_samples > 0 and o.num_samples or nil
+for _, k in ipairs{"out", "real_features"} do if o[k] == "" then o[k] = nil end end
+if flags.dry_run then
+  print(("dry run: FID of %s against %s%s"):format(o.samples, o.stats, o.out and ("; would write " .. o.out) or ""))
+  return
 end
 local mu_r, sigma_r = M.load_stats(o.stats)          -- clear error if missing
 local net = M.inception(o.weights, {resize = o.resize})
@@ -38,7 +66,7 @@ if o.real_features then
   print(("eval_fid: precision %.4f recall %.4f (k=%d, %d real features)"):format(p, r, o.k, rf:shape()[1]))
 end
 if o.out then
-  local f = assert(io.open(o.out, "w"))
-  f:write(io_.json_encode(res), "\n")
-  f:close()
+  -- exclusive temp file, checked writes, renamed into place (no half-written file on a full disk)
+  local fs = require "iddpm.fs"
+  fs.write_atomic(fs.check_path(o.out, "out"), io_.json_encode(res) .. "\n")
 end

@@ -7,65 +7,57 @@
 -- per-t means over all samples (arrays "vb" etc. of length T, column 1 = t = T-1 as in
 -- the official code) and the per-sample totals, plus OUT/nll.json.
 --
---   iddpm run recipes/eval_nll.lua checkpoint=runs/fmnist data=/usr/share/datasets/fashion-mnist \
---        [split=test] [num=N (all)] [batch_size=16] [ema=0.9999|model] [out=DIR] [clip_denoised=true]
---        [device=cpu|cuda] [precision=auto|fp32|tf32|bf16]
+--   iddpm run recipes/eval_nll.lua ckpt=runs/fmnist data=/usr/share/datasets/fashion-mnist \
+--        [split=test] [num_samples=N (all)] [batch_size=16] [use_ema=true] [ema_rate=R] [out=DIR (RUN/eval)]
+--        [clip_denoised=true] [device=cpu|cuda] [precision=auto|fp32|tf32|bf16] [num_threads=N]
+--   `help` lists the keys (the old names checkpoint=, num=, ema= still work); --dry-run checks them.
 -- device=cuda runs the model and every diffusion op of calc_bpd_loop on the GPU.
 -- Data go in as the model was trained on them: uint8 -> x/127.5 - 1.
 local iddpm = require "iddpm"
 local T, M, io_ = iddpm.tensor, iddpm.metrics, iddpm.io
 
-local o = M.parse_args(arg, {split = "test", batch_size = 16, clip_denoised = true, device = "cpu", precision = "auto"})
-if not o.checkpoint or not o.data then
-  io.stderr:write("usage: iddpm run recipes/eval_nll.lua checkpoint=RUN|FILE data=PATH [split=test] [num=N] "
-    .. "[batch_size=16] [ema=RATE|model] [out=DIR] [device=cpu|cuda]\n")
-  os.exit(2)
-end
+local cfg = require "iddpm.config"
+local fs = require "iddpm.fs"
+local S = require "iddpm.sample"
+
+local schema = cfg.schema("eval_nll", {
+  {"ckpt", "str", "", "run directory (newest checkpoint) or checkpoint file", required = true, aliases = {"checkpoint"},
+    group = "model"},
+  {"use_ema", "bool", true, "true: EMA weights, false: raw model weights"},
+  {"ema_rate", "str", "", "which EMA rate (empty: 0.9999 or the only one)"},
+  {"ema", "str", "", "old form: a rate, or model (= use_ema=false)"},
+  {"clip_denoised", "bool", true, "clip predicted x_0 to [-1,1] (as the official image_nll)"},
+  {"data", "str", "", "dataset: IDX / CIFAR folder or file, .npz, or a folder of PNGs", required = true, group = "data"},
+  {"split", "str", "test", "train or test", one_of = {"train", "test"}},
+  {"num_samples", "int", 0, "images to evaluate (0 = all)", min = 0, aliases = {"num"}},
+  {"batch_size", "int", 16, "images per batch", min = 1, max = 100000},
+  {"out", "str", "", "output directory (empty: eval/ in the checkpoint's run directory, which the run report reads)", group = "output"},
+  {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096, aliases = {"threads"}, group = "machine"},
+  {"device", "str", "cpu", "cpu or cuda", one_of = {"cpu", "cuda"}},
+  {"precision", "str", "auto", "GPU precision: auto, fp32, tf32 or bf16", one_of = {"auto", "fp32", "tf32", "bf16"}},
+}, {usage = "iddpm run recipes/eval_nll.lua ckpt=RUN|FILE data=PATH [key=value ...]",
+    help_cmd = "iddpm run recipes/eval_nll.lua help",
+    check = function(c)
+      if c.out == "" then c.out = S.default_out(c.ckpt):gsub("/samples$", "/eval") end
+      cfg.check_writable(c.out, "out")
+      if cfg.mode(c.data) == nil then cfg.error(("data=%s does not exist"):format(c.data)) end
+    end})
+local o, flags = cfg.command(schema, nil, arg)
+if not o then return end
+if o.ema == "model" then o.use_ema = false elseif o.ema ~= "" then o.ema_rate = o.ema end
+if o.num_threads > 0 then iddpm.num_threads(o.num_threads) end
 local dev, prec = iddpm.device.setup(o.device, o.precision, "eval_nll")
-
--- the model and its diffusion: iddpm.sample's loader when present, else a small one
-local function load(path)
-  local ok, S = pcall(require, "iddpm.sample")
-  if ok and S.load then
-    local model, diff, info = S.load(path, {use_ema = o.ema ~= "model", ema_rate = o.ema ~= "model" and o.ema or nil})
-    return model, diff, info.path, info.message or ""
-  end
-  local C = require "iddpm.checkpoint"
-  local file = C.resolve(path)
-  local ck = C.read(file)
-  local cfg = {}
-  for k, v in pairs(ck.config) do cfg[k] = v end
-  for _, sub in ipairs{"model", "diffusion", "unet"} do
-    if type(ck.config[sub]) == "table" then for k, v in pairs(ck.config[sub]) do if cfg[k] == nil then cfg[k] = v end end end
-  end
-  local ucfg = {}
-  for _, k in ipairs{"image_size", "in_channels", "num_channels", "num_res_blocks", "channel_mult",
-    "attention_resolutions", "num_heads", "num_heads_upsample", "dropout", "learn_sigma", "use_scale_shift_norm",
-    "num_classes", "out_channels"} do
-    if cfg[k] ~= nil and cfg[k] ~= "" then ucfg[k] = cfg[k] end
-  end
-  local prefix, which = "model.", "raw model weights"
-  if o.ema ~= "model" then
-    local rate = o.ema and tostring(o.ema) or (ck.ema_rates[1] and tostring(ck.ema_rates[1]))
-    if rate then prefix, which = "ema_" .. rate .. ".", "EMA weights (rate " .. rate .. ")" end
-  end
-  local model = iddpm.nn.unet(ucfg)
-  model:load_state_dict(C.subset(ck.tensors, prefix))
-  model:eval()
-  local diff = iddpm.diffusion.new{steps = math.tointeger(cfg.diffusion_steps or cfg.steps or 1000),
-    noise_schedule = cfg.noise_schedule or "linear", learn_sigma = cfg.learn_sigma and true or false,
-    sigma_small = cfg.sigma_small and true or false, use_kl = cfg.use_kl and true or false,
-    predict_xstart = cfg.predict_xstart and true or false, rescale_timesteps = cfg.rescale_timesteps ~= false,
-    rescale_learned_sigmas = cfg.rescale_learned_sigmas ~= false, timestep_respacing = ""}
-  return model, diff, file, "using " .. which
+local model, diff, info = S.load(o.ckpt, {use_ema = o.use_ema, ema_rate = o.ema_rate ~= "" and o.ema_rate or nil})
+local file, msg = info.path, info.message or ""
+if flags.dry_run then
+  print(("dry run: %s, %s; would write %s/{vb,mse,xstart_mse}_terms.npz and %s/nll.json"):format(file, msg, o.out, o.out))
+  return
 end
-
-local model, diff, file, msg = load(o.checkpoint)
 if dev ~= "cpu" then
   model:to(dev)
   msg = msg .. (", on %s (%s, %s)"):format(dev, iddpm.cuda.device_name(), prec)
 end
-local images = M.read_images(o.data, {split = o.split, num = o.num})
+local images = M.read_images(o.data, {split = o.split, num = o.num_samples > 0 and o.num_samples or nil})
 local N, Tn = images:shape()[1], diff.num_timesteps
 print(("eval_nll: %s, %s; %d images from %s [%s], T = %d, clip_denoised = %s"):format(file, msg, N, o.data, o.split,
   Tn, tostring(o.clip_denoised)))
@@ -90,8 +82,8 @@ for i = 1, N, o.batch_size do
 end
 
 local bpd = running / N
-local out = o.out or "."
-os.execute(('mkdir -p "%s"'):format(out))
+local out = o.out
+cfg.mkdir_p(out)
 local tot, pri = T.from_table(totals, {N}):double(), T.from_table(priors, {N}):double()
 for k, acc in pairs(sums) do
   io_.npz_write(("%s/%s_terms.npz"):format(out, k), {{k, acc / N}, {"total_bpd", tot}, {"prior_bpd", pri}})
@@ -100,8 +92,6 @@ local vb = (sums.vb / N):totable()
 local res = {bpd = bpd, n = N, checkpoint = file, weights = msg, data = o.data, split = o.split, T = Tn,
   prior_bpd = (pri:sum():item()) / N, decoder_bpd_t0 = vb[#vb], kl_terms_bpd = bpd - vb[#vb] - pri:sum():item() / N,
   clip_denoised = o.clip_denoised}
-local f = assert(io.open(out .. "/nll.json", "w"))
-f:write(io_.json_encode(res), "\n")
-f:close()
+fs.write_atomic(out .. "/nll.json", io_.json_encode(res) .. "\n")
 print(("eval_nll: NLL %.4f bits/dim over %d images (prior %.4f, L_0 %.4f, sum of KL terms %.4f); wrote %s/"
   .. "{vb,mse,xstart_mse}_terms.npz, nll.json"):format(bpd, N, res.prior_bpd, res.decoder_bpd_t0, res.kl_terms_bpd, out))

@@ -6,24 +6,48 @@
 --   OUT.npz           mu, sigma — the pytorch-fid layout
 --
 --   iddpm run recipes/fid_stats.lua data=/usr/share/datasets/fashion-mnist out=stats/fmnist_train \
---        [split=train] [num=N] [weights=inception.safetensors] [batch_size=50] [resize=tf1] \
+--        [split=train] [num_samples=N] [weights=inception.safetensors] [batch_size=50] [resize=tf1] \
 --        [features=feats.npz]   (also keep the features, e.g. for precision/recall)
+--   `help` lists the keys (num= still works); --dry-run checks them.
 -- data: a folder with Fashion-MNIST/MNIST IDX files or CIFAR-10 batches, one IDX/.bin
 -- file, an .npz (arr_0, NHWC uint8) or a folder of PNGs. Gray images are repeated to 3
 -- channels by the network.
 local iddpm = require "iddpm"
 local T, M, io_ = iddpm.tensor, iddpm.metrics, iddpm.io
 
-local o = M.parse_args(arg, {split = "train", weights = os.getenv("IDDPM_INCEPTION") or "inception.safetensors",
-  batch_size = 50, resize = "tf1"})
-if not o.data or not o.out then
-  io.stderr:write("usage: iddpm run recipes/fid_stats.lua data=PATH out=STATS [split=train] [num=N] "
-    .. "[weights=inception.safetensors] [batch_size=50] [resize=tf1|pytorch] [features=F.npz]\n")
-  os.exit(2)
-end
+local cfg = require "iddpm.config"
+
+local schema = cfg.schema("fid_stats", {
+  {"data", "str", "", "dataset: IDX / CIFAR folder or file, .npz (arr_0 NHWC uint8) or a folder of PNGs",
+    required = true, group = "data"},
+  {"split", "str", "train", "train or test", one_of = {"train", "test"}},
+  {"num_samples", "int", 0, "images to use (0 = all)", min = 0, aliases = {"num"}},
+  {"out", "str", "", "output base name: writes OUT.safetensors and OUT.npz", required = true, group = "output"},
+  {"features", "str", "", "also keep the features in this .npz (e.g. for precision/recall)"},
+  {"weights", "str", os.getenv("IDDPM_INCEPTION") or "inception.safetensors", "FID Inception weights",
+    group = "network"},
+  {"batch_size", "int", 50, "images per Inception call", min = 1, max = 100000},
+  {"resize", "str", "tf1", "tf1 (TF1-style bilinear, as the reference) or pytorch", one_of = {"tf1", "pytorch"}},
+  {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096, aliases = {"threads"}, group = "machine"},
+}, {usage = "iddpm run recipes/fid_stats.lua data=PATH out=STATS [key=value ...]",
+    help_cmd = "iddpm run recipes/fid_stats.lua help",
+    check = function(c)
+      if cfg.mode(c.data) == nil then cfg.error(("data=%s does not exist"):format(c.data)) end
+      cfg.check_writable_file(c.out, "out")
+      if c.features ~= "" then cfg.check_writable_file(c.features, "features") end
+    end})
+local o, flags = cfg.command(schema, nil, arg)
+if not o then return end
+if o.num_threads > 0 then iddpm.num_threads(o.num_threads) end
+o.num = o.num_samples > 0 and o.num_samples or nil
+if o.features == "" then o.features = nil end
 local base = tostring(o.out):gsub("%.safetensors$", ""):gsub("%.npz$", "")
 
 local net = M.inception(o.weights, {resize = o.resize})   -- clear error if the file is missing
+if flags.dry_run then
+  print(("dry run: would write %s.safetensors and %s.npz%s"):format(base, base, o.features and (" and " .. o.features) or ""))
+  return
+end
 local images = M.read_images(o.data, {split = o.split, num = o.num})
 local s = images:shape()
 print(("fid_stats: %d images (%dx%dx%d) from %s [%s], Inception %s, resize %s"):format(s[1], s[2], s[3], s[4],

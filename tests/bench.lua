@@ -1,5 +1,5 @@
--- tests/bench.lua — `make bench`: images/second of the training and sampling steps of
--- issue 8, with the official code's figures beside ours where they can be measured.
+-- tests/bench.lua — `make bench`: images/second of the training and sampling steps
+-- of the README's Performance table, with the official code's figures beside ours where they can be measured.
 --
 --   iddpm run tests/bench.lua [quick] [reps=N] [rows=a,b] [mem=0] [gpu=0] [cpu=0]
 --       [gpu_args=iters=10;precisions=fp32,tf32] [peer_modes=eager,compiled]

@@ -58,8 +58,19 @@ r -e 'x = 20' -e 'print(x + 1)'
 check "-e runs code in order" eval '[ $rc = 0 ] && out_is 21'
 r -e 'error("e-fail")'
 check "-e errors exit 1" eval '[ $rc = 1 ] && has "$ERR" "iddpm: (command line):1: e-fail"'
-r -e 'local m = require "iddpm"; print(type(m), iddpm)'
-check "scripts require iddpm; no global iddpm outside the REPL" eval '[ $rc = 0 ] && out_is "table	nil"'
+r -e 'require("iddpm.config").error("bad value")'
+check "a user error exits 2 with 'iddpm: msg' and no traceback" \
+    eval '[ $rc = 2 ] && [ "$(cat "$ERR")" = "iddpm: bad value" ]'
+IDDPM_DEBUG=1 "$BIN" -e 'require("iddpm.config").error("bad value")' >"$OUT" 2>"$ERR" </dev/null
+rc=$?
+check "IDDPM_DEBUG=1: a user error shows its traceback" eval '[ $rc = 2 ] && has "$ERR" "stack traceback:"'
+r -e 'require("iddpm.config").error("stopped", 130)'
+check "a user error carries its exit status" eval '[ $rc = 130 ] && has "$ERR" "iddpm: stopped"'
+r -e 'local m = require "iddpm"; print(type(m), m == iddpm)'
+check "-e code has the global iddpm, as the REPL" eval '[ $rc = 0 ] && out_is "table	true"'
+echo 'print(type(require "iddpm"), iddpm)' >"$TMP/noglobal.lua"
+r run "$TMP/noglobal.lua"
+check "scripts require iddpm; no global iddpm in a script" eval '[ $rc = 0 ] && out_is "table	nil"'
 
 r --version
 check "--version prints 'iddpm V (Lua 5.4.x)'" \

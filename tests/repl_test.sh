@@ -117,6 +117,32 @@ T send-keys -t repl -l '("%d-%s", 7, "tab")'
 T send-keys -t repl Enter
 check "Tab completes a field (string.fo -> string.format)" eval 'wait_for "^7-tab$" && wait_prompt'
 
+# printing, completion of module members and methods, help, did-you-mean
+check "a tensor prints its values" \
+    run_expect 'iddpm.tensor.tensor{{1,2},{3,4}}' '^        \[3, 4\]\], shape=\(2,2\), int64, cpu\)$'
+check "a table prints as a table" run_expect '{1, "a", k = {2}}' '^\{1, "a", k = \{2\}\}$'
+T send-keys -t repl -l 'iddpm.tensor.ara'
+T send-keys -t repl Tab
+sleep 0.3
+T send-keys -t repl -l '(3)'
+T send-keys -t repl Enter
+check "Tab completes a module member (iddpm.tensor.ara -> arange)" \
+    eval 'wait_for "^tensor\(\[0, 1, 2\], shape=\(3\), int64, cpu\)$" && wait_prompt'
+type_line 'x = iddpm.tensor.ones(2, 2)'
+wait_prompt
+T send-keys -t repl -l 'x:su'
+T send-keys -t repl Tab
+T send-keys -t repl Tab
+check "Tab Tab lists a tensor's methods (x:su -> x:sub x:sum x:summary)" \
+    eval 'wait_for "x:sub[[:space:]]+x:sum[[:space:]]+x:summary"'
+T send-keys -t repl -l 'm():item()'
+T send-keys -t repl Enter
+check "the completed method runs (x:sum():item())" eval 'wait_for "^4.0$" && wait_prompt'
+check "help prints a docstring" run_expect 'help "T.conv2d"' '^2-D convolution'
+check "a misspelt method says did you mean" \
+    run_expect 'x:sume()' "no method 'sume' on Tensor; did you mean 'sum'\?"
+check "x[i] is a row" run_expect 'x[-1]' '^tensor\(\[1\., 1\.\], shape=\(2\), float32, cpu\)$'
+
 check "a runtime error is reported and the REPL goes on" \
     eval 'type_line "error(\"oops-1\")" && wait_for "oops-1$" && wait_prompt && run_expect "3*11" "^33$"'
 
@@ -188,6 +214,12 @@ T send-keys -t repl C-d
 wait_exit
 check "history file is capped at 1000 lines" eval \
     '[ "$(wc -l <"$HIST")" -le 1000 ] && [ "$(tail -n 1 "$HIST")" = "8+8" ]'
+
+# ---- -e code sees the same globals as the REPL --------------------------------------
+check "iddpm -e has the iddpm and help globals" \
+    eval '[ "$("$BIN" -e "print(type(iddpm.tensor), type(help))")" = "$(printf "table\tfunction")" ]'
+check "iddpm -e prints a tensor's values" \
+    eval '"$BIN" -e "print(iddpm.tensor.tensor{1.5, 2})" | grep -qxF "tensor([1.5000, 2.0000], shape=(2), float32, cpu)"'
 
 if [ "$fails" -gt 0 ]; then
     echo "# $fails REPL check(s) failed"

@@ -3,7 +3,7 @@
  * statistics in double (two passes), elementwise math in float32.
  * The backward writes per-(n,c) partial sums of dgamma/dbeta to scratch and a second
  * small kernel adds them over the batch, so every gradient has one writer.
- * bf16 activations (issue #9): the same op on bf16 channels-last x (NHWC memory). A block
+ * bf16 activations: the same op on bf16 channels-last x (NHWC memory). A block
  * works on (sample, slab of whole groups, chunk of positions): 128-192 contiguous bytes per
  * position, 16-byte loads of 8 channels, float math, double sums per channel. With one
  * chunk per sample the block does both passes (the second read hits L2); with several,

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <zlib.h>
 
 /* read exactly n bytes (gzread takes unsigned lengths, so chunk); returns bytes read or -1 */
@@ -32,8 +33,13 @@ static idd_status gz_fail(gzFile gz, const char *path, const char *what) {
 
 idd_status idd_idx_read(const char *path, idd_array *out) {
     memset(out, 0, sizeof *out);
-    gzFile gz = gzopen(path, "rb");
-    if (!gz) return idd_error_status(IDD_EIO, "%s: idx: cannot open: %s", path, strerror(errno));
+    int fd = io_open_regular(path, "idx");   /* a FIFO is refused, never blocked on */
+    if (fd < 0) return IDD_EIO;
+    gzFile gz = gzdopen(fd, "rb");
+    if (!gz) {
+        close(fd);
+        return idd_error_status(IDD_EIO, "%s: idx: cannot open: %s", path, strerror(errno));
+    }
     idd_status st = IDD_OK;
     unsigned char m[4];
     int64_t r = gz_read_all(gz, m, 4);

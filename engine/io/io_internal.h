@@ -26,8 +26,16 @@ void iobuf_json_quote(iobuf *b, const char *s);
  * label for the message ("safetensors"). */
 idd_status io_read_file(const char *path, const char *what, unsigned char **data, size_t *len);
 
-/* The atomic writer: data goes to "<path>.tmp.<pid>"; commit fsyncs and renames it over
- * path; abort (also called by commit on failure) closes and unlinks the temp file. */
+/* Open a regular file for reading without blocking on a FIFO or device (O_NONBLOCK, fstat,
+ * non-regular refused, O_NONBLOCK cleared): a descriptor, or -1 with the error set. */
+int io_open_regular(const char *path, const char *what);
+FILE *io_fopen_regular(const char *path, const char *what);
+
+/* The atomic writer: data goes to "<path>.tmp.<pid>.<k>", created exclusively (never
+ * through an existing file or link); commit checks every write, flush and close, fsyncs
+ * and renames it over path; abort (also called by commit on failure) closes and unlinks
+ * the temp file. */
+#define IO_TMP_TRIES 1000
 typedef struct {
     FILE *fp;
     char *tmp;

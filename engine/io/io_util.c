@@ -183,11 +183,45 @@ void iobuf_json_quote(iobuf *b, const char *s) {
 
 // ---- files ----------------------------------------------------------------------------
 
+/* Open for reading only a regular file: O_NONBLOCK so that opening a FIFO or a device
+ * never blocks, fstat to refuse anything but a regular file, then O_NONBLOCK cleared. */
+int io_open_regular(const char *path, const char *what) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        idd_error_status(IDD_EIO, "%s: %s: cannot open: %s", what, path, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        idd_error_status(IDD_EIO, "%s: %s: not a regular file", what, path);
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) {
+        idd_error_status(IDD_EIO, "%s: %s: fcntl: %s", what, path, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+FILE *io_fopen_regular(const char *path, const char *what) {
+    int fd = io_open_regular(path, what);
+    if (fd < 0) return NULL;
+    FILE *fp = fdopen(fd, "rb");
+    if (!fp) {
+        idd_error_status(IDD_EIO, "%s: %s: cannot open: %s", what, path, strerror(errno));
+        close(fd);
+    }
+    return fp;
+}
+
 idd_status io_read_file(const char *path, const char *what, unsigned char **data, size_t *len) {
     *data = NULL;
     *len = 0;
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return idd_error_status(IDD_EIO, "%s: %s: cannot open: %s", what, path, strerror(errno));
+    FILE *fp = io_fopen_regular(path, what);
+    if (!fp) return IDD_EIO;
     struct stat st;
     if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode)) {
         fclose(fp);
@@ -212,18 +246,31 @@ idd_status io_read_file(const char *path, const char *what, unsigned char **data
     return IDD_OK;
 }
 
+/* The temporary file is created next to path as "<path>.tmp.<pid>.<k>" with
+ * O_CREAT|O_EXCL|O_NOFOLLOW: an existing file or symbolic link of that name is never
+ * opened (nor its target written); the next k is tried instead. */
 idd_status io_atomic_open(io_atomic *a, const char *path, const char *what) {
     memset(a, 0, sizeof *a);
     a->path = path;
     a->what = what;
-    size_t n = strlen(path) + 32;
+    if (!path || !path[0]) return idd_error("%s: empty file name", what);
+    size_t n = strlen(path) + 48;
     a->tmp = malloc(n);
     if (!a->tmp) return idd_error_status(IDD_ENOMEM, "%s: %s: out of memory", what, path);
-    snprintf(a->tmp, n, "%s.tmp.%ld", path, (long)getpid());
-    a->fp = fopen(a->tmp, "wb");
+    int fd = -1;
+    for (unsigned k = 0; k < IO_TMP_TRIES && fd < 0; k++) {
+        snprintf(a->tmp, n, "%s.tmp.%ld.%u", path, (long)getpid(), k);
+        fd = open(a->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST) break;
+    }
+    if (fd >= 0) a->fp = fdopen(fd, "wb");
     if (!a->fp) {
         idd_status st = idd_error_status(IDD_EIO, "%s: %s: cannot create %s: %s", what, path,
                                          a->tmp, strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+            unlink(a->tmp);
+        }
         free(a->tmp);
         a->tmp = NULL;
         return st;
@@ -283,6 +330,18 @@ idd_status io_atomic_commit(io_atomic *a) {
     }
     free(dir);
     return IDD_OK;
+}
+
+idd_status idd_write_file_atomic(const char *path, const void *data, size_t len, const char *what) {
+    io_atomic a;
+    idd_status st = io_atomic_open(&a, path, what);
+    if (st) return st;
+    st = io_atomic_write(&a, data, len);
+    if (st) {
+        io_atomic_abort(&a);
+        return st;
+    }
+    return io_atomic_commit(&a);
 }
 
 // ---- half floats ----------------------------------------------------------------------

@@ -365,6 +365,17 @@ const idd_json *idd_json_get(const idd_json *obj, const char *key) {
 
 // ---- writer -------------------------------------------------------------------------
 
+/* The shortest %.Ng (N = 1..17) that reads back as the same double: 0.1 is written
+ * "0.1", not "0.10000000000000001"; every value still round-trips exactly. */
+static void write_double(iobuf *b, double x) {
+    char buf[32];
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(buf, sizeof buf, "%.*g", prec, x);
+        if (strtod(buf, NULL) == x) break;
+    }
+    iobuf_puts(b, buf);
+}
+
 static idd_status write_value(const idd_json *v, iobuf *b, int depth) {
     if (depth > IDD_JSON_MAX_DEPTH) return idd_error("json: write: nesting too deep");
     switch (v->type) {
@@ -373,7 +384,7 @@ static idd_status write_value(const idd_json *v, iobuf *b, int depth) {
     case IDD_JSON_NUMBER:
         if (v->is_int) iobuf_printf(b, "%lld", (long long)v->integer);
         else if (!isfinite(v->number)) return idd_error("json: write: NaN or Inf is not valid JSON");
-        else iobuf_printf(b, "%.17g", v->number);
+        else write_double(b, v->number);
         break;
     case IDD_JSON_STRING: iobuf_json_quote(b, v->str ? v->str : ""); break;
     case IDD_JSON_ARRAY:

@@ -26,6 +26,17 @@ static const char *npy_descr(idd_dtype d) {
     }
 }
 
+/* numpy has no bfloat16: such arrays are refused (convert to float32 first) */
+static int npy_check(const char *path, const idd_array *a) {
+    if (io_check_array(path, a) < 0) return -1;
+    if (!npy_descr(a->dtype)) {
+        idd_error("%s: array '%s': %s has no numpy dtype (numpy has no bfloat16; convert to float32)", path,
+                  a->name ? a->name : "?", idd_dtype_name(a->dtype));
+        return -1;
+    }
+    return 0;
+}
+
 /* the full header (magic .. '\n'), padded so its length is a multiple of 64 */
 static void npy_header(const idd_array *a, iobuf *out) {
     iobuf d = {0};
@@ -287,7 +298,7 @@ idd_status idd_npy_read(const char *path, idd_array *out) {
 }
 
 idd_status idd_npy_write(const char *path, const idd_array *a) {
-    if (io_check_array(path, a) < 0) return IDD_ERR;
+    if (npy_check(path, a) < 0) return IDD_ERR;
     iobuf h = {0};
     npy_header(a, &h);
     if (h.oom) { iobuf_free(&h); return idd_error_status(IDD_ENOMEM, "%s: out of memory", path); }
@@ -477,10 +488,10 @@ idd_status idd_npz_read(const char *path, idd_npz **out) {
     *out = NULL;
     idd_npz *z = calloc(1, sizeof *z);
     if (!z) return idd_error_status(IDD_ENOMEM, "%s: out of memory", path);
-    FILE *fp = fopen(path, "rb");
+    FILE *fp = io_fopen_regular(path, "npz");
     if (!fp) {
         free(z);
-        return idd_error_status(IDD_EIO, "%s: cannot open: %s", path, strerror(errno));
+        return IDD_EIO;
     }
     struct stat sb;
     idd_status st;
@@ -508,7 +519,7 @@ idd_status idd_npz_write(const char *path, const idd_array *arrays, size_t n) {
     for (size_t i = 0; i < n; i++) {
         if (!arrays[i].name || !arrays[i].name[0] || strlen(arrays[i].name) > 250)
             return idd_error("%s: array %zu needs a name (1..250 chars)", path, i);
-        if (io_check_array(path, &arrays[i]) < 0) return IDD_ERR;
+        if (npy_check(path, &arrays[i]) < 0) return IDD_ERR;
         for (size_t j = 0; j < i; j++)
             if (strcmp(arrays[i].name, arrays[j].name) == 0)
                 return idd_error("%s: duplicate array name '%s'", path, arrays[i].name);

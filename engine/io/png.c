@@ -77,9 +77,12 @@ idd_status idd_png_read(const char *path, int want_c, uint8_t **data, int *h, in
     png_image img;
     memset(&img, 0, sizeof img);
     img.version = PNG_IMAGE_VERSION;
-    if (!png_image_begin_read_from_file(&img, path)) {
+    FILE *fp = io_fopen_regular(path, "png");   /* a FIFO is refused, never blocked on */
+    if (!fp) return IDD_EIO;
+    if (!png_image_begin_read_from_stdio(&img, fp)) {
         idd_status st = idd_error_status(IDD_EIO, "%s: png: %s", path, img.message);
         png_image_free(&img);
+        fclose(fp);
         return st;
     }
     int cc = want_c ? want_c : ((img.format & PNG_FORMAT_FLAG_COLOR) ? 3 : 1);
@@ -89,17 +92,20 @@ idd_status idd_png_read(const char *path, int want_c, uint8_t **data, int *h, in
         bytes > ((uint64_t)1 << 31)) {
         idd_status st = idd_error("%s: png: image size %ux%u is not supported", path, img.height, img.width);
         png_image_free(&img);
+        fclose(fp);
         return st;
     }
     uint8_t *buf = malloc((size_t)bytes);
     if (!buf) {
         png_image_free(&img);
+        fclose(fp);
         return idd_error_status(IDD_ENOMEM, "%s: png: out of memory", path);
     }
     png_color bg = {0, 0, 0};
     if (!png_image_finish_read(&img, &bg, buf, 0, NULL)) {
         idd_status st = idd_error("%s: png: %s", path, img.message);
         png_image_free(&img);
+        fclose(fp);
         free(buf);
         return st;
     }
@@ -108,5 +114,6 @@ idd_status idd_png_read(const char *path, int want_c, uint8_t **data, int *h, in
     *w = (int)img.width;
     *c = cc;
     png_image_free(&img);
+    fclose(fp);
     return IDD_OK;
 }

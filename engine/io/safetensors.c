@@ -41,6 +41,7 @@ static const char *st_name_of(idd_dtype d) {
     case IDD_F64: return "F64";
     case IDD_I64: return "I64";
     case IDD_U8: return "U8";
+    case IDD_BF16: return "BF16";
     default: return NULL;
     }
 }
@@ -327,10 +328,10 @@ idd_status idd_st_read(const char *path, idd_st_file **out) {
         return idd_error_status(IDD_ENOMEM, "%s: out of memory", path);
     }
     memcpy(f->path, path, np);
-    FILE *fp = fopen(path, "rb");
+    FILE *fp = io_fopen_regular(path, "safetensors");
     if (!fp) {
         idd_st_free(f);
-        return idd_error_status(IDD_EIO, "%s: cannot open: %s", path, strerror(errno));
+        return IDD_EIO;
     }
     struct stat sb;
     idd_status st;

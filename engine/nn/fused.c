@@ -1,5 +1,5 @@
 /* fused.c — norm_conv: group norm (+scale/shift, SiLU) -> dropout -> conv2d as one
- * differentiable op that saves only the norm's input (issue #9, training memory). The
+ * differentiable op that saves only the norm's input (to save training memory). The
  * forward runs the three layer ops of layers.c without recording and frees their
  * intermediates; the backward recomputes the conv's input with the same ops (same
  * kernels, the dropout mask from the same Philox position) recorded on a small private

@@ -218,7 +218,7 @@ idd_status idd_conv2d_backward_of(idd_tensor *x, idd_tensor *w, bool has_bias, i
 
 // ---------------------------------------------------------------- bf16 activations (group norm, resampling, dropout)
 
-/* Issue #9: a bf16 input takes the backend's bf16 kernel when it has one (channels-last
+/* A bf16 input takes the backend's bf16 kernel when it has one (channels-last
  * (N,HW,C) memory, C % 8 == 0); otherwise the op computes in float32 (cf32) and converts
  * its result to the input's dtype and layout (as_layout_of). float32 inputs never come here. */
 

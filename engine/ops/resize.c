@@ -6,7 +6,7 @@
  *   IDD_RESIZE_TF1      src = j * in / out
  *       TensorFlow 1 resize_bilinear (align_corners=False, no half-pixel centres): the
  *       resize inside the TF Inception graph and Tero Karras' TorchScript port
- *       (affine_grid + grid_sample with border padding; docs/iddpm_spec.md §11).
+ *       (affine_grid + grid_sample with border padding).
  *   IDD_RESIZE_HALF_PIXEL  src = max((j + 0.5) * in / out - 0.5, 0)
  *       PyTorch F.interpolate(mode='bilinear', align_corners=False), which pytorch-fid
  *       uses. */

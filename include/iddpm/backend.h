@@ -84,7 +84,7 @@ typedef struct idd_backend {
                                   uint64_t offset);
     idd_status (*dropout_backward)(float *dx, const float *dout, int64_t n, float p, uint64_t seed, uint64_t stream,
                                    uint64_t offset);
-    /* bf16 channels-last (issue #9): x/out/dout/dx are bf16 (N,HW,C) memory with C % 8 == 0, C <= 1024, 16-byte
+    /* bf16 channels-last: x/out/dout/dx are bf16 (N,HW,C) memory with C % 8 == 0, C <= 1024, 16-byte
      * aligned; dx is written, not accumulated; mean/rstd (N,G) and the parameters' grads float32 as above;
      * scale/shift (N,C) float32 rows of stride scale_stride/shift_stride (dscale/dshift contiguous). NULL: the
      * layer computes in float32 and converts. */

@@ -1,6 +1,6 @@
 /* iddpm/diffusion.h — the diffusion mathematics of Improved DDPM on raw buffers.
  *
- * Everything here follows docs/iddpm_spec.md sections 1-7 and the official code
+ * Everything here follows the paper (Nichol & Dhariwal 2021) and the official code
  * (openai/improved-diffusion). Layers:
  *
  *  1. Schedules (schedule.c). An idd_schedule holds T and every float64 array of spec

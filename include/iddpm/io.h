@@ -17,9 +17,12 @@
  * idd_array is always a separate malloc() block, so a caller may take it over (copy the
  * pointer, set a->data = NULL, later free() it) before freeing the container.
  *
- * Writers (safetensors, npy, npz, png, gif) write to "<path>.tmp.<pid>", fsync, then
+ * Writers (safetensors, npy, npz, png, gif) write to "<path>.tmp.<pid>.<k>", created
+ * exclusively next to <path> (O_EXCL|O_NOFOLLOW: an existing file or symbolic link of
+ * that name is never written through), check every write, flush and close, fsync, then
  * rename() into place: a crash or an error never leaves a half-written file at <path>,
  * and on error the temp file is removed and an existing <path> is untouched.
+ * Readers open only regular files (a FIFO or device is refused, never blocked on).
  *
  * Assumes a little-endian host (x86-64, aarch64). */
 #ifndef IDDPM_IO_H
@@ -41,6 +44,9 @@ typedef struct {
     void *data;                    /* malloc'd, nbytes long (NULL allowed when nbytes == 0) */
     size_t nbytes;                 /* = prod(shape) * idd_dtype_size(dtype) */
 } idd_array;
+
+/* Write len bytes to path atomically, as the writers above do (what labels errors). */
+idd_status idd_write_file_atomic(const char *path, const void *data, size_t len, const char *what);
 
 /* Free name and data of one array (not the struct itself) and zero it. NULL is fine. */
 void idd_array_clear(idd_array *a);
@@ -132,7 +138,7 @@ idd_status idd_st_read(const char *path, idd_st_file **out);
 /* Tensor by name, or NULL. */
 const idd_array *idd_st_find(const idd_st_file *f, const char *name);
 void idd_st_free(idd_st_file *f);
-/* Write tensors[0..n) (dtype F32/F64/I64/U8; names non-empty, unique, not
+/* Write tensors[0..n) (dtype F32/F64/I64/U8/BF16 (stored as BF16); names non-empty, unique, not
  * "__metadata__"; data may be NULL only if nbytes == 0; nbytes must equal
  * prod(shape)*dtype size) and meta (may be NULL) to path, atomically (tmp + fsync +
  * rename). Layout as the reference serializer: entries ordered by dtype size descending,
@@ -162,7 +168,9 @@ idd_status idd_png_read(const char *path, int want_c, uint8_t **data, int *h, in
  * .npz: a ZIP of <name>.npy members, stored or deflated (savez_compressed), zip64 ok;
  * CRC-32 is checked. Array names are the member names without ".npy".
  * Write: .npy v1.0 (v2.0 if the header needs it), descr <f4 <f8 <i8 |u1, data aligned to
- * 64 bytes; .npz uncompressed (STORED), what np.savez writes, members < 4 GiB each. */
+ * 64 bytes; .npz uncompressed (STORED), what np.savez writes, members < 4 GiB each.
+ * numpy has no bfloat16: a BF16 array is refused (the Lua io.npz_write converts it to
+ * float32 first, exactly). */
 idd_status idd_npy_read(const char *path, idd_array *out);   /* out: idd_array_clear() */
 idd_status idd_npy_write(const char *path, const idd_array *a);
 

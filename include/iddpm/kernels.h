@@ -171,18 +171,6 @@ idd_status idd_dropout_backward_f32(float *dx,         /* (n) or NULL */
                                     int64_t n, float p, uint64_t seed, uint64_t stream,
                                     uint64_t offset);
 
-/* ---- SiLU (engine/ops/silu.c) -------------------------------------------------------- */
-
-/* out = x * sigmoid(x). out may alias x. */
-idd_status idd_silu_forward_f32(float *out,      /* (n) */
-                                const float *x,  /* (n) */
-                                size_t n);
-/* dx += dout * sigmoid(x) * (1 + x * (1 - sigmoid(x))). */
-idd_status idd_silu_backward_f32(float *dx,          /* (n) */
-                                 const float *dout,  /* (n) */
-                                 const float *x,     /* (n) */
-                                 size_t n);
-
 /* ---- QKV attention (engine/ops/attention.c) ------------------------------------------ */
 
 /* The core of the official AttentionBlock (QKVAttentionLegacy). qkv holds, per batch

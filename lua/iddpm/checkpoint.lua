@@ -1,36 +1,32 @@
--- iddpm/checkpoint.lua — run-directory checkpoints (DESIGN §5).
+-- iddpm/checkpoint.lua — run-directory checkpoints.
 --
 -- One safetensors file per save, RUN/ckpt_<step, 8 digits>.safetensors, holding:
 --   model.<param>            the model's parameters (official names after the prefix)
 --   ema_<rate>.<param>       one EMA copy per rate, e.g. ema_0.9999.input_blocks.0.0.weight
 --   opt.m.<param>, opt.v.<param>   AdamW moments
 --   extra.<name>             anything else a trainer needs back (RNG state, sampler history)
+--   diffusion.betas          the base betas (float64, T); config.noise_schedule is "custom"
+--                            when the recipe gave a function or a table
 -- and __metadata__ {format = "iddpm-ckpt-1", step, config (JSON of the resolved config),
 -- ema_rates (JSON list), plus any string the caller adds}. Files are written to a
 -- temporary name and renamed (engine/io), so a crash never damages the previous one.
 local T = require "iddpm.tensor"
 local io_ = require "iddpm.io"
-local lfs_ok, lfs = pcall(require, "lfs")
+local fs = require "iddpm.fs"
 
 local C = {}
 C.FORMAT = "iddpm-ckpt-1"
 
 function C.filename(dir, step) return ("%s/ckpt_%08d.safetensors"):format(dir, step) end
 
--- list {step, path} of the checkpoints in dir, oldest first
+-- list {step, path} of the checkpoints in dir, oldest first (regular files only: a FIFO
+-- or directory named like a checkpoint is skipped, never opened)
 function C.list(dir)
   local r = {}
-  local names = {}
-  if lfs_ok then
-    local ok, iter, state = pcall(lfs.dir, dir)
-    if ok then for f in iter, state do names[#names + 1] = f end end
-  else
-    local p = io.popen(('ls -1 "%s" 2>/dev/null'):format(dir))
-    if p then for f in p:lines() do names[#names + 1] = f end p:close() end
-  end
-  for _, f in ipairs(names) do
+  for _, f in ipairs(fs.list(dir)) do
     local s = f:match("^ckpt_(%d+)%.safetensors$")
-    if s then r[#r + 1] = {step = tonumber(s), path = dir .. "/" .. f} end
+    local path = dir .. "/" .. f
+    if s and fs.is_file(path) then r[#r + 1] = {step = tonumber(s), path = path} end
   end
   table.sort(r, function(a, b) return a.step < b.step end)
   return r
@@ -57,6 +53,9 @@ function C.save(dir, parts)
     for k, v in pairs(parts.opt:state_tensors(names, "opt.")) do tensors[k] = v end
   end
   for k, v in pairs(parts.extra or {}) do tensors["extra." .. k] = v end
+  -- the diffusion's base betas (float64, length T): sampling and evaluation rebuild the
+  -- schedule from them, so a schedule written as a function in a recipe needs no script
+  if parts.betas then tensors["diffusion.betas"] = T.from_table(parts.betas, {#parts.betas}, "float64") end
   local meta = {format = C.FORMAT, step = tostring(parts.step), config = io_.json_encode(parts.config or {}),
                 ema_rates = io_.json_encode(rates), opt_step = tostring(parts.opt and parts.opt.step_count or 0)}
   for k, v in pairs(parts.meta or {}) do meta[k] = v end
@@ -68,7 +67,7 @@ end
 -- remove all but the newest `keep` checkpoints
 function C.prune(dir, keep)
   local l = C.list(dir)
-  for i = 1, #l - keep do os.remove(l[i].path) end
+  for i = 1, #l - keep do fs.remove(l[i].path) end
 end
 
 -- read a checkpoint file: returns {tensors, meta, config (table), step, ema_rates}
@@ -83,6 +82,19 @@ function C.read(path)
           ema_rates = io_.json_decode(meta.ema_rates or "[]"), opt_step = tonumber(meta.opt_step or "0")}
 end
 
+-- error unless tensor src (name in the checkpoint at path) has exactly dst's shape:
+-- copy_ would broadcast a (1,C) into (C,C) or a numel-equal reshape would scramble
+function C.check_shape(path, name, src, dst)
+  local a, b = src:shape(), dst:shape()
+  local same = #a == #b
+  for i = 1, #b do if a[i] ~= b[i] then same = false end end
+  if not same then
+    error(("checkpoint %s: %s has shape (%s), the model expects (%s)"):format(path, name,
+      table.concat(a, ","), table.concat(b, ",")), 0)
+  end
+  return src
+end
+
 -- the tensors under a prefix ("model." or "ema_0.9999."), prefix removed
 function C.subset(tensors, prefix)
   local r = {}
@@ -94,13 +106,8 @@ end
 
 -- resolve a path that may be a run directory (newest checkpoint) or a file
 function C.resolve(path)
-  local f = io.open(path, "rb")
-  if f then
-    local isdir = not f:read(0) and f:seek("end") == nil
-    f:close()
-    if not isdir and path:match("%.safetensors$") then return path end
-  end
-  local l = C.latest(path)
+  if fs.is_file(path) and path:match("%.safetensors$") then return path end
+  local l = fs.is_dir(path) and C.latest(path)
   if l then return l.path end
   error(("no checkpoint found at %s (expected a .safetensors file or a run directory with ckpt_*.safetensors)"):format(path), 2)
 end

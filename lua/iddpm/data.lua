@@ -1,4 +1,4 @@
--- iddpm/data.lua — training datasets and the batch loader (DESIGN §5 "Datasets").
+-- iddpm/data.lua — training datasets and the batch loader.
 --
 --   data.load{dataset, data_dir, image_size, class_cond, in_channels, pad}
 --       -> ds {images = uint8 (N,C,H,W), labels = int64 (N) or nil, num_classes, name, files}
@@ -19,6 +19,7 @@
 local T = require "iddpm.tensor"
 local io_ = require "iddpm.io"
 local C = require "iddpm._data"
+local fs = require "iddpm.fs"
 
 local data = {}
 data.now = C.now
@@ -28,30 +29,21 @@ data.defer_interrupt = C.defer_interrupt
 data.CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 data.FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
+-- (no file is opened to test it, so a FIFO never blocks; readers refuse non-regular files)
+local function exists(path) return fs.kind(path) ~= nil end
+local function isdir(path) return fs.is_dir(path) end
 
-local function isdir(path)
-  local ok, _, code = os.rename(path, path)
-  return ok or code == 13
-end
-
--- sorted list of files under dir (recursively) whose name matches one of the patterns
+-- sorted list of the regular files under dir (recursively, no shell) whose name matches
+-- one of the patterns; sorted by the whole path, byte order
 local function list_files(dir, patterns)
   local out = {}
-  local p = io.popen(("find '%s' -type f 2>/dev/null | LC_ALL=C sort"):format(dir:gsub("'", "'\\''")))
-  if p then
-    for f in p:lines() do
-      local lower = f:lower()
-      for _, pat in ipairs(patterns) do
-        if lower:match(pat) then out[#out + 1] = f break end
-      end
+  for _, f in ipairs(fs.walk(dir)) do
+    local lower = f:lower()
+    for _, pat in ipairs(patterns) do
+      if lower:match(pat) then out[#out + 1] = f break end
     end
-    p:close()
   end
+  table.sort(out)
   return out
 end
 

@@ -1,4 +1,4 @@
--- iddpm/diffusion.lua — Improved DDPM's Gaussian diffusion for Lua (DESIGN section 3).
+-- iddpm/diffusion.lua — Improved DDPM's Gaussian diffusion for Lua.
 --
 -- The mathematics is in C (engine/diffusion, bound as iddpm._diffusion by
 -- lua/l_diffusion.c); this module is the official code's API around it:
@@ -7,6 +7,10 @@
 --   D.space_timesteps(T, spec)                  -> Lua array of retained 0-based steps
 --   D.new{steps, noise_schedule, learn_sigma, sigma_small, use_kl, predict_xstart,
 --         rescale_timesteps, rescale_learned_sigmas, timestep_respacing, betas}
+--       noise_schedule: "linear" | "cosine" | a function alpha_bar(u), u in [0,1] |
+--       a table of betas; an unknown option is an error ("did you mean ...?")
+--   diff:alpha_bar(t), diff:beta(t), ... (D.ACCESSORS): schedule values at 0-based t;
+--   diff.base_betas: the betas before respacing (what a checkpoint stores)
 --   diff:q_sample, q_mean_variance, q_posterior_mean_variance, p_mean_variance,
 --        p_sample, ddim_sample, ddim_reverse_sample, training_losses,
 --        p_sample_loop(_progressive), ddim_sample_loop(_progressive), calc_bpd_loop
@@ -146,13 +150,60 @@ D.defaults = DEFAULTS
 
 local function opt(cfg, k) if cfg[k] == nil then return DEFAULTS[k] end return cfg[k] end
 
+-- every key D.new understands; anything else is a typo and an error
+D.KEYS = {"steps", "diffusion_steps", "noise_schedule", "betas", "learn_sigma", "sigma_small", "use_kl",
+  "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas", "timestep_respacing", "model_mean_type",
+  "model_var_type", "loss_type"}
+local KNOWN = {}
+for _, k in ipairs(D.KEYS) do KNOWN[k] = true end
+
+-- edit distance, for "did you mean"
+local function distance(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = {[0] = i}
+    for j = 1, #b do
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:sub(i, i) == b:sub(j, j) and 0 or 1))
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+local function check_keys(cfg)
+  for k in pairs(cfg) do
+    if not KNOWN[k] then
+      local best, bd = nil, 4
+      for _, n in ipairs(D.KEYS) do
+        local d = type(k) == "string" and distance(k, n) or math.huge
+        if d < bd then best, bd = n, d end
+      end
+      error(("D.new: unknown option '%s'%s; valid options: %s"):format(tostring(k),
+        best and (" (did you mean '" .. best .. "'?)") or "", table.concat(D.KEYS, ", ")), 3)
+    end
+  end
+end
+
+-- noise_schedule may be a name, a function alpha_bar(u) (u in [0,1]) or a table of betas
 function D.new(cfg)
   cfg = cfg or {}
   if type(cfg) ~= "table" then error("D.new: expected a table of options", 2) end
+  check_keys(cfg)
   local steps = int(cfg.steps or cfg.diffusion_steps or DEFAULTS.steps)
   local betas
+  if type(cfg.betas) ~= "table" and type(cfg.noise_schedule) == "table" and cfg.betas == nil then
+    cfg = setmetatable({betas = cfg.noise_schedule}, {__index = cfg})
+  end
   if type(cfg.betas) == "table" then
     betas = cfg.betas
+    for i = 1, #betas do
+      local b = betas[i]
+      if type(b) ~= "number" or not (b > 0 and b <= 1) then
+        error(("D.new: betas[%d] = %s is not in (0, 1]"):format(i, tostring(b)), 2)
+      end
+    end
+    if #betas == 0 then error("D.new: betas is empty", 2) end
     if cfg.steps ~= nil and int(cfg.steps) ~= #betas then
       error(("D.new: steps = %s but betas has %d entries"):format(tostring(cfg.steps), #betas), 2)
     end
@@ -178,7 +229,7 @@ function D.new(cfg)
   end
   local ok, c = pcall(C.new, betas, respacing, mean, var, loss, opt(cfg, "rescale_timesteps"))
   if not ok then error(tostring(c):gsub("^diffusion%.new", "D.new"), 2) end
-  local self = setmetatable({_c = c}, Diffusion)
+  local self = setmetatable({_c = c, base_betas = betas}, Diffusion)
   local arrays, n, n_orig, map = c:arrays()
   for k, v in pairs(arrays) do self[k] = v end
   self.num_timesteps, self.original_num_steps, self.timestep_map = n, n_orig, map
@@ -187,6 +238,45 @@ function D.new(cfg)
   self.rescale_timesteps = opt(cfg, "rescale_timesteps") and true or false
   self.timestep_respacing = respacing
   return self
+end
+
+-- ---------------------------------------------------------------- schedule accessors
+
+-- diff:alpha_bar(t), diff:beta(t), ...: the schedule arrays indexed by a 0-based
+-- timestep t (as everywhere else in the diffusion API), so that nobody writes
+-- alphas_cumprod[t + 1]. t may also be a Lua array of timesteps (-> a Lua array).
+-- The arrays are those of the (respaced) process: t runs over 0 .. num_timesteps-1.
+D.ACCESSORS = {beta = "betas", alpha = "alphas", alpha_bar = "alphas_cumprod",
+  alpha_bar_prev = "alphas_cumprod_prev", alpha_bar_next = "alphas_cumprod_next",
+  sqrt_alpha_bar = "sqrt_alphas_cumprod", sqrt_one_minus_alpha_bar = "sqrt_one_minus_alphas_cumprod",
+  posterior_log_variance = "posterior_log_variance_clipped"}
+-- (arrays whose name is already short, e.g. posterior_variance: diff:at("posterior_variance", t))
+
+local function lookup(self, method, name, t)
+  local arr = self[name]
+  if type(arr) ~= "table" then error(("diff:at: no schedule array '%s'"):format(tostring(name)), 3) end
+  local n = self.num_timesteps
+  local function one(v, i)
+    local ti = math.type(v) == "integer" and v or (type(v) == "number" and math.tointeger(v))
+    if not ti or ti < 0 or ti >= n then
+      error(("diff:%s: t%s = %s is not a timestep in 0..%d (timesteps are 0-based)"):format(method,
+        i and ("[" .. i .. "]") or "", tostring(v), n - 1), 4)
+    end
+    return arr[ti + 1]
+  end
+  if type(t) == "table" then
+    local r = {}
+    for i = 1, #t do r[i] = one(t[i], i) end
+    return r
+  end
+  return one(t)
+end
+
+-- diff:at("alphas_cumprod", t): any schedule array at 0-based t
+function Diffusion:at(name, t) return lookup(self, "at", name, t) end
+
+for method, name in pairs(D.ACCESSORS) do
+  Diffusion[method] = function(self, t) return lookup(self, method, name, t) end
 end
 
 function Diffusion:__tostring()

@@ -18,7 +18,25 @@ function image.from_uint8(u) return u:float() / 127.5 - 1 end
 -- uint8 (N,C,H,W) -> uint8 (N,H,W,C)
 function image.nhwc(u) return u:permute(1, 3, 4, 2):contiguous() end
 
--- x (N,C,H,W) (float in [-1,1] or uint8) -> uint8 (rows*H + pad, cols*W + pad, C) grid
+image.MIN_GRID_WIDTH = 512   -- scale = 0 (auto): upscale until a grid is at least this wide
+image.MAX_SCALE = 16
+
+-- the integer upscale that makes `width` pixels at least image.MIN_GRID_WIDTH wide
+function image.auto_scale(width, min_width)
+  return math.max(1, math.min(image.MAX_SCALE, math.ceil((min_width or image.MIN_GRID_WIDTH) / math.max(width, 1))))
+end
+
+-- u8 (H,W,C) -> each pixel an s x s block (nearest neighbour)
+function image.upscale(g, s)
+  if s == 1 then return g end
+  local sh = g:shape()
+  local H, W, C = sh[1], sh[2], sh[3]
+  return g:reshape(H, 1, W, 1, C):expand({H, s, W, s, C}):contiguous():reshape(H * s, W * s, C)
+end
+
+-- x (N,C,H,W) (float in [-1,1] or uint8) -> uint8 (rows*H + pad, cols*W + pad, C) grid;
+-- opts.scale: upscale the whole grid by this integer (nearest; default 1), 0 = auto
+-- (image.auto_scale: at least MIN_GRID_WIDTH pixels wide); opts.cols, pad, pad_value
 function image.grid(x, opts)
   opts = opts or {}
   local u = x:dtype() == "uint8" and x or image.to_uint8(x)
@@ -33,11 +51,17 @@ function image.grid(x, opts)
     local r, q = i // cols, i % cols
     g:narrow(2, pad + r * (h + pad) + 1, h):narrow(3, pad + q * (w + pad) + 1, w):copy_(u:narrow(1, i + 1, 1):reshape(c, h, w))
   end
-  return g:permute(2, 3, 1):contiguous()
+  g = g:permute(2, 3, 1):contiguous()
+  local scale = opts.scale or 1
+  if math.type(scale) ~= "integer" or scale < 0 then
+    error(("image.grid: scale = %s (expected an integer >= 1, or 0 for auto)"):format(tostring(scale)), 2)
+  end
+  if scale == 0 then scale = image.auto_scale(W) end
+  return image.upscale(g, scale), scale
 end
 
 function image.save_grid(path, x, opts)
-  io_.png_write(path, image.grid(x, opts))
+  io_.png_write(path, (image.grid(x, opts)))
   return path
 end
 

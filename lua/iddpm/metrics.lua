@@ -1,5 +1,5 @@
 -- iddpm/metrics.lua — evaluation: the FID Inception-v3 feature net, feature statistics,
--- the Fréchet distance, precision/recall (DESIGN §3):
+-- the Fréchet distance, precision/recall:
 --
 --   M.frechet_distance(mu1, sigma1, mu2, sigma2)   float64 tensors -> fid, parts
 --   net = M.inception(T.load("inception.safetensors") or a path [, {resize = "tf1"}])
@@ -13,7 +13,7 @@
 -- count padding, a max pool in the last block), batch norm (eps 1e-3) folded into the
 -- convolutions at load time. Input: uint8 images (N,C,H,W), C = 3 (RGB) or 1 (repeated
 -- to 3), any size; float tensors are taken as 0..255 values. They are resized to
--- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped: docs/iddpm_spec.md §11)
+-- 299x299 by TF1 bilinear resampling (src = dst*in/out, clamped, as the TF Inception graph)
 -- and normalised (x-128)/128, as the TF graph and mmgen's TorchScript model do.
 -- {resize = "pytorch"} instead resizes like F.interpolate(align_corners=False) and
 -- normalises 2*x/255-1, the preprocessing of pytorch-fid.
@@ -30,11 +30,8 @@ M.WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
 M.CONVERT_CMD = "python3 tests/ref/convert_inception.py pt_inception-2015-12-05-6726825d.pth "
   .. "inception.safetensors"
 
-local function file_exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
+local fs = require "iddpm.fs"
+local function file_exists(path) return fs.kind(path) ~= nil end   -- never opens (a FIFO would block)
 
 -- ---------------------------------------------------------------- the layout
 
@@ -300,25 +297,8 @@ end
 
 -- ---------------------------------------------------------------- image sources
 
-local function list_dir(dir)
-  local names = {}
-  local ok, lfs = pcall(require, "lfs")
-  if ok then
-    local ok2, iter, st = pcall(lfs.dir, dir)
-    if ok2 then for f in iter, st do names[#names + 1] = f end end
-  else
-    local p = io.popen(('ls -1 "%s" 2>/dev/null'):format(dir))
-    if p then for f in p:lines() do names[#names + 1] = f end p:close() end
-  end
-  table.sort(names)
-  return names
-end
-
-local function is_dir(path)   -- "dir/." opens only when dir is a directory
-  local f = io.open(path .. "/.", "rb")
-  if f then f:close() return true end
-  return false
-end
+local function list_dir(dir) return fs.list(dir) end   -- sorted, no shell
+local function is_dir(path) return fs.is_dir(path) end
 
 -- uint8 images (N,C,H,W) from: an .npz (arr_0 NHWC as the standard evaluators write it,
 -- or NCHW), an IDX file (Fashion-MNIST/MNIST images, gzip or raw), a CIFAR-10 binary
@@ -389,12 +369,15 @@ function M.read_images(path, opts)
 end
 
 -- key=value arguments of a recipe -> table (numbers and booleans converted)
+-- (kept for scripts; the recipes declare their keys with iddpm.config, which also
+-- checks names, types and ranges)
 function M.parse_args(args, defaults)
   local o = {}
   for k, v in pairs(defaults or {}) do o[k] = v end
-  for _, a in ipairs(args or {}) do
-    local k, v = a:match("^%-*([%w_]+)=(.*)$")
-    if not k then error(("bad argument %q: expected key=value"):format(a), 0) end
+  local p = require("iddpm.config").parse_args(args)
+  if p.positional[1] then require("iddpm.config").error(("bad argument %q: expected key=value"):format(p.positional[1])) end
+  for _, kv in ipairs(p.pairs) do
+    local k, v = kv[1], kv[2]
     if v == "true" then v = true elseif v == "false" then v = false
     elseif tonumber(v) then v = tonumber(v) end
     o[k] = v

@@ -1,4 +1,4 @@
--- iddpm/sample.lua — sampling from a checkpoint (docs/iddpm_spec.md §7, issue 6).
+-- iddpm/sample.lua — sampling from a checkpoint.
 --
 --   local S = require "iddpm.sample"
 --   model, diff, info = S.load(path, {use_ema = true, steps = "250", device = "cpu"})
@@ -14,7 +14,9 @@
 --       GEMM, ~1e-5); exact = true calls the model one sample at a time and makes them
 --       bit-identical for any batch size (slower: ~3x at 32x32 on 2 cores). record = {samples = S, frames = K} keeps x_t and pred_x0 of the
 --       first S samples at K steps (returned as the third value).
---   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`)
+--   S.main("key=value", ...)   the recipe (recipes/sample.lua, `iddpm sample`); its keys
+--       (S.KEYS, an iddpm.config schema) are checked before anything is loaded or written;
+--       `help` lists them, --dry-run loads the checkpoint and lists the outputs
 --   device=cuda: the model and every step's tensors on the GPU (the same noise numbers
 --   as on the CPU); the images come back to the CPU batch by batch.
 --   S.save_denoise(dir, record) -> dir/denoise.png, dir/denoise.gif
@@ -23,7 +25,8 @@
 -- Outputs of S.main in out/: sample_<i, 6 digits>.png, grid.png,
 -- samples_NxHxWxC.npz (arr_0 uint8 NHWC, arr_1 int64 labels when class-conditional),
 -- settings.json, and with animate=true denoise.png (rows: x_t and pred x_0 of each
--- recorded sample, columns: steps) and denoise.gif. Every file is written to a
+-- recorded sample, columns: steps, each labelled with its timestep) and denoise.gif.
+-- grid.png and denoise.png are upscaled (nearest) to at least 512 px wide unless grid_scale= says. Every file is written to a
 -- temporary name and renamed.
 local iddpm = require "iddpm"
 local T = iddpm.tensor
@@ -31,13 +34,13 @@ local D = require "iddpm.diffusion"
 local C = require "iddpm.checkpoint"
 local image = require "iddpm.image"
 local io_ = iddpm.io
-local lfs_ok, lfs = pcall(require, "lfs")
+local fs = require "iddpm.fs"
 
 local S = {}
 
 local now = iddpm.wall_time or os.clock
 
-local function fail(msg) error(msg, 0) end
+local function fail(msg) require("iddpm.config").error(msg) end
 
 local function fmt_time(s)
   if s ~= s or s == math.huge then return "?" end
@@ -49,41 +52,12 @@ S.fmt_time = fmt_time
 
 -- ---------------------------------------------------------------- files
 
-local function is_dir(p)
-  if lfs_ok then return lfs.attributes(p, "mode") == "directory" end
-  return os.execute(('test -d "%s"'):format(p)) == true
-end
+local is_dir, exists = fs.is_dir, fs.exists
 
-local function exists(p)
-  if lfs_ok then return lfs.attributes(p, "mode") ~= nil end
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local function mkdir_p(p) fs.mkdir_p(p, "out") end
 
-local function mkdir_p(p)
-  if is_dir(p) then return end
-  if lfs_ok then
-    local acc = p:sub(1, 1) == "/" and "" or "."
-    for part in p:gmatch("[^/]+") do
-      acc = acc .. "/" .. part
-      if not is_dir(acc) then
-        local ok, err = lfs.mkdir(acc)
-        if not ok and not is_dir(acc) then fail(("cannot create %s: %s"):format(acc, err)) end
-      end
-    end
-  elseif not os.execute(('mkdir -p "%s"'):format(p)) then
-    fail("cannot create directory " .. p)
-  end
-end
-
-local function write_text(path, text)
-  local tmp = path .. ".tmp"
-  local f = assert(io.open(tmp, "wb"))
-  f:write(text)
-  f:close()
-  assert(os.rename(tmp, path))
-end
+-- checked: exclusive temp file, every write, flush and close checked, renamed into place
+local function write_text(path, text) fs.write_atomic(path, text) end
 
 -- ---------------------------------------------------------------- checkpoints
 
@@ -129,13 +103,20 @@ end
 
 -- steps: nil/"" (the checkpoint's timestep_respacing, else every step), a number of
 -- steps, a section list "10,15,20", or "ddimN" (DDIM). -> diffusion, sampler name
-function S.diffusion(cfg, steps, sampler)
+-- betas: the checkpoint's diffusion.betas (a Lua array), which win over the config's
+-- noise_schedule (required when that is "custom": a recipe's function or table)
+function S.diffusion(cfg, steps, sampler, betas)
   local T0 = math.tointeger(cfg.diffusion_steps or cfg.steps or 1000)
+  if betas then T0 = #betas end
+  local sched = betas or cfg.noise_schedule or "linear"
+  if sched == "custom" then
+    fail("this checkpoint's noise_schedule is \"custom\" (a recipe's function or table) but it holds no diffusion.betas")
+  end
   local resp = steps
   if resp == nil or resp == "" then resp = cfg.timestep_respacing or "" end
   resp = tostring(resp)
   if resp == tostring(T0) then resp = "" end
-  local ok, diff = pcall(D.new, {steps = T0, noise_schedule = cfg.noise_schedule or "linear",
+  local ok, diff = pcall(D.new, {steps = T0, noise_schedule = sched,
     learn_sigma = cfg.learn_sigma and true or false, sigma_small = cfg.sigma_small and true or false,
     use_kl = cfg.use_kl and true or false, predict_xstart = cfg.predict_xstart and true or false,
     rescale_timesteps = cfg.rescale_timesteps ~= false, rescale_learned_sigmas = cfg.rescale_learned_sigmas ~= false,
@@ -156,7 +137,8 @@ function S.load(path, opts)
   local ok, ck = pcall(C.read, file)
   if not ok then fail(tostring(ck):gsub("^[^:]*checkpoint%.lua:%d+: ", "")) end
   local cfg = S.flat_config(ck.config)
-  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler)
+  local betas = ck.tensors["diffusion.betas"] and ck.tensors["diffusion.betas"]:totable()
+  local diff, sampler = S.diffusion(cfg, opts.steps, opts.sampler, betas)
   local ucfg = S.unet_config(cfg)
   -- which weights
   local prefix, rate
@@ -189,6 +171,16 @@ function S.load(path, opts)
   if next(sd) == nil then fail(("%s has no %s* tensors"):format(file, prefix)) end
   local ok2, model = pcall(iddpm.nn.unet, ucfg)
   if not ok2 then fail(("cannot build the model of %s: %s"):format(file, tostring(model))) end
+  for _, name in ipairs(model:parameter_names()) do
+    local t = sd[name]
+    if t then
+      local d = t:float()
+      if (d - d):sum():item() ~= 0 then
+        fail(("%s: the %s weights hold NaN or Inf (%s): the run diverged before this checkpoint; use an earlier one")
+          :format(file, weights, name))
+      end
+    end
+  end
   local ok3, err = pcall(model.load_state_dict, model, sd)
   if not ok3 then fail(("%s (%s weights) does not fit its config: %s"):format(file, weights, tostring(err))) end
   if opts.device and opts.device ~= "cpu" then model:to(opts.device) end
@@ -387,89 +379,96 @@ end
 
 -- ---------------------------------------------------------------- the recipe
 
-S.OPTIONS = {
-  ckpt = "run directory (newest ckpt_*.safetensors) or checkpoint file (required)",
-  num_samples = "number of images (16)",
-  batch_size = "images per model call (16); does not change the images",
-  steps = "sampling steps: all (default: the checkpoint's), a number like 250, sections 10,15,20, or ddim50",
-  sampler = "ddpm | ddim (default: ddim for steps=ddimN, else ddpm)",
-  eta = "DDIM eta (0)",
-  seed = "seed (0); sample i uses stream i",
-  use_ema = "true: EMA weights (default), false: raw model weights",
-  ema_rate = "which EMA rate (default 0.9999 or the only one)",
-  clip_denoised = "clip predicted x_0 to [-1,1] (true)",
-  class = "class-conditional models: K, a list 1,5,7 (cycled) or random",
-  out = "output directory (samples)",
-  grid_max = "images in grid.png (64)",
-  save_each = "one PNG per image (true)",
-  animate = "also write denoise.png and denoise.gif (false)",
-  frames = "steps shown by animate (10)",
-  animate_samples = "samples shown by animate (4)",
-  gif_delay = "GIF frame delay in 1/100 s (20)",
-  progress = "progress line (true)",
-  exact = "bit-identical images for any batch_size: one model call per sample (false; slower)",
-  threads = "engine threads (default: all cores)",
-  device = "cpu (default) or cuda: where the model runs",
-  precision = "GPU precision: auto (= bf16: bf16 channels-last activations and products), fp32, tf32 or bf16",
-  graph = "cuda: replay each step's model call as a CUDA graph (true on cuda; same images, less host time)",
+local cfg = require "iddpm.config"
+
+-- the keys of `iddpm sample` / recipes/sample.lua (iddpm.config schema)
+S.KEYS = {
+  {"ckpt", "str", "", "run directory (its newest ckpt_*.safetensors) or checkpoint file", required = true,
+    aliases = {"checkpoint"}, group = "model"},
+  {"use_ema", "bool", true, "true: EMA weights, false: raw model weights"},
+  {"ema_rate", "str", "", "which EMA rate (empty: 0.9999 or the only one)"},
+  {"steps", "str", "", "sampling steps: empty = the checkpoint's respacing (else all), a number like 250, "
+    .. "sections 10,15,20, or ddim50"},
+  {"sampler", "str", "", "ddpm | ddim (empty: ddim for steps=ddimN, else ddpm)", one_of = {"ddpm", "ddim"}, empty_ok = true},
+  {"eta", "num", 0.0, "DDIM eta", min = 0},
+  {"clip_denoised", "bool", true, "clip predicted x_0 to [-1,1]"},
+  {"class", "str", "", "class-conditional models: K, a list 1,5,7 (cycled) or random"},
+  {"num_samples", "int", 16, "number of images", min = 1, max = 10000000, aliases = {"num"}, group = "samples"},
+  {"batch_size", "int", 16, "images per model call; does not change the images", min = 1, max = 100000},
+  {"seed", "int", 0, "seed; sample i uses stream i", min = 0},
+  {"exact", "bool", false, "bit-identical images for any batch_size: one model call per sample (slower)"},
+  {"out", "str", "", "output directory (empty: samples/ in the checkpoint's run directory)", group = "output"},
+  {"overwrite", "bool", false, "out may hold an earlier run's files: remove those sampling writes (nothing else)"},
+  {"grid_max", "int", 64, "images in grid.png", min = 1, max = 4096},
+  {"grid_scale", "int", 0, "upscale grid.png and denoise.png this many times, nearest (0 = auto: at least 512 px wide)",
+    min = 0, max = 64},
+  {"save_each", "bool", true, "one PNG per image"},
+  {"animate", "bool", false, "also write denoise.png and denoise.gif"},
+  {"frames", "int", 10, "steps shown by animate", min = 1, max = 1000},
+  {"animate_samples", "int", 4, "samples shown by animate", min = 1, max = 64},
+  {"gif_delay", "int", 20, "GIF frame delay in 1/100 s", min = 0, max = 65535},
+  {"progress", "bool", true, "progress line"},
+  {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096, aliases = {"threads"}, group = "machine"},
+  {"device", "str", "cpu", "cpu or cuda: where the model runs", one_of = {"cpu", "cuda"}},
+  {"precision", "str", "auto", "GPU precision: auto (= bf16: bf16 channels-last activations and products), fp32, tf32 "
+    .. "or bf16", one_of = {"auto", "fp32", "tf32", "bf16"}},
+  {"graph", "bool", true, "cuda: replay each step's model call as a CUDA graph (same images, less host time)"},
 }
 
-local BOOL = {exact = true, use_ema = true, clip_denoised = true, save_each = true, animate = true, progress = true,
-  graph = true}
-local INT = {num_samples = true, batch_size = true, seed = true, grid_max = true, frames = true,
-  animate_samples = true, gif_delay = true, threads = true}
+-- name -> help text, for scripts that listed the options
+S.OPTIONS = {}
+for _, k in ipairs(S.KEYS) do S.OPTIONS[k[1]] = k[4] end
 
-local function valid_list()
-  local k = {}
-  for n in pairs(S.OPTIONS) do k[#k + 1] = n end
-  table.sort(k)
-  return table.concat(k, ", ")
+-- out= default: samples/ beside the checkpoint (in its run directory)
+function S.default_out(ckpt)
+  if cfg.mode(ckpt) == "directory" then return (ckpt:gsub("/+$", "")) .. "/samples" end
+  local d = ckpt:match("^(.*)/[^/]*$")
+  return (d and d ~= "" and d or ".") .. "/samples"
 end
 
--- "key=value" strings (or one table) -> options table with types checked
+S.SCHEMA = cfg.schema("sample", S.KEYS, {usage = "iddpm sample ckpt=RUN_DIR_OR_FILE [key=value ...] [help] [--dry-run]\n"
+  .. "       iddpm run recipes/sample.lua ckpt=... [key=value ...]",
+  check = function(c)
+    if c.out == "" then c.out = S.default_out(c.ckpt) end
+    cfg.check_writable(c.out, "out")
+  end})
+
+-- the names of the files sampling writes into out/ (for overwrite=true and the
+-- non-empty check)
+local function ours(name)
+  return name:match("^sample_%d+%.png$") or name:match("^samples_[%dx]+%.npz$") or name == "grid.png"
+    or name == "settings.json" or name == "denoise.png" or name == "denoise.gif" or name:match("%.tmp$")
+end
+
+-- out/ must be new or empty; overwrite=true removes sampling's own files (iddpm.fs, no shell)
+function S.prepare_out(out, overwrite)
+  if not fs.is_dir(out) then return end
+  local names = fs.list(out)
+  if #names == 0 then return end
+  if not overwrite then
+    cfg.error(("out=%s is not empty (%d entries, e.g. %s): new samples would mix with old ones; give another out= "
+      .. "or overwrite=true (removes the files sampling writes: sample_*.png, grid.png, samples_*.npz, settings.json, "
+      .. "denoise.*)"):format(out, #names, names[1]))
+  end
+  for _, f in ipairs(names) do
+    if ours(f) then
+      local ok, err = fs.remove(out .. "/" .. f)
+      if not ok then cfg.error(("overwrite: cannot remove %s/%s: %s"):format(out, f, tostring(err))) end
+    end
+  end
+end
+
+-- "key=value" strings (or one {key = value} table) -> options with types and ranges
+-- checked; nil when `help` was asked for (printed). Empty strings mean "not given".
 function S.parse_args(...)
   local args = {...}
-  local o = {}
-  local function set(k, v)
-    if S.OPTIONS[k] == nil then fail(("unknown option '%s'; valid options: %s"):format(k, valid_list())) end
-    if BOOL[k] then
-      if type(v) ~= "boolean" then
-        local s = tostring(v):lower()
-        if s == "true" or s == "1" or s == "yes" then v = true
-        elseif s == "false" or s == "0" or s == "no" then v = false
-        else fail(("%s=%s: expected true or false"):format(k, tostring(v))) end
-      end
-    elseif INT[k] then
-      local n = math.tointeger(tonumber(v))
-      if not n or n < 0 or ((k == "num_samples" or k == "batch_size" or k == "frames" or k == "animate_samples") and n < 1) then
-        fail(("%s=%s: expected a %s integer"):format(k, tostring(v), (k == "seed" or k == "threads") and "non-negative" or "positive"))
-      end
-      v = n
-    elseif k == "eta" then
-      local n = tonumber(v)
-      if not n or n < 0 then fail(("eta=%s: expected a number >= 0"):format(tostring(v))) end
-      v = n
-    elseif k == "sampler" and v ~= "ddpm" and v ~= "ddim" then
-      fail(("sampler=%s: expected ddpm or ddim"):format(tostring(v)))
-    elseif k == "device" and v ~= "cpu" and v ~= "cuda" then
-      fail(("device=%s: expected cpu or cuda"):format(tostring(v)))
-    elseif k == "precision" and not require("iddpm.device").PRECISIONS[tostring(v)] then
-      fail(("precision=%s: expected auto, fp32, tf32 or bf16"):format(tostring(v)))
-    else
-      v = tostring(v)
-    end
-    o[k] = v
-  end
-  if #args == 1 and type(args[1]) == "table" then
-    for k, v in pairs(args[1]) do set(k, v) end
-  else
-    for _, a in ipairs(args) do
-      local k, v = tostring(a):match("^%-*([%w_]+)=(.*)$")
-      if not k then fail(("bad argument '%s': expected key=value; valid keys: %s"):format(tostring(a), valid_list())) end
-      set(k, v)
-    end
-  end
-  return o
+  local src = (#args == 1 and type(args[1]) == "table") and args[1] or args
+  local c, flags = cfg.command(S.SCHEMA, nil, src)
+  if not c then return nil end
+  for _, k in ipairs{"ema_rate", "steps", "sampler", "class"} do if c[k] == "" then c[k] = nil end end
+  c.threads = c.num_threads > 0 and c.num_threads or nil
+  c.dry_run = flags.dry_run
+  return c
 end
 
 local function parse_class(spec, num_classes)
@@ -520,12 +519,42 @@ end
 
 -- write dir/denoise.png (strip) and dir/denoise.gif of a record from S.generate
 -- (opts.record); opts.delay in 1/100 s (20), opts.name ("denoise") -> the two paths
+-- the strip as a labelled picture: the grid (upscaled, opts.scale or auto) with a band
+-- on top naming each column's timestep ("T=999") and one on the left naming the rows
+-- ("X_T": the noisy x_t, "X_0": the predicted x_0) -> u8 (H,W,C), layout
+function S.denoise_picture(rec, opts)
+  opts = opts or {}
+  local K = require "iddpm.canvas"
+  local strip, cols = denoise_strip(rec)
+  local pad = 2
+  local g, sc = image.grid(strip, {cols = cols, scale = opts.scale or 0, pad = pad})
+  local sh, s1 = g:shape(), rec.xt[1]:shape()
+  local H, W, C, h, w = sh[1], sh[2], sh[3], s1[3], s1[4]
+  local colw = sc * w
+  local widest = ("T=%d"):format(rec.t[1] or 0)
+  local fs = K.text_width(widest, 2) <= colw - 2 and 2 or 1
+  local band_h, left_w = K.text_height(fs) + 8, K.text_width("X_0", fs) + 10
+  local top = K.new(left_w + W, band_h, {255, 255, 255}, C)
+  local layout = {scale = sc, font = fs, band_h = band_h, left_w = left_w, columns = {}}
+  for q = 0, cols - 1 do
+    local cx = left_w + sc * (pad + q * (w + pad)) + colw // 2
+    top:label(cx, band_h // 2, ("T=%d"):format(rec.t[q + 1] or 0), {0, 0, 0}, fs, "center", "middle")
+    layout.columns[q + 1] = cx
+  end
+  local left = K.new(left_w, H, {255, 255, 255}, C)
+  local rows = H // sc // (h + pad)
+  for r = 0, rows - 1 do
+    local cy = sc * (pad + r * (h + pad)) + sc * h // 2
+    left:label(left_w - 6, cy, r % 2 == 0 and "X_T" or "X_0", {0, 0, 0}, fs, "right", "middle")
+  end
+  return T.cat({top:tensor(), T.cat({left:tensor(), g}, 2)}, 1), layout
+end
+
 function S.save_denoise(dir, rec, opts)
   opts = opts or {}
   local name = opts.name or "denoise"
-  local strip, cols = denoise_strip(rec)
   local png, gif = ("%s/%s.png"):format(dir, name), ("%s/%s.gif"):format(dir, name)
-  image.save_grid(png, strip, {cols = cols})
+  io_.png_write(png, (S.denoise_picture(rec, {scale = opts.scale})))
   local frames, rs = denoise_frames(rec)
   image.save_gif(gif, frames, {cols = rs, delay = opts.delay or 20})
   return png, gif
@@ -533,18 +562,29 @@ end
 
 function S.main(...)
   local o = S.parse_args(...)
-  if not o.ckpt then fail("ckpt= is required (a run directory or a checkpoint file); valid options: " .. valid_list()) end
+  if not o then return end   -- help was printed
   if o.threads then iddpm.num_threads(o.threads) end
   local dev, prec = require("iddpm.device").setup(o.device or "cpu", o.precision or "auto", "sample")
   local N, B = o.num_samples or 16, o.batch_size or 16
-  local out = o.out or "samples"
+  local out = o.out
   -- everything that can fail on user input is checked before out/ is created
   local model, diff, info = S.load(o.ckpt, {use_ema = o.use_ema, steps = o.steps, sampler = o.sampler, ema_rate = o.ema_rate,
     device = dev})
   local nc = info.unet.num_classes
   local cls = parse_class(o.class, nc)
   local labels = S.make_labels(cls, N, nc, o.seed)
+  fs.check_path(out, "out")
   if exists(out) and not is_dir(out) then fail(("out=%s exists and is not a directory"):format(out)) end
+  if o.dry_run then
+    print(("dry run: %s (step %s), %s; %d samples with %d steps would be written to %s/: sample_*.png, grid.png, "
+      .. "samples_%dx%dx%dx%d.npz, settings.json%s"):format(info.path, tostring(info.step), info.message, N,
+      diff.num_timesteps, out, N, model.config.image_size, model.config.image_size, model.config.in_channels,
+      o.animate and ", denoise.png, denoise.gif" or ""))
+    return {dry_run = true, out = out}
+  end
+  -- temp files of an earlier run that crashed (<name>.tmp.<pid>[.<k>], pid no longer alive)
+  if is_dir(out) then fs.clean_stale_temps(out) end
+  S.prepare_out(out, o.overwrite)
   local cfg = model.config
   local K = diff.num_timesteps
   print(("checkpoint %s (step %s): %s"):format(info.path, tostring(info.step), model:describe()))
@@ -580,10 +620,10 @@ function S.main(...)
   if labels then arrays[2] = {"arr_1", T.from_table(labels, {N}, "int64")} end
   io_.npz_write(npz, arrays)
   local gm = math.min(N, o.grid_max or 64)
-  image.save_grid(out .. "/grid.png", u:narrow(1, 1, gm))
+  image.save_grid(out .. "/grid.png", u:narrow(1, 1, gm), {scale = o.grid_scale or 0})
   local written = {npz, out .. "/grid.png"}
   if rec then
-    local png, gif = S.save_denoise(out, rec, {delay = o.gif_delay})
+    local png, gif = S.save_denoise(out, rec, {delay = o.gif_delay, scale = o.grid_scale})
     written[#written + 1] = png
     written[#written + 1] = gif
     print(("denoise.png: rows x_t and predicted x_0 of %d samples; columns at timesteps %s"):format(

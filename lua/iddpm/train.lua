@@ -28,6 +28,16 @@
 -- device, so a GPU checkpoint resumes or samples on the CPU and vice versa. On a device
 -- the per-step losses stay there until the next log line, and the gradient norm (a host
 -- wait) is computed on log steps only, unless grad_clip needs it every step.
+--
+-- Config and outputs: train.main resolves the recipe through iddpm.config (every key
+-- checked before data is loaded or a file is written; `help`, --dry-run), prints the
+-- keys that differ from the defaults and writes RUN/config.json (the full config),
+-- RUN/log.jsonl (with a UTC timestamp and wall_time, the training seconds summed over
+-- resumes) and RUN/metrics.csv. A non-finite loss, gradient norm or weight stops
+-- training with a user error naming the step, before anything of that state is saved.
+-- A resumed run that already reached its last step says so and returns. On a terminal
+-- a progress line (rate, ETA) is redrawn after every step between the log lines.
+-- Ctrl-C saves the current step and raises a user error with exit status 130.
 local T = require "iddpm.tensor"
 local io_ = require "iddpm.io"
 local nn = require "iddpm.nn"
@@ -39,6 +49,8 @@ local image = require "iddpm.image"
 local recipe = require "iddpm.recipe"
 local plot = require "iddpm.plot"
 local device = require "iddpm.device"
+local fs = require "iddpm.fs"
+local cfg = require "iddpm.config"
 
 local train = {}
 
@@ -57,8 +69,6 @@ local function fmt_time(s)
   if s >= 60 then return ("%dm%02ds"):format(s // 60, s % 60) end
   return ("%ds"):format(s)
 end
-
-local function mkdir(dir) os.execute(("mkdir -p '%s'"):format(dir:gsub("'", "'\\''"))) end
 
 -- ---------------------------------------------------------------- construction
 
@@ -91,12 +101,20 @@ function train.new(c, opts)
   if not opts.quiet and self.device ~= "cpu" then
     say("device: %s (%s), precision %s", self.device, require("iddpm").cuda.device_name(), self.precision)
   end
-  mkdir(c.run_dir)
-  os.execute(("rm -f '%s'/*.tmp.* 2>/dev/null"):format(c.run_dir))   -- leftovers of a killed save
-  -- data
+  -- data (before run_dir is created: a missing dataset leaves nothing behind)
   local t0 = data.now()
-  self.ds = data.load{dataset = c.dataset, data_dir = c.data_dir, image_size = c.image_size, in_channels = c.in_channels,
-    pad = c.pad, num_images = c.num_images, seed = c.seed}
+  local ok, ds = pcall(data.load, {dataset = c.dataset, data_dir = c.data_dir, image_size = c.image_size,
+    in_channels = c.in_channels, pad = c.pad, num_images = c.num_images, seed = c.seed})
+  if not ok then   -- the dataset's messages are about the user's files: no traceback
+    if cfg.is_user_error(ds) or tostring(ds):find("interrupted", 1, true) then error(ds, 0) end
+    cfg.error(tostring(ds))
+  end
+  self.ds = ds
+  -- the run directory: created (no shell), locked against a second trainer for the life
+  -- of this process, then cleared of the temp files of a killed save
+  fs.mkdir_p(fs.check_path(c.run_dir, "run_dir"), "run_dir")
+  self.lock = fs.lock_dir(c.run_dir, "run_dir")
+  fs.clean_stale_temps(c.run_dir)
   if c.in_channels == 0 then c.in_channels = self.ds.channels end
   self.num_classes = c.class_cond and self.ds.num_classes or nil
   c.num_classes = self.num_classes or 0
@@ -125,7 +143,14 @@ function train.new(c, opts)
   self.acc = nil
   self.last_saved = nil
   self:resume()
+  self:write_config()
   return self
+end
+
+-- RUN/config.json: the full resolved config of this run (exclusive temporary file,
+-- checked writes, renamed; a failure is an error naming the file)
+function Trainer:write_config()
+  fs.write_atomic(self.c.run_dir .. "/config.json", io_.json_encode(self:stored_config()) .. "\n")
 end
 
 -- ---------------------------------------------------------------- state
@@ -169,17 +194,54 @@ end
 function Trainer:stored_config()
   local c = {}
   for k, v in pairs(self.c) do c[k] = v end
+  -- a function or table schedule lives on as the checkpoint's diffusion.betas
+  if type(c.noise_schedule) ~= "string" then c.noise_schedule = "custom" end
   return c
+end
+
+-- a tensor holds only finite values (x - x is 0 for finite x, NaN for Inf and NaN)
+local function all_finite(t)
+  local d = t:detach()
+  return (d - d):sum():item() == 0
+end
+train.all_finite = all_finite
+
+-- raise the divergence error: nothing is saved, the last good checkpoint stays.
+-- step: the step that went wrong (default: the one being computed)
+function Trainer:diverged(what, step)
+  cfg.error(("training stopped: %s at step %d (lr %s); the last good checkpoint is %s and nothing was saved after it; "
+    .. "lower lr (or set grad_clip) and resume from it"):format(what, step or self.step + 1, cfg.show(self.opt.lr or self.c.lr),
+    self.last_saved and ("step " .. self.last_saved) or "none (no checkpoint was written)"), 1)
+end
+
+-- the accumulated losses since the last log line are finite (reads them on a device,
+-- where a bad value is found at the log or save step after it: step names that one)
+function Trainer:check_losses(step)
+  self:flush()
+  local acc = self.acc
+  if not acc then return end
+  for _, k in ipairs{"loss", "mse", "vb"} do
+    local v = acc.sum[k]
+    if v ~= v or v == math.huge or v == -math.huge then
+      self:diverged(("the %s is not finite (%s)"):format(k, tostring(v)), step)
+    end
+  end
 end
 
 function Trainer:save()
   if self.last_saved == self.step then return end
+  self:check_losses(self.step)
+  for i, p in ipairs(self.model:parameters()) do
+    if not all_finite(p) then self:diverged(("the weights are not finite (%s)"):format(self.names[i]), self.step) end
+  end
+  self.wall_saved = self:wall_time()
   local path = checkpoint.save(self.c.run_dir, {model = self.model, emas = self.emas, opt = self.opt, extra = self:extra(),
-    step = self.step, config = self:stored_config(), meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version}})
+    step = self.step, config = self:stored_config(), betas = self.diffusion.base_betas,
+    meta = {dataset = self.ds.name, iddpm_version = require("iddpm").version, wall_time = ("%.3f"):format(self.wall_saved)}})
   self.last_saved = self.step
   if self.c.keep_checkpoints > 0 then checkpoint.prune(self.c.run_dir, self.c.keep_checkpoints) end
   self:plot_loss()
-  if not self.quiet then say("saved %s", path) end
+  if not self.quiet then self:clear_progress(); say("saved %s", path) end
   return path
 end
 
@@ -199,24 +261,42 @@ function Trainer:resume()
     return
   end
   local ck = checkpoint.read(path)
+  local stored_betas = ck.tensors["diffusion.betas"]
+  if stored_betas then   -- the schedule itself must agree, whatever wrote it
+    local a, b = stored_betas:totable(), self.diffusion.base_betas
+    local same = #a == #b
+    for i = 1, same and #a or 0 do if math.abs(a[i] - b[i]) > 1e-12 * math.max(1, math.abs(b[i])) then same = false end end
+    if not same then
+      error(("resume: %s was saved with another noise schedule (its diffusion.betas differ from this run's); use another " ..
+        "run_dir, or resume=none to start over"):format(path), 0)
+    end
+  end
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
+    if k == "noise_schedule" and type(b) ~= "string" then b = "custom" end
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
-      error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
-        :format(path, k, tostring(a), k, tostring(b)), 0)
+      cfg.error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
+        :format(path, k, tostring(a), k, tostring(b)))
     end
   end
   local tz = ck.tensors
-  self.model:load_state_dict(checkpoint.subset(tz, "model."))
+  local okm, errm = pcall(self.model.load_state_dict, self.model, checkpoint.subset(tz, "model."), {prefix = ""})
+  if not okm then error(("resume: %s: %s"):format(path, tostring(errm):gsub("^[^:]*module%.lua:%d+: ", "")), 0) end
   for _, e in ipairs(self.emas) do
     local sd = checkpoint.subset(tz, "ema_" .. e.rate .. ".")
     T.no_grad(function()
       for i, n in ipairs(self.names) do
         local src = sd[n]
-        if not src then error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n), 0) end
-        e.ema.shadow[i]:copy_(src)
+        if not src then cfg.error(("resume: %s has no EMA %s weights for %s"):format(path, e.rate, n)) end
+        e.ema.shadow[i]:copy_(checkpoint.check_shape(path, "ema_" .. e.rate .. "." .. n, src, e.ema.shadow[i]))
       end
     end)
+  end
+  for i, n in ipairs(self.names) do
+    for _, mv in ipairs{"m", "v"} do
+      local src = tz["opt." .. mv .. "." .. n]
+      if src then checkpoint.check_shape(path, "opt." .. mv .. "." .. n, src, self.opt[mv][i]) end
+    end
   end
   self.opt:load_state_tensors(tz, self.names, "opt.", ck.opt_step)
   local ex = checkpoint.subset(tz, "extra.")
@@ -235,20 +315,22 @@ function Trainer:resume()
   self.step = ck.step
   self.last_saved = ck.step
   self.resumed_from = ck.step
-  -- drop log lines written after this checkpoint by the run that stopped
-  local logp = c.run_dir .. "/log.jsonl"
-  local f = io.open(logp, "r")
-  if f then
-    local keep = {}
-    for line in f:lines() do
-      local s = tonumber(line:match('"step":(%d+)'))
-      if not s or s <= ck.step then keep[#keep + 1] = line end
-    end
-    f:close()
-    f = io.open(logp, "w")
-    for _, line in ipairs(keep) do f:write(line, "\n") end
-    f:close()
-  end
+  self.wall_before = tonumber(ck.meta.wall_time) or 0   -- training wall time of the runs before this one
+  -- drop log lines written after this checkpoint by the run that stopped (and a record
+  -- cut short by a crash): the kept lines go to a new file renamed over the old one, so
+  -- a crash here leaves the old file or the new one, never a truncated file
+  fs.rewrite_lines(c.run_dir .. "/log.jsonl", function(line)
+    if not line:match("^{.*}$") then return false end
+    local st = tonumber(line:match('"step":(%d+)'))
+    return not st or st <= ck.step
+  end)
+  local header_commas
+  fs.rewrite_lines(c.run_dir .. "/metrics.csv", function(line)
+    local _, commas = line:gsub(",", "")
+    local st = tonumber(line:match("^(%d+),"))
+    if not st then header_commas = header_commas or commas; return true end   -- the header
+    return st <= ck.step and commas == header_commas
+  end)
   say("resumed from step %d (%s)", ck.step, path)
 end
 
@@ -340,6 +422,8 @@ function Trainer:step_once()
   local gn
   if c.grad_clip > 0 then gn = optim.clip_grad_norm(model:parameters(), c.grad_clip)
   elseif self.device == "cpu" or (self.step + 1) % c.log_interval == 0 then gn = optim.grad_norm(model:parameters()) end
+  if gn and (gn ~= gn or gn == math.huge) then self:diverged(("the gradient norm is not finite (%s)"):format(tostring(gn))) end
+  if self.device == "cpu" then self:check_losses() end   -- on a device: at log and save steps
   if gn then self.acc.grad_norm, self.acc.gn_steps = self.acc.grad_norm + gn, self.acc.gn_steps + 1 end
   self.acc.steps = self.acc.steps + 1
   self.opt.lr = self:lr_at(self.step)
@@ -366,8 +450,9 @@ function Trainer:log(t_start, step_start)
   local now = data.now()
   local steps_done = self.step - step_start
   local ips = steps_done * c.batch_size / math.max(now - t_start, 1e-9)
+  self:check_losses(self.step)
   local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
-    images_per_s = ips, time = now - self.t0}
+    images_per_s = ips, time = now - self.t0, wall_time = self:wall_time(), timestamp = os.date("!%Y-%m-%dT%H:%M:%SZ")}
   for _, k in ipairs(TERMS) do
     rec[k] = acc.sum[k] / acc.n
     for q = 1, 4 do
@@ -379,17 +464,63 @@ function Trainer:log(t_start, step_start)
   if c.max_minutes > 0 then eta = math.min(eta or math.huge, math.max(0, 60 * c.max_minutes - (now - self.t0))) end
   local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
     stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
-  if not self.quiet then say("%s", line) end
-  local f = io.open(c.run_dir .. "/log.jsonl", "a")
-  if f then f:write(io_.json_encode(rec), "\n") f:close() end
+  if not self.quiet then self:clear_progress(); say("%s", line) end
+  fs.append(c.run_dir .. "/log.jsonl", io_.json_encode(rec) .. "\n")   -- a failed write raises
+  self:write_csv(rec)
   self.curve[#self.curve + 1] = {self.step, rec.loss}
   self.last_log = rec
   self.acc = nil
 end
 
+-- RUN/metrics.csv: the log.jsonl columns as a table (header on the first line)
+train.CSV_COLUMNS = {"step", "samples", "loss", "mse", "vb", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "mse_q0",
+  "mse_q1", "mse_q2", "mse_q3", "vb_q0", "vb_q1", "vb_q2", "vb_q3", "grad_norm", "lr", "images_per_s", "time",
+  "wall_time", "timestamp"}
+
+function Trainer:write_csv(rec)
+  local path = self.c.run_dir .. "/metrics.csv"
+  local row = {}
+  for i, k in ipairs(train.CSV_COLUMNS) do row[i] = rec[k] == nil and "" or cfg.show(rec[k]) end
+  local text = table.concat(row, ",") .. "\n"
+  if not fs.exists(path) then text = table.concat(train.CSV_COLUMNS, ",") .. "\n" .. text end
+  fs.append(path, text)   -- one whole record (a failed write raises, naming the file)
+end
+
+-- seconds of training over every run of this run directory (resumes included)
+function Trainer:wall_time()
+  return (self.wall_before or 0) + (self.t0 and (data.now() - self.t0) or 0)
+end
+
+-- the per-step progress line on a terminal (carriage return, no newline), cleared
+-- before any other output
+function Trainer:progress(t_start, step_start)
+  if self.quiet or not self.tty then return end
+  local now = data.now()
+  local done = self.step - step_start
+  local ips = done * self.c.batch_size / math.max(now - t_start, 1e-9)
+  local stop = self:stop_step()
+  local eta = stop and ips > 0 and (stop - self.step) * self.c.batch_size / ips or nil
+  io.stdout:write(("\r\27[Kstep %d%s  %.1f img/s%s"):format(self.step, stop and ("/" .. stop) or "", ips,
+    eta and ("  ETA " .. fmt_time(eta)) or ""))
+  io.stdout:flush()
+  self.progress_shown = true
+end
+
+function Trainer:clear_progress()
+  if self.progress_shown then io.stdout:write("\r\27[K"); io.stdout:flush(); self.progress_shown = false end
+end
+
+-- RUN/loss.png: loss, mse, vb and lr from log.jsonl (iddpm.plot.training); a run
+-- whose log is gone falls back to the loss curve kept in the checkpoints
 function Trainer:plot_loss()
-  if #self.curve < 2 then return end
-  pcall(plot.loss_curve, self.c.run_dir .. "/loss.png", self.curve)
+  local recs = plot.read_log(self.c.run_dir .. "/log.jsonl")
+  if #recs < 2 then
+    recs = {}
+    for i, p in ipairs(self.curve) do recs[i] = {step = p[1], loss = p[2]} end
+  end
+  if #recs < 2 then return end
+  local ok, err = pcall(plot.training, self.c.run_dir .. "/loss.png", recs)
+  if not ok and not self.quiet then say("loss.png not written: %s", tostring(err)) end
 end
 
 -- a grid of samples from the (first) EMA weights with the respaced sampler
@@ -417,10 +548,10 @@ function Trainer:sample_grid()
   if not ok then error(x, 0) end
   x = x:to("cpu")
   local path = ("%s/samples_%08d.png"):format(c.run_dir, self.step)
-  image.save_grid(path, x, {cols = math.ceil(math.sqrt(n))})
-  if not self.quiet then say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
+  image.save_grid(path, x, {cols = math.ceil(math.sqrt(n)), scale = c.grid_scale})
+  if not self.quiet then self:clear_progress(); say("sample grid (EMA %s, %d steps, %.1fs): %s", self.emas[1] and self.emas[1].rate or "off",
     sd.num_timesteps, data.now() - t0, path) end
-  self.last_grid = path
+  self.last_grid, self.last_grid_step = path, self.step
   return path
 end
 
@@ -437,17 +568,28 @@ end
 function Trainer:run()
   local c = self.c
   local stop = self:stop_step()
+  if stop and self.step >= stop and self.resumed_from then
+    if not self.quiet then
+      say("run %s is finished: step %d >= %s %d (nothing to do; raise max_steps to train further, sample with "
+        .. "`iddpm sample ckpt=%s`)", c.run_dir, self.step, c.max_steps > 0 and stop == c.max_steps and "max_steps"
+        or "lr_anneal_steps", stop, c.run_dir)
+    end
+    return {step = self.step, run_dir = c.run_dir, finished = true, checkpoint = checkpoint.filename(c.run_dir, self.step)}
+  end
   self.t0 = data.now()
+  self.tty = require("iddpm").isatty and require("iddpm").isatty(1)
   local t_start, step_start = self.t0, self.step
   local function loop()
     while not stop or self.step < stop do
       if c.max_minutes > 0 and data.now() - self.t0 > 60 * c.max_minutes then
-        if not self.quiet then say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
+        if not self.quiet then self:clear_progress(); say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
         break
       end
       self:step_once()
       if self.step % c.log_interval == 0 then
         self:log(t_start, step_start)
+      else
+        self:progress(t_start, step_start)
       end
       if self.step % c.save_interval == 0 then self:save() end
       if c.sample_interval > 0 and self.step % c.sample_interval == 0 then self:sample_grid() end
@@ -462,11 +604,14 @@ function Trainer:run()
   end)
   if not ok then
     local msg = tostring(err)
-    if msg:find("interrupted", 1, true) then
+    if msg:find("interrupted", 1, true) and not cfg.is_user_error(err) then
       data.clear_interrupt()
+      self:clear_progress()
       if self.phase == "update" then
         say("\ninterrupted while updating the weights at step %d: not saving (the last checkpoint is step %s)",
           self.step, tostring(self.last_saved))
+        cfg.error(("interrupted: the last checkpoint is step %s; run the same command to resume")
+          :format(tostring(self.last_saved)), 130)
       else
         if self.phase == "forward" then
           self:set_rng_state(self.snapshot.rng)
@@ -475,18 +620,26 @@ function Trainer:run()
         self.phase = "idle"
         say("\ninterrupted at step %d: saving a checkpoint", self.step)
         self:save()
+        cfg.error(("interrupted: saved checkpoint at step %d; run the same command to resume"):format(self.step), 130)
       end
     end
+    self:clear_progress()
     error(err, 0)
   end
   if self.acc then self:log(t_start, step_start) end
+  self:clear_progress()
   self:save()
   self:plot_loss()
-  if c.num_samples > 0 then self:sample_grid() end
+  -- the final grid, unless the last step already drew it (sample_interval dividing it)
+  if c.num_samples > 0 and self.last_grid_step ~= self.step then self:sample_grid() end
+  local okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end)
+  if not self.quiet then say(okr and "run report: %s" or "run report not written: %s", tostring(rep)) end
   return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
 end
 
+-- (the run_dir lock stays with the process until it exits: the report and anything
+-- else written after training are covered too; this process may lock it again)
 function Trainer:close() self.loader:close() end
 
 -- ---------------------------------------------------------------- entry point
@@ -498,15 +651,37 @@ function train.run(c, opts)
   return res
 end
 
-function train.main(cfg, args)
-  local c = recipe.resolve(cfg, args)
+-- what a run writes into run_dir (for --dry-run)
+function train.outputs(c)
+  local r = c.run_dir
+  local list = {r .. "/config.json (the full resolved config)",
+    ("%s/ckpt_<step>.safetensors every %d steps and at the end (%s)"):format(r, c.save_interval,
+      c.keep_checkpoints > 0 and ("the newest " .. c.keep_checkpoints .. " kept") or "all kept"),
+    ("%s/log.jsonl and %s/metrics.csv (every %d steps)"):format(r, r, c.log_interval), r .. "/loss.png"}
+  if c.num_samples > 0 then
+    list[#list + 1] = ("%s/samples_<step>.png (%d images, sampler steps %s)%s"):format(r, c.num_samples, c.sample_steps,
+      c.sample_interval > 0 and (" every " .. c.sample_interval .. " steps and at the end") or " at the end")
+  end
+  return list
+end
+
+function train.main(recipe_cfg, args)
+  local c, flags = cfg.command(recipe.SCHEMA, recipe_cfg, args)
+  if not c then return end   -- help was printed
   device.check(c.device, "train")   -- a missing GPU is the first thing said
-  say("iddpm train: resolved config")
-  say("%s", recipe.describe(c))
+  local changed = recipe.describe(c, true)
+  say("iddpm train: config (the keys that differ from the defaults; all of them go to %s/config.json)", c.run_dir)
+  if changed ~= "" then say("%s", changed) end
+  if flags.dry_run then
+    say("dry run: the config is valid; a run would write")
+    for _, l in ipairs(train.outputs(c)) do say("  %s", l) end
+    return {dry_run = true, config = c}
+  end
   say("loss: %s", c.use_kl and "L_vlb (rescaled KL, bits/dim x T)" or (c.learn_sigma and
     ("L_hybrid = mse(eps) + %s * L_t (vb in bits/dim, stop-gradient on the mean; lambda = 0.001 x T)"):format(
       c.rescale_learned_sigmas and ("T/1000 = " .. (c.diffusion_steps / 1000)) or "1") or "L_simple = mse(eps)"))
   local res = train.run(c)
+  if res.finished then return res end
   say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
   if res.grid then say("final sample grid: %s", res.grid) end
   return res

@@ -1,5 +1,5 @@
 /* test_core.c — the core tensor ops of include/iddpm/{tensor,ops,autograd,backend}.h
- * against naive loops written here (issue 2), and the C gradcheck.
+ * against naive loops written here, and the C gradcheck.
  *
  * Every op runs on float32 and float64 inputs in five memory layouts of the same logical
  * tensor: contiguous, permuted (all dims reversed in storage), narrowed (an interior

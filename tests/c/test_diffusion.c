@@ -2,8 +2,8 @@
  * numbers (reference/golden_public.json), finite-difference checks of the loss
  * gradients, the samplers, and the error messages for bad input.
  *
- * Golden file: argv[1], else $IDDPM_GOLDEN, else shared/reference/golden_public.json,
- * else /work/shared/reference/golden_public.json. */
+ * Golden file: argv[1], else $IDDPM_GOLDEN, else tests/ref/golden_public.json (written by
+ * tests/ref/make_golden.py from the official code; the suite runs from the repository root). */
 #include "iddpm/diffusion.h"
 #include "check.h"
 #include "json_mini.h"
@@ -599,11 +599,9 @@ static void test_errors(void) {
 }
 
 int main(int argc, char **argv) {
-    const char *paths[] = {argc > 1 ? argv[1] : NULL, getenv("IDDPM_GOLDEN"),
-                           "shared/reference/golden_public.json",
-                           "/work/shared/reference/golden_public.json"};
+    const char *paths[] = {argc > 1 ? argv[1] : NULL, getenv("IDDPM_GOLDEN"), "tests/ref/golden_public.json"};
     char err[256] = "";
-    for (int i = 0; i < 4 && !G; i++)
+    for (int i = 0; i < 3 && !G; i++)
         if (paths[i]) G = json_parse_file(paths[i], err, sizeof err);
     if (!G) {
         check_report(0, "load golden_public.json", err);

@@ -499,26 +499,6 @@ static void test_vexp(void) {
     check_report(worst < SIGMOID_RTOL, "vector sigmoid accuracy", buf);
 }
 
-/* ---- silu ------------------------------------------------------------------------- */
-
-static void test_silu(long n) {
-    float *x = frand(n, -6, 6), *out = frand(n, -9, 9), *R = frand(n, -1, 1);
-    float *dx = frand(n, -1, 1), *dx0 = fcopy(dx, n);
-    double *want = malloc(sizeof(double) * n), *g = malloc(sizeof(double) * n);
-    idd_silu_forward_f32(out, x, n);
-    idd_silu_backward_f32(dx, R, x, n);
-    for (long i = 0; i < n; i++) {
-        double v = x[i], s = 1 / (1 + exp(-v));
-        want[i] = v * s;
-        /* per-element central difference of the double SiLU, times R */
-        double h = FD_H;
-        g[i] = R[i] * ((v + h) / (1 + exp(-(v + h))) - (v - h) / (1 + exp(-(v - h)))) / (2 * h);
-    }
-    cmp_d("silu forward", out, want, n, FWD_RTOL);
-    cmp_acc("silu backward vs finite diff", dx, dx0, g, n);
-    free(x), free(out), free(R), free(dx), free(dx0), free(want), free(g);
-}
-
 /* ---- timestep embedding ----------------------------------------------------------- */
 
 static void test_embedding(int N, int dim) {
@@ -629,7 +609,6 @@ int main(int argc, char **argv) {
     test_resample(1, 2, 5, 3); /* odd H: avgpool floors */
     test_resample(1, 1, 1, 1);
     test_resample(2, 2, 3, 12); /* upsample: vector blocks of 4 inputs, and a tail */
-    test_silu(100003);
     test_embedding(5, 128);
     test_embedding(3, 7);
     return check_done();

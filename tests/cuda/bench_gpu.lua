@@ -1,4 +1,4 @@
--- bench_gpu.lua — GPU throughput of the CIFAR-10 recipe (the issue 9 targets), per
+-- bench_gpu.lua — GPU throughput of the CIFAR-10 recipe (the README's GPU targets), per
 -- precision (fp32, tf32, bf16 where the build has it):
 --   train: one full step (q_sample, UNet forward, hybrid loss, backward, AdamW, EMA),
 --   batch 128, img/s; only the loss value comes back to the host, once per window;

@@ -1,5 +1,5 @@
 -- test_bf16_conv.lua — conv2d and QKV attention on bf16 channels-last tensors (the GPU's
--- bf16 activations, issue #9): the device result against the CPU's float32 kernels run
+-- bf16 activations): the device result against the CPU's float32 kernels run
 -- on the same bf16-rounded inputs (and weights), the reference output rounded to bf16
 -- as the device's is. Forward and backward (dx, dw, db; dqkv) at the UNet's shapes and
 -- some small odd ones; outputs and input gradients must come back bf16 channels-last.

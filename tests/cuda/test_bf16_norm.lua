@@ -1,4 +1,4 @@
--- test_bf16_norm.lua — bf16 channels-last activations (issue #9) through group norm
+-- test_bf16_norm.lua — bf16 channels-last activations through group norm
 -- (+ scale/shift, SiLU), dropout, nearest 2x upsample and 2x2 average pool: the GPU's
 -- bf16 kernels against the CPU, which runs the float32 kernels on the same bf16-rounded
 -- inputs and rounds the result to bf16 (the layers' fallback), forward and every

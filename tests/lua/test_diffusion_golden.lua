@@ -1,12 +1,12 @@
 -- test_diffusion_golden.lua — iddpm.diffusion through its Lua API against the official
--- implementation's numbers (reference/golden_public.json, made by improved-diffusion
+-- implementation's numbers (tests/ref/golden_public.json, made by improved-diffusion
 -- with PyTorch): schedules and derived arrays, respaced processes, every tensor op of
 -- the four setups x two timestep cases, the training-loss terms and the elementwise
 -- losses. Every key of the file is accounted for at the end (checked or skipped with
 -- a reason).
 --
--- Golden file: $IDDPM_GOLDEN, else shared/reference/golden_public.json, else
--- /work/shared/reference/golden_public.json. Parsed with lua-cjson.
+-- Golden file: $IDDPM_GOLDEN, else tests/ref/golden_public.json (written by
+-- tests/ref/make_golden.py from the official code). Parsed with lua-cjson.
 local H = require "harness"
 local iddpm = require "iddpm"
 local cjson = require "cjson"
@@ -31,17 +31,8 @@ local TOL_OPS, FLOOR_OPS = 1e-5, 1e-6
 -- so we compare with an absolute floor scaled by that amplification (see cmp_xt).
 local TOL_F32 = 1e-4
 
-local function golden_path()
-  local p = os.getenv("IDDPM_GOLDEN")
-  if p then return p end
-  for _, c in ipairs{"shared/reference/golden_public.json", "/work/shared/reference/golden_public.json"} do
-    local f = io.open(c, "r")
-    if f then f:close(); return c end
-  end
-  error("golden_public.json not found (set IDDPM_GOLDEN)")
-end
-
-local f = assert(io.open(golden_path(), "r"))
+local GOLDEN = os.getenv("IDDPM_GOLDEN") or "tests/ref/golden_public.json"
+local f = assert(io.open(GOLDEN, "r"))
 local G = cjson.decode(f:read("a"))
 f:close()
 print("# golden: " .. G.meta.source .. " seed " .. tostring(G.meta.seed))

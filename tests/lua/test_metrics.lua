@@ -11,10 +11,10 @@ local T, M = iddpm.tensor, iddpm.metrics
 
 -- float32 kernels vs float64 loops / PyTorch float64 on values of size ~1: a few ulps
 local TOL_OP = 1e-5
--- features after ~100 float32 conv/pool layers vs PyTorch float64: the issue's bound,
+-- features after ~100 float32 conv/pool layers vs PyTorch float64: the required bound,
 -- absolute, on features of size ~1 (max |f| = 3.4); observed ~1e-6
 local TOL_FEAT = 1e-4
--- Fréchet distance vs scipy on the same float64 mu/sigma: the issue's bound (relative);
+-- Fréchet distance vs scipy on the same float64 mu/sigma: the required bound (relative);
 -- observed ~1e-12 (well-conditioned) and ~4e-9 (rank-deficient)
 local TOL_FID = 1e-6
 -- our float64 statistics from float32 features vs np.mean (float32) / np.cov (float64)

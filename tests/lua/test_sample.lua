@@ -104,8 +104,8 @@ fails("ddim without stride", {"ckpt=" .. uncond, "steps=ddim8"}, "steps=ddim8 do
 fails("class on unconditional", {"ckpt=" .. uncond, "steps=5", "class=1"}, "unconditional")
 fails("class missing on conditional", {"ckpt=" .. cond, "steps=5"}, "class-conditional (3 classes)")
 fails("class out of range", {"ckpt=" .. cond, "steps=5", "class=3"}, "not a class of this model")
-fails("unknown key", {"ckpt=" .. uncond, "stepz=5"}, "unknown option 'stepz'; valid options: animate")
-fails("bad boolean", {"ckpt=" .. uncond, "use_ema=maybe"}, "use_ema=maybe: expected true or false")
+fails("unknown key", {"ckpt=" .. uncond, "stepz=5"}, "unknown sample key 'stepz' on the command line (did you mean 'steps'?)")
+fails("bad boolean", {"ckpt=" .. uncond, "use_ema=maybe"}, "use_ema=maybe: not a boolean (expected true or false)")
 fails("ema rate absent", {"ckpt=" .. uncond, "ema_rate=0.999"}, "no EMA weights with rate 0.999")
 
 -- ---- the recipe in-process: conditional, animate
@@ -121,8 +121,22 @@ H.check("denoise.gif is a GIF", read(out .. "/denoise.gif"):sub(1, 6) == "GIF89a
 H.check("no temporary files left", not exists(out .. "/grid.png.tmp") and not exists(out .. "/settings.json.tmp"))
 local g = iddpm.io.png_read(out .. "/denoise.png")
 local gs = g:shape()
--- 2 samples x 2 rows (x_t, x_0) = 4 rows of 8px + pad 2; 3 columns
-H.check(("denoise.png is 4 rows x 3 columns (%s)"):format(table.concat(gs, "x")), gs[1] == 4 * 10 + 2 and gs[2] == 3 * 10 + 2)
+-- 2 samples x 2 rows (x_t, x_0) = 4 rows of 8px + pad 2; 3 columns; upscaled (auto) by
+-- ceil(512 / 32) = 16; a band of column labels on top (font scale 2: 7*2 + 8 = 22 px) and
+-- of row labels on the left ("X_0" at scale 2: (3*6 - 1)*2 + 10 = 44 px)
+H.check(("denoise.png is 4 rows x 3 columns, x16, with label bands (%s)"):format(table.concat(gs, "x")),
+  gs[1] == 22 + 16 * (4 * 10 + 2) and gs[2] == 44 + 16 * (3 * 10 + 2))
+do   -- every column has ink in the band above it (its "T=..." label)
+  local inked = 0
+  for q = 0, 2 do
+    local cx = 44 + 16 * (2 + q * 10 + 4)
+    local band = g:narrow(1, 1, 22):narrow(2, cx - 20 + 1, 40):float()
+    if band:min():item() < 128 then inked = inked + 1 end
+  end
+  H.check("denoise.png: a timestep label above each column", inked == 3, inked)
+  local gg = iddpm.io.png_read(out .. "/grid.png"):shape()
+  H.check(("grid.png upscaled to >= 512 px wide (%s)"):format(table.concat(gg, "x")), gg[2] >= 512)
+end
 local z = iddpm.io.npz_read(out .. "/samples_5x8x8x3.npz")
 H.check("npz read back: arr_0 uint8 (5,8,8,3)", z.arr_0:dtype() == "uint8" and table.concat(z.arr_0:shape(), ",") == "5,8,8,3")
 H.check("npz equals the images", max_abs(z.arr_0:float(), iddpm.image.nhwc(r.images):float()) == 0)
@@ -166,7 +180,7 @@ H.check("CLI exact=true: batch 2 and batch 3 give the same npz", exists(cli_out 
   read(cli_out .. "/samples_3x8x8x3.npz") == read(cli_out .. "2/samples_3x8x8x3.npz"))
 p = io.popen(("%s sample ckpt=%s/nope out=%s3 2>&1; echo rc=$?"):format(exe, tmp, cli_out))
 log = p:read("a"); p:close()
-H.check("CLI: missing checkpoint exits 1 with the message", log:find("rc=1") ~= nil and log:find("does not exist", 1, true) ~= nil, log)
+H.check("CLI: missing checkpoint exits 2 with the message", log:find("rc=2") ~= nil and log:find("does not exist", 1, true) ~= nil, log)
 
 os.execute("rm -rf " .. tmp)
 -- a training run's config writes attention_resolutions = "" for "no attention"

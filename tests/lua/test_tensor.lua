@@ -1,4 +1,4 @@
--- test_tensor.lua — the tensor API of DESIGN §3 against naive Lua loops: creation,
+-- test_tensor.lua — the Lua tensor API against naive Lua loops: creation,
 -- broadcasting arithmetic, unary math, reductions along every dim, matmul, views,
 -- concat, index_select, random streams, errors, memory. Seed printed below.
 local H = require "harness"

@@ -1,4 +1,4 @@
--- test_unet_configs.lua — our UNet against more official configurations (issue 3):
+-- test_unet_configs.lua — our UNet against more official configurations:
 -- tests/ref/unet_configs_ref.safetensors, made by tests/ref/make_unet_ref.py from the
 -- official improved-diffusion UNetModel in float64 (see that script's docstring):
 --   cond:   class-conditional (10 classes), 3 res blocks, channel_mult 1,2,2,2, attention
@@ -20,7 +20,7 @@ local json = iddpm.io.json_decode
 
 -- float32 UNet vs the float64 official model. The official float32 model itself is
 -- within ~2e-5 of the float64 reference on every quantity below (printed from the file's
--- f32_vs_f64 metadata); 1e-4 (the issue's bound) leaves room for a different summation
+-- f32_vs_f64 metadata); 1e-4 (the required bound) leaves room for a different summation
 -- order and still catches any wrong term.
 local REF_TOL = 1e-4
 -- Gradients that are exactly zero in exact arithmetic (the script lists them: float64

@@ -1,5 +1,5 @@
--- test_unet_ref.lua — the UNet against the official network (issue 3) and one
--- official training step (issue 5): ../shared/reference/unet_public.safetensors holds an
+-- test_unet_ref.lua — the UNet against the official network and one official
+-- training step: tests/ref/unet_public.safetensors (tests/ref/make_unet_public.py) holds an
 -- official UNetModel's weights (perturbed away from the zero init), inputs, its
 -- forward output, the gradients of sum(out * R), and the hybrid loss (cosine, T=1000,
 -- learned range sigma, rescaled timesteps) with the gradients of mean(loss).
@@ -10,13 +10,11 @@ local iddpm = require "iddpm"
 local T, nn = iddpm.tensor, iddpm.nn
 
 -- float32 UNet vs float32 PyTorch: different summation orders give ~1e-6 relative
--- differences; 1e-4 (the issue's bound) leaves room and still catches any wrong term.
+-- differences; 1e-4 (the required bound) leaves room and still catches any wrong term.
 -- test_unet_ref_bf16.lua runs this file with bf16 activations and its own bound
 local REF_TOL = UNET_REF_TOL or 1e-4
 
-local REF = os.getenv("IDDPM_REFERENCE") or "../shared/reference/unet_public.safetensors"
-local f = io.open(REF, "rb")
-if not f then REF = "/work/shared/reference/unet_public.safetensors" else f:close() end
+local REF = os.getenv("IDDPM_REFERENCE") or "tests/ref/unet_public.safetensors"
 local sd, meta = T.load(REF)
 local cfg = iddpm.io.json_decode(meta.unet_config)
 print("# reference " .. REF)
@@ -107,7 +105,7 @@ check_param_grads("training step: every parameter gradient", "train.grad.")
 
 if DEV ~= "cpu" then unet:to("cpu") end   -- the checks below feed CPU inputs
 
--- parameter counts of the paper's configurations (docs/iddpm_spec.md §8.2)
+-- parameter counts of the paper's configurations (the paper's CIFAR-10 and ImageNet 64x64 models)
 local function count(c) return nn.unet(c):num_params() end
 H.check("CIFAR-10 config has 52,546,438 parameters", count{image_size = 32, num_channels = 128, num_res_blocks = 3,
   channel_mult = {1, 2, 2, 2}, attention_resolutions = {16, 8}, num_heads = 4, learn_sigma = true} == 52546438)

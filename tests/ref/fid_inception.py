@@ -2,7 +2,7 @@
 with the TF-graph variants of pytorch-fid / StyleGAN: the average pools inside blocks A,
 C and E_1 do not count padding, and the last block (E_2) pools with a max pool.
 Shared by make_inception_ref.py and convert_inception.py. Written for this project from
-the architecture description (docs/iddpm_spec.md §11); no code copied."""
+the published description of the TF FID Inception graph; no code copied."""
 import torch
 import torch.nn.functional as F
 import torchvision.models.inception as tvi

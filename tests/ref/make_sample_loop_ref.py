@@ -7,8 +7,8 @@ with learn_sigma (learned range), a fixed fake model and fixed noise, in float64
 "f64"), and writes tests/ref/sample_loop_ref.json for tests/lua/test_sample_loop_ref.lua.
 
 The official code is read from a local copy of github.com/openai/improved-diffusion
-(never committed here): $IMPROVED_DIFFUSION (a checkout or a bare git dir), default
-/work/.mirror/openai+improved-diffusion/repo. Needs Debian's python3-torch.
+(never committed here): $IMPROVED_DIFFUSION (a checkout or a bare git dir; see
+official_src.py). Needs Debian's python3-torch.
 
 Fake model (x, t) -> cat([0.3 x + 0.001 t, tanh(x) * 0.5], channels): eps half
 depends on x and on the timestep the model sees (map[t] * 1000 / T_original), and
@@ -16,12 +16,10 @@ the variance-interpolation half v on x.
 """
 import json, os, subprocess, sys, tempfile
 
-src = os.environ.get("IMPROVED_DIFFUSION", "/work/.mirror/openai+improved-diffusion/repo")
-if not os.path.isdir(os.path.join(src, "improved_diffusion")):
-    tmp = tempfile.mkdtemp()
-    subprocess.run(f"git --git-dir={src} archive HEAD improved_diffusion | tar -x -C {tmp}", shell=True, check=True)
-    src = tmp
-sys.path.insert(0, src)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_src  # noqa: E402
+
+official_src.add_to_path()
 
 import numpy as np
 import torch as th

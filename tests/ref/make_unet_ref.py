@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""make_unet_ref.py — more official UNetModel configurations, with formula weights (issue 3).
+"""make_unet_ref.py — more official UNetModel configurations, with formula weights.
 
 For each configuration below, builds the official improved-diffusion UNetModel and sets
 EVERY parameter from a formula (so nothing is zero-initialised and no weights need to be
@@ -56,19 +56,16 @@ __metadata__: configs (JSON: name -> official constructor kwargs + image_size + 
 
 The official code comes from a local copy of github.com/openai/improved-diffusion,
 extracted at run time into a temp dir (never committed here): $IMPROVED_DIFFUSION
-(checkout or bare git dir), default /work/.mirror/openai+improved-diffusion/repo.
+(a checkout or a bare git dir; see official_src.py).
 Needs Debian's python3-torch and python3-numpy. Run: /usr/bin/python3 tests/ref/make_unet_ref.py
 """
 import json, math, os, subprocess, sys, tempfile
 
 here = os.path.dirname(os.path.abspath(__file__))
-src = os.environ.get("IMPROVED_DIFFUSION", "/work/.mirror/openai+improved-diffusion/repo")
-if not os.path.isdir(os.path.join(src, "improved_diffusion")):
-    tmp = tempfile.mkdtemp(prefix="refs_unet_")
-    subprocess.run(f"git --git-dir={src} archive HEAD improved_diffusion | tar -x -C {tmp}", shell=True, check=True)
-    src = tmp
-sys.path.insert(0, src)
 sys.path.insert(0, here)
+import official_src  # noqa: E402
+
+official_src.add_to_path()
 
 import numpy as np
 import torch as th

@@ -21,18 +21,16 @@ timestep_map.p, timestep_map.ddim, and out.<loop>.f64 / out.<loop>.f32 for loop 
 p, ddim_eta0, ddim_eta1; __metadata__ {unet, diffusion} configs as JSON.
 
 The official code comes from a local copy of github.com/openai/improved-diffusion,
-extracted at run time (never committed here): $IMPROVED_DIFFUSION (checkout or bare
-git dir), default /work/.mirror/openai+improved-diffusion/repo.
+extracted at run time (never committed here): $IMPROVED_DIFFUSION (a checkout or a
+bare git dir; see official_src.py).
 """
 import json, os, subprocess, sys, tempfile
 
 here = os.path.dirname(os.path.abspath(__file__))
-src = os.environ.get("IMPROVED_DIFFUSION", "/work/.mirror/openai+improved-diffusion/repo")
-if not os.path.isdir(os.path.join(src, "improved_diffusion")):
-    tmp = tempfile.mkdtemp()
-    subprocess.run(f"git --git-dir={src} archive HEAD improved_diffusion | tar -x -C {tmp}", shell=True, check=True)
-    src = tmp
-sys.path.insert(0, src)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_src  # noqa: E402
+
+official_src.add_to_path()
 sys.path.insert(0, here)
 
 import numpy as np

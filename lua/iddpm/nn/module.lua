@@ -71,7 +71,7 @@ function Module:named_parameter_list(prefix, out)
   return out
 end
 
--- name -> tensor (DESIGN §3)
+-- name -> tensor
 function Module:named_parameters()
   local r = {}
   for _, p in ipairs(self:named_parameter_list()) do r[p[1]] = p[2] end
@@ -118,12 +118,16 @@ function Module:load_state_dict(sd, opts)
         missing[#missing + 1] = name
       else
         seen[prefix .. name] = true
+        -- the full shape must match (the same element count in another layout, say a conv
+        -- weight stored (3,3,1,32) for (32,1,3,3), would load scrambled weights)
         local ss, ts = src:shape(), t:shape()
-        if src:numel() ~= t:numel() then
-          error(("load_state_dict: %s has shape (%s) in the file, the model expects (%s)"):format(
-            name, table.concat(ss, ","), table.concat(ts, ",")), 2)
+        local same = #ss == #ts
+        for i = 1, #ts do if ss[i] ~= ts[i] then same = false end end
+        if not same then
+          error(("load_state_dict: %s%s has shape (%s) in the file, the model expects (%s)"):format(
+            prefix, name, table.concat(ss, ","), table.concat(ts, ",")), 2)
         end
-        t:copy_(src:reshape(ts))
+        t:copy_(src)
       end
     end
   end)

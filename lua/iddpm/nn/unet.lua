@@ -1,4 +1,4 @@
--- iddpm/nn/unet.lua — the Improved-DDPM UNet (docs/iddpm_spec.md §8), block by block,
+-- iddpm/nn/unet.lua — the Improved-DDPM UNet (the official UNetModel), block by block,
 -- with the official parameter names: ResBlock, AttentionBlock, Downsample, Upsample,
 -- TimestepBlock (a Sequential that hands the timestep embedding to its ResBlocks),
 -- and UNet{...} with the keys of model_and_diffusion_defaults().
@@ -38,7 +38,7 @@ local function drop(t, keep)
   if t ~= nil and t ~= keep then t:free() end
 end
 
--- Recomputation (issue #9, training memory): GroupNorm (+scale/shift, SiLU, dropout)
+-- Recomputation (training memory): GroupNorm (+scale/shift, SiLU, dropout)
 -- followed by a convolution runs as one T.norm_conv, which saves only the norm's input
 -- and recomputes the norm (and the dropout mask) in the backward instead of keeping the
 -- conv's input, as torch.compile's partitioner does. Same kernels, same results, same
@@ -232,7 +232,58 @@ local function int_list(v)
   return r
 end
 
+-- Check that a configuration can be built before any work is done: the image side
+-- must halve cleanly at every downsampling (else the decoder's skip connections do
+-- not line up), every level's channels must split into the 32 groups of the group
+-- norm and into the attention heads. Raises a user error (iddpm.config) naming the
+-- value and what would work. cfg: image_size, num_channels, channel_mult (list or
+-- "1,2,2"; nil = the default), attention_resolutions, num_heads, num_heads_upsample.
+function M.check_config(cfg)
+  local E = require("iddpm.config").error
+  local size = cfg.image_size or DEFAULTS.image_size
+  local mult = cfg.channel_mult and int_list(cfg.channel_mult)
+  if not mult or #mult == 0 then
+    local ok, m = pcall(default_mult, size)
+    if not ok then
+      E(("image_size=%d has no default channel_mult (defaults exist for 28, 32, 64 and 256): give channel_mult, "
+        .. "e.g. channel_mult=1,2,2"):format(size))
+    end
+    mult = m
+  end
+  local downs = #mult - 1
+  local f = 1 << downs
+  if size % f ~= 0 then
+    local lo, hi = size - size % f, size - size % f + f
+    local fits = {}
+    for d = downs - 1, 0, -1 do
+      if size % (1 << d) == 0 then fits = d + 1; break end
+    end
+    E(("image_size=%d cannot go through the UNet's %d downsamplings (channel_mult %s has %d levels): the side "
+      .. "must be a multiple of %d, e.g. %s%d; at %d px a channel_mult of at most %d entr%s works")
+      :format(size, downs, table.concat(mult, ","), #mult, f, lo > 0 and (lo .. " or ") or "", hi,
+        size, fits, fits == 1 and "y" or "ies"))
+  end
+  local mc = cfg.num_channels or DEFAULTS.num_channels
+  local heads = cfg.num_heads or DEFAULTS.num_heads
+  local heads_up = (cfg.num_heads_upsample == nil or cfg.num_heads_upsample == -1) and heads or cfg.num_heads_upsample
+  local attn = {}
+  for _, r in ipairs(int_list(cfg.attention_resolutions or DEFAULTS.attention_resolutions)) do attn[size // r] = true end
+  for level, m in ipairs(mult) do
+    local ch = m * mc
+    if ch % 32 ~= 0 then
+      E(("num_channels=%d with channel_mult %s gives %d channels at level %d: every level needs a multiple of 32 "
+        .. "(the group norm's 32 groups)"):format(mc, table.concat(mult, ","), ch, level))
+    end
+    local ds = 1 << (level - 1)
+    if ((attn[ds] or level == #mult) and ch % heads ~= 0) or (attn[ds] and ch % heads_up ~= 0) then
+      E(("%d channels at level %d (attention there) do not split into num_heads=%d / num_heads_upsample=%d heads")
+        :format(ch, level, heads, heads_up))
+    end
+  end
+end
+
 function UNet.new(cfg)
+  M.check_config(cfg or {})
   local c = {}
   for k, v in pairs(DEFAULTS) do c[k] = v end
   for k, v in pairs(cfg or {}) do
