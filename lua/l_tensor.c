@@ -320,14 +320,25 @@ static idd_tensor *to_cpu(lua_State *L, idd_tensor *t) {
     return c;
 }
 
+/* element i (row-major) of an int64/uint8 CPU tensor, read as an integer: through a
+ * double, int64 values above 2^53 would round and 2^63-1 would not convert back */
+static lua_Integer int_at(const idd_tensor *t, int64_t i) {
+    int64_t off = t->offset;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        off += (i % t->shape[d]) * t->stride[d];
+        i /= t->shape[d];
+    }
+    if (t->dtype == IDD_I64) return ((const int64_t *)t->storage->data)[off];
+    return ((const uint8_t *)t->storage->data)[off];
+}
+
 static int m_totable(lua_State *L) {
     idd_tensor *t = to_cpu(L, lt_check(L, 1));
     int64_t n = idd_numel(t);
     lua_createtable(L, (int)n, 0);
     bool isint = t->dtype == IDD_I64 || t->dtype == IDD_U8;
     for (int64_t i = 0; i < n; i++) {
-        double v = idd_get_flat(t, i);
-        if (isint) lua_pushinteger(L, (lua_Integer)v); else lua_pushnumber(L, v);
+        if (isint) lua_pushinteger(L, int_at(t, i)); else lua_pushnumber(L, idd_get_flat(t, i));
         lua_rawseti(L, -2, i + 1);
     }
     idd_tensor_release(t);
@@ -340,9 +351,9 @@ static int m_item(lua_State *L) {
     if (idd_numel(t) != 1)
         return luaL_error(L, "item: tensor of shape %s has %d elements, not 1", idd_shape_str(t, sb, 96), (int)idd_numel(t));
     idd_tensor *c = to_cpu(L, t);
-    double v = idd_get_flat(c, 0);
+    if (t->dtype == IDD_I64 || t->dtype == IDD_U8) lua_pushinteger(L, int_at(c, 0));
+    else lua_pushnumber(L, idd_get_flat(c, 0));
     idd_tensor_release(c);
-    if (t->dtype == IDD_I64 || t->dtype == IDD_U8) lua_pushinteger(L, (lua_Integer)v); else lua_pushnumber(L, v);
     return 1;
 }
 

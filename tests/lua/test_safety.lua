@@ -74,6 +74,11 @@ do
   local u = v:to("uint8"):to("float64"):totable()
   H.check("cast uint8 saturates", u[1] == 255 and u[2] == 0 and u[3] == 255 and u[4] == 0 and u[5] == 2,
     table.concat(u, ","))
+  local m = v:to("int64")
+  H.check("int64 extremes read back exactly", m:totable()[1] == math.maxinteger and m:totable()[2] == math.mininteger
+    and m:narrow(1, 1, 1):item() == math.maxinteger, tostring(m:totable()[1]))
+  local big = T.from_table({(1 << 53) + 1}, {1}, "int64")
+  H.check("int64 above 2^53 exact", big:item() == (1 << 53) + 1 and big:totable()[1] == (1 << 53) + 1)
   H.raises("cast NaN to int64", function() return T.from_table({1, 0 / 0}):to("int64") end, "NaN")
   H.raises("cast NaN to uint8", function() return T.from_table({0 / 0}, {1}, "float64"):to("uint8") end, "NaN")
   H.raises("fill NaN int64", function() return T.zeros(2, "int64"):fill_(0 / 0) end, "NaN")
