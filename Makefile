@@ -5,8 +5,9 @@
 #   make bench        images/second of the training and sampling steps
 #   make demo         train the Fashion-MNIST demo and sample from it
 #   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
+#   make MPI=1|0      link MPI or not (default: where pkg-config ompi-c or mpicc finds it)
 #   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS; cuDNN 9 if found) into build/*-cuda
-#   make cuda-check   only compile the CUDA sources (CI runs it where nvcc exists)
+#   make cuda-check   only compile the CUDA sources and the NCCL binding (CI runs it where nvcc exists)
 #   make test-cuda    build with CUDA=1 and run the CPU-vs-GPU tests (needs a GPU)
 #   make cuda-bundle  build with CUDA=1 and collect program + libraries in build/cuda-bundle
 #                     (runs where only the CUDA runtime is installed; tests/cuda/bundle.sh)
@@ -46,6 +47,17 @@ ifeq ($(CUDA),1)
   CFLAGS  += -DIDDPM_CUDA
 endif
 
+# MPI (data parallelism on the CPU, and across machines): linked where found (Debian's
+# OpenMPI: pkg-config ompi-c, else mpicc --showme), or forced with MPI=1; MPI=0 leaves it out
+MPI_FOUND := $(shell pkg-config --exists ompi-c 2>/dev/null && echo 1 || (command -v mpicc >/dev/null 2>&1 && echo 1))
+MPI ?= $(if $(MPI_FOUND),1,0)
+ifeq ($(MPI),1)
+  MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null || mpicc --showme:compile 2>/dev/null)
+  MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null || mpicc --showme:link 2>/dev/null)
+  CFLAGS     += -DIDDPM_MPI $(MPI_CFLAGS)
+  LDLIBS_MPI := $(MPI_LIBS)
+endif
+
 # CUDA sources: compiled for sm_90 (H100/H200) plus PTX for compute_80 that newer
 # cards JIT-compile; linked with the CUDA runtime, cuBLAS and cuDNN 9.
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda) /usr/local/cuda)
@@ -60,8 +72,10 @@ ifeq ($(CUDNN_H),)
   NVFLAGS += -DIDDPM_NO_CUDNN
 endif
 ifeq ($(CUDA),1)
-  CU_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 $(if $(CUDNN_H),-lcudnn) -lcublas -lcudart -lstdc++
+  CU_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 $(if $(CUDNN_H),-lcudnn) -lcublas -lnccl -lcudart -lstdc++
+  CFLAGS  += -I$(CUDA_HOME)/include
 endif
+LDLIBS  += $(LDLIBS_MPI)
 
 ENGINE_SRC := $(sort $(shell find engine -name '*.c'))
 BIND_SRC   := $(sort $(filter-out lua/main.c,$(wildcard lua/*.c)))
@@ -74,7 +88,7 @@ CTEST_BIN  := $(CTEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard tests/c/*.c)))
 
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
-            libreadline-dev lua-filesystem lua-cjson tmux python3-numpy
+            libreadline-dev lua-filesystem lua-cjson tmux python3-numpy libopenmpi-dev openmpi-bin
 
 .PHONY: all test bench demo docs install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
@@ -97,7 +111,7 @@ $(BUILD)/%.o: %.cu $(BUILD)/%.d
 	$(NVCC) $(NVFLAGS) -MMD -MP -c -o $@ $<
 
 cuda-check:
-	@$(MAKE) --no-print-directory CUDA=1 $(patsubst $(BUILD)/%,$(BUILD)-cuda/%,$(CU_OBJ))
+	@$(MAKE) --no-print-directory CUDA=1 $(patsubst $(BUILD)/%,$(BUILD)-cuda/%,$(CU_OBJ)) $(BUILD)-cuda/lua/l_dist.o
 
 test-cuda:
 	@$(MAKE) --no-print-directory CUDA=1 all

@@ -1,5 +1,6 @@
 /* l_data.c — the C half of iddpm.data (lua/iddpm/data.lua), module iddpm._data:
- *   loader(images u8 (N,C,H,W), labels i64 (N) | nil, {batch_size, shuffle, flip, seed, stream})
+ *   loader(images u8 (N,C,H,W), labels i64 (N) | nil, {batch_size, shuffle, flip, seed, stream,
+ *          rank, world_size})
  *     -> Loader with :next() -> x f32 (B,C,H,W) in [-1,1], y i64 (B);
  *        :position() -> epoch, index; :set_position(epoch, index); :close()
  *   resize_center_crop(u8 (H,W,C), size) -> u8 (C,size,size)
@@ -52,6 +53,8 @@ static int l_loader(lua_State *L) {
     o.flip = (int)opt_int(L, 3, "flip", 0);
     o.seed = (uint64_t)opt_int(L, 3, "seed", 0);
     o.stream = (uint64_t)opt_int(L, 3, "stream", 0);
+    o.rank = opt_int(L, 3, "rank", 0);
+    o.world_size = opt_int(L, 3, "world_size", 1);
     loader_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
     u->l = NULL;
     luaL_setmetatable(L, LOADER_MT);

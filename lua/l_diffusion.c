@@ -327,7 +327,11 @@ static int s_sample(lua_State *L) {
     idd_generator *g = opt_gen(L, 3);
     idd_tensor *t = idd_tensor_new(IDD_I64, IDD_CPU, 1, &B), *w = idd_tensor_new(IDD_F32, IDD_CPU, 1, &B);
     double *wd = malloc(sizeof(double) * (size_t)B);
-    idd_status st = t && w && wd ? idd_sampler_sample_cb(sp, B, gen_uniform, g, idd_data(t), wd) : IDD_ERR;
+    /* one counter per draw, claimed at once: a sharded generator (data-parallel ranks)
+     * gives each rank its slice of the global batch's draws */
+    idd_generator one = {g->seed, g->stream, 0, 0, 0};
+    if (t && w && wd) one.offset = idd_generator_claim(g, (uint64_t)B);
+    idd_status st = t && w && wd ? idd_sampler_sample_cb(sp, B, gen_uniform, &one, idd_data(t), wd) : IDD_ERR;
     if (st == IDD_OK) for (int64_t b = 0; b < B; b++) ((float *)idd_data(w))[b] = (float)wd[b];
     free(wd);
     if (st != IDD_OK) { idd_tensor_release(t); idd_tensor_release(w); return lt_error(L); }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "l_common.h"
+#include "l_dist.h"
 
 #include "iddpm/backend.h"
 #include "iddpm/cuda.h"   /* declarations only; the CUDA calls below are under IDDPM_CUDA */
@@ -21,6 +22,7 @@ int luaopen_iddpm_optim_c(lua_State *L);
 int luaopen_iddpm_diffusion_core(lua_State *L);
 int luaopen_iddpm_metrics_core(lua_State *L);
 int luaopen_iddpm_data_c(lua_State *L);
+int luaopen_iddpm_dist_c(lua_State *L);
 int luaopen_iddpm_fs_c(lua_State *L);
 void idd_embed_preload(lua_State *L);
 
@@ -32,6 +34,7 @@ static const submodule submodules[] = {
     {"_diffusion", luaopen_iddpm_diffusion_core},   /* C core of iddpm.diffusion */
     {"_metrics", luaopen_iddpm_metrics_core},       /* C core of iddpm.metrics */
     {"_data", luaopen_iddpm_data_c},                /* C core of iddpm.data: batch loader */
+    {"_dist", luaopen_iddpm_dist_c},                /* C core of iddpm.dist: MPI/NCCL, launcher */
     {"_fs", luaopen_iddpm_fs_c},                    /* C core of iddpm.fs: files without a shell */
     {NULL, NULL},
 };
@@ -273,6 +276,7 @@ void idd_preload_submodules(lua_State *L) {
 int luaopen_iddpm(lua_State *L);
 int luaopen_iddpm(lua_State *L) {
 #ifdef IDDPM_CUDA
+    idd_dist_pick_gpu();   /* a data-parallel rank: its own GPU only (l_dist.c) */
     /* registers the backend when a GPU is present; otherwise records why not */
     if (idd_cuda_init() != IDD_OK) idd_clear_error();
 #endif

@@ -251,6 +251,8 @@ static int t_generator(lua_State *L) {
     g->seed = seed;
     g->stream = stream;
     g->offset = 0;
+    g->shard = 0;
+    g->shards = 0;
     luaL_setmetatable(L, "iddpm.Generator");
     return 1;
 }
@@ -267,6 +269,22 @@ static int g_set_state(lua_State *L) {
     g->stream = (uint64_t)luaL_checkinteger(L, 3);
     g->offset = (uint64_t)luaL_checkinteger(L, 4);
     return 0;
+}
+/* g:set_shard(rank, world): rank's slice of every draw (0-based rank; world 1 = plain),
+ * see idd_generator in iddpm/ops.h; g:shard() -> rank, world */
+static int g_set_shard(lua_State *L) {
+    idd_generator *g = luaL_checkudata(L, 1, "iddpm.Generator");
+    lua_Integer r = luaL_checkinteger(L, 2), w = luaL_checkinteger(L, 3);
+    if (w < 1 || r < 0 || r >= w) return luaL_error(L, "generator:set_shard: rank %d is not in [0, world size %d)", (int)r, (int)w);
+    g->shard = (uint64_t)r;
+    g->shards = (uint64_t)w;
+    return 0;
+}
+static int g_shard(lua_State *L) {
+    idd_generator *g = luaL_checkudata(L, 1, "iddpm.Generator");
+    lua_pushinteger(L, (lua_Integer)g->shard);
+    lua_pushinteger(L, (lua_Integer)(g->shards ? g->shards : 1));
+    return 2;
 }
 static int g_uniform(lua_State *L) {   /* g:uniform() -> one double in [0,1) */
     double u;
@@ -664,6 +682,8 @@ int luaopen_iddpm_tensor(lua_State *L) {
     lua_pushcfunction(L, g_state); lua_setfield(L, -2, "state");
     lua_pushcfunction(L, g_set_state); lua_setfield(L, -2, "set_state");
     lua_pushcfunction(L, g_uniform); lua_setfield(L, -2, "uniform");
+    lua_pushcfunction(L, g_set_shard); lua_setfield(L, -2, "set_shard");
+    lua_pushcfunction(L, g_shard); lua_setfield(L, -2, "shard");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     lua_settop(L, mod);

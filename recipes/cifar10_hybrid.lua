@@ -3,6 +3,9 @@
 -- num_heads, attention_resolutions, use_scale_shift_norm and ema_rate are the official
 -- defaults, written out. Data: the CIFAR-10 binary version (cifar-10-batches-bin).
 --   iddpm run recipes/cifar10_hybrid.lua data_dir=data/cifar-10-batches-bin
+-- The official run is b8x16: 8 GPUs x 16 images, a global batch of 128 (batch_size is
+-- per rank). On one device batch_size = 128 below is that global batch; on 8 GPUs:
+--   iddpm run recipes/cifar10_hybrid.lua device=cuda gpus=8 batch_size=16
 return require("iddpm.recipe").run({
   dataset = "cifar10", data_dir = "data/cifar-10-batches-bin", run_dir = "runs/cifar10_hybrid",
   image_size = 32, num_channels = 128, num_res_blocks = 3, channel_mult = "1,2,2,2",

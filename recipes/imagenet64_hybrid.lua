@@ -3,6 +3,9 @@
 -- (channel_mult 1,2,3,4, dropout 0, 1.5M steps). Data: downsampled ImageNet 64x64 npz
 -- batches (train_data_batch_*.npz) or a folder of 64x64 PNGs (dataset=folder).
 --   iddpm run recipes/imagenet64_hybrid.lua data_dir=data/imagenet64
+-- The official run is b8x16: 8 GPUs x 16 images, a global batch of 128 (batch_size is
+-- per rank). On one device batch_size = 128 below is that global batch; on 8 GPUs:
+--   iddpm run recipes/imagenet64_hybrid.lua device=cuda gpus=8 batch_size=16
 return require("iddpm.recipe").run({
   dataset = "auto", data_dir = "data/imagenet64", run_dir = "runs/imagenet64_hybrid",
   image_size = 64, num_channels = 128, num_res_blocks = 3, channel_mult = "1,2,3,4",

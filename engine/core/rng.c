@@ -5,7 +5,18 @@
 
 #include "rng_philox.h"
 
-static _Thread_local idd_generator default_gen = {0, 0, 0};
+static _Thread_local idd_generator default_gen = {0, 0, 0, 0, 0};
+
+uint64_t idd_generator_claim(idd_generator *g, uint64_t n) {
+    if (g->shards <= 1) {
+        uint64_t start = g->offset;
+        g->offset += n;
+        return start;
+    }
+    uint64_t start = g->offset + g->shard * n;
+    g->offset += g->shards * n;
+    return start;
+}
 
 idd_generator *idd_default_generator(void) { return &default_gen; }
 void idd_manual_seed(uint64_t seed) { default_gen.seed = seed; default_gen.stream = 0; default_gen.offset = 0; }
@@ -16,9 +27,10 @@ static idd_tensor *draw(idd_generator *g, idd_dtype dt, idd_device dev, int ndim
     idd_tensor *t = idd_tensor_new(dt, dev, ndim, shape);
     if (!t) return NULL;
     const idd_backend *be = idd_backend_of(t);
-    idd_status st = normal ? be->rand_normal(t, g->seed, g->stream, g->offset) : be->rand_uniform(t, g->seed, g->stream, g->offset);
-    if (st != IDD_OK) { idd_tensor_release(t); return NULL; }
-    g->offset += (uint64_t)(idd_numel(t) + 1) / 2;
+    idd_generator save = *g;
+    uint64_t start = idd_generator_claim(g, (uint64_t)(idd_numel(t) + 1) / 2);
+    idd_status st = normal ? be->rand_normal(t, g->seed, g->stream, start) : be->rand_uniform(t, g->seed, g->stream, start);
+    if (st != IDD_OK) { *g = save; idd_tensor_release(t); return NULL; }
     return t;
 }
 
@@ -31,13 +43,13 @@ idd_tensor *idd_rand(idd_generator *g, idd_dtype dt, idd_device dev, int ndim, c
 
 void idd_rand_doubles(idd_generator *g, double *out, int64_t n) {
     if (!g) g = &default_gen;
+    uint64_t start = idd_generator_claim(g, (uint64_t)(n + 1) / 2);
     for (int64_t j = 0; j < (n + 1) / 2; j++) {
         double v[2];
-        idd_philox_uniform2(g->seed, g->stream, g->offset + (uint64_t)j, v);
+        idd_philox_uniform2(g->seed, g->stream, start + (uint64_t)j, v);
         out[2 * j] = v[0];
         if (2 * j + 1 < n) out[2 * j + 1] = v[1];
     }
-    g->offset += (uint64_t)(n + 1) / 2;
 }
 
 idd_tensor *idd_randint(idd_generator *g, int64_t lo, int64_t hi, int ndim, const int64_t *shape) {
@@ -46,9 +58,13 @@ idd_tensor *idd_randint(idd_generator *g, int64_t lo, int64_t hi, int ndim, cons
     if (!t) return NULL;
     int64_t n = idd_numel(t);
     int64_t *p = idd_data(t);
+    if (!g) g = &default_gen;
+    /* one counter per value, claimed at once so that a sharded generator hands each
+     * shard a contiguous slice of the values */
+    idd_generator one = {g->seed, g->stream, idd_generator_claim(g, (uint64_t)n), 0, 0};
     for (int64_t i = 0; i < n; i++) {
         double u;
-        idd_rand_doubles(g, &u, 1);
+        idd_rand_doubles(&one, &u, 1);
         int64_t v = lo + (int64_t)(u * (double)(hi - lo));
         p[i] = v < hi ? v : hi - 1;
     }

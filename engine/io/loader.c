@@ -57,13 +57,17 @@ static void make_perm(idd_loader *l, int64_t epoch) {
     l->perm_epoch = epoch;
 }
 
+/* slots one step takes: the global batch */
+static int64_t step_size(const idd_loader *l) { return l->o.batch_size * l->o.world_size; }
+
 static void build(idd_loader *l, int64_t epoch, int64_t index) {
     if (l->perm_epoch != epoch) make_perm(l, epoch);
+    int64_t first = index + l->o.rank * l->o.batch_size;   /* this rank's slice */
     for (int64_t b = 0; b < l->o.batch_size; b++) {
-        int64_t k = l->perm[index + b];
+        int64_t k = l->perm[first + b];
         const uint8_t *src = l->images + k * l->sample;
         float *dst = l->bx + b * l->sample;
-        int flip = l->o.flip && philox_u(l->o.seed, l->o.stream + 1, ((uint64_t)epoch << 32) + (uint64_t)(index + b)) < 0.5;
+        int flip = l->o.flip && philox_u(l->o.seed, l->o.stream + 1, ((uint64_t)epoch << 32) + (uint64_t)(first + b)) < 0.5;
         for (int64_t r = 0; r < (int64_t)l->c * l->h; r++) {
             const uint8_t *s = src + r * l->w;
             float *d = dst + r * l->w;
@@ -109,9 +113,16 @@ idd_status idd_loader_new(const uint8_t *images, int64_t n, int c, int h, int w,
     if (n < 1 || c < 1 || h < 1 || w < 1) return idd_error("loader: empty dataset (%lld images of %dx%dx%d)", (long long)n, c, h, w);
     if (opts->batch_size < 1 || opts->batch_size > n)
         return idd_error("loader: batch_size %lld must be between 1 and the dataset size %lld", (long long)opts->batch_size, (long long)n);
+    int64_t world = opts->world_size < 1 ? 1 : opts->world_size;
+    if (opts->rank < 0 || opts->rank >= world)
+        return idd_error("loader: rank %lld is not in [0, world size %lld)", (long long)opts->rank, (long long)world);
+    if (opts->batch_size * world > n)
+        return idd_error("loader: the global batch %lld x %lld ranks is larger than the dataset (%lld images)",
+                         (long long)opts->batch_size, (long long)world, (long long)n);
     idd_loader *l = calloc(1, sizeof *l);
     if (!l) return idd_error_status(IDD_ENOMEM, "loader: out of memory");
     l->n = n; l->c = c; l->h = h; l->w = w; l->o = *opts;
+    l->o.world_size = world;
     l->sample = (int64_t)c * h * w;
     l->images = malloc((size_t)(n * l->sample));
     l->labels = labels ? malloc((size_t)n * sizeof *l->labels) : NULL;
@@ -145,8 +156,8 @@ idd_status idd_loader_next(idd_loader *l, float *x, int64_t *y) {
     while (l->state != READY) pthread_cond_wait(&l->cv, &l->mu);
     memcpy(x, l->bx, (size_t)(l->o.batch_size * l->sample) * sizeof *x);
     memcpy(y, l->by, (size_t)l->o.batch_size * sizeof *y);
-    l->index += l->o.batch_size;
-    if (l->index + l->o.batch_size > l->n) { l->epoch++; l->index = 0; }
+    l->index += step_size(l);
+    if (l->index + step_size(l) > l->n) { l->epoch++; l->index = 0; }
     l->state = EMPTY;
     request(l, l->epoch, l->index);
     pthread_mutex_unlock(&l->mu);
@@ -161,7 +172,9 @@ void idd_loader_position(idd_loader *l, int64_t *epoch, int64_t *index) {
 }
 
 idd_status idd_loader_set_position(idd_loader *l, int64_t epoch, int64_t index) {
-    if (epoch < 0 || index < 0 || index % l->o.batch_size != 0 || index + l->o.batch_size > l->n)
+    if (l->o.world_size > 1 && epoch >= 0 && index >= 0 && index <= l->n) {
+        if (index + step_size(l) > l->n) { epoch++; index = 0; }
+    } else if (epoch < 0 || index < 0 || index % l->o.batch_size != 0 || index + l->o.batch_size > l->n)
         return idd_error("loader: position (epoch %lld, index %lld) is not a batch start for batch_size %lld and %lld "
                          "images (a checkpoint from another dataset or batch size?)", (long long)epoch, (long long)index,
                          (long long)l->o.batch_size, (long long)l->n);

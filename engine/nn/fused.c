@@ -76,7 +76,7 @@ static idd_status norm_conv_backward(idd_node *n, idd_tensor *g, idd_tensor **gi
         if (!leaf[k]) st = IDD_ERR;
         else leaf[k]->requires_grad = n->needs[k];
     }
-    idd_generator mask = {(uint64_t)n->ip[5], (uint64_t)n->ip[6], (uint64_t)n->ip[7]};
+    idd_generator mask = {(uint64_t)n->ip[5], (uint64_t)n->ip[6], (uint64_t)n->ip[7], 0, 0};
     idd_tensor *d = NULL;
     if (st == IDD_OK) {
         bool prev = idd_grad_enabled();
@@ -106,10 +106,14 @@ idd_tensor *idd_norm_conv(idd_tensor *x, int groups, idd_tensor *gamma, idd_tens
     if (!(p >= 0 && p < 1)) { idd_error("norm_conv: dropout p = %g must be in [0, 1)", p); return NULL; }
     if (p > 0 && !g) g = idd_default_generator();
     uint64_t seed = g ? g->seed : 0, stream = g ? g->stream : 0, offset = g ? g->offset : 0;
+    /* the mask's counters are claimed here (shard-aware, iddpm/ops.h) and drawn from a
+     * plain generator at that start, which the backward replays */
+    idd_generator mask = {seed, stream, offset, 0, 0};
+    if (p > 0) mask.offset = offset = idd_generator_claim(g, (uint64_t)(idd_numel(x) + 1) / 2);
     idd_tensor *in[N_IN] = {x, gamma, beta, scale, shift, w, b};
     bool prev = idd_grad_enabled();
     idd_set_grad_enabled(false);
-    idd_tensor *d = norm_dropout(in, groups, silu, eps, p, g);
+    idd_tensor *d = norm_dropout(in, groups, silu, eps, p, &mask);
     idd_tensor *y = d ? idd_conv2d_hw(d, w, b, stride, pad_h, pad_w) : NULL;
     idd_tensor_release(d);
     idd_set_grad_enabled(prev);

@@ -548,14 +548,14 @@ idd_tensor *idd_dropout(idd_tensor *x, double p, idd_generator *g) {
     idd_tensor *xc = !bf ? cf32(x) : cl ? (idd_tensor_retain(x), x) : idd_contiguous(x);
     idd_tensor *out = !xc ? NULL : bf ? idd_tensor_empty_like(xc, IDD_BF16) : idd_tensor_new(IDD_F32, x->device, x->ndim, x->shape);
     int64_t n = idd_numel(x);
-    uint64_t seed = g->seed, stream = g->stream, offset = g->offset;
+    idd_generator save = *g;
+    uint64_t seed = g->seed, stream = g->stream, offset = idd_generator_claim(g, (uint64_t)(n + 1) / 2);
     idd_status st = !out ? IDD_ERR
                     : bf ? be->dropout_forward_bf16(idd_data(out), idd_data(xc), n, (float)p, seed, stream, offset)
                          : be->dropout_forward(fp(out), fp(xc), n, (float)p, seed, stream, offset);
     idd_tensor_release(xc);
-    if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    if (st != IDD_OK) { *g = save; idd_tensor_release(out); return NULL; }
     if (!bf && !(out = as_layout_of(out, x))) return NULL;
-    g->offset += (uint64_t)(n + 1) / 2;
     idd_node *nd = idd_record("dropout", dropout_backward, out, 1, &x);
     if (nd) {
         nd->p[0] = p; nd->ip[0] = (int64_t)seed; nd->ip[1] = (int64_t)stream; nd->ip[2] = (int64_t)offset;

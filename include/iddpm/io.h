@@ -228,6 +228,11 @@ typedef struct {
     int shuffle;          /* 0: dataset order every epoch */
     int flip;             /* random horizontal flips */
     uint64_t seed, stream;
+    /* data parallelism: world_size ranks (0 or 1: one) share each epoch's permutation;
+     * a step takes world_size*batch_size consecutive slots and rank r the r-th slice of
+     * them, so together the ranks read what one loader with batch world_size*batch_size
+     * reads (flips included). The position is global: the same on every rank. */
+    int64_t rank, world_size;
 } idd_loader_opts;
 
 /* images: n*c*h*w bytes (copied); labels: n values or NULL (copied). */
@@ -237,7 +242,9 @@ idd_status idd_loader_new(const uint8_t *images, int64_t n, int c, int h, int w,
  * the batch at the current position, then advance it. */
 idd_status idd_loader_next(idd_loader *l, float *x, int64_t *y);
 void idd_loader_position(idd_loader *l, int64_t *epoch, int64_t *index);
-/* index must be a multiple of batch_size with index + batch_size <= N */
+/* index must be a multiple of batch_size with index + batch_size <= N; sharded
+ * (world_size > 1): any index <= N, and a position without room for a global batch
+ * moves to the start of the next epoch (a resume with another world size) */
 idd_status idd_loader_set_position(idd_loader *l, int64_t epoch, int64_t index);
 void idd_loader_free(idd_loader *l);   /* joins the thread; NULL is fine */
 

@@ -57,8 +57,16 @@ idd_tensor *idd_channels_last(idd_tensor *a, idd_dtype dt);
 idd_tensor *idd_index_select(idd_tensor *a, int dim, idd_tensor *idx);
 
 /* ---- random (engine/core/rng.c) ---- */
-typedef struct { uint64_t seed, stream, offset; } idd_generator;
+/* shard/shards (data-parallel training, lua/iddpm/dist.lua): 0/0 or 0/1 is a plain
+ * generator. With shards = W > 1, every draw of n counters is one slice of a draw of
+ * W*n counters: shard r reads counters offset + r*n .. offset + (r+1)*n - 1 and offset
+ * advances by W*n on every shard. So W ranks drawing b examples each read exactly what
+ * one process drawing W*b examples reads (when n covers whole counters: an even number
+ * of normal/uniform values, or draws of one value per counter). */
+typedef struct { uint64_t seed, stream, offset, shard, shards; } idd_generator;
 idd_generator *idd_default_generator(void);
+/* the first counter of a draw of n counters, advancing g (shard-aware, see above) */
+uint64_t idd_generator_claim(idd_generator *g, uint64_t n);
 void idd_manual_seed(uint64_t seed);
 idd_tensor *idd_randn(idd_generator *g, idd_dtype dt, idd_device dev, int ndim, const int64_t *shape);
 idd_tensor *idd_rand(idd_generator *g, idd_dtype dt, idd_device dev, int ndim, const int64_t *shape);

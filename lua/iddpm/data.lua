@@ -11,7 +11,9 @@
 --     Images smaller than image_size by an even margin (28 -> 32 for MNIST-like data) are
 --     zero-padded when pad ~= false (black, which is the background of those datasets);
 --     PNGs of any size are centre-cropped and resized to image_size.
---   data.loader(ds, {batch_size, shuffle, flip, seed, stream}) -> loader
+--   data.loader(ds, {batch_size, shuffle, flip, seed, stream, rank, world_size}) -> loader
+--     rank/world_size (data parallelism): this rank's slice of each global batch of
+--     world_size x batch_size slots of the epoch's permutation (engine/io/loader.c)
 --     loader:next() -> x float32 (B,C,H,W) in [-1,1], y int64 (B) (nil without labels)
 --     loader:state() -> {epoch, index}; loader:set_state(s); loader:close()
 --     Batches are built by a background thread (engine/io/loader.c); the order is a pure
@@ -241,7 +243,8 @@ function data.loader(ds, opts)
     error(("data: batch_size %d is larger than the dataset (%d images)"):format(b, ds.images:size(1)), 2)
   end
   local c = C.loader(ds.images, ds.labels, {batch_size = b, shuffle = opts.shuffle == false and 0 or 1,
-    flip = opts.flip and 1 or 0, seed = opts.seed or 0, stream = opts.stream or 0})
+    flip = opts.flip and 1 or 0, seed = opts.seed or 0, stream = opts.stream or 0,
+    rank = opts.rank or 0, world_size = opts.world_size or 1})
   return setmetatable({_c = c, has_labels = ds.labels ~= nil, batch_size = b, size = ds.images:size(1)}, Loader)
 end
 

@@ -16,7 +16,7 @@ return function(iddpm)
   -- The C cores of other modules stay reachable (iddpm._data) but out of pairs() and
   -- Tab completion: the public modules are what `iddpm.` lists.
   local internal = {}
-  for _, k in ipairs {"optim_c", "_diffusion", "_metrics", "_data", "_fs"} do
+  for _, k in ipairs {"optim_c", "_diffusion", "_metrics", "_data", "_fs", "_dist"} do
     internal[k] = rawget(iddpm, k)
     rawset(iddpm, k, nil)
   end

@@ -83,6 +83,10 @@ R.KEYS = {
   {"grid_scale", "int", 0, "sample grids: upscale each image this many times (nearest); 0 = so that a grid is "
     .. ">= 512 px wide", min = 0, max = 64},
   {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096, group = "machine"},
+  {"gpus", "int", 0, "data parallelism on one machine: start this many ranks, one GPU each (batch_size is per rank)",
+    min = 0, max = 256},
+  {"nproc", "int", 0, "the same as gpus (ranks on one machine); on the CPU use mpirun -np N instead", min = 0, max = 256},
+  {"dist_timeout", "num", 600.0, "seconds a rank waits for the others in a collective before stopping the run", gt = 0},
   {"device", "str", "cpu", "cpu or cuda (model, EMA, optimizer state, batches and noise on that device)",
     one_of = {"cpu", "cuda"}},
   {"precision", "str", "auto", "GPU precision: auto (= bf16 on cuda: bf16 channels-last activations, bf16 products, fp32 weights and optimizer), fp32, tf32 or bf16; the CPU uses fp32",

@@ -301,8 +301,8 @@ function S.generate(model, diff, opts)
   local nb = (N + B - 1) // B
   local t0, calls = now(), 0
   for b = 0, nb - 1 do
-    local first = b * B
-    local n = math.min(B, N - first)
+    local n = math.min(B, N - b * B)
+    local first = (opts.first or 0) + b * B   -- opts.first: the global index of sample 1 (ranks)
     local o = {}
     for k, v in pairs(opts) do o[k] = v end
     o.on_step = function(j)
@@ -413,6 +413,10 @@ S.KEYS = {
   {"precision", "str", "auto", "GPU precision: auto (= bf16: bf16 channels-last activations and products), fp32, tf32 "
     .. "or bf16", one_of = {"auto", "fp32", "tf32", "bf16"}},
   {"graph", "bool", true, "cuda: replay each step's model call as a CUDA graph (same images, less host time)"},
+  {"gpus", "int", 0, "split the samples over this many ranks, one GPU each (or start under mpirun); same images, one npz",
+    min = 0, max = 256},
+  {"nproc", "int", 0, "the same as gpus; on the CPU run under mpirun -np N instead", min = 0, max = 256},
+  {"dist_timeout", "num", 600.0, "seconds a rank waits for the others when the samples are gathered", gt = 0},
 }
 
 -- name -> help text, for scripts that listed the options
@@ -563,6 +567,15 @@ end
 function S.main(...)
   local o = S.parse_args(...)
   if not o then return end   -- help was printed
+  -- several ranks (gpus=N, or under mpirun): each samples its share, rank 0 writes
+  local dist = require "iddpm.dist"
+  local launched = dist.setup({device = o.device or "cpu", gpus = o.gpus, nproc = o.nproc, dist_timeout = o.dist_timeout})
+  if launched then
+    if launched ~= 0 then fail(("sample: a rank failed (exit status %d)"):format(launched)) end
+    return {launched = true}
+  end
+  local Wd = dist.world()
+  local print = Wd.main and print or function() end
   if o.threads then iddpm.num_threads(o.threads) end
   local dev, prec = require("iddpm.device").setup(o.device or "cpu", o.precision or "auto", "sample")
   local N, B = o.num_samples or 16, o.batch_size or 16
@@ -583,8 +596,8 @@ function S.main(...)
     return {dry_run = true, out = out}
   end
   -- temp files of an earlier run that crashed (<name>.tmp.<pid>[.<k>], pid no longer alive)
-  if is_dir(out) then fs.clean_stale_temps(out) end
-  S.prepare_out(out, o.overwrite)
+  if Wd.main and is_dir(out) then fs.clean_stale_temps(out) end
+  if Wd.main then S.prepare_out(out, o.overwrite) end
   local cfg = model.config
   local K = diff.num_timesteps
   print(("checkpoint %s (step %s): %s"):format(info.path, tostring(info.step), model:describe()))
@@ -599,20 +612,23 @@ function S.main(...)
   local nb = (N + B - 1) // B
   print(("expected time: %s (%d batches x %d steps x %.3fs per model call)"):format(
     fmt_time(per_call * nb * K), nb, K, per_call))
-  mkdir_p(out)
+  if Wd.main then mkdir_p(out) end
   local save_each = o.save_each ~= false
   local rec_opts = o.animate and {samples = o.animate_samples or 4, frames = o.frames or 10} or nil
   local u8s = {}
-  local x, _, rec = S.generate(model, diff, {num_samples = N, batch_size = B, seed = o.seed or 0,
+  local gen = Wd.size > 1 and function(m, d, go) return dist.generate(S.generate, m, d, go, dev) end or S.generate
+  local x, _, rec = gen(model, diff, {num_samples = N, batch_size = B, seed = o.seed or 0,
     clip_denoised = o.clip_denoised ~= false, labels = labels, sampler = info.sampler, eta = o.eta or 0,
     exact = o.exact, progress = o.progress ~= false, record = rec_opts,
     graph = dev == "cuda" and o.graph ~= false,
-    on_batch = function(first, xb)
+    on_batch = Wd.size == 1 and function(first, xb)
       local u = image.to_uint8(xb)
       u8s[#u8s + 1] = u
       if save_each then image.save_each(out, u, "sample_", first) end
-    end})
+    end or nil})
+  if not Wd.main then dist.finalize() return {rank = Wd.rank} end
   local u = image.to_uint8(x)
+  if Wd.size > 1 and save_each then image.save_each(out, u, "sample_", 0) end
   local nhwc = image.nhwc(u)
   local H, W, Cc = cfg.image_size, cfg.image_size, cfg.in_channels
   local npz = ("%s/samples_%dx%dx%dx%d.npz"):format(out, N, H, W, Cc)
@@ -635,6 +651,7 @@ function S.main(...)
     eta = o.eta or 0, labels = labels, config = info.config, device = dev, precision = prec}
   write_text(out .. "/settings.json", io_.json_encode(settings))
   print(("wrote %s%s"):format(table.concat(written, ", "), save_each and (", and %d sample_*.png"):format(N) or ""))
+  dist.finalize()
   return {out = out, npz = npz, images = u, labels = labels}
 end
 

@@ -49,6 +49,7 @@ local image = require "iddpm.image"
 local recipe = require "iddpm.recipe"
 local plot = require "iddpm.plot"
 local device = require "iddpm.device"
+local dist = require "iddpm.dist"
 local fs = require "iddpm.fs"
 local cfg = require "iddpm.config"
 
@@ -94,7 +95,8 @@ end
 -- c: a resolved config (recipe.resolve). opts.quiet: no config dump
 function train.new(c, opts)
   opts = opts or {}
-  local self = setmetatable({c = c, step = 0, quiet = opts.quiet}, Trainer)
+  local W = dist.world()   -- data parallelism (iddpm.dist): rank 0 alone prints and writes
+  local self = setmetatable({c = c, step = 0, quiet = opts.quiet or not W.main, dist = W}, Trainer)
   if c.num_threads > 0 then require("iddpm").num_threads(c.num_threads) end
   -- a missing GPU fails here, before any file is written
   self.device, self.precision = device.setup(c.device or "cpu", c.precision or "auto", "train")
@@ -112,13 +114,16 @@ function train.new(c, opts)
   self.ds = ds
   -- the run directory: created (no shell), locked against a second trainer for the life
   -- of this process, then cleared of the temp files of a killed save
-  fs.mkdir_p(fs.check_path(c.run_dir, "run_dir"), "run_dir")
-  self.lock = fs.lock_dir(c.run_dir, "run_dir")
-  fs.clean_stale_temps(c.run_dir)
+  if W.main then
+    fs.mkdir_p(fs.check_path(c.run_dir, "run_dir"), "run_dir")
+    self.lock = fs.lock_dir(c.run_dir, "run_dir")
+    fs.clean_stale_temps(c.run_dir)
+  end
   if c.in_channels == 0 then c.in_channels = self.ds.channels end
   self.num_classes = c.class_cond and self.ds.num_classes or nil
   c.num_classes = self.num_classes or 0
-  self.loader = data.loader(self.ds, {batch_size = c.batch_size, flip = c.random_flip, seed = c.seed, stream = 4})
+  self.loader = data.loader(self.ds, {batch_size = c.batch_size, flip = c.random_flip, seed = c.seed, stream = 4,
+    rank = W.rank, world_size = W.size})
   if not opts.quiet then
     say("data: %s, %d images %s%s (%.1fs)", self.ds.name, self.ds.images:size(1), table.concat(self.ds.images:shape(), "x", 2),
       self.ds.padded_from and (" (padded from %d)"):format(self.ds.padded_from) or "", data.now() - t0)
@@ -139,11 +144,13 @@ function train.new(c, opts)
   self.gen_t = T.generator(c.seed, 1)
   self.gen_noise = T.generator(c.seed, 2)
   nn.dropout_gen = T.generator(c.seed, 3)
+  for _, g in ipairs{self.gen_t, self.gen_noise, nn.dropout_gen} do g:set_shard(W.rank, W.size) end
   self.curve = {}        -- {step, loss} at every log line, for loss.png
   self.acc = nil
   self.last_saved = nil
   self:resume()
-  self:write_config()
+  if W.size > 1 then self:broadcast_state() end
+  if W.main then self:write_config() end
   return self
 end
 
@@ -177,6 +184,7 @@ function Trainer:extra()
   local e = {
     rng = T.from_table(self:rng_state(), {#GENS, 3}, "int64"),
     data_pos = T.from_table({ls.epoch, ls.index}, {2}, "int64"),
+    world = T.from_table({self.dist.size, self.c.batch_size}, {2}, "int64"),   -- ranks, per-rank batch
   }
   if self.c.schedule_sampler ~= "uniform" then
     local s = self.sampler:state()
@@ -230,6 +238,7 @@ end
 
 function Trainer:save()
   if self.last_saved == self.step then return end
+  if not self.dist.main then self.last_saved = self.step return end
   self:check_losses(self.step)
   for i, p in ipairs(self.model:parameters()) do
     if not all_finite(p) then self:diverged(("the weights are not finite (%s)"):format(self.names[i]), self.step) end
@@ -271,9 +280,11 @@ function Trainer:resume()
         "run_dir, or resume=none to start over"):format(path), 0)
     end
   end
+  local saved_world = ck.tensors["extra.world"] and ck.tensors["extra.world"]:totable()[1] or 1
   for _, k in ipairs(train.ARCH_KEYS) do
     local a, b = ck.config[k], c[k]
     if k == "noise_schedule" and type(b) ~= "string" then b = "custom" end
+    if k == "batch_size" and saved_world ~= self.dist.size then a = b end   -- per rank: changes with the ranks
     if a ~= nil and a ~= b and not (type(a) == "number" and type(b) == "number" and a == b) then
       cfg.error(("resume: %s was saved with %s=%s but this run has %s=%s; use another run_dir, or resume=none to start over")
         :format(path, k, tostring(a), k, tostring(b)))
@@ -303,6 +314,7 @@ function Trainer:resume()
   if ex.rng then self:set_rng_state(ex.rng:totable()) end
   if ex.data_pos then
     local p = ex.data_pos:totable()
+    if saved_world ~= self.dist.size then p = self:other_world_position(p, ex.world:totable()) end
     self.loader:set_state{epoch = p[1], index = p[2]}
   end
   if ex.sampler_history then
@@ -319,6 +331,37 @@ function Trainer:resume()
   -- drop log lines written after this checkpoint by the run that stopped (and a record
   -- cut short by a crash): the kept lines go to a new file renamed over the old one, so
   -- a crash here leaves the old file or the new one, never a truncated file
+  if self.dist.main then self:trim_logs(ck.step) end
+  if not self.quiet then say("resumed from step %d (%s)", ck.step, path) end
+end
+
+-- a data position saved by another number of ranks (global slots either way): the
+-- next batch start of this run; said once, as the resume is then not bit-exact
+function Trainer:other_world_position(p, wv)
+  local c = self.c
+  if self.dist.size == 1 and (p[2] % c.batch_size ~= 0 or p[2] + c.batch_size > self.loader.size) then
+    p[2] = -(-p[2] // c.batch_size) * c.batch_size
+    if p[2] + c.batch_size > self.loader.size then p[1], p[2] = p[1] + 1, 0 end
+  end
+  if not self.quiet then
+    say("resume: the checkpoint was written by %d ranks x batch %d, this run has %d x %d: continuing from its data " ..
+      "position and generator offsets (not bit-exact)", wv[1], wv[2], self.dist.size, c.batch_size)
+  end
+  return p
+end
+
+-- every rank takes rank 0's weights, EMAs and AdamW moments (at the start and after a
+-- resume), so that all ranks hold identical state
+function Trainer:broadcast_state()
+  local ts = {}
+  for _, p in ipairs(self.model:parameters()) do ts[#ts + 1] = p end
+  for _, e in ipairs(self.emas) do for _, sh in ipairs(e.ema.shadow) do ts[#ts + 1] = sh end end
+  for i = 1, #self.opt.m do ts[#ts + 1] = self.opt.m[i]; ts[#ts + 1] = self.opt.v[i] end
+  T.no_grad(function() dist.broadcast(ts) end)
+end
+
+function Trainer:trim_logs(step)
+  local c, ck = self.c, {step = step}
   fs.rewrite_lines(c.run_dir .. "/log.jsonl", function(line)
     if not line:match("^{.*}$") then return false end
     local st = tonumber(line:match('"step":(%d+)'))
@@ -331,7 +374,6 @@ function Trainer:resume()
     if not st then header_commas = header_commas or commas; return true end   -- the header
     return st <= ck.step and commas == header_commas
   end)
-  say("resumed from step %d (%s)", ck.step, path)
 end
 
 -- ---------------------------------------------------------------- one step
@@ -418,6 +460,10 @@ function Trainer:step_once()
     loss, losses = nil, nil
     device.collect()
   end
+  if self.dist.size > 1 then
+    dist.allreduce_grads(model:parameters())   -- the mean gradient over the global batch
+    for _, u in ipairs(updates) do u[1], u[2] = dist.allgather(u[1], self.device), dist.allgather(u[2], self.device) end
+  end
   -- the norm waits for the device: there, only on log steps (unless clipping needs it)
   local gn
   if c.grad_clip > 0 then gn = optim.clip_grad_norm(model:parameters(), c.grad_clip)
@@ -446,12 +492,15 @@ end
 function Trainer:log(t_start, step_start)
   local acc, c = self.acc, self.c
   self:flush()
-  if not acc or acc.n == 0 then return end
+  if not acc then return end
+  if self.dist.size > 1 then self:reduce_acc() end
+  if acc.n == 0 then return end
   local now = data.now()
   local steps_done = self.step - step_start
-  local ips = steps_done * c.batch_size / math.max(now - t_start, 1e-9)
+  local gb = c.batch_size * self.dist.size   -- the global batch
+  local ips = steps_done * gb / math.max(now - t_start, 1e-9)
   self:check_losses(self.step)
-  local rec = {step = self.step, samples = self.step * c.batch_size, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
+  local rec = {step = self.step, samples = self.step * gb, global_batch = gb, lr = self.opt.lr, grad_norm = acc.gn_steps > 0 and acc.grad_norm / acc.gn_steps or nil,
     images_per_s = ips, time = now - self.t0, wall_time = self:wall_time(), timestamp = os.date("!%Y-%m-%dT%H:%M:%SZ")}
   for _, k in ipairs(TERMS) do
     rec[k] = acc.sum[k] / acc.n
@@ -460,16 +509,37 @@ function Trainer:log(t_start, step_start)
     end
   end
   local stop = self:stop_step()
-  local eta = stop and (stop - self.step) * c.batch_size / ips or nil
+  local eta = stop and (stop - self.step) * gb / ips or nil
   if c.max_minutes > 0 then eta = math.min(eta or math.huge, math.max(0, 60 * c.max_minutes - (now - self.t0))) end
   local line = ("step %d%s | loss %.4f mse %.4f vb %.4f | %.1f img/s | %s"):format(self.step,
     stop and ("/" .. stop) or "", rec.loss, rec.mse, rec.vb, ips, eta and ("ETA " .. fmt_time(eta)) or ("elapsed " .. fmt_time(now - self.t0)))
   if not self.quiet then self:clear_progress(); say("%s", line) end
-  fs.append(c.run_dir .. "/log.jsonl", io_.json_encode(rec) .. "\n")   -- a failed write raises
-  self:write_csv(rec)
+  if self.dist.main then
+    fs.append(c.run_dir .. "/log.jsonl", io_.json_encode(rec) .. "\n")   -- a failed write raises
+    self:write_csv(rec)
+  end
   self.curve[#self.curve + 1] = {self.step, rec.loss}
   self.last_log = rec
   self.acc = nil
+end
+
+-- the log sums of every rank added up (grad_norm is the same on every rank)
+function Trainer:reduce_acc()
+  local acc, v = self.acc, {}
+  v[1] = acc.n
+  for q = 1, 4 do v[#v + 1] = acc.qn[q] end
+  for _, k in ipairs(TERMS) do
+    v[#v + 1] = acc.sum[k]
+    for q = 1, 4 do v[#v + 1] = acc.qsum[k][q] end
+  end
+  v = dist.sum_numbers(v, self.device)
+  local i = 1
+  acc.n = v[1]
+  for q = 1, 4 do i = i + 1; acc.qn[q] = v[i] end
+  for _, k in ipairs(TERMS) do
+    i = i + 1; acc.sum[k] = v[i]
+    for q = 1, 4 do i = i + 1; acc.qsum[k][q] = v[i] end
+  end
 end
 
 -- RUN/metrics.csv: the log.jsonl columns as a table (header on the first line)
@@ -513,6 +583,7 @@ end
 -- RUN/loss.png: loss, mse, vb and lr from log.jsonl (iddpm.plot.training); a run
 -- whose log is gone falls back to the loss curve kept in the checkpoints
 function Trainer:plot_loss()
+  if not self.dist.main then return end
   local recs = plot.read_log(self.c.run_dir .. "/log.jsonl")
   if #recs < 2 then
     recs = {}
@@ -526,6 +597,7 @@ end
 -- a grid of samples from the (first) EMA weights with the respaced sampler
 function Trainer:sample_grid()
   local c = self.c
+  if not self.dist.main then return end
   local respacing = c.sample_steps
   local sd = D.new(train.diffusion_config(c, respacing))
   local restore = self.emas[1] and self.emas[1].ema:apply()
@@ -565,6 +637,13 @@ function Trainer:stop_step()
   return s
 end
 
+-- max_minutes passed (on any rank: the ranks must stop at the same step)
+function Trainer:time_up()
+  local up = data.now() - self.t0 > 60 * self.c.max_minutes
+  if self.dist.size > 1 then up = dist.sum_numbers({up and 1 or 0}, self.device)[1] > 0 end
+  return up
+end
+
 function Trainer:run()
   local c = self.c
   local stop = self:stop_step()
@@ -581,7 +660,7 @@ function Trainer:run()
   local t_start, step_start = self.t0, self.step
   local function loop()
     while not stop or self.step < stop do
-      if c.max_minutes > 0 and data.now() - self.t0 > 60 * c.max_minutes then
+      if c.max_minutes > 0 and self:time_up() then
         if not self.quiet then self:clear_progress(); say("max_minutes=%g reached at step %d", c.max_minutes, self.step) end
         break
       end
@@ -632,7 +711,8 @@ function Trainer:run()
   self:plot_loss()
   -- the final grid, unless the last step already drew it (sample_interval dividing it)
   if c.num_samples > 0 and self.last_grid_step ~= self.step then self:sample_grid() end
-  local okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end)
+  local okr, rep = true, nil
+  if self.dist.main then okr, rep = pcall(function() return require("iddpm.report").write(c.run_dir) end) end
   if not self.quiet then say(okr and "run report: %s" or "run report not written: %s", tostring(rep)) end
   return {step = self.step, loss = self.last_log and self.last_log.loss, log = self.last_log, run_dir = c.run_dir,
     checkpoint = checkpoint.filename(c.run_dir, self.step), grid = self.last_grid}
@@ -668,6 +748,14 @@ end
 function train.main(recipe_cfg, args)
   local c, flags = cfg.command(recipe.SCHEMA, recipe_cfg, args)
   if not c then return end   -- help was printed
+  if not flags.dry_run then
+    local launched = dist.setup(c)   -- gpus=N: this process starts the ranks and waits
+    if launched then
+      if launched ~= 0 then cfg.error(("train: a rank failed (exit status %d)"):format(launched), launched) end
+      return {launched = true}
+    end
+    if dist.world().size > 1 then return train.main_rank(c) end
+  end
   device.check(c.device, "train")   -- a missing GPU is the first thing said
   local changed = recipe.describe(c, true)
   say("iddpm train: config (the keys that differ from the defaults; all of them go to %s/config.json)", c.run_dir)
@@ -684,6 +772,29 @@ function train.main(recipe_cfg, args)
   if res.finished then return res end
   say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
   if res.grid then say("final sample grid: %s", res.grid) end
+  return res
+end
+
+-- one rank of a data-parallel run: rank 0 prints; an error on any rank ends them all
+function train.main_rank(c)
+  local W = dist.world()
+  device.check(c.device, "train")
+  if W.main then
+    say("iddpm train: rank 0 of %d, global batch %d = %d x batch_size %d", W.size, W.size * c.batch_size, W.size,
+      c.batch_size)
+    local changed = recipe.describe(c, true)
+    if changed ~= "" then say("%s", changed) end
+  end
+  local ok, res = pcall(train.run, c, {quiet = not W.main})
+  if not ok then
+    local msg = type(res) == "table" and res.msg or tostring(res)
+    if not W.main and msg:find("^interrupted") then msg = "interrupted" end   -- rank 0 says what was saved
+    dist.abort(msg)
+  end
+  if W.main and not res.finished then
+    say("done: step %d, final loss %s; run directory %s", res.step, res.loss and ("%.4f"):format(res.loss) or "?", res.run_dir)
+  end
+  dist.finalize()
   return res
 end
 
