@@ -96,6 +96,7 @@ idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor
     float decay = (float)(1.0 - c->lr * c->weight_decay);
     float step_size = (float)(c->lr / bc1), rbc2 = (float)(1.0 / sqrt(bc2));
     (void)lr;
+    for (int i = 0; i < n; i++) if (params[i]->grad) idd_bump_version(params[i]);   /* written in place */
     if (on_device(n, params)) {
         idd_tensor **grads = malloc(sizeof *grads * (size_t)n);
         if (!grads) return idd_error_status(IDD_ENOMEM, "adamw: out of memory");
@@ -126,6 +127,7 @@ idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor
 
 idd_status idd_ema_update(int n, idd_tensor **ema, idd_tensor **params, double rate) {
     float r = (float)rate, q = (float)(1.0 - rate);
+    for (int i = 0; i < n; i++) idd_bump_version(ema[i]);   /* written in place */
     if (on_device(n, ema)) {
         idd_tensor **const lists[2] = {ema, params};
         mt_list l;
