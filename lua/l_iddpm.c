@@ -40,7 +40,12 @@ static const submodule submodules[] = {
 };
 
 static int l_num_threads(lua_State *L) {
-    if (!lua_isnoneornil(L, 1)) idd_set_num_threads((int)luaL_checkinteger(L, 1));
+    if (!lua_isnoneornil(L, 1)) {
+        lua_Integer n = luaL_checkinteger(L, 1);
+        if (n < 1 || n > IDD_MAX_THREADS)
+            return luaL_error(L, "num_threads: %I threads (must be 1 to %d)", n, IDD_MAX_THREADS);
+        idd_set_num_threads((int)n);
+    }
     lua_pushinteger(L, idd_num_threads());
     return 1;
 }

@@ -51,6 +51,7 @@ idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor
     float step_size = (float)(c->lr / bc1), rbc2 = (float)(1.0 / sqrt(bc2));
     (void)lr;
     if (n <= 0) return IDD_OK;
+    for (int i = 0; i < n; i++) if (params[i]->grad) idd_bump_version(params[i]);   /* written in place */
     idd_tensor **grads = malloc(sizeof *grads * (size_t)n);
     if (!grads) return idd_error_status(IDD_ENOMEM, "adamw: out of memory");
     for (int i = 0; i < n; i++) grads[i] = params[i]->grad ? params[i]->grad : params[i];
@@ -67,6 +68,7 @@ idd_status idd_adamw_step(int n, idd_tensor **params, idd_tensor **m, idd_tensor
 
 idd_status idd_ema_update(int n, idd_tensor **ema, idd_tensor **params, double rate) {
     if (n <= 0) return IDD_OK;
+    for (int i = 0; i < n; i++) idd_bump_version(ema[i]);   /* written in place */
     idd_tensor **const lists[2] = {ema, params};
     mt_list l;
     idd_status st = mt_gather(&l, "ema", n, 2, lists, 0);
