@@ -275,7 +275,9 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
     /* every node of the walk is held until its end: releasing a node's inputs (below) can
      * free an input tensor, and with it that tensor's node, still due in the walk */
     for (int i = 0; i < order.n; i++) order.v[i]->refcount++;
-    if (st == IDD_OK) st = accumulate(&root->grad_fn->gout, g, root);
+    /* the root node's incoming gradient: read by its backward only, so g is referenced, not
+     * copied (norm_conv walks its recompute tape from an activation-sized g) */
+    if (st == IDD_OK) st = accumulate_ex(&root->grad_fn->gout, g, root, false, true);
     idd_tensor_release(g);
     /* order is post-order (inputs before users): walk it backwards */
     for (int i = order.n - 1; i >= 0 && st == IDD_OK; i--) {
