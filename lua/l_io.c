@@ -295,9 +295,35 @@ typedef struct { const char *key; int i; } key_ref;
 static int cmp_key_ref(const void *a, const void *b) { return strcmp(((const key_ref *)a)->key, ((const key_ref *)b)->key); }
 
 /* tables with keys 1..n are arrays, others objects (keys sorted for a stable text) */
-static idd_json *to_json(lua_State *L, int idx, int depth) {
+#define JSON_MAX_DEPTH 64   /* tables nested deeper than this are refused (a cycle is refused at once) */
+static idd_json *to_json(lua_State *L, int idx, int depth, int seen);
+/* a table: marks it in seen (the tables on the path from the root) while it is encoded */
+static idd_json *table_to_json(lua_State *L, int idx, int depth, int seen);
+
+static idd_json *to_json(lua_State *L, int idx, int depth, int seen) {
     idx = lua_absindex(L, idx);
-    if (depth > 32) { idd_error("json_encode: nesting too deep"); return NULL; }
+    if (depth > JSON_MAX_DEPTH) {
+        idd_error("json_encode: tables nested deeper than %d levels", JSON_MAX_DEPTH);
+        return NULL;
+    }
+    if (lua_type(L, idx) == LUA_TTABLE) {
+        if (!lua_checkstack(L, 8)) { idd_error("json_encode: out of Lua stack at depth %d", depth); return NULL; }
+        lua_pushvalue(L, idx);
+        if (lua_rawget(L, seen) != LUA_TNIL) {
+            lua_pop(L, 1);
+            idd_error("json_encode: the table at depth %d contains itself (a cycle)", depth);
+            return NULL;
+        }
+        lua_pop(L, 1);
+        lua_pushvalue(L, idx);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, seen);
+        idd_json *r = table_to_json(L, idx, depth, seen);
+        lua_pushvalue(L, idx);
+        lua_pushnil(L);
+        lua_rawset(L, seen);
+        return r;
+    }
     switch (lua_type(L, idx)) {
     case LUA_TNIL: return idd_json_new_null();
     case LUA_TBOOLEAN: return idd_json_new_bool(lua_toboolean(L, idx));
@@ -306,7 +332,14 @@ static idd_json *to_json(lua_State *L, int idx, int depth) {
         if (!isfinite(lua_tonumber(L, idx))) { idd_error("json_encode: %f has no JSON form", lua_tonumber(L, idx)); return NULL; }
         return idd_json_new_number(lua_tonumber(L, idx));
     case LUA_TSTRING: return idd_json_new_string(lua_tostring(L, idx));
-    case LUA_TTABLE: {
+    default:
+        idd_error("json_encode: cannot encode a %s", luaL_typename(L, idx));
+        return NULL;
+    }
+}
+
+static idd_json *table_to_json(lua_State *L, int idx, int depth, int seen) {
+    {
         lua_Integer n = luaL_len(L, idx);
         lua_Integer count = 0;
         lua_pushnil(L);
@@ -315,7 +348,7 @@ static idd_json *to_json(lua_State *L, int idx, int depth) {
             idd_json *arr = idd_json_new_array();
             for (lua_Integer i = 1; i <= n; i++) {
                 lua_geti(L, idx, i);
-                idd_json *item = to_json(L, -1, depth + 1);
+                idd_json *item = to_json(L, -1, depth + 1, seen);
                 lua_pop(L, 1);
                 if (!item || idd_json_append(arr, item) != IDD_OK) { idd_json_free(arr); return NULL; }
             }
@@ -341,6 +374,7 @@ static idd_json *to_json(lua_State *L, int idx, int depth) {
             lua_rawseti(L, vt, nk);       /* pops the value */
         }
         key_ref *refs = malloc(sizeof *refs * (size_t)(nk + 1));
+        if (!refs) { lua_pop(L, 2); idd_error_status(IDD_ENOMEM, "json_encode: out of memory"); return NULL; }
         for (int i = 1; i <= nk; i++) {
             lua_rawgeti(L, kt, i);
             refs[i - 1].key = lua_tostring(L, -1);   /* kept alive by kt */
@@ -351,7 +385,7 @@ static idd_json *to_json(lua_State *L, int idx, int depth) {
         idd_json *obj = idd_json_new_object();
         for (int i = 0; i < nk && obj; i++) {
             lua_rawgeti(L, vt, refs[i].i);
-            idd_json *item = to_json(L, -1, depth + 1);
+            idd_json *item = to_json(L, -1, depth + 1, seen);
             lua_pop(L, 1);
             if (!item || idd_json_set(obj, refs[i].key, item) != IDD_OK) { idd_json_free(obj); obj = NULL; }
         }
@@ -359,15 +393,13 @@ static idd_json *to_json(lua_State *L, int idx, int depth) {
         lua_pop(L, 2);
         return obj;
     }
-    default:
-        idd_error("json_encode: cannot encode a %s", luaL_typename(L, idx));
-        return NULL;
-    }
 }
 
 static int l_json_encode(lua_State *L) {
     luaL_checkany(L, 1);
-    idd_json *v = to_json(L, 1, 0);
+    lua_settop(L, 1);
+    lua_newtable(L);   /* 2: the tables being encoded, to find cycles */
+    idd_json *v = to_json(L, 1, 0, 2);
     if (!v) return lt_error(L);
     char *s = NULL;
     size_t len = 0;

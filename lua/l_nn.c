@@ -1,6 +1,7 @@
 /* l_nn.c — Lua bindings of the UNet layer ops (include/iddpm/nn.h), installed on the
  * tensor module: T.conv2d, T.group_norm, T.qkv_attention, T.upsample_nearest,
- * T.avg_pool2d, T.timestep_embedding, T.dropout, T.norm_conv. */
+ * T.avg_pool2d, T.timestep_embedding, T.dropout, T.norm_conv; and for the FID Inception
+ * T.max_pool2d, T.resize_bilinear, T.conv2d_relu (forward only). */
 #include "iddpm/kernels.h"
 #include "iddpm/nn.h"
 #include "l_common.h"
@@ -21,7 +22,8 @@ static int l_conv2d(lua_State *L) {
     } else {
         ph = pw = (int)luaL_optinteger(L, 5, 0);
     }
-    return lt_push(L, idd_conv2d_hw(x, w, b, stride, ph, pw));
+    return lt_push(L, lua_toboolean(L, lua_upvalueindex(1)) ? idd_conv2d_relu(x, w, b, stride, ph, pw)
+                                                             : idd_conv2d_hw(x, w, b, stride, ph, pw));
 }
 
 /* T.group_norm(x, groups, weight, bias [, scale, shift, silu=false, eps=1e-5]) */
@@ -122,5 +124,9 @@ void lt_open_nn(lua_State *L, int mod);
 void lt_open_nn(lua_State *L, int mod) {
     lua_pushvalue(L, mod);
     luaL_setfuncs(L, fns, 0);
+    /* T.conv2d_relu(x, w, b, stride, pad): the same arguments, forward only, max(0, .) fused */
+    lua_pushboolean(L, 1);
+    lua_pushcclosure(L, l_conv2d, 1);
+    lua_setfield(L, -2, "conv2d_relu");
     lua_pop(L, 1);
 }

@@ -120,15 +120,17 @@ static int m_index_select(lua_State *L) {
 static int f_cat(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     int n = (int)luaL_len(L, 1);
-    luaL_argcheck(L, n >= 1 && n <= IDD_NODE_MAX_IN, 1, "cat: 1 to 8 tensors");
-    idd_tensor *ts[IDD_NODE_MAX_IN];
+    luaL_argcheck(L, n >= 1, 1, "cat: expected at least one tensor");
+    int dim = lt_optdim(L, 2, 0);
+    /* the userdata keeps the array alive, and frees it on a Lua error */
+    idd_tensor **ts = lua_newuserdatauv(L, sizeof *ts * (size_t)n, 0);
     for (int i = 0; i < n; i++) {
         lua_geti(L, 1, i + 1);
         ts[i] = lt_test(L, -1);
         lua_pop(L, 1);
         if (!ts[i]) return luaL_error(L, "cat: entry %d is not a tensor", i + 1);
     }
-    return lt_push(L, idd_concat(n, ts, lt_optdim(L, 2, 0)));
+    return lt_push(L, idd_concat(n, ts, dim));
 }
 
 static int f_where(lua_State *L) {

@@ -123,25 +123,34 @@ static int t_from_table(lua_State *L) {
     if (lua_isnoneornil(L, 2)) { nd = 1; shape[0] = n; }
     else nd = lt_shape(L, 2, shape);
     idd_dtype dt = lt_optdtype(L, 3, IDD_F32);
+    if (!idd_shape_fits(nd, shape, 1, "from_table")) return lt_error(L);
     int64_t m = 1;
     for (int i = 0; i < nd; i++) m *= shape[i];
-    if (m != n) return luaL_error(L, "from_table: %d values do not fill shape of %d elements", (int)n, (int)m);
-    idd_tensor *t = idd_tensor_new(dt, IDD_CPU, nd, shape);
+    if (m != n) return luaL_error(L, "from_table: %lld values do not fill shape of %lld elements", (long long)n, (long long)m);
+    /* read as float64 (int64 directly: integers above 2^53 stay exact), then cast into dt */
+    idd_dtype rd = dt == IDD_I64 ? IDD_I64 : IDD_F64;
+    idd_tensor *t = idd_tensor_new(rd, IDD_CPU, nd, shape);
     if (!t) return lt_error(L);
     for (int64_t i = 0; i < n; i++) {
         lua_geti(L, 1, i + 1);
         int ok;
         double v = lua_tonumberx(L, -1, &ok);
+        if (ok && rd == IDD_I64) {
+            if (lua_isinteger(L, -1)) ((int64_t *)idd_data(t))[i] = lua_tointeger(L, -1);
+            else if (v >= -9.2233720368547758e18 && v < 9.2233720368547758e18) ((int64_t *)idd_data(t))[i] = (int64_t)v;
+            else ok = 0;
+        } else if (ok) ((double *)idd_data(t))[i] = v;
         lua_pop(L, 1);
-        if (!ok) { idd_tensor_release(t); return luaL_error(L, "from_table: entry %d is not a number", (int)(i + 1)); }
-        switch (dt) {
-        case IDD_F32: ((float *)idd_data(t))[i] = (float)v; break;
-        case IDD_F64: ((double *)idd_data(t))[i] = v; break;
-        case IDD_I64: ((int64_t *)idd_data(t))[i] = (int64_t)v; break;
-        default: ((uint8_t *)idd_data(t))[i] = (uint8_t)v; break;
+        if (!ok) {
+            idd_tensor_release(t);
+            return luaL_error(L, "from_table: entry %d is not a number%s", (int)(i + 1),
+                              rd == IDD_I64 ? " in the int64 range" : "");
         }
     }
-    return lt_push(L, t);
+    if (dt == rd) return lt_push(L, t);
+    idd_tensor *c = idd_to_dtype(t, dt);
+    idd_tensor_release(t);
+    return lt_push(L, c);
 }
 
 /* shape given as a table or integers, then an optional dtype string */
@@ -184,18 +193,18 @@ static int t_arange(lua_State *L) {
     luaL_argcheck(L, nnum >= 1, 1, "arange: expected a number");
     double a = nnum == 1 ? 0 : v[0], b = nnum == 1 ? v[0] : v[1], s = nnum == 3 ? v[2] : 1;
     luaL_argcheck(L, s != 0, 3, "step must not be 0");
-    int64_t n = (int64_t)ceil((b - a) / s);
-    if (n < 0) n = 0;
+    double count = ceil((b - a) / s);
+    if (!(count < (double)IDD_MAX_BYTES))   /* also NaN and inf bounds */
+        return luaL_error(L, "arange: start %f, stop %f, step %f give too many (or undefined) elements", a, b, s);
+    int64_t n = count > 0 ? (int64_t)count : 0;
     idd_dtype dt = lt_optdtype(L, nnum + 1, allint ? IDD_I64 : IDD_F32);
-    idd_tensor *t = idd_tensor_new(dt, IDD_CPU, 1, &n);
-    if (!t) return lt_error(L);
-    for (int64_t i = 0; i < n; i++) {
-        double x = a + s * (double)i;
-        if (dt == IDD_I64) ((int64_t *)idd_data(t))[i] = (int64_t)x;
-        else if (dt == IDD_F64) ((double *)idd_data(t))[i] = x;
-        else if (dt == IDD_U8) ((uint8_t *)idd_data(t))[i] = (uint8_t)x;
-        else ((float *)idd_data(t))[i] = (float)x;
-    }
+    /* computed in float64, then cast into dt (bf16, uint8 saturate as any cast does) */
+    idd_tensor *t64 = idd_tensor_new(IDD_F64, IDD_CPU, 1, &n);
+    if (!t64) return lt_error(L);
+    for (int64_t i = 0; i < n; i++) ((double *)idd_data(t64))[i] = a + s * (double)i;
+    if (dt == IDD_F64) return lt_push(L, t64);
+    idd_tensor *t = idd_to_dtype(t64, dt);
+    idd_tensor_release(t64);
     return lt_push(L, t);
 }
 
@@ -330,14 +339,25 @@ static idd_tensor *to_cpu(lua_State *L, idd_tensor *t) {
     return c;
 }
 
+/* element i (row-major) of an int64/uint8 CPU tensor, read as an integer: through a
+ * double, int64 values above 2^53 would round and 2^63-1 would not convert back */
+static lua_Integer int_at(const idd_tensor *t, int64_t i) {
+    int64_t off = t->offset;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        off += (i % t->shape[d]) * t->stride[d];
+        i /= t->shape[d];
+    }
+    if (t->dtype == IDD_I64) return ((const int64_t *)t->storage->data)[off];
+    return ((const uint8_t *)t->storage->data)[off];
+}
+
 static int m_totable(lua_State *L) {
     idd_tensor *t = to_cpu(L, lt_check(L, 1));
     int64_t n = idd_numel(t);
     lua_createtable(L, (int)n, 0);
     bool isint = t->dtype == IDD_I64 || t->dtype == IDD_U8;
     for (int64_t i = 0; i < n; i++) {
-        double v = idd_get_flat(t, i);
-        if (isint) lua_pushinteger(L, (lua_Integer)v); else lua_pushnumber(L, v);
+        if (isint) lua_pushinteger(L, int_at(t, i)); else lua_pushnumber(L, idd_get_flat(t, i));
         lua_rawseti(L, -2, i + 1);
     }
     idd_tensor_release(t);
@@ -350,9 +370,9 @@ static int m_item(lua_State *L) {
     if (idd_numel(t) != 1)
         return luaL_error(L, "item: tensor of shape %s has %d elements, not 1", idd_shape_str(t, sb, 96), (int)idd_numel(t));
     idd_tensor *c = to_cpu(L, t);
-    double v = idd_get_flat(c, 0);
+    if (t->dtype == IDD_I64 || t->dtype == IDD_U8) lua_pushinteger(L, int_at(c, 0));
+    else lua_pushnumber(L, idd_get_flat(c, 0));
     idd_tensor_release(c);
-    if (t->dtype == IDD_I64 || t->dtype == IDD_U8) lua_pushinteger(L, (lua_Integer)v); else lua_pushnumber(L, v);
     return 1;
 }
 

@@ -3,7 +3,7 @@
  *   iddpm                        REPL (readline, Tab completion, history, values printed)
  *   iddpm run FILE.lua [args]    run a script (`iddpm FILE.lua [args]` does the same)
  *   iddpm -e CODE [-e ...] [-i]  run code, then exit (or open the REPL with -i)
- *   iddpm sample|train|report [args]  run the embedded iddpm.cli.sample / .train / .report
+ *   iddpm sample|train|report|fid [args]  run the embedded iddpm.cli.sample / .train / .report / .fid
  *   iddpm --version | --help | help
  *
  * Scripts see `arg` and `...` exactly as lua.c gives them; errors print "iddpm: msg"
@@ -66,6 +66,8 @@ static void usage(FILE *f) {
           "  sample [key=value ...]  run the sampling recipe (module iddpm.cli.sample)\n"
           "  train [key=value ...]   run the training recipe (module iddpm.cli.train)\n"
           "  report RUN [out=FILE]   write RUN/report.html (module iddpm.cli.report)\n"
+          "  fid [stats] [key=value ...]  sample a checkpoint and print its FID, or make\n"
+          "                          reference statistics (module iddpm.cli.fid)\n"
           "  help                    show this help\n"
           "  ... help | --dry-run    after sample, train or a recipe: list its keys with their\n"
           "                          values | check the config and list what would be written\n"
@@ -584,7 +586,7 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
         } else if (strcmp(cmd, "run") == 0) {
             if (first + 1 >= argc) return bad_usage("%s: missing the script to run", "run");
             script = first + 1;
-        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0 ||
+        } else if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0 || strcmp(cmd, "fid") == 0 ||
                    ends_with(cmd, ".lua") || strcmp(cmd, "-") == 0) {
             script = first;
         } else {
@@ -604,7 +606,7 @@ static int iddpm_main(lua_State *L, int argc, char **argv) {
     }
     if (cmd) {
         int status;
-        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0)
+        if (strcmp(cmd, "sample") == 0 || strcmp(cmd, "train") == 0 || strcmp(cmd, "report") == 0 || strcmp(cmd, "fid") == 0)
             status = run_recipe(L, cmd, argv, argc, script);
         else
             status = run_script(L, argv[script], argv, argc, script);

@@ -2,7 +2,7 @@
 -- optionally precision/recall (k=3) against saved reference features.
 --
 --   iddpm run recipes/eval_fid.lua samples=samples_10000x28x28x1.npz stats=stats/fmnist_train.safetensors \
---        [weights=inception.safetensors] [num_samples=N] [batch_size=50] [resize=tf1] \
+--        [weights=FILE] [num_samples=N] [batch_size=50] [resize=tf1] \
 --        [real_features=feats.npz] [k=3] [out=fid.json]
 -- samples: the samples .npz (arr_0 NHWC uint8, as iddpm sample and the standard
 -- evaluators write it), any source fid_stats reads, or a folder of PNGs.
@@ -23,7 +23,7 @@ local schema = cfg.schema("eval_fid", {
   {"real_features", "str", "", "reference features .npz: also precision and recall"},
   {"k", "int", 3, "neighbours for precision/recall", min = 1, max = 1000},
   {"out", "str", "", "also write the results as JSON to this file", group = "output"},
-  {"weights", "str", os.getenv("IDDPM_INCEPTION") or "inception.safetensors", "FID Inception weights",
+  {"weights", "str", M.default_weights(), "FID Inception weights (make fid-weights)",
     group = "network"},
   {"batch_size", "int", 50, "images per Inception call", min = 1, max = 100000},
   {"resize", "str", "tf1", "tf1 (TF1-style bilinear, as the reference) or pytorch", one_of = {"tf1", "pytorch"}},
@@ -52,8 +52,10 @@ local n = images:shape()[1]
 if n < 50000 then
   print(("eval_fid: warning: %d samples; FID is biased upwards at small n (published numbers use 50,000)"):format(n))
 end
-local feats = net:features(images, {batch_size = o.batch_size})
-local mu, sigma = M.feature_stats(feats)
+local stream = net:stream{batch_size = o.batch_size, total = n, progress = true, keep = o.real_features ~= nil,
+  label = "eval_fid"}
+stream:add(images)
+local mu, sigma = stream:get()
 local fid, parts = M.frechet_distance(mu, sigma, mu_r, sigma_r)
 local res = {fid = fid, mean_term = parts.mean, trace_term = parts.trace, offset = parts.offset, n = n,
   samples = o.samples, stats = o.stats, weights = o.weights, resize = o.resize}
@@ -61,7 +63,7 @@ print(("eval_fid: FID %.4f (%.4f/%.4f)  n=%d samples=%s stats=%s inception=%s re
   parts.trace, n, o.samples, o.stats, o.weights, o.resize, parts.offset > 0 and " (1e-6 offset used)" or ""))
 if o.real_features then
   local rf = io_.npz_read(o.real_features).features
-  local p, r = M.precision_recall(rf, feats, {k = o.k})
+  local p, r = M.precision_recall(rf, stream:features(), {k = o.k})
   res.precision, res.recall = p, r
   print(("eval_fid: precision %.4f recall %.4f (k=%d, %d real features)"):format(p, r, o.k, rf:shape()[1]))
 end

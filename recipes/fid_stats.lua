@@ -6,14 +6,14 @@
 --   OUT.npz           mu, sigma — the pytorch-fid layout
 --
 --   iddpm run recipes/fid_stats.lua data=/usr/share/datasets/fashion-mnist out=stats/fmnist_train \
---        [split=train] [num_samples=N] [weights=inception.safetensors] [batch_size=50] [resize=tf1] \
+--        [split=train] [num_samples=N] [weights=FILE] [batch_size=50] [resize=tf1] \
 --        [features=feats.npz]   (also keep the features, e.g. for precision/recall)
 --   `help` lists the keys (num= still works); --dry-run checks them.
 -- data: a folder with Fashion-MNIST/MNIST IDX files or CIFAR-10 batches, one IDX/.bin
 -- file, an .npz (arr_0, NHWC uint8) or a folder of PNGs. Gray images are repeated to 3
 -- channels by the network.
 local iddpm = require "iddpm"
-local T, M, io_ = iddpm.tensor, iddpm.metrics, iddpm.io
+local M, io_ = iddpm.metrics, iddpm.io
 
 local cfg = require "iddpm.config"
 
@@ -24,7 +24,7 @@ local schema = cfg.schema("fid_stats", {
   {"num_samples", "int", 0, "images to use (0 = all)", min = 0, aliases = {"num"}},
   {"out", "str", "", "output base name: writes OUT.safetensors and OUT.npz", required = true, group = "output"},
   {"features", "str", "", "also keep the features in this .npz (e.g. for precision/recall)"},
-  {"weights", "str", os.getenv("IDDPM_INCEPTION") or "inception.safetensors", "FID Inception weights",
+  {"weights", "str", M.default_weights(), "FID Inception weights (make fid-weights)",
     group = "network"},
   {"batch_size", "int", 50, "images per Inception call", min = 1, max = 100000},
   {"resize", "str", "tf1", "tf1 (TF1-style bilinear, as the reference) or pytorch", one_of = {"tf1", "pytorch"}},
@@ -57,23 +57,12 @@ if s[1] < 50000 then
     :format(s[1]))
 end
 
-local st = M.stats(M.FEATURE_DIM)
-local keep = o.features and {} or nil
-local bs, chunk = o.batch_size, o.batch_size * 20
-local t0 = os.time()
-for i = 1, s[1], chunk do
-  local n = math.min(chunk, s[1] - i + 1)
-  local f = net:features(images:narrow(1, i, n), {batch_size = bs, progress = false})
-  st:add(f)
-  if keep then keep[#keep + 1] = f end
-  local done, dt = i + n - 1, math.max(os.time() - t0, 1)
-  io.stderr:write(("\rfid_stats: %d/%d images, %.1f img/s, ETA %ds   "):format(done, s[1], done / dt,
-    math.floor((s[1] - done) * dt / done)))
-end
-io.stderr:write("\n")
-local mu, sigma = st:get()
+local stream = net:stream{batch_size = o.batch_size, total = s[1], progress = true, keep = o.features ~= nil,
+  label = "fid_stats"}
+stream:add(images)
+local mu, sigma = stream:get()
 M.save_stats(base .. ".safetensors", mu, sigma, s[1], {source = o.data, split = o.split, resize = o.resize,
   weights = o.weights})
 M.save_stats(base .. ".npz", mu, sigma, s[1])
-if keep then io_.npz_write(o.features, {{"features", T.cat(keep, 1)}}) end
-print(("fid_stats: wrote %s.safetensors and %s.npz (n = %d, %ds)"):format(base, base, s[1], os.time() - t0))
+if o.features then io_.npz_write(o.features, {{"features", stream:features()}}) end
+print(("fid_stats: wrote %s.safetensors and %s.npz (n = %d, %ds)"):format(base, base, s[1], math.floor(stream:seconds())))

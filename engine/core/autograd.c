@@ -30,6 +30,7 @@ idd_node *idd_record(const char *name, idd_backward_fn bw, idd_tensor *out, int 
         n->in[i] = in[i];
         idd_tensor_retain(in[i]);
         n->needs[i] = in[i] && in[i]->requires_grad;
+        n->in_version[i] = in[i] && in[i]->storage ? in[i]->storage->version : 0;
     }
     n->out_ndim = out->ndim;
     memcpy(n->out_shape, out->shape, sizeof out->shape);
@@ -41,7 +42,11 @@ idd_node *idd_record(const char *name, idd_backward_fn bw, idd_tensor *out, int 
 }
 
 void idd_node_save(idd_node *n, idd_tensor *t) {
-    if (n->n_saved < IDD_NODE_MAX_SAVED) { idd_tensor_retain(t); n->saved[n->n_saved++] = t; }
+    if (n->n_saved < IDD_NODE_MAX_SAVED) {
+        idd_tensor_retain(t);
+        n->saved_version[n->n_saved] = t && t->storage ? t->storage->version : 0;
+        n->saved[n->n_saved++] = t;
+    }
 }
 
 static void node_free_saved(idd_node *n) {
@@ -51,12 +56,34 @@ static void node_free_saved(idd_node *n) {
     n->ctx = NULL;
 }
 
-void idd_node_release(idd_node *n) {
-    if (!n || --n->refcount > 0) return;
+static void node_destroy(idd_node *n) {
     node_free_saved(n);
     for (int i = 0; i < n->n_in; i++) idd_tensor_release(n->in[i]);
     idd_tensor_release(n->gout);
     free(n);
+}
+
+/* Freeing a node releases its inputs, whose nodes may then die, and so on down the
+ * chain: done recursively, dropping a long tape (a million ops never backpropagated)
+ * overflows the C stack. So dead nodes go on a worklist that the outermost release
+ * drains; a release from inside node_destroy only appends. */
+static _Thread_local struct { idd_node **v; size_t n, cap; bool draining; } dead;
+
+void idd_node_release(idd_node *n) {
+    if (!n || --n->refcount > 0) return;
+    if (dead.n == dead.cap) {
+        size_t cap = dead.cap ? 2 * dead.cap : 256;
+        idd_node **v = realloc(dead.v, cap * sizeof *v);
+        if (!v) { node_destroy(n); return; }   /* out of memory: recursive, as before */
+        dead.v = v;
+        dead.cap = cap;
+    }
+    dead.v[dead.n++] = n;
+    if (dead.draining) return;
+    dead.draining = true;
+    while (dead.n > 0) node_destroy(dead.v[--dead.n]);
+    dead.draining = false;
+    if (dead.cap > 4096) { free(dead.v); dead.v = NULL; dead.cap = 0; }   /* a long chain's list is not kept */
 }
 
 /* ------------------------------------------------------------ gradients */
@@ -202,6 +229,22 @@ static idd_status topo(idd_node *root, node_list *out) {
     return st ? idd_error_status(st, "backward: out of memory") : IDD_OK;
 }
 
+/* PyTorch's rule: a tensor a node kept (an input or a saved tensor) must still hold what
+ * it held at record time, or its gradient would silently be wrong */
+static idd_status check_versions(const idd_node *n) {
+    char sb[96];
+    for (int k = 0; k < n->n_in + n->n_saved; k++) {
+        const idd_tensor *t = k < n->n_in ? n->in[k] : n->saved[k - n->n_in];
+        uint64_t v = k < n->n_in ? n->in_version[k] : n->saved_version[k - n->n_in];
+        if (t && t->storage && t->storage->version != v)
+            return idd_error("backward: one of the variables needed for gradient computation has been modified "
+                             "by an inplace operation: %s %s %s at version %llu, now %llu", n->name,
+                             k < n->n_in ? "input" : "saved", idd_shape_str(t, sb, sizeof sb),
+                             (unsigned long long)v, (unsigned long long)t->storage->version);
+    }
+    return IDD_OK;
+}
+
 idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
     char sb[96];
     if (!root->requires_grad)
@@ -232,7 +275,9 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
     /* every node of the walk is held until its end: releasing a node's inputs (below) can
      * free an input tensor, and with it that tensor's node, still due in the walk */
     for (int i = 0; i < order.n; i++) order.v[i]->refcount++;
-    if (st == IDD_OK) st = accumulate(&root->grad_fn->gout, g, root);
+    /* the root node's incoming gradient: read by its backward only, so g is referenced, not
+     * copied (norm_conv walks its recompute tape from an activation-sized g) */
+    if (st == IDD_OK) st = accumulate_ex(&root->grad_fn->gout, g, root, false, true);
     idd_tensor_release(g);
     /* order is post-order (inputs before users): walk it backwards */
     for (int i = order.n - 1; i >= 0 && st == IDD_OK; i--) {
@@ -240,6 +285,7 @@ idd_status idd_backward(idd_tensor *root, idd_tensor *grad) {
         if (!n->gout) continue;   /* no gradient reached this node */
         if (idd_interrupted) { st = idd_error("backward: interrupted"); break; }
         if (!n->backward) { st = idd_error("backward: %s has no backward (was the graph already freed?)", n->name); break; }
+        if ((st = check_versions(n)) != IDD_OK) break;
         idd_tensor *gin[IDD_NODE_MAX_IN] = {0};
         st = n->backward(n, n->gout, gin);
         if (st != IDD_OK) idd_error_prefix(n->name);

@@ -1,9 +1,9 @@
-/* rng.c — generators over the counter-based Philox streams (rng_philox.h).
+/* rng.c — generators over the counter-based Philox streams (include/iddpm/philox.h).
  * A generator is (seed, stream, offset); each draw of n values advances offset by
  * ceil(n/2), so the numbers depend only on the seed and the draw history. */
 #include "iddpm/ops.h"
 
-#include "rng_philox.h"
+#include "iddpm/philox.h"
 
 static _Thread_local idd_generator default_gen = {0, 0, 0, 0, 0};
 

@@ -12,7 +12,7 @@
 static _Atomic size_t live_bytes;
 size_t idd_live_bytes(void) { return atomic_load(&live_bytes); }
 
-static idd_storage *storage_new(idd_device dev, size_t nbytes) {
+static idd_storage *storage_new(idd_device dev, size_t nbytes, int ndim, const int64_t *shape) {
     const idd_backend *be = idd_backend_get(dev);
     if (!be) {
         idd_error("device %s is not available (%s)", idd_device_name(dev), idd_backend_unavailable_reason(dev));
@@ -23,7 +23,9 @@ static idd_storage *storage_new(idd_device dev, size_t nbytes) {
     s->data = be->alloc(nbytes ? nbytes : 1);
     if (!s->data) {
         free(s);
-        idd_error_status(IDD_ENOMEM, "out of memory allocating %zu bytes on %s", nbytes, idd_device_name(dev));
+        char sb[160];
+        idd_error_status(IDD_ENOMEM, "out of memory allocating %zu bytes for shape %s on %s", nbytes,
+                         idd_shape_str_n(ndim, shape, sb, sizeof sb), idd_device_name(dev));
         return NULL;
     }
     s->refcount = 1;
@@ -45,10 +47,36 @@ static void set_contiguous_strides(idd_tensor *t) {
     for (int i = t->ndim - 1; i >= 0; i--) { t->stride[i] = st; st *= t->shape[i]; }
 }
 
+/* Does a tensor of this shape fit (element count and bytes under IDD_MAX_BYTES, no
+ * overflow on the way)? Sets an error naming op and shape when not. */
+bool idd_shape_fits(int ndim, const int64_t *shape, size_t elsize, const char *op) {
+    char sb[160];
+    bool zero = false;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0) {
+            idd_error("%s: negative size %lld at dim %d of %s", op, (long long)shape[i], i + 1,
+                      idd_shape_str_n(ndim, shape, sb, sizeof sb));
+            return false;
+        }
+        zero = zero || shape[i] == 0;
+    }
+    if (zero) return true;
+    int64_t n = elsize ? (int64_t)elsize : 1;
+    for (int i = 0; i < ndim; i++) {
+        if (n > IDD_MAX_BYTES / shape[i]) {
+            idd_error("%s: shape %s is too large (at most 2^48 bytes)", op, idd_shape_str_n(ndim, shape, sb, sizeof sb));
+            return false;
+        }
+        n *= shape[i];
+    }
+    return true;
+}
+
 static idd_tensor *header_new(idd_dtype dt, idd_device dev, int ndim, const int64_t *shape) {
     if (ndim < 0 || ndim > IDD_MAX_DIMS) { idd_error("tensor: %d dims (at most %d)", ndim, IDD_MAX_DIMS); return NULL; }
     for (int i = 0; i < ndim; i++)
         if (shape[i] < 0) { idd_error("tensor: negative size %lld at dim %d", (long long)shape[i], i + 1); return NULL; }
+    if (!idd_shape_fits(ndim, shape, idd_dtype_size(dt), "tensor")) return NULL;
     idd_tensor *t = calloc(1, sizeof *t);
     if (!t) { idd_error_status(IDD_ENOMEM, "out of memory"); return NULL; }
     t->refcount = 1;
@@ -63,7 +91,7 @@ static idd_tensor *header_new(idd_dtype dt, idd_device dev, int ndim, const int6
 idd_tensor *idd_tensor_new(idd_dtype dt, idd_device dev, int ndim, const int64_t *shape) {
     idd_tensor *t = header_new(dt, dev, ndim, shape);
     if (!t) return NULL;
-    t->storage = storage_new(dev, (size_t)idd_numel(t) * idd_dtype_size(dt));
+    t->storage = storage_new(dev, (size_t)idd_numel(t) * idd_dtype_size(dt), ndim, shape);
     if (!t->storage) { free(t); return NULL; }
     return t;
 }
@@ -199,6 +227,9 @@ idd_tensor *idd_view_alias(idd_tensor *t) { return view_of(t); }
 idd_tensor *idd_view_reshape(idd_tensor *t, int ndim, const int64_t *shape) {
     int64_t stride[IDD_MAX_DIMS];
     int64_t numel = 1;
+    for (int i = 0; i < ndim; i++)
+        if (shape[i] < 0) { idd_error("reshape: negative size %lld at dim %d", (long long)shape[i], i + 1); return NULL; }
+    if (!idd_shape_fits(ndim, shape, idd_dtype_size(t->dtype), "reshape")) return NULL;
     for (int i = 0; i < ndim; i++) numel *= shape[i];
     if (idd_is_contiguous(t) || numel == 0 || t->ndim == 0) {
         int64_t st = 1;
@@ -250,6 +281,13 @@ idd_tensor *idd_view_expand(idd_tensor *t, int ndim, const int64_t *shape) {
         idd_error("expand: cannot expand %s to %s", idd_shape_str(t, sa, 96), idd_shape_str_n(ndim, shape, sb, 96));
         return NULL;
     }
+    for (int i = 0; i < ndim; i++)
+        if (shape[i] < 0) {
+            idd_error("expand: negative size %lld at dim %d (expanding %s to %s)", (long long)shape[i], i + 1,
+                      idd_shape_str(t, sa, 96), idd_shape_str_n(ndim, shape, sb, 96));
+            return NULL;
+        }
+    if (!idd_shape_fits(ndim, shape, idd_dtype_size(t->dtype), "expand")) return NULL;
     idd_tensor *v = view_of(t);
     if (!v) return NULL;
     int lead = ndim - t->ndim;
@@ -273,11 +311,12 @@ idd_tensor *idd_view_expand(idd_tensor *t, int ndim, const int64_t *shape) {
 
 /* ---------------------------------------------------------------- copies */
 
-idd_status idd_fill_(idd_tensor *t, double v) { return idd_backend_of(t)->fill(t, v); }
+idd_status idd_fill_(idd_tensor *t, double v) { idd_bump_version(t); return idd_backend_of(t)->fill(t, v); }
 
 idd_status idd_copy_(idd_tensor *dst, const idd_tensor *src) {
     char sa[96], sb[96];
     idd_tensor *s = (idd_tensor *)src, *tmp = NULL;
+    idd_bump_version(dst);
     if (!idd_same_shape(dst, src)) {
         tmp = idd_view_expand(s, dst->ndim, dst->shape);
         if (!tmp)

@@ -11,6 +11,7 @@ int idd_num_threads(void) { return omp_get_max_threads(); }
 
 void idd_set_num_threads(int n) {
     if (n < 1) n = 1;
+    if (n > IDD_MAX_THREADS) n = IDD_MAX_THREADS;   /* libgomp crashes creating 100000 */
     omp_set_num_threads(n);
     openblas_set_num_threads(n);
 }

@@ -1,7 +1,7 @@
 /* attention.cu — QKV attention (the official QKVAttentionLegacy), forward and
  * backward, as cuBLAS strided-batched products over the B*H heads with a fused
  * row softmax (and its backward) between them. Layout and formulas as in
- * engine/ops/attention.c: head bh = b*H + h owns rows [h*3ch, (h+1)*3ch) of qkv[b],
+ * engine/cpu/attention.c: head bh = b*H + h owns rows [h*3ch, (h+1)*3ch) of qkv[b],
  * q then k then v (ch rows each), so head bh starts at qkv + bh*3ch*T; the output of
  * head bh is out + bh*ch*T. logits = q^T k / sqrt(ch).
  *   forward   W = softmax(s2 * Q^T K)      (T,T) saved

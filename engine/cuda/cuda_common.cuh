@@ -291,9 +291,9 @@ idd_status cu_diff_losses_backward(const idd_diff_args *a, const float *mo, cons
                                    const float *noise, const float *dloss, float *dmo);
 idd_status cu_adamw(int n, float *const *p, const float *const *g, float *const *m, float *const *v,
                     const int64_t *numel, const float hp[6]);
-idd_status cu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, float rate);
+idd_status cu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, double rate);
 idd_status cu_sumsq(int n, const float *const *g, const int64_t *numel, double *out);
-idd_status cu_scale(int n, float *const *g, const int64_t *numel, float s);
+idd_status cu_scale(int n, float *const *g, const int64_t *numel, double s);
 }
 
 /* bf16 channels-last layer kernels (norm.cu, resample.cu, rng.cu; backend.h) */

@@ -3,7 +3,7 @@
  * and the multi-tensor optimizer kernels (AdamW, EMA, sum of squares, scale), plus an
  * upload that is ordered on the stream without waiting for it (pinned staging ring).
  * The per-element arithmetic is include/iddpm/diffusion_kernels.h, in double, shared
- * with the CPU backend's engine/diffusion/kernels_cpu.c. */
+ * with the CPU backend's engine/cpu/diffusion.c. */
 #include "cuda_common.cuh"
 
 #include <math.h>
@@ -274,7 +274,7 @@ extern "C" idd_status cu_adamw(int n, float *const *p, const float *const *g, fl
     return IDD_OK;
 }
 
-extern "C" idd_status cu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, float rate) {
+extern "C" idd_status cu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, double rate) {
     if (n <= 0) return IDD_OK;
     float *const *lists[2] = {e, (float *const *)p};
     mt_table t;
@@ -286,7 +286,7 @@ extern "C" idd_status cu_ema(int n, float *const *e, const float *const *p, cons
     return IDD_OK;
 }
 
-extern "C" idd_status cu_scale(int n, float *const *g, const int64_t *numel, float s) {
+extern "C" idd_status cu_scale(int n, float *const *g, const int64_t *numel, double s) {
     if (n <= 0) return IDD_OK;
     float *const *lists[1] = {g};
     mt_table t;

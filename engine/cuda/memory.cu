@@ -365,61 +365,71 @@ extern "C" int idd_cuda_conv_impl(void) { return idd_cu_conv_impl; }
 
 extern "C" const char *idd_cuda_device_name(void) { return device_name; }
 
+/* layer families in float32 and, channels-last, in bf16; not: conv2d with pad_h != pad_w and
+ * the forward-only evaluation kernels (max/avg pool2d, resize), which the FID network runs on the CPU */
+static bool cu_supports(idd_kernel k, idd_dtype dtype) {
+    switch (k) {
+    case IDD_K_CONV2D: case IDD_K_GROUPNORM: case IDD_K_ATTENTION: case IDD_K_UPSAMPLE2X: case IDD_K_AVGPOOL2X:
+    case IDD_K_DROPOUT:
+        return dtype == IDD_F32 || dtype == IDD_BF16;
+    case IDD_K_TIMESTEP_EMB:
+        return dtype == IDD_F32;
+    default:
+        return false;
+    }
+}
+
 static const idd_backend cuda_backend = {
-    /* .name = */ "cuda",
-    /* .alloc = */ cu_alloc,
-    /* .free = */ cu_free,
-    /* .copy = */ cu_copy,
-    /* .upload = */ cu_upload,
-    /* .download = */ cu_download,
-    /* .fill = */ cu_fill,
-    /* .binary = */ cu_binary,
-    /* .unary = */ cu_unary,
-    /* .clamp = */ cu_clamp,
-    /* .affine = */ cu_affine,
-    /* .reduce = */ cu_reduce,
-    /* .bmm = */ cu_bmm,
-    /* .rand_normal = */ cu_rand_normal,
-    /* .rand_uniform = */ cu_rand_uniform,
-    /* .conv2d_forward = */ cu_conv2d_forward,
-    /* .conv2d_backward = */ cu_conv2d_backward,
-    /* .groupnorm_forward = */ cu_groupnorm_forward,
-    /* .groupnorm_backward = */ cu_groupnorm_backward,
-    /* .attention_forward = */ cu_attention_forward,
-    /* .attention_backward = */ cu_attention_backward,
-    /* .attention_forward_bf16 = */ cu_attention_forward_bf16,
-    /* .attention_backward_bf16 = */ cu_attention_backward_bf16,
-    /* .upsample2x_forward = */ cu_upsample2x_forward,
-    /* .upsample2x_backward = */ cu_upsample2x_backward,
-    /* .avgpool2x_forward = */ cu_avgpool2x_forward,
-    /* .avgpool2x_backward = */ cu_avgpool2x_backward,
-    /* .timestep_embedding = */ cu_timestep_embedding,
-    /* .dropout_forward = */ cu_dropout_forward,
-    /* .dropout_backward = */ cu_dropout_backward,
-    /* .groupnorm_forward_bf16 = */ cu_groupnorm_forward_bf16,
-    /* .groupnorm_backward_bf16 = */ cu_groupnorm_backward_bf16,
-    /* .upsample2x_forward_bf16 = */ cu_upsample2x_forward_bf16,
-    /* .upsample2x_backward_bf16 = */ cu_upsample2x_backward_bf16,
-    /* .avgpool2x_forward_bf16 = */ cu_avgpool2x_forward_bf16,
-    /* .avgpool2x_backward_bf16 = */ cu_avgpool2x_backward_bf16,
-    /* .dropout_forward_bf16 = */ cu_dropout_forward_bf16,
-    /* .dropout_backward_bf16 = */ cu_dropout_backward_bf16,
-    /* .conv2d_forward_hw = */ NULL,
-    /* .conv2d_backward_hw = */ NULL,
-    /* .conv2d_forward_bf16 = */ cu_conv2d_forward_bf16,
-    /* .conv2d_backward_bf16 = */ cu_conv2d_backward_bf16,
-    /* .maxpool2d_forward = */ NULL,
-    /* .avgpool2d_forward = */ NULL,
-    /* .resize_bilinear = */ NULL,
-    /* .upload_async = */ cu_upload_async,
-    /* .diff_pointwise = */ cu_diff_pointwise,
-    /* .diff_p_finish = */ cu_diff_p_finish,
-    /* .diff_losses = */ cu_diff_losses,
-    /* .diff_losses_backward = */ cu_diff_losses_backward,
-    /* .adamw = */ cu_adamw,
-    /* .ema = */ cu_ema,
-    /* .sumsq = */ cu_sumsq,
-    /* .scale = */ cu_scale,
+    .name = "cuda",
+    .supports = cu_supports,
+    .alloc = cu_alloc,
+    .free = cu_free,
+    .copy = cu_copy,
+    .upload = cu_upload,
+    .download = cu_download,
+    .fill = cu_fill,
+    .binary = cu_binary,
+    .unary = cu_unary,
+    .clamp = cu_clamp,
+    .affine = cu_affine,
+    .reduce = cu_reduce,
+    .bmm = cu_bmm,
+    .rand_normal = cu_rand_normal,
+    .rand_uniform = cu_rand_uniform,
+    .conv2d_forward = cu_conv2d_forward,
+    .conv2d_backward = cu_conv2d_backward,
+    .groupnorm_forward = cu_groupnorm_forward,
+    .groupnorm_backward = cu_groupnorm_backward,
+    .attention_forward = cu_attention_forward,
+    .attention_backward = cu_attention_backward,
+    .attention_forward_bf16 = cu_attention_forward_bf16,
+    .attention_backward_bf16 = cu_attention_backward_bf16,
+    .upsample2x_forward = cu_upsample2x_forward,
+    .upsample2x_backward = cu_upsample2x_backward,
+    .avgpool2x_forward = cu_avgpool2x_forward,
+    .avgpool2x_backward = cu_avgpool2x_backward,
+    .timestep_embedding = cu_timestep_embedding,
+    .dropout_forward = cu_dropout_forward,
+    .dropout_backward = cu_dropout_backward,
+    .groupnorm_forward_bf16 = cu_groupnorm_forward_bf16,
+    .groupnorm_backward_bf16 = cu_groupnorm_backward_bf16,
+    .upsample2x_forward_bf16 = cu_upsample2x_forward_bf16,
+    .upsample2x_backward_bf16 = cu_upsample2x_backward_bf16,
+    .avgpool2x_forward_bf16 = cu_avgpool2x_forward_bf16,
+    .avgpool2x_backward_bf16 = cu_avgpool2x_backward_bf16,
+    .dropout_forward_bf16 = cu_dropout_forward_bf16,
+    .dropout_backward_bf16 = cu_dropout_backward_bf16,
+    .conv2d_forward_bf16 = cu_conv2d_forward_bf16,
+    .conv2d_backward_bf16 = cu_conv2d_backward_bf16,
+    .upload_async = cu_upload_async,
+    .diff_pointwise = cu_diff_pointwise,
+    .diff_p_finish = cu_diff_p_finish,
+    .diff_losses = cu_diff_losses,
+    .diff_losses_backward = cu_diff_losses_backward,
+    .adamw = cu_adamw,
+    .ema = cu_ema,
+    .sumsq = cu_sumsq,
+    .scale = cu_scale,
 };
 
 extern "C" idd_status idd_cuda_init(void) {
@@ -476,7 +486,12 @@ extern "C" idd_status idd_cuda_init(void) {
         if (!strcmp(cv, "im2col")) idd_cuda_set_conv_impl(IDD_CONV_IM2COL);
         else if (strcmp(cv, "cudnn")) fprintf(stderr, "iddpm: IDDPM_CUDA_CONV=%s is not cudnn or im2col; using cudnn\n", cv);
     }
-    idd_backend_register(IDD_CUDA, &cuda_backend);
+    if (idd_backend_register(IDD_CUDA, &cuda_backend) != IDD_OK) {
+        snprintf(why, sizeof why, "%s", idd_last_error());
+        state = -1;
+        idd_backend_set_unavailable(IDD_CUDA, why);
+        return idd_error("%s", why);
+    }
     state = 1;
     return IDD_OK;
 }

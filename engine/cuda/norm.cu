@@ -1,5 +1,5 @@
 /* norm.cu — group norm fused with scale-shift and SiLU, forward and backward, one
- * block per (sample, group). Same formulas and operation order as engine/ops/norm.c:
+ * block per (sample, group). Same formulas and operation order as engine/cpu/norm.c:
  * statistics in double (two passes), elementwise math in float32.
  * The backward writes per-(n,c) partial sums of dgamma/dbeta to scratch and a second
  * small kernel adds them over the batch, so every gradient has one writer.

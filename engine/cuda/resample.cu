@@ -1,6 +1,6 @@
 /* resample.cu — nearest 2x upsample, 2x2 average pool (forward and accumulating
  * backward) and the sinusoidal timestep embedding (float32 in the order of
- * engine/ops/embedding.c). The bf16 variants work on channels-last (NHWC) tensors, 8
+ * engine/cpu/embedding.c). The bf16 variants work on channels-last (NHWC) tensors, 8
  * channels (16 bytes) per thread, and write their backward instead of accumulating. */
 #include "cuda_common.cuh"
 

@@ -1,5 +1,5 @@
 /* rng.cu — the Philox4x32-10 streams and dropout on the device. The generator is the
- * one of engine/core/rng_philox.h, step for step (same rounds, constants, 53-bit
+ * one of include/iddpm/philox.h, step for step (same rounds, constants, 53-bit
  * uniforms and Box-Muller in double), so a tensor drawn on the GPU holds the numbers
  * the CPU draws for the same (seed, stream, offset), and dropout keeps the same mask.
  * bf16 dropout indexes the mask by memory order (the CPU's mask for a contiguous

@@ -1,7 +1,8 @@
-/* ops.c — the diffusion kernels (gaussian.c, losses.c) at the tensor level: argument
- * checks with messages naming the op and the shapes, conversion of inputs to contiguous
- * float32 CPU buffers, output allocation, and the tape nodes of q_sample (w.r.t. x_start
- * and noise) and training_losses (w.r.t. the model output). See diffusion_ops.h; the
+/* ops.c — the diffusion ops at the tensor level: argument checks with messages naming
+ * the op and the shapes, conversion of inputs to contiguous float32 buffers on their
+ * device, output allocation, the backend's diffusion kernels (diffusion_kernels.h) and
+ * the tape nodes of q_sample (w.r.t. x_start and noise) and training_losses (w.r.t.
+ * the model output). See diffusion_ops.h; the
  * evaluation terms (vb_terms_bpd, prior_bpd, mean_flat, normal_kl, dgll) are in
  * ops_eval.c, the shared helpers in ops_common.h. */
 #include "iddpm/diffusion_ops.h"
@@ -85,14 +86,6 @@ idd_tensor *idd_dops_prep_t(idd_diffusion *d, idd_tensor *t, int64_t B, const ch
 }
 
 
-/* per-sample double values broadcast over the n elements of each example */
-static void fill_bcast(idd_tensor *out, const double *v, int64_t B, int64_t n) {
-    float *o = F(out);
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < n; i++) o[b * n + i] = (float)v[b];
-}
-
-
 // ---------------------------------------------------------------- the device path
 //
 // For tensors on a device other than the CPU whose backend has the diffusion kernels
@@ -103,9 +96,7 @@ static void fill_bcast(idd_tensor *out, const double *v, int64_t B, int64_t n) {
 // the CPU and move their results back to the input's device.
 
 static const idd_backend *dev_be(const idd_tensor *x) {
-    if (!x || x->device == IDD_CPU) return NULL;
-    const idd_backend *be = idd_backend_of(x);
-    return be && be->diff_pointwise && be->diff_p_finish && be->diff_losses && be->diff_losses_backward ? be : NULL;
+    return x ? idd_backend_of(x) : NULL;
 }
 
 /* contiguous float32 on dev (a new reference) */
@@ -163,7 +154,7 @@ idd_tensor *idd_dops_coef_table(idd_diffusion *d, idd_tensor *t, int64_t B, idd_
         }
         const idd_backend *be = idd_backend_get(dev);
         size_t nb = sizeof(double) * IDD_DK_NCOEF * (size_t)B;
-        idd_status st = nb == 0 ? IDD_OK : be->upload_async ? be->upload_async(idd_data(c), h, nb) : be->upload(idd_data(c), h, nb);
+        idd_status st = nb == 0 ? IDD_OK : be->upload_async(idd_data(c), h, nb);
         if (st != IDD_OK) { idd_error_prefix(op); idd_tensor_release(c); c = NULL; }
     }
     free(h);
@@ -227,25 +218,6 @@ idd_tensor *idd_diff_model_t(idd_diffusion *d, idd_tensor *t) {
     return home(out, t->device);
 }
 
-typedef struct { int64_t B; double coef[]; } qs_ctx;   /* sqrt_abar[B], sqrt_1m_abar[B] */
-
-static idd_status q_sample_backward(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
-    qs_ctx *c = n->ctx;
-    idd_tensor *g = idd_dops_prep(dout, "q_sample backward", "dout");
-    if (!g) return IDD_ERR;
-    int64_t B = c->B, m = idd_numel(g) / (B ? B : 1);
-    for (int k = 0; k < 2; k++) {
-        if (!n->needs[k]) continue;
-        idd_tensor *o = new_like(g);
-        if (!o) { idd_tensor_release(g); return IDD_ERR; }
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < m; i++) F(o)[b * m + i] = (float)(c->coef[k * B + b] * F(g)[b * m + i]);
-        gin[k] = o;
-    }
-    idd_tensor_release(g);
-    return IDD_OK;
-}
-
 /* device path: saved[0] is the coefficient table */
 static idd_status q_sample_backward_dev(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
     idd_tensor *coef = n->saved[0];
@@ -279,43 +251,16 @@ idd_tensor *idd_diff_q_sample(idd_diffusion *d, idd_tensor *x0, idd_tensor *t, i
     if (!x0 || !noise) { idd_error("%s: %s is missing", op, x0 ? "noise" : "x_start"); return NULL; }
     if (idd_dops_need_batch(x0, op, "x_start") || idd_dops_same_shape(x0, noise, op, "x_start", "noise")) return NULL;
     geom(x0, &B, &C, &HW);
-    if (dev_be(x0)) {
-        static const char *const names[3] = {"x_start", "noise", ""};
-        idd_tensor *coef = NULL;
-        idd_tensor *out = dev_pointwise(d, IDD_DK_LIN2, op, x0, t, x0, noise, NULL, names, IDD_DK_SQRT_AC,
-                                        IDD_DK_SQRT_1M_AC, 0, &coef);
-        if (out) {
-            idd_tensor *ins[2] = {x0, noise};
-            idd_node *nd = idd_record("diffusion.q_sample", q_sample_backward_dev, out, 2, ins);
-            if (nd) idd_node_save(nd, coef);
-        }
-        idd_tensor_release(coef);
-        return out;
-    }
-    idd_tensor *a[3] = {idd_dops_prep(x0, op, "x_start"), idd_dops_prep(noise, op, "noise"), NULL};
-    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *out = a[2] ? new_like(x0) : NULL;
-    if (out && idd_q_sample(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out)) != IDD_OK) {
-        idd_tensor_release(out);
-        out = NULL;
-    }
+    static const char *const names[3] = {"x_start", "noise", ""};
+    idd_tensor *coef = NULL;
+    idd_tensor *out = dev_pointwise(d, IDD_DK_LIN2, op, x0, t, x0, noise, NULL, names, IDD_DK_SQRT_AC,
+                                    IDD_DK_SQRT_1M_AC, 0, &coef);
     if (out) {
         idd_tensor *ins[2] = {x0, noise};
-        idd_node *nd = idd_record("diffusion.q_sample", q_sample_backward, out, 2, ins);
-        if (nd) {
-            qs_ctx *c = malloc(sizeof *c + sizeof(double) * 2 * (size_t)B);
-            if (c) {
-                c->B = B;
-                for (int64_t b = 0; b < B; b++) {
-                    c->coef[b] = d->s->sqrt_alphas_cumprod[I(a[2])[b]];
-                    c->coef[B + b] = d->s->sqrt_one_minus_alphas_cumprod[I(a[2])[b]];
-                }
-            }
-            nd->ctx = c;
-            nd->free_ctx = free;
-        }
+        idd_node *nd = idd_record("diffusion.q_sample", q_sample_backward_dev, out, 2, ins);
+        if (nd) idd_node_save(nd, coef);
     }
-    drop(3, a);
+    idd_tensor_release(coef);
     return out;
 }
 
@@ -326,27 +271,12 @@ idd_status idd_diff_q_mean_variance(idd_diffusion *d, idd_tensor *x0, idd_tensor
     if (!x0) return idd_error("%s: x_start is missing", op);
     if (idd_dops_need_batch(x0, op, "x_start")) return IDD_ERR;
     geom(x0, &B, &C, &HW);
-    if (dev_be(x0)) {
-        static const char *const names[3] = {"x_start", "", ""};
-        idd_tensor *o[3];
-        o[0] = dev_pointwise(d, IDD_DK_SCALE, op, x0, t, x0, NULL, NULL, names, IDD_DK_SQRT_AC, 0, 0, NULL);
-        o[1] = o[0] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_1M_AC, 0, 0, NULL) : NULL;
-        o[2] = o[1] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_LOG1M_AC, 0, 0, NULL) : NULL;
-        if (!o[2]) { drop(3, o); return IDD_ERR; }
-        *mean = o[0]; *var = o[1]; *logvar = o[2];
-        return IDD_OK;
-    }
-    idd_tensor *a[2] = {idd_dops_prep(x0, op, "x_start"), NULL};
-    a[1] = a[0] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *o[3] = {a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL, a[1] ? new_like(x0) : NULL};
-    double *v = malloc(sizeof(double) * 2 * (size_t)B);
-    idd_status st = (o[0] && o[1] && o[2] && v)
-                        ? idd_q_mean_variance(d->s, F(a[0]), I(a[1]), B, C * HW, F(o[0]), v, v + B)
-                        : IDD_ERR;
-    if (st == IDD_OK) { fill_bcast(o[1], v, B, C * HW); fill_bcast(o[2], v + B, B, C * HW); }
-    free(v);
-    drop(2, a);
-    if (st != IDD_OK) { drop(3, o); return IDD_ERR; }
+    static const char *const names[3] = {"x_start", "", ""};
+    idd_tensor *o[3];
+    o[0] = dev_pointwise(d, IDD_DK_SCALE, op, x0, t, x0, NULL, NULL, names, IDD_DK_SQRT_AC, 0, 0, NULL);
+    o[1] = o[0] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_1M_AC, 0, 0, NULL) : NULL;
+    o[2] = o[1] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_LOG1M_AC, 0, 0, NULL) : NULL;
+    if (!o[2]) { drop(3, o); return IDD_ERR; }
     *mean = o[0]; *var = o[1]; *logvar = o[2];
     return IDD_OK;
 }
@@ -358,27 +288,12 @@ idd_status idd_diff_q_posterior(idd_diffusion *d, idd_tensor *x0, idd_tensor *xt
     if (!x0 || !xt) return idd_error("%s: %s is missing", op, x0 ? "x_t" : "x_start");
     if (idd_dops_need_batch(x0, op, "x_start") || idd_dops_same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
     geom(x0, &B, &C, &HW);
-    if (dev_be(x0)) {
-        static const char *const names[3] = {"x_start", "x_t", ""};
-        idd_tensor *o[3];
-        o[0] = dev_pointwise(d, IDD_DK_LIN2, op, x0, t, x0, xt, NULL, names, IDD_DK_PMC1, IDD_DK_PMC2, 0, NULL);
-        o[1] = o[0] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_PV, 0, 0, NULL) : NULL;
-        o[2] = o[1] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_PLVC, 0, 0, NULL) : NULL;
-        if (!o[2]) { drop(3, o); return IDD_ERR; }
-        *mean = o[0]; *var = o[1]; *logvar = o[2];
-        return IDD_OK;
-    }
-    idd_tensor *a[3] = {idd_dops_prep(x0, op, "x_start"), idd_dops_prep(xt, op, "x_t"), NULL};
-    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *o[3] = {a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL, a[2] ? new_like(x0) : NULL};
-    double *v = malloc(sizeof(double) * 2 * (size_t)B);
-    idd_status st = (o[0] && o[1] && o[2] && v)
-                        ? idd_q_posterior_mean_variance(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(o[0]), v, v + B)
-                        : IDD_ERR;
-    if (st == IDD_OK) { fill_bcast(o[1], v, B, C * HW); fill_bcast(o[2], v + B, B, C * HW); }
-    free(v);
-    drop(3, a);
-    if (st != IDD_OK) { drop(3, o); return IDD_ERR; }
+    static const char *const names[3] = {"x_start", "x_t", ""};
+    idd_tensor *o[3];
+    o[0] = dev_pointwise(d, IDD_DK_LIN2, op, x0, t, x0, xt, NULL, names, IDD_DK_PMC1, IDD_DK_PMC2, 0, NULL);
+    o[1] = o[0] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_PV, 0, 0, NULL) : NULL;
+    o[2] = o[1] ? dev_pointwise(d, IDD_DK_BCAST, op, x0, t, NULL, NULL, NULL, names, IDD_DK_PLVC, 0, 0, NULL) : NULL;
+    if (!o[2]) { drop(3, o); return IDD_ERR; }
     *mean = o[0]; *var = o[1]; *logvar = o[2];
     return IDD_OK;
 }
@@ -389,20 +304,9 @@ static idd_tensor *predict(idd_diffusion *d, idd_tensor *xt, idd_tensor *t, idd_
     if (!xt || !y) { idd_error("%s: %s is missing", op, xt ? "second input" : "x_t"); return NULL; }
     if (idd_dops_need_batch(xt, op, "x_t") || idd_dops_same_shape(xt, y, op, "x_t", from_eps ? "eps" : "x_start")) return NULL;
     geom(xt, &B, &C, &HW);
-    if (dev_be(xt)) {
-        const char *const names[3] = {"x_t", from_eps ? "eps" : "x_start", ""};
-        return dev_pointwise(d, from_eps ? IDD_DK_XSTART_EPS : IDD_DK_EPS_XSTART, op, xt, t, xt, y, NULL, names, 0, 0,
-                             0, NULL);
-    }
-    idd_tensor *a[3] = {idd_dops_prep(xt, op, "x_t"), idd_dops_prep(y, op, from_eps ? "eps" : "x_start"), NULL};
-    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *out = a[2] ? new_like(xt) : NULL;
-    idd_status st = !out ? IDD_ERR
-                    : from_eps ? idd_predict_xstart_from_eps(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out))
-                               : idd_predict_eps_from_xstart(d->s, F(a[0]), F(a[1]), I(a[2]), B, C * HW, F(out));
-    if (st != IDD_OK) { idd_tensor_release(out); out = NULL; }
-    drop(3, a);
-    return out;
+    const char *const names[3] = {"x_t", from_eps ? "eps" : "x_start", ""};
+    return dev_pointwise(d, from_eps ? IDD_DK_XSTART_EPS : IDD_DK_EPS_XSTART, op, xt, t, xt, y, NULL, names, 0, 0,
+                         0, NULL);
 }
 idd_tensor *idd_diff_predict_xstart_from_eps(idd_diffusion *d, idd_tensor *xt, idd_tensor *t, idd_tensor *eps) {
     return predict(d, xt, t, eps, 1);
@@ -433,19 +337,8 @@ idd_tensor *idd_diff_pred_xstart_raw(idd_diffusion *d, idd_tensor *model_out, id
     if (!model_out || !xt) { idd_error("%s: %s is missing", op, xt ? "model output" : "x_t"); return NULL; }
     if (idd_dops_check_model_out(d, model_out, xt, op)) return NULL;
     geom(xt, &B, &C, &HW);
-    if (dev_be(xt)) {
-        static const char *const names[3] = {"model output", "x_t", ""};
-        return dev_pointwise(d, IDD_DK_PRED_XSTART, op, xt, t, model_out, xt, NULL, names, 0, 0, 0, NULL);
-    }
-    idd_tensor *a[3] = {idd_dops_prep(model_out, op, "model output"), idd_dops_prep(xt, op, "x_t"), NULL};
-    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *out = a[2] ? new_like(xt) : NULL;
-    if (out && idd_p_pred_xstart_raw(d->s, d->cfg, F(a[0]), F(a[1]), I(a[2]), B, C, HW, F(out)) != IDD_OK) {
-        idd_tensor_release(out);
-        out = NULL;
-    }
-    drop(3, a);
-    return out;
+    static const char *const names[3] = {"model output", "x_t", ""};
+    return dev_pointwise(d, IDD_DK_PRED_XSTART, op, xt, t, model_out, xt, NULL, names, 0, 0, 0, NULL);
 }
 
 idd_status idd_diff_p_finish(idd_diffusion *d, idd_tensor *model_out, idd_tensor *xt, idd_tensor *t,
@@ -457,46 +350,27 @@ idd_status idd_diff_p_finish(idd_diffusion *d, idd_tensor *model_out, idd_tensor
     if (idd_dops_check_model_out(d, model_out, xt, op) || idd_dops_same_shape(xt, pred_xstart, op, "x_t", "pred_xstart"))
         return IDD_ERR;
     geom(xt, &B, &C, &HW);
-    if (dev_be(xt)) {
-        idd_device dev = xt->device;
-        const idd_backend *be = dev_be(xt);
-        idd_tensor *a[2] = {idd_dops_prep_dev(model_out, dev, op, "model output"), NULL};
-        a[1] = a[0] ? idd_dops_prep_dev(xt, dev, op, "x_t") : NULL;
-        idd_tensor *pc = a[1] ? idd_dops_prep_dev(pred_xstart, dev, op, "pred_xstart") : NULL;
-        if (pc && pc == pred_xstart) { idd_tensor *c = idd_clone(pc); idd_tensor_release(pc); pc = c; }  /* a fresh copy */
-        idd_tensor *coef = pc ? idd_dops_coef_table(d, t, B, dev, op) : NULL;
-        idd_tensor *o[3] = {NULL, NULL, NULL};
-        idd_tensor **want[3] = {mean, var, logvar};
-        idd_status st = coef ? IDD_OK : IDD_ERR;
-        for (int k = 0; k < 3 && st == IDD_OK; k++)
-            if (want[k] && !(o[k] = new_dev(dev, xt->ndim, xt->shape))) st = IDD_ERR;
-        if (st == IDD_OK && idd_numel(xt) > 0) {
-            idd_diff_args ar;
-            idd_dops_dk_args(d, &ar, B, C, HW, coef);
-            ar.clip = clip;
-            st = be->diff_p_finish(&ar, F(a[0]), F(a[1]), F(pc), F(o[0]), F(o[1]), F(o[2]));
-            if (st != IDD_OK) idd_error_prefix(op);
-        }
-        drop(2, a);
-        idd_tensor_release(coef);
-        if (st != IDD_OK) { drop(3, o); idd_tensor_release(pc); return IDD_ERR; }
-        for (int k = 0; k < 3; k++) if (want[k]) *want[k] = o[k];
-        if (pred_out) *pred_out = pc; else idd_tensor_release(pc);
-        return IDD_OK;
-    }
-    idd_tensor *a[3] = {idd_dops_prep(model_out, op, "model output"), idd_dops_prep(xt, op, "x_t"), NULL};
-    a[2] = a[0] && a[1] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *p = a[2] ? idd_to_dtype(pred_xstart, IDD_F32) : NULL;   /* always a fresh copy */
-    idd_tensor *pc = p && p->device != IDD_CPU ? idd_to_device(p, IDD_CPU) : (p ? (idd_tensor_retain(p), p) : NULL);
-    idd_tensor_release(p);
+    idd_device dev = xt->device;
+    const idd_backend *be = dev_be(xt);
+    idd_tensor *a[2] = {idd_dops_prep_dev(model_out, dev, op, "model output"), NULL};
+    a[1] = a[0] ? idd_dops_prep_dev(xt, dev, op, "x_t") : NULL;
+    idd_tensor *pc = a[1] ? idd_dops_prep_dev(pred_xstart, dev, op, "pred_xstart") : NULL;
+    if (pc && pc == pred_xstart) { idd_tensor *c = idd_clone(pc); idd_tensor_release(pc); pc = c; }  /* a fresh copy */
+    idd_tensor *coef = pc ? idd_dops_coef_table(d, t, B, dev, op) : NULL;
     idd_tensor *o[3] = {NULL, NULL, NULL};
     idd_tensor **want[3] = {mean, var, logvar};
-    idd_status st = pc ? IDD_OK : IDD_ERR;
+    idd_status st = coef ? IDD_OK : IDD_ERR;
     for (int k = 0; k < 3 && st == IDD_OK; k++)
-        if (want[k] && !(o[k] = new_like(xt))) st = IDD_ERR;
-    if (st == IDD_OK)
-        st = idd_p_finish(d->s, d->cfg, F(a[0]), F(a[1]), I(a[2]), B, C, HW, clip, F(pc), F(o[0]), F(o[1]), F(o[2]));
-    drop(3, a);
+        if (want[k] && !(o[k] = new_dev(dev, xt->ndim, xt->shape))) st = IDD_ERR;
+    if (st == IDD_OK && idd_numel(xt) > 0) {
+        idd_diff_args ar;
+        idd_dops_dk_args(d, &ar, B, C, HW, coef);
+        ar.clip = clip;
+        st = be->diff_p_finish(&ar, F(a[0]), F(a[1]), F(pc), F(o[0]), F(o[1]), F(o[2]));
+        if (st != IDD_OK) idd_error_prefix(op);
+    }
+    drop(2, a);
+    idd_tensor_release(coef);
     if (st != IDD_OK) { drop(3, o); idd_tensor_release(pc); return IDD_ERR; }
     for (int k = 0; k < 3; k++) if (want[k]) *want[k] = o[k];
     if (pred_out) *pred_out = pc; else idd_tensor_release(pc);
@@ -512,28 +386,17 @@ idd_tensor *idd_diff_p_sample_step(idd_diffusion *d, idd_tensor *mean, idd_tenso
         (noise && idd_dops_same_shape(mean, noise, op, "x_t", "noise")))
         return NULL;
     geom(mean, &B, &C, &HW);
-    if (dev_be(mean)) {
-        static const char *const names[3] = {"mean", "log_variance", "noise"};
-        if (!noise) {   /* only t == 0 rows may go without noise */
-            idd_tensor *tc = idd_dops_prep_t(d, t, B, op);
-            if (!tc) return NULL;
-            int need = 0;
-            for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
-            idd_tensor_release(tc);
-            if (need) { idd_error("%s: noise is missing (NULL)", op); return NULL; }
-            noise = mean;
-        }
-        return dev_pointwise(d, IDD_DK_P_SAMPLE, op, mean, t, mean, logvar, noise, names, 0, 0, 0, NULL);
+    static const char *const names[3] = {"mean", "log_variance", "noise"};
+    if (!noise) {   /* only t == 0 rows may go without noise */
+        idd_tensor *tc = idd_dops_prep_t(d, t, B, op);
+        if (!tc) return NULL;
+        int need = 0;
+        for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
+        idd_tensor_release(tc);
+        if (need) { idd_error("%s: noise is missing (NULL)", op); return NULL; }
+        noise = mean;
     }
-    idd_tensor *a[4] = {idd_dops_prep(mean, op, "mean"), idd_dops_prep(logvar, op, "log_variance"), noise ? idd_dops_prep(noise, op, "noise") : NULL, NULL};
-    a[3] = a[0] && a[1] && (!noise || a[2]) ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *out = a[3] ? new_like(mean) : NULL;
-    if (out && idd_p_sample_step(F(a[0]), F(a[1]), F(a[2]), I(a[3]), B, C * HW, F(out)) != IDD_OK) {
-        idd_tensor_release(out);
-        out = NULL;
-    }
-    drop(4, a);
-    return out;
+    return dev_pointwise(d, IDD_DK_P_SAMPLE, op, mean, t, mean, logvar, noise, names, 0, 0, 0, NULL);
 }
 
 static idd_tensor *ddim(idd_diffusion *d, idd_tensor *xt, idd_tensor *px, idd_tensor *noise, idd_tensor *t,
@@ -545,36 +408,25 @@ static idd_tensor *ddim(idd_diffusion *d, idd_tensor *xt, idd_tensor *px, idd_te
         (noise && idd_dops_same_shape(xt, noise, op, "x_t", "noise")))
         return NULL;
     geom(xt, &B, &C, &HW);
-    if (dev_be(xt)) {
-        static const char *const names[3] = {"x_t", "pred_xstart", "noise"};
-        if (reverse && eta != 0.0) {
-            idd_error("%s: reverse ODE only for deterministic path (eta must be 0, got %g)", op, eta);
-            return NULL;
-        }
-        if (!reverse && (!(eta >= 0) || !isfinite(eta))) { idd_error("%s: eta must be >= 0, got %g", op, eta); return NULL; }
-        if (!reverse && !noise) {
-            if (eta != 0) {
-                idd_tensor *tc = idd_dops_prep_t(d, t, B, op);
-                if (!tc) return NULL;
-                int need = 0;
-                for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
-                idd_tensor_release(tc);
-                if (need) { idd_error("%s: noise (eta > 0) is missing (NULL)", op); return NULL; }
-            }
-            noise = xt;   /* not read */
-        }
-        return dev_pointwise(d, reverse ? IDD_DK_DDIM_REVERSE : IDD_DK_DDIM, op, xt, t, xt, px, reverse ? NULL : noise,
-                             names, 0, 0, eta, NULL);
+    static const char *const names[3] = {"x_t", "pred_xstart", "noise"};
+    if (reverse && eta != 0.0) {
+        idd_error("%s: reverse ODE only for deterministic path (eta must be 0, got %g)", op, eta);
+        return NULL;
     }
-    idd_tensor *a[4] = {idd_dops_prep(xt, op, "x_t"), idd_dops_prep(px, op, "pred_xstart"), noise ? idd_dops_prep(noise, op, "noise") : NULL, NULL};
-    a[3] = a[0] && a[1] && (!noise || a[2]) ? idd_dops_prep_t(d, t, B, op) : NULL;
-    idd_tensor *out = a[3] ? new_like(xt) : NULL;
-    idd_status st = !out ? IDD_ERR
-                    : reverse ? idd_ddim_reverse_step(d->s, F(a[0]), F(a[1]), I(a[3]), eta, B, C * HW, F(out))
-                              : idd_ddim_step(d->s, F(a[0]), F(a[1]), F(a[2]), I(a[3]), eta, B, C * HW, F(out));
-    if (st != IDD_OK) { idd_tensor_release(out); out = NULL; }
-    drop(4, a);
-    return out;
+    if (!reverse && (!(eta >= 0) || !isfinite(eta))) { idd_error("%s: eta must be >= 0, got %g", op, eta); return NULL; }
+    if (!reverse && !noise) {
+        if (eta != 0) {
+            idd_tensor *tc = idd_dops_prep_t(d, t, B, op);
+            if (!tc) return NULL;
+            int need = 0;
+            for (int64_t b = 0; b < B; b++) need |= I(tc)[b] != 0;
+            idd_tensor_release(tc);
+            if (need) { idd_error("%s: noise (eta > 0) is missing (NULL)", op); return NULL; }
+        }
+        noise = xt;   /* not read */
+    }
+    return dev_pointwise(d, reverse ? IDD_DK_DDIM_REVERSE : IDD_DK_DDIM, op, xt, t, xt, px, reverse ? NULL : noise,
+                         names, 0, 0, eta, NULL);
 }
 idd_tensor *idd_diff_ddim_step(idd_diffusion *d, idd_tensor *xt, idd_tensor *pred_xstart, idd_tensor *noise,
                                idd_tensor *t, double eta) {
@@ -586,27 +438,6 @@ idd_tensor *idd_diff_ddim_reverse_step(idd_diffusion *d, idd_tensor *xt, idd_ten
 }
 
 // ---------------------------------------------------------------- losses
-
-/* saved: model_out, x0, xt, noise, t (contiguous float32 / int64 CPU); ctx: the diffusion */
-static idd_status training_losses_backward(idd_node *n, idd_tensor *dout, idd_tensor **gin) {
-    idd_diffusion *d = n->ctx;
-    idd_tensor *mo = n->saved[0], *x0 = n->saved[1], *xt = n->saved[2], *nz = n->saved[3], *t = n->saved[4];
-    int64_t B, C, HW;
-    geom(xt, &B, &C, &HW);
-    idd_tensor *g = idd_dops_prep(dout, "training_losses backward", "dout");
-    double *dl = g ? malloc(sizeof(double) * (size_t)B) : NULL;
-    idd_tensor *gm = dl ? idd_tensor_zeros(IDD_F32, IDD_CPU, mo->ndim, mo->shape) : NULL;
-    idd_status st = gm ? IDD_OK : IDD_ERR;
-    if (st == IDD_OK) {
-        for (int64_t b = 0; b < B; b++) dl[b] = F(g)[b];
-        st = idd_training_losses_backward(d->s, d->cfg, F(mo), F(x0), F(xt), F(nz), I(t), B, C, HW, dl, F(gm));
-    }
-    free(dl);
-    idd_tensor_release(g);
-    if (st != IDD_OK) { idd_tensor_release(gm); return IDD_ERR; }
-    gin[0] = gm;
-    return IDD_OK;
-}
 
 static void release_diffusion(void *p) { idd_diffusion_release(p); }
 
@@ -671,39 +502,9 @@ idd_status idd_diff_training_losses(idd_diffusion *d, idd_tensor *model_out, idd
                                     idd_tensor *noise, idd_tensor *t, idd_tensor **loss, idd_tensor **mse,
                                     idd_tensor **vb) {
     const char *op = "diffusion.training_losses";
-    int64_t B, C, HW;
     if (!model_out || !x0 || !xt || !noise) return idd_error("%s: an input is missing", op);
     if (idd_dops_check_model_out(d, model_out, xt, op) || idd_dops_same_shape(x0, xt, op, "x_start", "x_t") ||
         idd_dops_same_shape(x0, noise, op, "x_start", "noise"))
         return IDD_ERR;
-    if (dev_be(xt)) return training_losses_dev(d, model_out, x0, xt, noise, t, loss, mse, vb);
-    geom(xt, &B, &C, &HW);
-    idd_tensor *a[5] = {idd_dops_prep(model_out, op, "model output"), idd_dops_prep(x0, op, "x_start"), idd_dops_prep(xt, op, "x_t"),
-                        idd_dops_prep(noise, op, "noise"), NULL};
-    a[4] = a[0] && a[1] && a[2] && a[3] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    double *v = a[4] ? malloc(sizeof(double) * 3 * (size_t)B) : NULL;
-    idd_tensor *o[3] = {v ? new_b(B) : NULL, v ? new_b(B) : NULL, v ? new_b(B) : NULL};
-    idd_status st = o[0] && o[1] && o[2]
-                        ? idd_training_losses(d->s, d->cfg, F(a[0]), F(a[1]), F(a[2]), F(a[3]), I(a[4]), B, C, HW,
-                                              v, v + B, v + 2 * B)
-                        : IDD_ERR;
-    if (st == IDD_OK) {
-        for (int k = 0; k < 3; k++)
-            for (int64_t b = 0; b < B; b++) F(o[k])[b] = (float)v[k * B + b];
-        idd_tensor *ins[1] = {model_out};
-        idd_node *nd = idd_record("diffusion.training_losses", training_losses_backward, o[0], 1, ins);
-        if (nd) {
-            for (int k = 0; k < 5; k++) idd_node_save(nd, a[k]);
-            idd_diffusion_retain(d);
-            nd->ctx = d;
-            nd->free_ctx = release_diffusion;
-        }
-    }
-    free(v);
-    drop(5, a);
-    if (st != IDD_OK) { drop(3, o); return IDD_ERR; }
-    *loss = o[0];
-    if (mse) *mse = o[1]; else idd_tensor_release(o[1]);
-    if (vb) *vb = o[2]; else idd_tensor_release(o[2]);
-    return IDD_OK;
+    return training_losses_dev(d, model_out, x0, xt, noise, t, loss, mse, vb);
 }

@@ -1,10 +1,10 @@
 /* ops_eval.c — the evaluation terms of the variational bound at the tensor level:
  * vb_terms_bpd (L_t in bits/dim and pred_xstart), prior_bpd (L_T), mean_flat of squared
  * differences, and the elementwise normal_kl and discretized Gaussian log-likelihood.
- * On the CPU they call losses.c. On a device whose backend has the diffusion pointwise
- * kernel (diffusion_kernels.h IDD_DK_VB, _PRIOR, _SQDIFF, _NORMAL_KL, _DGLL; per element
- * in double) they stay there: the per-element terms go into a (B, n) tensor that the
- * backend's reduction sums per sample in double, so calc_bpd_loop never leaves the GPU. */
+ * On every device (the CPU included) they run the backend's diffusion pointwise kernel
+ * (diffusion_kernels.h IDD_DK_VB, _PRIOR, _SQDIFF, _NORMAL_KL, _DGLL; per element in
+ * double): the per-element terms go into a (B, n) tensor that the backend's reduction
+ * sums per sample in double, so calc_bpd_loop never leaves the GPU. */
 #include "iddpm/diffusion_ops.h"
 #include "iddpm/ops.h"
 
@@ -16,14 +16,9 @@
 
 #define LN2 0.69314718055994530942
 
-// ---------------------------------------------------------------- the device path
+// ---------------------------------------------------------------- through the backend
 
-/* the backend of x's device when it has the diffusion pointwise kernel; NULL: CPU path */
-static const idd_backend *eval_be(const idd_tensor *x) {
-    if (!x || x->device == IDD_CPU) return NULL;
-    const idd_backend *be = idd_backend_of(x);
-    return be && be->diff_pointwise ? be : NULL;
-}
+static const idd_backend *eval_be(const idd_tensor *x) { return idd_backend_of(x); }
 
 /* the op's per-element values as a new (B, C*HW) tensor on dev */
 static idd_tensor *dev_elems(const idd_backend *be, int op, const idd_diff_args *a, idd_device dev, idd_tensor *x,
@@ -168,63 +163,22 @@ static idd_tensor *elementwise_dev(const idd_backend *be, const char *op, int n,
 idd_status idd_diff_vb_terms_bpd(idd_diffusion *d, idd_tensor *model_out, idd_tensor *x0, idd_tensor *xt,
                                  idd_tensor *t, int clip, idd_tensor **vb, idd_tensor **pred_xstart) {
     const char *op = "diffusion.vb_terms_bpd";
-    int64_t B, C, HW;
     if (!model_out || !x0 || !xt) return idd_error("%s: an input is missing", op);
     if (idd_dops_check_model_out(d, model_out, xt, op) || idd_dops_same_shape(x0, xt, op, "x_start", "x_t")) return IDD_ERR;
-    geom(xt, &B, &C, &HW);
-    const idd_backend *be = B > 0 && C * HW > 0 ? eval_be(xt) : NULL;
-    if (be) return vb_terms_dev(be, d, model_out, x0, xt, t, clip, vb, pred_xstart);
-    idd_tensor *a[4] = {idd_dops_prep(model_out, op, "model output"), idd_dops_prep(x0, op, "x_start"), idd_dops_prep(xt, op, "x_t"), NULL};
-    a[3] = a[0] && a[1] && a[2] ? idd_dops_prep_t(d, t, B, op) : NULL;
-    double *v = a[3] ? malloc(sizeof(double) * (size_t)B) : NULL;
-    idd_tensor *o = v ? new_b(B) : NULL, *p = o ? new_like(xt) : NULL;
-    idd_status st = p ? idd_vb_terms_bpd(d->s, d->cfg, F(a[0]), F(a[1]), F(a[2]), I(a[3]), B, C, HW, clip, v, F(p))
-                      : IDD_ERR;
-    if (st == IDD_OK) for (int64_t b = 0; b < B; b++) F(o)[b] = (float)v[b];
-    free(v);
-    drop(4, a);
-    if (st != IDD_OK) { idd_tensor_release(o); idd_tensor_release(p); return IDD_ERR; }
-    *vb = home(o, xt->device);
-    if (pred_xstart) *pred_xstart = home(p, xt->device); else idd_tensor_release(p);
-    return IDD_OK;
+    return vb_terms_dev(eval_be(xt), d, model_out, x0, xt, t, clip, vb, pred_xstart);
 }
 
 idd_tensor *idd_diff_prior_bpd(idd_diffusion *d, idd_tensor *x0) {
     const char *op = "diffusion.prior_bpd";
-    int64_t B, C, HW;
     if (!x0 || idd_dops_need_batch(x0, op, "x_start")) { if (!x0) idd_error("%s: x_start is missing", op); return NULL; }
-    geom(x0, &B, &C, &HW);
-    const idd_backend *be = B > 0 && C * HW > 0 ? eval_be(x0) : NULL;
-    if (be) return prior_dev(be, d, x0);
-    idd_tensor *a = idd_dops_prep(x0, op, "x_start");
-    double *v = a ? malloc(sizeof(double) * (size_t)B) : NULL;
-    idd_tensor *o = v ? new_b(B) : NULL;
-    if (o && idd_prior_bpd(d->s, F(a), B, C * HW, v) == IDD_OK)
-        for (int64_t b = 0; b < B; b++) F(o)[b] = (float)v[b];
-    else { idd_tensor_release(o); o = NULL; }
-    free(v);
-    idd_tensor_release(a);
-    return home(o, x0->device);
+    return prior_dev(eval_be(x0), d, x0);
 }
 
 idd_tensor *idd_diff_mean_flat_sq_diff(idd_tensor *x, idd_tensor *y) {
     const char *op = "diffusion.mean_flat_sq_diff";
-    int64_t B, C, HW;
     if (!x || !y) { idd_error("%s: an input is missing", op); return NULL; }
     if (idd_dops_need_batch(x, op, "a") || idd_dops_same_shape(x, y, op, "a", "b")) return NULL;
-    geom(x, &B, &C, &HW);
-    const idd_backend *be = B > 0 && C * HW > 0 ? eval_be(x) : NULL;
-    if (be) return mean_flat_dev(be, x, y);
-    idd_tensor *a = idd_dops_prep(x, op, "a"), *b = a ? idd_dops_prep(y, op, "b") : NULL;
-    double *v = b ? malloc(sizeof(double) * (size_t)B) : NULL;
-    idd_tensor *o = v ? new_b(B) : NULL;
-    if (o && idd_mean_flat_sq_diff(F(a), F(b), B, C * HW, v) == IDD_OK)
-        for (int64_t i = 0; i < B; i++) F(o)[i] = (float)v[i];
-    else { idd_tensor_release(o); o = NULL; }
-    free(v);
-    idd_tensor_release(a);
-    idd_tensor_release(b);
-    return home(o, x->device);
+    return mean_flat_dev(eval_be(x), x, y);
 }
 
 // ---------------------------------------------------------------- elementwise losses
@@ -244,24 +198,7 @@ static idd_tensor *elementwise(const char *op, int n, idd_tensor **in, const cha
                       idd_shape_str(in[i], s0, 96), idd_shape_str(ref, s1, 96));
             return NULL;
         }
-    const idd_backend *be = eval_be(ref);
-    if (be) return elementwise_dev(be, op, n, in, names, kind, ref);
-    idd_tensor *a[4] = {NULL, NULL, NULL, NULL};
-    int64_t st[4];
-    for (int i = 0; i < n; i++) {
-        a[i] = idd_dops_prep(in[i], op, names[i]);
-        if (!a[i]) { drop(n, a); return NULL; }
-        st[i] = idd_numel(in[i]) == 1 ? 0 : 1;
-    }
-    idd_tensor *out = new_like(ref);
-    int64_t m = idd_numel(ref);
-    idd_status rc = !out ? IDD_ERR
-                    : kind == 0 ? idd_normal_kl(m, F(a[0]), st[0], F(a[1]), st[1], F(a[2]), st[2], F(a[3]), st[3], F(out))
-                                : idd_discretized_gaussian_log_likelihood(m, F(a[0]), st[0], F(a[1]), st[1], F(a[2]),
-                                                                          st[2], F(out));
-    if (rc != IDD_OK) { idd_tensor_release(out); out = NULL; }
-    drop(n, a);
-    return home(out, ref->device);
+    return elementwise_dev(eval_be(ref), op, n, in, names, kind, ref);
 }
 
 idd_tensor *idd_diff_normal_kl(idd_tensor *m1, idd_tensor *lv1, idd_tensor *m2, idd_tensor *lv2) {

@@ -88,9 +88,21 @@ idd_status idd_idx_read(const char *path, idd_array *out) {
         goto done;
     }
     unsigned char extra;
-    if (gz_read_all(gz, &extra, 1) != 0) {
+    r = gz_read_all(gz, &extra, 1);
+    if (r != 0) {
         free(buf);
-        st = idd_error("%s: idx: trailing bytes after the data (dims disagree with the file size)", path);
+        st = r < 0 ? gz_fail(gz, path, "read error (corrupt gzip?)")
+                   : idd_error("%s: idx: trailing bytes after the data (dims disagree with the file size)", path);
+        goto done;
+    }
+    /* zlib checks a gzip member's CRC-32 and length trailer itself (a mismatch is a read
+     * error above), but a stream cut before or inside that trailer reads as a quiet end
+     * of file, with Z_BUF_ERROR left behind: that is a truncated file */
+    int zerr = Z_OK;
+    gzerror(gz, &zerr);
+    if (zerr != Z_OK) {
+        free(buf);
+        st = idd_error("%s: idx: gzip stream is truncated (its CRC-32/length trailer is missing or cut)", path);
         goto done;
     }
     if (dt == IDD_U8) {

@@ -79,10 +79,17 @@ idd_status idd_strmap_set(idd_strmap *m, const char *key, const char *value) {
             m->values[i] = v;
             return IDD_OK;
         }
+    return idd_strmap_append(m, key, v);
+}
+
+/* append without looking for key (the caller knows it is new); owns value */
+idd_status idd_strmap_append(idd_strmap *m, const char *key, char *v) {
     char *k = dupstr(key);
-    char **nk = realloc(m->keys, (m->n + 1) * sizeof *nk);
+    /* capacity doubles: it is the next power of two >= n, so grow when n is one */
+    size_t cap = m->n == 0 || (m->n & (m->n - 1)) == 0 ? (m->n ? 2 * m->n : 1) : 0;
+    char **nk = cap ? realloc(m->keys, cap * sizeof *nk) : m->keys;
     if (nk) m->keys = nk;
-    char **nv = nk ? realloc(m->values, (m->n + 1) * sizeof *nv) : NULL;
+    char **nv = nk ? (cap ? realloc(m->values, cap * sizeof *nv) : m->values) : NULL;
     if (nv) m->values = nv;
     if (!k || !nk || !nv) {
         free(k);

@@ -244,28 +244,46 @@ static idd_status parse_array(parser *p, idd_json *out) {
     }
 }
 
-static idd_status parse_object(parser *p, idd_json *out) {
+/* keys with where they start, sorted to find duplicates in O(n log n) (a header with
+ * 100k tensor names was quadratic when each key was compared with all before it) */
+typedef struct { const char *key; size_t pos; } key_at;
+static int cmp_key_at(const void *a, const void *b) {
+    const key_at *x = a, *y = b;
+    int c = strcmp(x->key, y->key);
+    return c ? c : (x->pos > y->pos) - (x->pos < y->pos);
+}
+
+static idd_status check_unique_keys(parser *p, key_at *ka, size_t n) {
+    qsort(ka, n, sizeof *ka, cmp_key_at);
+    for (size_t i = 1; i < n; i++)
+        if (strcmp(ka[i - 1].key, ka[i].key) == 0) {
+            p->pos = ka[i].pos;   /* the second occurrence */
+            return perr(p, "duplicate key in object");
+        }
+    return IDD_OK;
+}
+
+static idd_status parse_object_items(parser *p, idd_json *out, key_at **ka, size_t *ka_cap) {
     size_t cap = 0;
     idd_status st;
-    out->type = IDD_JSON_OBJECT;
-    p->pos++;
-    skip_ws(p);
-    if (peek(p) == '}') { p->pos++; return IDD_OK; }
     for (;;) {
         skip_ws(p);
         if (peek(p) != '"') return perr(p, "expected a string key in object");
         size_t key_pos = p->pos;
         char *key;
         if ((st = parse_string(p, &key))) return st;
-        for (size_t i = 0; i < out->n; i++)
-            if (strcmp(out->keys[i], key) == 0) {
-                p->pos = key_pos;
-                free(key);
-                return perr(p, "duplicate key in object");
-            }
         if ((st = grow(out, &cap, 1))) { free(key); return st; }
+        if (out->n == *ka_cap) {
+            size_t nc = *ka_cap ? 2 * *ka_cap : 8;
+            key_at *k2 = realloc(*ka, nc * sizeof *k2);
+            if (!k2) { free(key); return idd_error_status(IDD_ENOMEM, "json: out of memory"); }
+            *ka = k2;
+            *ka_cap = nc;
+        }
         memset(&out->items[out->n], 0, sizeof out->items[0]);
         out->keys[out->n] = key;
+        (*ka)[out->n].key = key;
+        (*ka)[out->n].pos = key_pos;
         out->n++;
         skip_ws(p);
         if (peek(p) != ':') return perr(p, "expected ':' after key in object");
@@ -274,9 +292,21 @@ static idd_status parse_object(parser *p, idd_json *out) {
         skip_ws(p);
         int c = peek(p);
         if (c == ',') { p->pos++; continue; }
-        if (c == '}') { p->pos++; return IDD_OK; }
+        if (c == '}') { p->pos++; return check_unique_keys(p, *ka, out->n); }
         return perr(p, "expected ',' or '}' in object");
     }
+}
+
+static idd_status parse_object(parser *p, idd_json *out) {
+    out->type = IDD_JSON_OBJECT;
+    p->pos++;
+    skip_ws(p);
+    if (peek(p) == '}') { p->pos++; return IDD_OK; }
+    key_at *ka = NULL;
+    size_t ka_cap = 0;
+    idd_status st = parse_object_items(p, out, &ka, &ka_cap);
+    free(ka);
+    return st;
 }
 
 static idd_status parse_value(parser *p, idd_json *out) {

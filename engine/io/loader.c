@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../core/rng_philox.h"
+#include "iddpm/philox.h"
 #include "io_internal.h"
 
 enum { EMPTY, REQUESTED, READY };

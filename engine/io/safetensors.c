@@ -226,7 +226,10 @@ static idd_status read_body(FILE *fp, uint64_t fsize, idd_st_file *f) {
                                    "metadata is string->string)", v->keys[j]);
                     goto done;
                 }
-                if ((st = idd_strmap_set(&f->meta, v->keys[j], v->items[j].str))) goto done;
+                /* JSON keys are unique (the parser checks): append, no quadratic search */
+                char *val = strdup(v->items[j].str);
+                if (!val) { st = idd_error_status(IDD_ENOMEM, "out of memory"); goto done; }
+                if ((st = idd_strmap_append(&f->meta, v->keys[j], val))) goto done;
             }
             continue;
         }

@@ -1,35 +1,21 @@
-/* embedding.c — the sinusoidal timestep embedding of the official UNet
- * (timestep_embedding in nn.py):
- *   half = dim/2, freq_i = exp(-ln(max_period) * i / half), i = 0..half-1
- *   out[n] = [cos(t[n]*freq_0 .. t[n]*freq_{half-1}), sin(...)] (+ a zero column if dim odd)
- * Everything after ln(max_period) is done in float32, in the same order as the PyTorch
- * code (-ln(P) * i, then / half, then exp; t * freq; cos/sin), so results agree with
- * the reference to the last bit or two even for t ~ 1000. t is not differentiated, so
- * there is no backward. */
-#include "iddpm/kernels.h"
+/* embedding.c — the sinusoidal timestep embedding (no gradient: t is an index).
+ * Kernels: engine/cpu/embedding.c, engine/cuda/resample.cu. */
+#include "ops_internal.h"
 
-#include <math.h>
+#include <string.h>
 
-idd_status idd_timestep_embedding_f32(float *out, const float *t, int N, int dim,
-                                      float max_period) {
-    if (N <= 0 || dim <= 0)
-        return idd_error("timestep_embedding: bad sizes: %d timesteps, dim %d", N, dim);
-    if (!(max_period > 0))
-        return idd_error("timestep_embedding: max_period must be positive, got %g",
-                         (double)max_period);
-    const int half = dim / 2;
-    const float neg_log = (float)-log((double)max_period);
-    for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * dim;
-        for (int i = 0; i < half; i++) {
-            float e = neg_log * (float)i;
-            e = e / (float)half;
-            float freq = expf(e);
-            float arg = t[n] * freq;
-            o[i] = cosf(arg);
-            o[half + i] = sinf(arg);
-        }
-        if (dim % 2) o[dim - 1] = 0.0f;
-    }
-    return IDD_OK;
+// ---------------------------------------------------------------- timestep embedding
+
+idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period) {
+    char st_[96];
+    if (t->ndim != 1 || dim < 1) { idd_error("timestep_embedding: t %s must be (N) and dim >= 1", idd_shape_str(t, st_, 96)); return NULL; }
+    const idd_backend *be = op_backend(t, IDD_K_TIMESTEP_EMB, "timestep_embedding");
+    if (!be) return NULL;
+    int64_t shape[2] = {t->shape[0], dim};
+    idd_tensor *tc = cf32(t), *out = idd_tensor_new(IDD_F32, t->device, 2, shape);
+    idd_status st = tc && out ? be->timestep_embedding(fp(out), fp(tc), (int)t->shape[0], dim, (float)max_period) : IDD_ERR;
+    idd_tensor_release(tc);
+    if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    return out;
 }
+

@@ -1,107 +1,62 @@
-/* resample.c — the UNet's non-learned resampling, forward and backward:
- *   nearest-neighbour 2x upsample (Upsample: out[y][x] = in[y/2][x/2]) and
- *   2x2 stride-2 average pooling (Downsample without conv; PyTorch AvgPool2d(2), floor).
- * Both work plane by plane (one (n,c) image at a time), spread over OpenMP threads;
- * each plane has a single writer, so the backward accumulation needs no atomics. */
-#include "iddpm/kernels.h"
+/* resample.c — nearest 2x upsample and 2x2 average pool as differentiable ops: shape
+ * checks, dispatch (float32; bf16 channels-last where the backend has it) and the tape
+ * node. Kernels: engine/cpu/resample.c, engine/cuda/resample.cu. */
+#include "ops_internal.h"
 
 #include <string.h>
 
-typedef float v4f __attribute__((vector_size(16)));
-typedef float v8f __attribute__((vector_size(32)));
+// ---------------------------------------------------------------- resampling
 
-static idd_status rs_check(const char *fn, int N, int C, int H, int W, int minhw) {
-    if (N <= 0 || C <= 0 || H < minhw || W < minhw)
-        return idd_error("%s: bad input size (%d,%d,%d,%d)", fn, N, C, H, W);
-    return IDD_OK;
-}
-
-idd_status idd_upsample2x_forward_f32(float *out, const float *x, int N, int C, int H, int W) {
-    idd_status st = rs_check("upsample2x_forward", N, C, H, W, 1);
-    if (st) return st;
-    const long planes = (long)N * C;
-    const int W2 = 2 * W;
-#pragma omp parallel for schedule(static)
-    for (long pl = 0; pl < planes; pl++) {
-        const float *xp = x + (size_t)pl * H * W;
-        float *op = out + (size_t)pl * 4 * H * W;
-        for (int y = 0; y < H; y++) {
-            const float *xr = xp + (size_t)y * W;
-            float *r0 = op + (size_t)(2 * y) * W2, *r1 = r0 + W2;
-            int i = 0;
-            for (; i + 4 <= W; i += 4) {   /* 4 inputs -> 8 outputs, one vector store */
-                v4f v;
-                memcpy(&v, xr + i, sizeof v);
-                v8f d = __builtin_shufflevector(v, v, 0, 0, 1, 1, 2, 2, 3, 3);
-                memcpy(r0 + 2 * i, &d, sizeof d);
-            }
-            for (; i < W; i++) r0[2 * i] = r0[2 * i + 1] = xr[i];
-            memcpy(r1, r0, sizeof(float) * (size_t)W2);   /* the odd row repeats the even one */
-        }
+/* ip[0]: 1 = upsample, 0 = avgpool; ip[1]: the bf16 kernels ran; the input's shape
+ * comes from the node's input */
+static idd_status resample_backward(idd_node *n, idd_tensor *g, idd_tensor **gin) {
+    idd_tensor *x = n->in[0];
+    const idd_backend *be = idd_backend_of(x);
+    int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
+    idd_status st;
+    if (n->ip[1]) {
+        idd_tensor *gb = cl_bf16(g), *dx = idd_tensor_new_channels_last(IDD_BF16, x->device, 4, x->shape);
+        st = gb && dx ? (n->ip[0] ? be->upsample2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W)
+                                  : be->avgpool2x_backward_bf16(idd_data(dx), idd_data(gb), N, C, H, W))
+                      : IDD_ERR;
+        idd_tensor_release(gb);
+        gin[0] = as_layout_of(dx, x);
+        return st;
     }
-    return IDD_OK;
+    idd_tensor *gc = cf32(g), *dx = zeros_like_shape(x);
+    st = gc && dx ? (n->ip[0] ? be->upsample2x_backward(fp(dx), fp(gc), N, C, H, W)
+                              : be->avgpool2x_backward(fp(dx), fp(gc), N, C, H, W))
+                  : IDD_ERR;
+    idd_tensor_release(gc);
+    gin[0] = as_layout_of(dx, x);
+    return st;
 }
 
-idd_status idd_upsample2x_backward_f32(float *dx, const float *dout, int N, int C, int H, int W) {
-    idd_status st = rs_check("upsample2x_backward", N, C, H, W, 1);
-    if (st) return st;
-    if (!dx) return IDD_OK;
-    const long planes = (long)N * C;
-    const int W2 = 2 * W;
-#pragma omp parallel for schedule(static)
-    for (long pl = 0; pl < planes; pl++) {
-        float *dp = dx + (size_t)pl * H * W;
-        const float *gp = dout + (size_t)pl * 4 * H * W;
-        for (int y = 0; y < H; y++) {
-            float *dr = dp + (size_t)y * W;
-            const float *r0 = gp + (size_t)(2 * y) * W2, *r1 = r0 + W2;
-            for (int i = 0; i < W; i++)
-                dr[i] += (r0[2 * i] + r0[2 * i + 1]) + (r1[2 * i] + r1[2 * i + 1]);
-        }
-    }
-    return IDD_OK;
+static idd_tensor *resample(idd_tensor *x, bool up) {
+    char sx[96];
+    const char *name = up ? "upsample_nearest" : "avg_pool2d";
+    if (x->ndim != 4) { idd_error("%s: input %s must be (N,C,H,W)", name, idd_shape_str(x, sx, 96)); return NULL; }
+    idd_kernel k = up ? IDD_K_UPSAMPLE2X : IDD_K_AVGPOOL2X;
+    const idd_backend *be = op_backend(x, k, name);
+    if (!be) return NULL;
+    int64_t shape[4] = {x->shape[0], x->shape[1], up ? 2 * x->shape[2] : x->shape[2] / 2, up ? 2 * x->shape[3] : x->shape[3] / 2};
+    int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
+    bool bf = takes_bf16(x, k, C % 8 == 0);
+    idd_tensor *xc = bf ? cl_bf16(x) : cf32(x);
+    idd_tensor *out = bf ? idd_tensor_new_channels_last(IDD_BF16, x->device, 4, shape)
+                         : idd_tensor_new(IDD_F32, x->device, 4, shape);
+    idd_status st = !xc || !out ? IDD_ERR
+                    : bf ? (up ? be->upsample2x_forward_bf16(idd_data(out), idd_data(xc), N, C, H, W)
+                               : be->avgpool2x_forward_bf16(idd_data(out), idd_data(xc), N, C, H, W))
+                         : (up ? be->upsample2x_forward(fp(out), fp(xc), N, C, H, W)
+                               : be->avgpool2x_forward(fp(out), fp(xc), N, C, H, W));
+    idd_tensor_release(xc);
+    if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
+    if (!bf && !(out = as_layout_of(out, x))) return NULL;
+    idd_node *n = idd_record(name, resample_backward, out, 1, &x);
+    if (n) { n->ip[0] = up; n->ip[1] = bf; }
+    return out;
 }
 
-idd_status idd_avgpool2x_forward_f32(float *out, const float *x, int N, int C, int H, int W) {
-    idd_status st = rs_check("avgpool2x_forward", N, C, H, W, 2);
-    if (st) return st;
-    const long planes = (long)N * C;
-    const int Ho = H / 2, Wo = W / 2;
-#pragma omp parallel for schedule(static)
-    for (long pl = 0; pl < planes; pl++) {
-        const float *xp = x + (size_t)pl * H * W;
-        float *op = out + (size_t)pl * Ho * Wo;
-        for (int y = 0; y < Ho; y++) {
-            const float *r0 = xp + (size_t)(2 * y) * W, *r1 = r0 + W;
-            float *orow = op + (size_t)y * Wo;
-            for (int i = 0; i < Wo; i++)
-                orow[i] = ((r0[2 * i] + r0[2 * i + 1]) + (r1[2 * i] + r1[2 * i + 1])) * 0.25f;
-        }
-    }
-    return IDD_OK;
-}
-
-idd_status idd_avgpool2x_backward_f32(float *dx, const float *dout, int N, int C, int H, int W) {
-    idd_status st = rs_check("avgpool2x_backward", N, C, H, W, 2);
-    if (st) return st;
-    if (!dx) return IDD_OK;
-    const long planes = (long)N * C;
-    const int Ho = H / 2, Wo = W / 2;
-#pragma omp parallel for schedule(static)
-    for (long pl = 0; pl < planes; pl++) {
-        float *dp = dx + (size_t)pl * H * W;
-        const float *gp = dout + (size_t)pl * Ho * Wo;
-        for (int y = 0; y < Ho; y++) {
-            float *r0 = dp + (size_t)(2 * y) * W, *r1 = r0 + W;
-            const float *grow = gp + (size_t)y * Wo;
-            for (int i = 0; i < Wo; i++) {
-                float g = grow[i] * 0.25f;
-                r0[2 * i] += g;
-                r0[2 * i + 1] += g;
-                r1[2 * i] += g;
-                r1[2 * i + 1] += g;
-            }
-        }
-    }
-    return IDD_OK;
-}
+idd_tensor *idd_upsample_nearest2x(idd_tensor *x) { return resample(x, true); }
+idd_tensor *idd_avg_pool2x(idd_tensor *x) { return resample(x, false); }

@@ -31,8 +31,11 @@ idd_tensor *idd_reshape(idd_tensor *a, int ndim, const int64_t *shape_in) {
         shape[i] = shape_in[i];
         if (shape[i] == -1 && infer < 0) infer = i;
         else if (shape[i] < 0) { idd_error("reshape: bad size %lld", (long long)shape[i]); return NULL; }
-        else known *= shape[i];
     }
+    int64_t probe[IDD_MAX_DIMS] = {0};   /* the known sizes must not overflow their product */
+    for (int i = 0; i < ndim; i++) probe[i] = i == infer ? 1 : shape[i];
+    if (!idd_shape_fits(ndim, probe, 1, "reshape")) return NULL;
+    for (int i = 0; i < ndim; i++) if (i != infer) known *= shape[i];
     int64_t n = idd_numel(a);
     if (infer >= 0) shape[infer] = known ? n / known : 0;
     int64_t m = 1;
@@ -72,9 +75,9 @@ idd_tensor *idd_narrow(idd_tensor *a, int dim, int64_t start, int64_t len) {
     char sa[96];
     int d = idd_norm_dim(a, dim, "narrow", &st);
     if (d < 0) return NULL;
-    if (start < 0 || len < 0 || start + len > a->shape[d]) {
+    if (start < 0 || len < 0 || start > a->shape[d] || len > a->shape[d] - start) {
         idd_error("narrow: positions %lld..%lld out of bounds for dim %d of %s", (long long)start + 1,
-                  (long long)(start + len), d + 1, idd_shape_str(a, sa, 96));
+                  (long long)((uint64_t)start + (uint64_t)len), d + 1, idd_shape_str(a, sa, 96));
         return NULL;
     }
     idd_tensor *out = idd_view_narrow(a, d, start, len);
@@ -154,7 +157,22 @@ idd_tensor *idd_concat(int n, idd_tensor **ts, int dim) {
     char sa[96], sb[96];
     idd_status st;
     if (n < 1) { idd_error("concat: no tensors"); return NULL; }
-    if (n > IDD_NODE_MAX_IN) { idd_error("concat: at most %d tensors at once", IDD_NODE_MAX_IN); return NULL; }
+    if (n > IDD_NODE_MAX_IN && idd_grad_enabled() && idd_any_requires_grad(n, ts)) {
+        /* a node takes at most IDD_NODE_MAX_IN inputs: concatenate groups, then the groups */
+        int ng = (n + IDD_NODE_MAX_IN - 1) / IDD_NODE_MAX_IN;
+        idd_tensor **parts = calloc((size_t)ng, sizeof *parts);
+        if (!parts) { idd_error_status(IDD_ENOMEM, "concat: out of memory"); return NULL; }
+        idd_tensor *out = NULL;
+        int g = 0;
+        for (; g < ng; g++) {
+            int k0 = g * IDD_NODE_MAX_IN, k1 = k0 + IDD_NODE_MAX_IN < n ? k0 + IDD_NODE_MAX_IN : n;
+            if (!(parts[g] = idd_concat(k1 - k0, ts + k0, dim))) break;
+        }
+        if (g == ng) out = idd_concat(ng, parts, dim);
+        for (int k = 0; k < ng; k++) idd_tensor_release(parts[k]);
+        free(parts);
+        return out;
+    }
     int d = idd_norm_dim(ts[0], dim, "concat", &st);
     if (d < 0) return NULL;
     int64_t shape[IDD_MAX_DIMS];
@@ -188,7 +206,7 @@ idd_tensor *idd_concat(int n, idd_tensor **ts, int dim) {
         if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
         start += ts[k]->shape[d];
     }
-    idd_node *nd = idd_record("concat", concat_backward, out, n, ts);
+    idd_node *nd = n <= IDD_NODE_MAX_IN ? idd_record("concat", concat_backward, out, n, ts) : NULL;
     if (nd) nd->ip[0] = d;
     return out;
 }

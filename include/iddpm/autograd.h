@@ -30,6 +30,8 @@ struct idd_node {
     bool needs[IDD_NODE_MAX_IN];            /* input i needs a gradient */
     int n_saved;
     idd_tensor *saved[IDD_NODE_MAX_SAVED];  /* retained; released after backward */
+    uint64_t in_version[IDD_NODE_MAX_IN];   /* storage versions when recorded / saved: */
+    uint64_t saved_version[IDD_NODE_MAX_SAVED];   /* backward refuses to run if they moved */
     double p[8];                            /* scalar params */
     int64_t ip[8];                          /* integer params */
     void *ctx;                              /* op-owned extra state, freed by free_ctx */

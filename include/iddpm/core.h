@@ -38,7 +38,8 @@ const char *idd_device_name(idd_device d);
 
 /* Threads: number of worker threads used by engine loops and OpenBLAS. */
 int idd_num_threads(void);
-void idd_set_num_threads(int n);
+void idd_set_num_threads(int n);   /* clamped to 1..IDD_MAX_THREADS */
+#define IDD_MAX_THREADS 1024
 
 /* Cooperative interruption: set from a signal handler (Ctrl-C in the REPL); long
  * engine loops poll it and fail with "interrupted". */

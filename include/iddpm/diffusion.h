@@ -36,6 +36,7 @@
 #define IDDPM_DIFFUSION_H
 
 #include "iddpm/core.h"
+#include "iddpm/diffusion_kernels.h"
 
 /* ------------------------------------------------------------------ schedules */
 
@@ -100,13 +101,7 @@ idd_status idd_schedule_respace_str(idd_schedule **out, const idd_schedule *base
 
 /* ------------------------------------------------------------------ model config */
 
-typedef enum { IDD_MEAN_PREVIOUS_X = 0, IDD_MEAN_START_X = 1, IDD_MEAN_EPSILON = 2 } idd_mean_type;
-typedef enum {
-    IDD_VAR_LEARNED = 0, IDD_VAR_FIXED_SMALL = 1, IDD_VAR_FIXED_LARGE = 2, IDD_VAR_LEARNED_RANGE = 3
-} idd_var_type;
-typedef enum {
-    IDD_LOSS_MSE = 0, IDD_LOSS_RESCALED_MSE = 1, IDD_LOSS_KL = 2, IDD_LOSS_RESCALED_KL = 3
-} idd_loss_type;
+/* idd_mean_type, idd_var_type, idd_loss_type: iddpm/diffusion_kernels.h (the kernels read them too) */
 
 typedef struct {
     idd_mean_type mean_type;

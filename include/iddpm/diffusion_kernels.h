@@ -1,11 +1,14 @@
 /* iddpm/diffusion_kernels.h — the device-side diffusion kernels' interface: the
  * per-sample coefficient table, the argument block of the backend entries
  * (backend.h: diff_pointwise, diff_p_finish, diff_losses, diff_losses_backward) and
- * the per-element arithmetic, written once as inline functions that both the C
- * backends (engine/diffusion/kernels_cpu.c) and the CUDA kernels
- * (engine/cuda/diffusion.cu) compile. All arithmetic is in double per element, as
- * engine/diffusion/gaussian.c and losses.c do it, so a device result differs from
- * the CPU one by float32 rounding and summation order only. */
+ * the per-element arithmetic as inline functions that both backends compile: the
+ * CPU's engine/cpu/diffusion.c and the CUDA kernels of engine/cuda/diffusion.cu. The
+ * tensor-level ops (engine/diffusion/ops.c, ops_eval.c) reach it through the backend on
+ * every device. All arithmetic is in double per element, so the GPU's results differ
+ * from the CPU's by float32 rounding and summation order only. (engine/diffusion/
+ * gaussian.c and losses.c are the same mathematics on raw host arrays: the C API of
+ * diffusion.h, which tests/c/test_diffusion.c checks against the official code's
+ * numbers; no op runs them.) */
 #ifndef IDDPM_DIFFUSION_KERNELS_H
 #define IDDPM_DIFFUSION_KERNELS_H
 
@@ -17,6 +20,15 @@
 #else
 #define IDD_HD static inline
 #endif
+
+/* the model's parameterisation (diffusion.h; the official ModelMeanType, ModelVarType, LossType) */
+typedef enum { IDD_MEAN_PREVIOUS_X = 0, IDD_MEAN_START_X = 1, IDD_MEAN_EPSILON = 2 } idd_mean_type;
+typedef enum {
+    IDD_VAR_LEARNED = 0, IDD_VAR_FIXED_SMALL = 1, IDD_VAR_FIXED_LARGE = 2, IDD_VAR_LEARNED_RANGE = 3
+} idd_var_type;
+typedef enum {
+    IDD_LOSS_MSE = 0, IDD_LOSS_RESCALED_MSE = 1, IDD_LOSS_KL = 2, IDD_LOSS_RESCALED_KL = 3
+} idd_loss_type;
 
 /* columns of the (IDD_DK_NCOEF, B) double table: the schedule arrays at t[b] */
 enum {
@@ -94,10 +106,10 @@ IDD_HD void idd_dk_p_elem(const idd_diff_args *a, int64_t b, double e, double v,
                           idd_dk_elem *r) {
     double px, dpx;
     double c1 = IDD_DK_C(a, IDD_DK_PMC1, b), c2 = IDD_DK_C(a, IDD_DK_PMC2, b);
-    if (a->mean_type == 2) {          /* epsilon */
+    if (a->mean_type == IDD_MEAN_EPSILON) {          /* epsilon */
         px = IDD_DK_C(a, IDD_DK_SRAC, b) * x - IDD_DK_C(a, IDD_DK_SRM1AC, b) * e;
         dpx = -IDD_DK_C(a, IDD_DK_SRM1AC, b);
-    } else if (a->mean_type == 1) {   /* start_x */
+    } else if (a->mean_type == IDD_MEAN_START_X) {   /* start_x */
         px = e; dpx = 1;
     } else {                          /* previous_x */
         double r1 = 1.0 / c1, r2 = c2 / c1;
@@ -108,23 +120,23 @@ IDD_HD void idd_dk_p_elem(const idd_diff_args *a, int64_t b, double e, double v,
         px = px < -1 ? -1 : px > 1 ? 1 : px;
     }
     r->px = px;
-    if (a->mean_type == 0) { r->mu = e; r->dmu_de = 1; }
+    if (a->mean_type == IDD_MEAN_PREVIOUS_X) { r->mu = e; r->dmu_de = 1; }
     else { r->mu = c1 * px + c2 * x; r->dmu_de = c1 * dpx; }
     switch (a->var_type) {
-    case 0: r->lv = v; r->dlv_dv = 1; break;
-    case 3: {
+    case IDD_VAR_LEARNED: r->lv = v; r->dlv_dv = 1; break;
+    case IDD_VAR_LEARNED_RANGE: {
         double lo = IDD_DK_C(a, IDD_DK_PLVC, b), hi = IDD_DK_C(a, IDD_DK_LOGBETA, b), f = (v + 1) / 2;
         r->lv = f * hi + (1 - f) * lo; r->dlv_dv = 0.5 * (hi - lo);
         break;
     }
-    case 1: r->lv = IDD_DK_C(a, IDD_DK_PLVC, b); r->dlv_dv = 0; break;
+    case IDD_VAR_FIXED_SMALL: r->lv = IDD_DK_C(a, IDD_DK_PLVC, b); r->dlv_dv = 0; break;
     default: r->lv = IDD_DK_C(a, IDD_DK_FLLV, b); r->dlv_dv = 0; break;
     }
 }
 
 IDD_HD double idd_dk_mse_target(const idd_diff_args *a, int64_t b, double x0, double x, double nz) {
-    if (a->mean_type == 2) return nz;
-    if (a->mean_type == 1) return x0;
+    if (a->mean_type == IDD_MEAN_EPSILON) return nz;
+    if (a->mean_type == IDD_MEAN_START_X) return x0;
     return IDD_DK_C(a, IDD_DK_PMC1, b) * x0 + IDD_DK_C(a, IDD_DK_PMC2, b) * x;
 }
 
@@ -134,7 +146,7 @@ IDD_HD double idd_dk_mse_target(const idd_diff_args *a, int64_t b, double x0, do
 IDD_HD void idd_dk_loss_elem(const idd_diff_args *a, int64_t b, int64_t i, const float *mo, const float *x0,
                              const float *xt, const float *nz, double *mse, double *vb) {
     int64_t n = a->C * a->HW;
-    int kl = a->loss_type >= 2;
+    int kl = a->loss_type == IDD_LOSS_KL || a->loss_type == IDD_LOSS_RESCALED_KL;
     if (!kl) { double d = idd_dk_mse_target(a, b, x0[i], xt[i], nz[i]) - mo[i]; *mse += d * d; }
     if (kl || a->learned) {
         idd_dk_elem r;
@@ -150,7 +162,7 @@ IDD_HD void idd_dk_loss_elem(const idd_diff_args *a, int64_t b, int64_t i, const
 IDD_HD void idd_dk_loss_finish(const idd_diff_args *a, double smse, double svb, float *loss, float *mse,
                                float *vb) {
     double n = (double)(a->C * a->HW);
-    int kl = a->loss_type >= 2;
+    int kl = a->loss_type == IDD_LOSS_KL || a->loss_type == IDD_LOSS_RESCALED_KL;
     double m = kl ? 0 : smse / n;
     double v = (kl || a->learned) ? svb / n / IDD_DK_LN2 * a->vb_scale : 0;
     *loss = (float)(m + v); *mse = (float)m; *vb = (float)v;
@@ -161,7 +173,7 @@ IDD_HD void idd_dk_loss_finish(const idd_diff_args *a, double smse, double svb, 
 IDD_HD void idd_dk_loss_grad(const idd_diff_args *a, int64_t b, int64_t i, const float *mo, const float *x0,
                              const float *xt, const float *nz, double dl, float *dmo) {
     int64_t n = a->C * a->HW;
-    int kl = a->loss_type >= 2;
+    int kl = a->loss_type == IDD_LOSS_KL || a->loss_type == IDD_LOSS_RESCALED_KL;
     double gm = 0, gv = 0;
     if (!kl) gm = 2.0 * dl / (double)n * (mo[i] - idd_dk_mse_target(a, b, x0[i], xt[i], nz[i]));
     double scale = dl * a->vb_scale / (double)n / IDD_DK_LN2;
@@ -199,8 +211,8 @@ IDD_HD float idd_dk_pointwise(int op, const idd_diff_args *a, int64_t b, int64_t
     case IDD_DK_PRED_XSTART: {
         int64_t cout = a->learned ? 2 * n : n;
         double e = x[b * cout + i], xv = y[o];
-        if (a->mean_type == 2) return (float)(IDD_DK_C(a, IDD_DK_SRAC, b) * xv - IDD_DK_C(a, IDD_DK_SRM1AC, b) * e);
-        if (a->mean_type == 1) return (float)e;
+        if (a->mean_type == IDD_MEAN_EPSILON) return (float)(IDD_DK_C(a, IDD_DK_SRAC, b) * xv - IDD_DK_C(a, IDD_DK_SRM1AC, b) * e);
+        if (a->mean_type == IDD_MEAN_START_X) return (float)e;
         double c1 = IDD_DK_C(a, IDD_DK_PMC1, b), c2 = IDD_DK_C(a, IDD_DK_PMC2, b);
         return (float)((1.0 / c1) * e - (c2 / c1) * xv);
     }
@@ -247,21 +259,21 @@ IDD_HD void idd_dk_p_finish(const idd_diff_args *a, int64_t b, int64_t i, const 
     int64_t n = a->C * a->HW, o = b * n + i, cout = a->learned ? 2 * n : n;
     if (a->clip) { float p = px[o]; px[o] = p < -1.f ? -1.f : p > 1.f ? 1.f : p; }
     if (mean) {
-        if (a->mean_type == 0) mean[o] = mo[b * cout + i];
+        if (a->mean_type == IDD_MEAN_PREVIOUS_X) mean[o] = mo[b * cout + i];
         else mean[o] = (float)(IDD_DK_C(a, IDD_DK_PMC1, b) * px[o] + IDD_DK_C(a, IDD_DK_PMC2, b) * xt[o]);
     }
     if (!var && !logvar) return;
     double l;
     float fv, fl;
     switch (a->var_type) {
-    case 0: l = mo[b * cout + n + i]; fl = (float)l; fv = (float)exp(l); break;
-    case 3: {
+    case IDD_VAR_LEARNED: l = mo[b * cout + n + i]; fl = (float)l; fv = (float)exp(l); break;
+    case IDD_VAR_LEARNED_RANGE: {
         double f = ((double)mo[b * cout + n + i] + 1) / 2;
         l = f * IDD_DK_C(a, IDD_DK_LOGBETA, b) + (1 - f) * IDD_DK_C(a, IDD_DK_PLVC, b);
         fl = (float)l; fv = (float)exp(l);
         break;
     }
-    case 1: fv = (float)IDD_DK_C(a, IDD_DK_PV, b); fl = (float)IDD_DK_C(a, IDD_DK_PLVC, b); break;
+    case IDD_VAR_FIXED_SMALL: fv = (float)IDD_DK_C(a, IDD_DK_PV, b); fl = (float)IDD_DK_C(a, IDD_DK_PLVC, b); break;
     default: fv = (float)IDD_DK_C(a, IDD_DK_FLV, b); fl = (float)IDD_DK_C(a, IDD_DK_FLLV, b); break;
     }
     if (var) var[o] = fv;

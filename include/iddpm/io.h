@@ -63,6 +63,8 @@ typedef struct {
 
 /* Insert or replace key (both strings are copied). */
 idd_status idd_strmap_set(idd_strmap *m, const char *key, const char *value);
+/* append a key known to be new (no search; takes ownership of value, a malloc'd string) */
+idd_status idd_strmap_append(idd_strmap *m, const char *key, char *value);
 /* NULL if absent. The pointer lives as long as the map. */
 const char *idd_strmap_get(const idd_strmap *m, const char *key);
 /* Free all keys/values and zero the map (the struct itself is the caller's). */

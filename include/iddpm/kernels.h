@@ -39,7 +39,7 @@
 
 #include "iddpm/core.h"
 
-/* ---- workspace (engine/core/workspace.c) -------------------------------------------- */
+/* ---- workspace (engine/cpu/workspace.c) -------------------------------------------- */
 
 /* Number of independent scratch slots per thread. Slots let one kernel hold several
  * scratch buffers at once. Kernels in this header use slots 0..3 (of the calling thread
@@ -60,7 +60,7 @@ void idd_workspace_release_all(void);
 /* Bytes currently held by the calling thread's slots. */
 size_t idd_workspace_bytes(void);
 
-/* ---- conv2d (engine/ops/conv2d.c) ---------------------------------------------------- */
+/* ---- conv2d (engine/cpu/conv2d.c) ---------------------------------------------------- */
 
 /* Output size of a convolution along one axis: (in + 2*pad - k) / stride + 1, or <= 0
  * when the window does not fit. */
@@ -106,13 +106,13 @@ idd_status idd_conv2d_backward_hw_f32(float *dx, float *dw, float *db, const flo
 void idd_conv2d_set_target_cols(long cols);
 void idd_conv2d_set_mode(int mode);
 /* Algorithm for 3x3 stride-1 pad-1 convs (forward, dx and dw):
- * Winograd F(4x4,3x3) or F(2x2,3x3) (engine/ops/conv_winograd.c) or im2col + sgemm /
+ * Winograd F(4x4,3x3) or F(2x2,3x3) (engine/cpu/conv_winograd.c) or im2col + sgemm /
  * the direct kernel. The default comes from IDDPM_CONV=auto|im2col|winograd|winograd2
  * (auto when unset); auto picks per shape (see conv2d.c). */
 enum { IDD_CONV_AUTO = 0, IDD_CONV_IM2COL = 1, IDD_CONV_WINOGRAD = 2, IDD_CONV_WINOGRAD2 = 3 };
 void idd_conv2d_set_algo(int algo);
 
-/* ---- group norm + scale-shift + SiLU (engine/ops/norm.c) -------------------------- */
+/* ---- group norm + scale-shift + SiLU (engine/cpu/norm.c) -------------------------- */
 
 /* Per sample n and group g (channels [g*C/G, (g+1)*C/G), all HW positions):
  *   xhat = (x - mean[n,g]) * rstd[n,g],  rstd = 1/sqrt(var + eps) (biased variance)
@@ -157,7 +157,7 @@ idd_status idd_groupnorm_backward_into_f32(float *dx, float *dgamma, float *dbet
                                            const float *scale, const float *shift, int N, int C, int HW,
                                            int G, int silu);
 
-/* ---- dropout (engine/ops/dropout.c) ------------------------------------------------- */
+/* ---- dropout (engine/cpu/dropout.c) ------------------------------------------------- */
 
 /* out = keep ? x / (1-p) : 0, keep(i) = philox_uniform(seed, stream, offset + i/2) >= p
  * (the uniform of element i is the (i%2)-th of idd_philox_uniform2 at that counter) */
@@ -171,7 +171,7 @@ idd_status idd_dropout_backward_f32(float *dx,         /* (n) or NULL */
                                     int64_t n, float p, uint64_t seed, uint64_t stream,
                                     uint64_t offset);
 
-/* ---- QKV attention (engine/ops/attention.c) ------------------------------------------ */
+/* ---- QKV attention (engine/cpu/attention.c) ------------------------------------------ */
 
 /* The core of the official AttentionBlock (QKVAttentionLegacy). qkv holds, per batch
  * element, 3C channels over T positions; head h owns channels [h*3C/H, (h+1)*3C/H):
@@ -193,7 +193,7 @@ idd_status idd_attention_backward_f32(float *dqkv,          /* (B,3C,T) */
                                       const float *qkv,     /* (B,3C,T) */
                                       int B, int C, int T, int H);
 
-/* ---- resampling (engine/ops/resample.c) ---------------------------------------------- */
+/* ---- resampling (engine/cpu/resample.c) ---------------------------------------------- */
 
 /* Nearest-neighbour 2x upsample: out[n,c,y,x] = x[n,c,y/2,x/2]. */
 idd_status idd_upsample2x_forward_f32(float *out,       /* (N,C,2H,2W) */
@@ -214,7 +214,7 @@ idd_status idd_avgpool2x_backward_f32(float *dx,          /* (N,C,H,W) */
                                       const float *dout,  /* (N,C,H/2,W/2) */
                                       int N, int C, int H, int W);
 
-/* ---- general pooling (engine/ops/pool.c), forward only ------------------------------ */
+/* ---- general pooling (engine/cpu/pool.c), forward only ------------------------------ */
 
 /* Output size along one axis: (in + 2*pad - k) / stride + 1 (floor), <= 0 if no fit. */
 int idd_pool2d_out_size(int in, int k, int stride, int pad);
@@ -229,7 +229,7 @@ idd_status idd_avgpool2d_forward_f32(float *out,       /* (N,C,Ho,Wo) */
                                      int N, int C, int H, int W, int k, int stride, int pad,
                                      int count_include_pad);
 
-/* ---- bilinear resize (engine/ops/resize.c), forward only ------------------------------ */
+/* ---- bilinear resize (engine/cpu/resize.c), forward only ------------------------------ */
 
 /* Where output pixel j samples the input along an axis (clamped to [0, in-1]):
  * TF1: src = j*in/out (TF1 resize_bilinear, the TF FID Inception graph);
@@ -239,7 +239,7 @@ idd_status idd_resize_bilinear_f32(float *out,       /* (N,C,Ho,Wo) */
                                    const float *x,   /* (N,C,H,W) */
                                    int N, int C, int H, int W, int Ho, int Wo, int mode);
 
-/* ---- timestep embedding (engine/ops/embedding.c) ------------------------------------ */
+/* ---- timestep embedding (engine/cpu/embedding.c) ------------------------------------ */
 
 /* half = dim/2, freq_i = exp(-ln(max_period) * i / half), i = 0..half-1;
  * out[n] = [cos(t[n]*freq_0..), sin(t[n]*freq_0..)] and a zero last column if dim is

@@ -1,4 +1,4 @@
-/* iddpm/nn.h — differentiable UNet layer ops on tensors (engine/nn/layers.c).
+/* iddpm/nn.h — differentiable UNet layer ops on tensors (engine/ops (conv2d.c, norm.c, attention.c, resample.c, dropout.c, embedding.c)).
  *
  * Each checks shapes (messages name the op and every shape), makes its inputs
  * contiguous float32, calls the backend's kernel for the tensors' device, and records
@@ -21,7 +21,7 @@ idd_tensor *idd_group_norm(idd_tensor *x, int groups, idd_tensor *gamma, idd_ten
                            idd_tensor *shift, bool silu, double eps);
 
 /* conv2d(dropout(GN(x; groups, gamma, beta, scale, shift, silu, eps), p, g), w, b, stride,
- * pad_h, pad_w) as one op (engine/nn/fused.c): x (N,C,H,W), w (O,C,KH,KW) -> (N,O,Ho,Wo);
+ * pad_h, pad_w) as one op (engine/ops/norm_conv.c): x (N,C,H,W), w (O,C,KH,KW) -> (N,O,Ho,Wo);
  * p == 0 skips the dropout (g unused; NULL is the default generator when p > 0). Saves
  * only x (and the parameters): the backward recomputes the norm and the mask. */
 idd_tensor *idd_norm_conv(idd_tensor *x, int groups, idd_tensor *gamma, idd_tensor *beta, idd_tensor *scale,
@@ -46,7 +46,7 @@ idd_tensor *idd_timestep_embedding(idd_tensor *t, int dim, double max_period);
 /* inverted dropout with a mask drawn from g (advances it); identity if p == 0 */
 idd_tensor *idd_dropout(idd_tensor *x, double p, idd_generator *g);
 
-/* ---- forward-only evaluation layers (engine/nn/eval_layers.c); no tape node, the
+/* ---- forward-only evaluation layers (engine/ops/eval_layers.c); no tape node, the
  * result does not require grad. Any float/uint8 input is converted to float32. */
 /* x (N,C,H,W) -> k x k max pool with stride and -inf padding */
 idd_tensor *idd_max_pool2d(idd_tensor *x, int k, int stride, int pad);
@@ -54,5 +54,7 @@ idd_tensor *idd_max_pool2d(idd_tensor *x, int k, int stride, int pad);
 idd_tensor *idd_avg_pool2d(idd_tensor *x, int k, int stride, int pad, bool count_include_pad);
 /* bilinear resize to (Ho,Wo); mode IDD_RESIZE_TF1 or IDD_RESIZE_HALF_PIXEL (kernels.h) */
 idd_tensor *idd_resize_bilinear(idd_tensor *x, int Ho, int Wo, int mode);
+/* max(0, conv2d(x, w, b)) with (pad_h, pad_w) zero padding; float32, CPU */
+idd_tensor *idd_conv2d_relu(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad_h, int pad_w);
 
 #endif

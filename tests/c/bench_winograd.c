@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-#include "../../engine/ops/conv_winograd.h"
+#include "../../engine/cpu/conv_winograd.h"
 #include "iddpm/kernels.h"
 
 #include "bench_util.h"

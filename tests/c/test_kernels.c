@@ -21,8 +21,8 @@
 #include <string.h>
 
 #include "check.h"
-#include "../../engine/ops/vmath.h"
-#include "../../engine/core/rng_philox.h"
+#include "../../engine/cpu/vmath.h"
+#include "iddpm/philox.h"
 
 #define FWD_RTOL 1e-4
 #define GRAD_RTOL 1e-3
@@ -465,7 +465,7 @@ static void test_resample(int N, int C, int H, int W) {
     free(x), free(up), free(pool), free(want), free(R), free(dx), free(dx0);
 }
 
-/* ---- vector exp (engine/ops/vmath.h) ------------------------------------------------ */
+/* ---- vector exp (engine/cpu/vmath.h) ------------------------------------------------ */
 static void test_vexp(void) {
     char buf[160];
     double worst = 0;

@@ -1,4 +1,4 @@
-/* test_winograd.c — Winograd 3x3 convolution (engine/ops/conv_winograd.c) against a
+/* test_winograd.c — Winograd 3x3 convolution (engine/cpu/conv_winograd.c) against a
  * double-precision direct convolution: forward (with and without bias), dx (through
  * idd_conv2d_backward_f32, which accumulates) and dw (idd_winograd_conv3x3_dw, also
  * accumulating), F(2x2,3x3) and F(4x4,3x3), odd sizes, H/W not multiples of the tile,
@@ -16,7 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../../engine/ops/conv_winograd.h"
+#include "../../engine/cpu/conv_winograd.h"
 #include "check.h"
 #include "iddpm/kernels.h"
 

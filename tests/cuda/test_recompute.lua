@@ -1,4 +1,4 @@
--- test_recompute.lua — T.norm_conv on the GPU (engine/nn/fused.c: group norm (+scale/shift,
+-- test_recompute.lua — T.norm_conv on the GPU (engine/ops/norm_conv.c: group norm (+scale/shift,
 -- SiLU) -> dropout -> conv2d, the norm and the dropout mask recomputed in the backward)
 -- against the unfused T.group_norm -> T.dropout -> T.conv2d on the same device, float32
 -- and bf16 channels-last: output and every gradient. Both sides run the same kernels on

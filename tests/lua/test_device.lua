@@ -11,10 +11,11 @@ local T = iddpm.tensor
 local recipe, train = iddpm.recipe, iddpm.train
 local checkpoint = require "iddpm.checkpoint"
 
--- The device path computes the loss with diffusion_kernels.h (engine/diffusion/
--- kernels_cpu.c under the fake device) and the CPU path with losses.c: the same
--- double arithmetic, float32 results rounded in a different order. After 4 AdamW
--- steps (lr 1e-4) the parameters agree to far better than this:
+-- Both devices compute the loss with diffusion_kernels.h (engine/cpu/diffusion.c, the
+-- CPU backend serving both under the fake device): the same double arithmetic; the
+-- device run moves its data through the device plumbing (uploads, coefficient tables,
+-- multi-tensor optimizer lists). After 4 AdamW steps (lr 1e-4) the parameters agree to
+-- far better than this:
 local TOL_PARAM = 4e-6      -- max |a - b| of any parameter / EMA / moment: 1% of the 4e-4 that
                             -- 4 steps at lr 1e-4 can move a weight (measured: 2.4e-7)
 local TOL_LOSS = 1e-5       -- relative, logged losses

@@ -129,6 +129,22 @@ do
     check_abs(("conv2d %dx%d stride %d pad {%d,%d} vs naive loop"):format(kh, kw, st, ph, pw),
       T.conv2d(xx, w, b, st, {ph, pw}), naive_conv(xx, w, b, st, ph, pw), 1e-4)
   end
+  -- conv2d_relu (the Inception's BN-folded conv) = max(0, conv2d), NaN kept; forward only
+  for _, cfg in ipairs{{3, 3, 1, 1, 1}, {1, 7, 1, 0, 3}, {3, 3, 2, 0, 0}} do
+    local kh, kw, st, ph, pw = table.unpack(cfg)
+    local xx, w, b = T.randn({4, 5, 9, 8}), T.randn({6, 5, kh, kw}), T.randn({6})
+    check_abs(("conv2d_relu %dx%d stride %d = max(0, conv2d)"):format(kh, kw, st),
+      T.conv2d_relu(xx, w, b, st, {ph, pw}), T.conv2d(xx, w, b, st, {ph, pw}):maximum(0), 0)
+  end
+  do
+    local w = T.randn({2, 1, 1, 1}); w.requires_grad = true
+    H.raises("conv2d_relu: forward only", function() T.conv2d_relu(T.randn({1, 1, 2, 2}), w) end, "forward-only")
+    local xn = T.from_table({0 / 0, 1, -1, 2}, {1, 1, 2, 2})
+    local mp = T.max_pool2d(xn, 2, 1, 0):totable()[1]
+    H.check("max_pool2d: a NaN in the window gives NaN (as PyTorch)", mp ~= mp, tostring(mp))
+    local mq = T.max_pool2d(T.from_table({-3, -1, -2, -5}, {1, 1, 2, 2}), 2, 1, 0):totable()[1]
+    H.check("max_pool2d: all-negative window", mq == -1, tostring(mq))
+  end
   -- the square-padding conv keeps working, with gradients through the new path
   local xx, w = T.randn({2, 3, 6, 6}), T.randn({4, 3, 1, 7})
   xx.requires_grad = true; w.requires_grad = true

@@ -1,4 +1,4 @@
--- test_recompute.lua — T.norm_conv (engine/nn/fused.c: group norm (+scale/shift, SiLU) ->
+-- test_recompute.lua — T.norm_conv (engine/ops/norm_conv.c: group norm (+scale/shift, SiLU) ->
 -- dropout -> conv2d, the norm and mask recomputed in the backward) against the unfused
 -- sequence T.group_norm -> T.dropout -> T.conv2d: the output and every gradient must be
 -- exactly equal (same kernels, same order, same dropout mask), in float32 and with bf16

@@ -1,5 +1,6 @@
 /* eval_layers.c — forward-only layer ops used by the evaluation networks (the FID
- * Inception): general max / average pooling and bilinear resize. They record no tape
+ * Inception): general max / average pooling, bilinear resize, and conv2d + ReLU (the
+ * BN-folded BasicConv2d: the conv's fresh output is clamped in place, no second tensor). They record no tape
  * node (feature extraction never differentiates through them); each checks shapes,
  * makes its input contiguous float32 (uint8 images are converted) and dispatches to the
  * backend kernel (kernels.h). */
@@ -12,7 +13,7 @@ static idd_tensor *cf32(idd_tensor *t) {
     return idd_to_dtype(t, IDD_F32);
 }
 
-static const idd_backend *check4(const char *op, idd_tensor *x, void *fn_present) {
+static const idd_backend *check4(const char *op, idd_tensor *x, idd_kernel k) {
     char sx[96];
     if (x->ndim != 4) {
         idd_error("%s: input %s must be (N,C,H,W)", op, idd_shape_str(x, sx, 96));
@@ -23,7 +24,7 @@ static const idd_backend *check4(const char *op, idd_tensor *x, void *fn_present
         return NULL;
     }
     const idd_backend *be = idd_backend_of(x);
-    if (!fn_present) {
+    if (!idd_backend_supports(be, k, IDD_F32)) {
         idd_error("%s: not implemented on %s", op, idd_device_name(x->device));
         return NULL;
     }
@@ -32,8 +33,7 @@ static const idd_backend *check4(const char *op, idd_tensor *x, void *fn_present
 
 static idd_tensor *pool(idd_tensor *x, int k, int stride, int pad, int avg, int cip) {
     const char *op = avg ? "avg_pool2d" : "max_pool2d";
-    const idd_backend *be0 = idd_backend_of(x);
-    const idd_backend *be = check4(op, x, avg ? (void *)be0->avgpool2d_forward : (void *)be0->maxpool2d_forward);
+    const idd_backend *be = check4(op, x, avg ? IDD_K_AVGPOOL2D : IDD_K_MAXPOOL2D);
     if (!be) return NULL;
     int N = (int)x->shape[0], C = (int)x->shape[1], H = (int)x->shape[2], W = (int)x->shape[3];
     int Ho = idd_pool2d_out_size(H, k, stride, pad), Wo = idd_pool2d_out_size(W, k, stride, pad);
@@ -61,8 +61,7 @@ idd_tensor *idd_avg_pool2d(idd_tensor *x, int k, int stride, int pad, bool count
 }
 
 idd_tensor *idd_resize_bilinear(idd_tensor *x, int Ho, int Wo, int mode) {
-    const idd_backend *be0 = idd_backend_of(x);
-    const idd_backend *be = check4("resize_bilinear", x, (void *)be0->resize_bilinear);
+    const idd_backend *be = check4("resize_bilinear", x, IDD_K_RESIZE);
     if (!be) return NULL;
     if (Ho < 1 || Wo < 1 || (mode != IDD_RESIZE_TF1 && mode != IDD_RESIZE_HALF_PIXEL)) {
         idd_error("resize_bilinear: bad output size %dx%d or mode %d", Ho, Wo, mode);
@@ -75,4 +74,28 @@ idd_tensor *idd_resize_bilinear(idd_tensor *x, int Ho, int Wo, int mode) {
     idd_tensor_release(xc);
     if (st != IDD_OK) { idd_tensor_release(out); return NULL; }
     return out;
+}
+
+/* relu(conv2d(x, w, b)) for the evaluation nets: the conv as idd_conv2d_hw (every shape
+ * check and kernel choice is its own), then max(0, .) in place on its new output, which
+ * saves the allocation and the second pass of a separate maximum op. CPU only. */
+idd_tensor *idd_conv2d_relu(idd_tensor *x, idd_tensor *w, idd_tensor *b, int stride, int pad_h, int pad_w) {
+    char sx[96];
+    if (x->device != IDD_CPU || x->requires_grad || w->requires_grad || (b && b->requires_grad)) {
+        idd_error("conv2d_relu: forward-only CPU op; input %s on %s%s", idd_shape_str(x, sx, 96),
+                  idd_device_name(x->device), x->requires_grad || w->requires_grad ? " requires grad" : "");
+        return NULL;
+    }
+    idd_tensor *y = idd_conv2d_hw(x, w, b, stride, pad_h, pad_w);
+    if (!y) return NULL;
+    if (y->dtype != IDD_F32 || !idd_is_contiguous(y)) {
+        idd_error("conv2d_relu: expected a float32 input, got %s", idd_shape_str(x, sx, 96));
+        idd_tensor_release(y);
+        return NULL;
+    }
+    float *d = idd_data(y);
+    const long n = (long)idd_numel(y);
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i = 0; i < n; i++) d[i] = d[i] > 0.0f ? d[i] : (d[i] != d[i] ? d[i] : 0.0f);   /* NaN stays */
+    return y;
 }

@@ -1,9 +1,7 @@
-/* backend_cpu.c — the CPU backend: aligned host memory, strided copy/fill, the
- * generic pointwise and reduction kernels (float32 fast paths, double elsewhere),
- * batched GEMM through OpenBLAS and the Philox random streams (dropout's are in
- * engine/ops/dropout.c).
- * Layer kernels (conv, norm, attention) live in engine/ops and are reached from the
- * op files directly while the CPU is the only backend that has them. */
+/* backend.c — the CPU backend's device part: aligned host memory, strided copy/fill,
+ * the generic pointwise and reduction kernels (float32 fast paths, double elsewhere),
+ * batched GEMM through OpenBLAS and the Philox random streams; and its table, which
+ * names the layer kernels of the other files of engine/cpu (conv2d.c, norm.c, ...). */
 #include "iddpm/backend.h"
 #include "iddpm/bf16.h"
 
@@ -13,9 +11,11 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 
 #include "iddpm/kernels.h"
-#include "rng_philox.h"
+#include "iddpm/philox.h"
 
 #define PAR_MIN 32768   /* below this many elements threads cost more than they give */
 
@@ -30,10 +30,34 @@ static void cpu_malloc_tuning(void) {
     mallopt(M_TRIM_THRESHOLD, -1);   /* never: a step frees its peak at the top of the heap */
 }
 
+/* OpenBLAS (0.3.x) takes a GEMM work buffer (128 MiB + a page) per concurrent caller
+ * the first time that many call at once, and when the allocation fails it retries
+ * forever (blas_memory_alloc loops until one of its allocators succeeds): under an
+ * address-space limit (ulimit -v) a run that fills memory then spins in sgemm instead
+ * of stopping. So under such a limit our own allocations leave room for one buffer per
+ * thread plus the caller's: an allocation that would not leave it fails (our clean "out
+ * of memory" error) first. The probe is a PROT_NONE mapping (counted by RLIMIT_AS,
+ * never touched) and is skipped entirely when there is no limit. */
+#define BLAS_BUFFER_BYTES (((size_t)128 << 20) + 4096)
+static size_t blas_headroom(void) {
+    static int limited = -1;
+    if (limited < 0) {
+        struct rlimit r;
+        limited = getrlimit(RLIMIT_AS, &r) == 0 && r.rlim_cur != RLIM_INFINITY;
+    }
+    return limited ? (size_t)(omp_get_max_threads() + 1) * BLAS_BUFFER_BYTES : 0;
+}
+
 static void *cpu_alloc(size_t n) {
     void *p = NULL;
     cpu_malloc_tuning();
     if (posix_memalign(&p, 64, (n + 63) & ~(size_t)63)) return NULL;
+    size_t room = blas_headroom();
+    if (room) {
+        void *q = mmap(NULL, room, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (q == MAP_FAILED) { free(p); return NULL; }
+        munmap(q, room);
+    }
     return p;
 }
 static void cpu_free(void *p) { free(p); }
@@ -54,9 +78,14 @@ static inline void store(void *base, idd_dtype dt, int64_t i, double v) {
     switch (dt) {
     case IDD_F32: ((float *)base)[i] = (float)v; break;
     case IDD_F64: ((double *)base)[i] = v; break;
-    case IDD_I64: ((int64_t *)base)[i] = (int64_t)v; break;
+    /* float -> integer casts truncate toward zero and saturate at the dtype's range; NaN
+     * stores 0 here, and copy/fill report it as an error (see cpu_copy) */
+    case IDD_I64:
+        ((int64_t *)base)[i] = v != v ? 0 : v >= 9.2233720368547758e18 ? INT64_MAX
+                             : v <= -9.2233720368547758e18 ? INT64_MIN : (int64_t)v;
+        break;
     case IDD_BF16: ((uint16_t *)base)[i] = idd_bf16_from_f32((float)v); break;
-    default: ((uint8_t *)base)[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
+    default: ((uint8_t *)base)[i] = (uint8_t)(v > 0 ? (v > 255 ? 255 : v) : 0); break;
     }
 }
 
@@ -115,7 +144,8 @@ static bool all_contig_f32(int n, const idd_tensor *const *ts) {
 
 /* ------------------------------------------------------------ copy and fill */
 
-typedef struct { const idd_tensor *dst, *src; } copy_ud;
+typedef struct { const idd_tensor *dst, *src; int nan; } copy_ud;
+static bool int_dtype(idd_dtype dt) { return dt == IDD_I64 || dt == IDD_U8; }
 static void copy_run(void *ud, int64_t len, const int64_t *off, const int64_t *st) {
     copy_ud *c = ud;
     void *d = c->dst->storage->data;
@@ -128,8 +158,13 @@ static void copy_run(void *ud, int64_t len, const int64_t *off, const int64_t *s
         for (int64_t i = 0; i < len; i++) dp[i * st[0]] = sp[i * st[1]];
         return;
     }
-    for (int64_t i = 0; i < len; i++)
-        store(d, c->dst->dtype, off[0] + i * st[0], load(s, c->src->dtype, off[1] + i * st[1]));
+    int nan = 0;
+    for (int64_t i = 0; i < len; i++) {
+        double v = load(s, c->src->dtype, off[1] + i * st[1]);
+        nan |= v != v;
+        store(d, c->dst->dtype, off[0] + i * st[0], v);
+    }
+    if (nan && int_dtype(c->dst->dtype)) __atomic_store_n(&c->nan, 1, __ATOMIC_RELAXED);
 }
 
 static idd_status cpu_copy(idd_tensor *dst, const idd_tensor *src) {
@@ -137,10 +172,15 @@ static idd_status cpu_copy(idd_tensor *dst, const idd_tensor *src) {
         memmove(idd_data(dst), idd_data(src), (size_t)idd_numel(dst) * idd_dtype_size(dst->dtype));
         return IDD_OK;
     }
-    copy_ud c = {dst, src};
+    copy_ud c = {dst, src, 0};
     /* a copy within one storage keeps its order (rows might overlap) */
     iter_set s = {2, {dst, src}, dst->storage == src->storage};
     iterate(&s, copy_run, &c);
+    if (c.nan) {
+        char sb[96];
+        return idd_error("cast: NaN in a %s tensor of shape %s has no %s value", idd_dtype_name(src->dtype),
+                         idd_shape_str(src, sb, sizeof sb), idd_dtype_name(dst->dtype));
+    }
     return IDD_OK;
 }
 
@@ -163,6 +203,11 @@ static idd_status cpu_fill(idd_tensor *t, double v) {
             else for (int64_t i = c0; i < c1; i++) p[i] = fv;
         }
         return IDD_OK;
+    }
+    if (v != v && int_dtype(t->dtype)) {
+        char sb[96];
+        return idd_error("fill: NaN has no %s value (tensor of shape %s)", idd_dtype_name(t->dtype),
+                         idd_shape_str(t, sb, sizeof sb));
     }
     fill_ud f = {t, v};
     iter_set s = {1, {t}};
@@ -471,12 +516,16 @@ static idd_status cpu_rand(idd_tensor *t, uint64_t seed, uint64_t stream, uint64
 static idd_status cpu_rand_normal(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, true); }
 static idd_status cpu_rand_uniform(idd_tensor *t, uint64_t s, uint64_t st, uint64_t o) { return cpu_rand(t, s, st, o, false); }
 
-/* ------------------------------------------------------------ registry */
+/* ------------------------------------------------------------ the table */
 
-#include "../diffusion/kernels_cpu.h"
+#include "cpu_kernels.h"
 
-static const idd_backend cpu_backend = {
+/* every layer family in float32; bf16 tensors take the float32 kernels and convert */
+static bool cpu_supports(idd_kernel k, idd_dtype dtype) { return dtype == IDD_F32 && (unsigned)k < IDD_K_COUNT; }
+
+const idd_backend idd_cpu_backend = {
     .name = "cpu",
+    .supports = cpu_supports,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .copy = cpu_copy,
@@ -519,17 +568,3 @@ static const idd_backend cpu_backend = {
     .sumsq = idd_cpu_sumsq,
     .scale = idd_cpu_scale,
 };
-
-static const idd_backend *backends[IDD_NDEVICES] = {&cpu_backend};
-
-const idd_backend *idd_backend_get(idd_device dev) { return (unsigned)dev < IDD_NDEVICES ? backends[dev] : NULL; }
-void idd_backend_register(idd_device dev, const idd_backend *b) { if ((unsigned)dev < IDD_NDEVICES) backends[dev] = b; }
-
-static const char *unavailable[IDD_NDEVICES];
-const char *idd_backend_unavailable_reason(idd_device dev) {
-    if ((unsigned)dev < IDD_NDEVICES && unavailable[dev]) return unavailable[dev];
-    return "this build has no CUDA backend: build with `make CUDA=1` on a machine with a GPU";
-}
-void idd_backend_set_unavailable(idd_device dev, const char *reason) {
-    if ((unsigned)dev < IDD_NDEVICES) unavailable[dev] = reason;
-}

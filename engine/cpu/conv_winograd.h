@@ -1,5 +1,5 @@
 /* conv_winograd.h — Winograd 3x3 stride-1 pad-1 convolution, internal to conv2d.c
- * (engine/ops/conv_winograd.c has the algorithm). */
+ * (engine/cpu/conv_winograd.c has the algorithm). */
 #ifndef IDDPM_CONV_WINOGRAD_H
 #define IDDPM_CONV_WINOGRAD_H
 

@@ -1,9 +1,10 @@
-/* fused.c — norm_conv: group norm (+scale/shift, SiLU) -> dropout -> conv2d as one
+/* norm_conv.c — norm_conv: group norm (+scale/shift, SiLU) -> dropout -> conv2d as one
  * differentiable op that saves only the norm's input (to save training memory). The
- * forward runs the three layer ops of layers.c without recording and frees their
+ * forward runs the three layer ops of conv2d.c, norm.c and dropout.c without recording and frees their
  * intermediates; the backward recomputes the conv's input with the same ops (same
  * kernels, the dropout mask from the same Philox position) recorded on a small private
- * tape, runs the conv's backward alone (idd_conv2d_backward_of) and walks that tape.
+ * tape, runs the conv's backward alone (idd_conv2d_backward_of) and walks that tape
+ * with idd_backward.
  * The results and every gradient equal those of the unfused sequence; the generator
  * advances exactly as that sequence advances it. The price: one more norm (+ dropout)
  * forward per op in the backward. */
@@ -26,42 +27,16 @@ static idd_tensor *norm_dropout(idd_tensor *const in[N_IN], int groups, bool sil
     return d;
 }
 
-/* Backpropagates g through the private tape ending in t, handing each leaf's gradient
- * to gin (the leaves are leaf[k]). Consumes t and g; every node's saved tensors and
- * inputs go as soon as its backward ran (as idd_backward does). */
+/* Backpropagates g through the private tape ending in t with the engine's one tape walker
+ * (idd_backward): the leaves are aliases of the node's inputs with requires_grad = needs,
+ * so their gradients land in leaf[k]->grad, which are handed to gin. Consumes t and g;
+ * the private nodes and their saved tensors go as the walk passes them. */
 static idd_status walk(idd_tensor *t, idd_tensor *g, idd_tensor *const leaf[N_IN], idd_tensor **gin) {
-    idd_status st = IDD_OK;
-    idd_node *nd = t->grad_fn;
-    if (!nd) {
-        for (int k = 0; k < N_IN; k++)
-            if (t == leaf[k] && !gin[k]) { gin[k] = g; g = NULL; break; }
-        if (g) st = idd_error("norm_conv: a gradient reached an unexpected leaf");
-        idd_tensor_release(g);
-        idd_tensor_release(t);
-        return st;
-    }
-    if (!nd->backward) st = idd_error("norm_conv: %s was already run backward", nd->name);
-    idd_tensor *gi[IDD_NODE_MAX_IN] = {0}, *ins[IDD_NODE_MAX_IN] = {0};
-    if (st == IDD_OK) {
-        st = nd->backward(nd, g, gi);
-        if (st != IDD_OK) idd_error_prefix(nd->name);
-    }
+    idd_status st = idd_backward(t, g);
     idd_tensor_release(g);
-    int n_in = nd->n_in;
-    bool needs[IDD_NODE_MAX_IN];
-    for (int k = 0; k < n_in; k++) { ins[k] = nd->in[k]; nd->in[k] = NULL; needs[k] = nd->needs[k]; }
-    for (int i = 0; i < nd->n_saved; i++) { idd_tensor_release(nd->saved[i]); nd->saved[i] = NULL; }
-    nd->n_saved = 0;
-    nd->backward = NULL;
-    idd_tensor_release(t);   /* frees the node (our tape holds nothing else of it) */
-    for (int k = 0; k < n_in; k++) {
-        if (st == IDD_OK && gi[k] && needs[k] && ins[k]) {
-            st = walk(ins[k], gi[k], leaf, gin);
-        } else {
-            idd_tensor_release(gi[k]);
-            idd_tensor_release(ins[k]);
-        }
-    }
+    idd_tensor_release(t);
+    for (int k = 0; k < N_IN && st == IDD_OK; k++)
+        if (leaf[k] && leaf[k]->grad) { gin[k] = leaf[k]->grad; leaf[k]->grad = NULL; }
     return st;
 }
 

@@ -1,7 +1,8 @@
-/* kernels_cpu.h — the CPU backend's entries for the device-side diffusion and optimizer
- * kernels (engine/diffusion/kernels_cpu.c), declared once for backend_cpu.c. */
-#ifndef IDDPM_KERNELS_CPU_H
-#define IDDPM_KERNELS_CPU_H
+/* cpu_kernels.h — the CPU backend's entries for the diffusion kernels
+ * (engine/cpu/diffusion.c) and the optimizer kernels (engine/cpu/optim.c), declared
+ * once for backend.c. */
+#ifndef IDDPM_CPU_KERNELS_H
+#define IDDPM_CPU_KERNELS_H
 
 #include "iddpm/backend.h"
 
@@ -16,8 +17,8 @@ idd_status idd_cpu_diff_losses_backward(const idd_diff_args *a, const float *mo,
                                         const float *noise, const float *dloss, float *dmo);
 idd_status idd_cpu_adamw(int n, float *const *p, const float *const *g, float *const *m, float *const *v,
                          const int64_t *numel, const float hp[6]);
-idd_status idd_cpu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, float rate);
+idd_status idd_cpu_ema(int n, float *const *e, const float *const *p, const int64_t *numel, double rate);
 idd_status idd_cpu_sumsq(int n, const float *const *g, const int64_t *numel, double *out);
-idd_status idd_cpu_scale(int n, float *const *g, const int64_t *numel, float s);
+idd_status idd_cpu_scale(int n, float *const *g, const int64_t *numel, double s);
 
 #endif

@@ -1,8 +1,8 @@
-/* rng_philox.h — Philox4x32-10 (Salmon et al. 2011), the counter-based generator
+/* philox.h — Philox4x32-10 (Salmon et al. 2011), the counter-based generator
  * behind every random number: the value at (seed, stream, counter) never depends on
  * how many numbers were drawn before, on the batch size or on the thread count. */
-#ifndef IDDPM_RNG_PHILOX_H
-#define IDDPM_RNG_PHILOX_H
+#ifndef IDDPM_PHILOX_H
+#define IDDPM_PHILOX_H
 #include <math.h>
 #include <stdint.h>
 
