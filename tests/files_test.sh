@@ -76,7 +76,7 @@ check "empty run_dir: nothing written here or in /" \
 mkdir -p png
 "$BIN" -e 'local T = require("iddpm").tensor; local io_ = require("iddpm").io
   io_.png_write("png/a_1.png", T.full({8, 8, 3}, 100, "uint8")); io_.png_write("png/b_1.png", T.full({8, 8, 3}, 30, "uint8"))'
-run run "$REPO/recipes/eval_nll.lua" "checkpoint=bob's run" data=png num=2 batch_size=2 'out=nll$(touch F_NLL)'
+run run "$REPO/tools/eval_nll.lua" "checkpoint=bob's run" data=png num=2 batch_size=2 'out=nll$(touch F_NLL)'
 check "eval_nll out=...\$(touch F): no command runs" eval '[ ! -e F_NLL ] && [ ! -e "$TMP/F_NLL" ]'
 check "eval_nll out=...\$(touch F): writes into the literal folder" eval '[ $rc = 0 ] && [ -s "nll\$(touch F_NLL)/nll.json" ]'
 

@@ -31,7 +31,7 @@ M.BN_EPS = 1e-3     -- torchvision BasicConv2d / the TF graph
 M.FEATURE_DIM = 2048
 M.WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
   .. "pt_inception-2015-12-05-6726825d.pth"
-M.CONVERT_CMD = "python3 tests/ref/convert_inception.py pt_inception-2015-12-05-6726825d.pth "
+M.CONVERT_CMD = "python3 tools/convert_inception.py pt_inception-2015-12-05-6726825d.pth "
   .. "inception.safetensors"
 M.WEIGHTS_FILE = "inception-2015-12-05.safetensors"
 M.WEIGHTS_SHA256 = "baf9b09ff3f3e123d44ba115c97dc98b1ae63113a9dbebf022f9fb1bcaacc30c"   -- of `make fid-weights`
@@ -376,7 +376,7 @@ end
 function M.load_stats(path)
   if not file_exists(path) then
     error(("iddpm.metrics: statistics file %s not found; make it with\n  iddpm fid stats data=<dataset> out=%s\n"
-      .. "(or iddpm run recipes/fid_stats.lua data=<dataset> out=%s)"):format(path, path, path), 2)
+      .. "(or iddpm run tools/fid_stats.lua data=<dataset> out=%s)"):format(path, path, path), 2)
   end
   local t = path:match("%.npz$") and io_.npz_read(path) or T.load(path)
   local mu, sigma = t.mu or t.mean, t.sigma or t.cov

@@ -266,7 +266,7 @@ function report.html(run_dir)
   local eb = {}
   if #evals == 0 then
     eb[1] = "<p>No evaluation yet. <code>iddpm run tools/eval_nll.lua checkpoint=RUN data=...</code> writes RUN/eval/nll.json; " ..
-      "<code>iddpm run recipes/eval_fid.lua samples=... stats=... out=RUN/eval/fid.json</code> the FID.</p>"
+      "<code>iddpm run tools/eval_fid.lua samples=... stats=... out=RUN/eval/fid.json</code> the FID.</p>"
   end
   for _, e in ipairs(evals) do
     local rows = {}

@@ -125,7 +125,7 @@ do
   H.check("run RECIPE help: grouped", out:find("\nmodel:\n", 1, true) and out:find("\ndiffusion:\n", 1, true))
   H.check("run RECIPE help: writes nothing", not exists(TMP .. "/h"))
   for _, cmd in ipairs{"train --help", "sample help", "sample ckpt=x -h", "run tools/eval_nll.lua help",
-                       "run recipes/eval_fid.lua --help", "run recipes/fid_stats.lua help", "train lr=3 help"} do
+                       "run tools/eval_fid.lua --help", "run tools/fid_stats.lua help", "train lr=3 help"} do
     local rc2, o2 = run(cmd)
     local long
     for line in o2:gmatch("[^\n]+") do if utf8.len(line) >= 100 then long = line end end
@@ -167,9 +167,9 @@ do
   H.check("IDDPM_DEBUG=1 shows the traceback of a user error", rc == 2 and err:find("traceback", 1, true) ~= nil, err)
   user_error("train: a missing recipe", "train " .. TMP .. "/nope.lua", "recipe " .. TMP .. "/nope.lua does not exist")
   user_error("eval_nll: unknown key", "run tools/eval_nll.lua ckpt=x data=y nmu=3", "did you mean 'num'?")
-  user_error("eval_fid: a typo is no longer accepted", "run recipes/eval_fid.lua samples=a stats=b bach_size=5",
+  user_error("eval_fid: a typo is no longer accepted", "run tools/eval_fid.lua samples=a stats=b bach_size=5",
     "did you mean 'batch_size'?")
-  user_error("fid_stats: required key", "run recipes/fid_stats.lua data=" .. TMP, "out= is required")
+  user_error("fid_stats: required key", "run tools/fid_stats.lua data=" .. TMP, "out= is required")
   user_error("a stray word", "train " .. TMP .. "/x.txt", "bad argument")
   -- --dry-run: validated, nothing written
   local rc2, out = run(("train %s run_dir=%s/dry --dry-run"):format(TINY, TMP))

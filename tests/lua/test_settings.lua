@@ -97,8 +97,9 @@ checkpoint.load_model = real
 -- tools/: the user tools are there, the old recipe paths forward (test_sample and
 -- test_config run tools/sample.lua and tools/eval_nll.lua; test_sample_ref runs
 -- tools/convert_official.py where torch is installed)
-for _, f in ipairs{"tools/sample.lua", "tools/eval_nll.lua", "tools/convert_official.py", "tools/convert_inception.py",
-                   "recipes/sample.lua", "recipes/eval_nll.lua"} do
+for _, f in ipairs{"tools/sample.lua", "tools/eval_nll.lua", "tools/eval_fid.lua", "tools/fid_stats.lua",
+                   "tools/convert_official.py", "tools/convert_inception.py",
+                   "recipes/sample.lua", "recipes/eval_nll.lua", "recipes/eval_fid.lua", "recipes/fid_stats.lua"} do
   H.check("tools: " .. f .. " exists", io.open(f) ~= nil)
 end
 -- convert_inception.py imports the network definition from tests/ref

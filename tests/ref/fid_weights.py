@@ -11,7 +11,7 @@ pt_inception-2015-12-05-6726825d.pth) under NVIDIA's layer names. This script
      pickle with persistent_load for the storages (the data/N entries are raw
      little-endian tensors) -- no torch, no numpy,
   3. renames the 94 conv layers to torchvision's FID Inception names (the layout of
-     tests/ref/convert_inception.py): X.conv.weight, X.bn.weight (= 1: the TF graph has no
+     tools/convert_inception.py): X.conv.weight, X.bn.weight (= 1: the TF graph has no
      gamma), X.bn.bias (beta), X.bn.running_mean, X.bn.running_var, float32,
   4. writes OUT atomically (temporary file + rename) and checks its SHA-256.
 OUT defaults to $IDDPM_INCEPTION if set, else
