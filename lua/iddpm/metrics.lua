@@ -47,6 +47,21 @@ function M.default_weights()
   return cache .. "/iddpm/" .. M.WEIGHTS_FILE
 end
 
+-- The Inception keys every FID command takes (iddpm fid, tools/eval_fid.lua,
+-- tools/fid_stats.lua), appended to list in iddpm.config's schema form; batch_key names
+-- the Inception batch size; opts.progress adds a progress key.
+function M.inception_keys(list, batch_key, opts)
+  list[#list + 1] = {"weights", "str", M.default_weights(), "FID Inception weights (make fid-weights)",
+    group = "Inception"}
+  list[#list + 1] = {batch_key or "batch_size", "int", 50, "images per Inception call", min = 1, max = 100000}
+  list[#list + 1] = {"resize", "str", "tf1", "tf1 (the TF graph's resize) or pytorch (pytorch-fid's)",
+    one_of = {"tf1", "pytorch"}}
+  list[#list + 1] = {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096,
+    aliases = {"threads"}, group = "machine"}
+  if opts and opts.progress then list[#list + 1] = {"progress", "bool", true, "progress line with ETA on stderr"} end
+  return list
+end
+
 local fs = require "iddpm.fs"
 local function file_exists(path) return fs.kind(path) ~= nil end   -- never opens (a FIFO would block)
 

