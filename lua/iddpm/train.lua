@@ -697,7 +697,7 @@ function Trainer:run()
           self.loader:set_state(self.snapshot.data)
         end
         self.phase = "idle"
-        say("\ninterrupted at step %d: saving a checkpoint", self.step)
+        if self.dist.main then say("\ninterrupted at step %d: saving a checkpoint", self.step) end
         self:save()
         cfg.error(("interrupted: saved checkpoint at step %d; run the same command to resume"):format(self.step), 130)
       end
