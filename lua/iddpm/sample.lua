@@ -242,6 +242,8 @@ function S.generate(model, diff, opts)
   local K = diff.num_timesteps
   local nb = (N + B - 1) // B
   local t0, calls = now(), 0
+  local isatty = require("iddpm").isatty
+  local tty, last_line = isatty ~= nil and isatty(2), now()
   for b = 0, nb - 1 do
     local n = math.min(B, N - b * B)
     local first = (opts.first or 0) + b * B   -- opts.first: the global index of sample 1 (ranks)
@@ -249,12 +251,14 @@ function S.generate(model, diff, opts)
     for k, v in pairs(opts) do o[k] = v end
     o.on_step = function(j)
       calls = calls + 1
-      if opts.progress then
+      -- on a terminal one line redrawn every step; into a file or pipe a line every 10 s
+      if opts.progress and (tty or now() - last_line >= 10) then
         local dt = now() - t0
         local rate = calls / math.max(dt, 1e-9)
         local eta = (nb * K - calls) / rate
-        io.stderr:write(("\r%d/%d images  batch %d/%d step %d/%d  %.2f steps/s  %.1f images x steps/s  ETA %s   ")
-          :format(first, N, b + 1, nb, j, K, rate, rate * B, fmt_time(eta)))
+        io.stderr:write((tty and "\r" or ""), ("%d/%d images  batch %d/%d step %d/%d  %.2f steps/s  %.1f images x steps/s  ETA %s   ")
+          :format(first, N, b + 1, nb, j, K, rate, rate * B, fmt_time(eta)), tty and "" or "\n")
+        last_line = now()
       end
     end
     local x, r = S.sample_batch(model, diff, first, n, o)
@@ -264,7 +268,8 @@ function S.generate(model, diff, opts)
   end
   if opts.progress then
     local dt = now() - t0
-    io.stderr:write(("\r%d/%d images in %s (%.2f steps/s)%s\n"):format(N, N, fmt_time(dt), calls / math.max(dt, 1e-9), (" "):rep(30)))
+    io.stderr:write(("%s%d/%d images in %s (%.2f steps/s)%s\n"):format(tty and "\r" or "", N, N, fmt_time(dt),
+      calls / math.max(dt, 1e-9), tty and (" "):rep(30) or ""))
   end
   local x
   if #xs == 1 then x = xs[1] else
