@@ -7,21 +7,21 @@
 #
 # Files scanned: git's tracked and untracked-but-not-ignored files (so a new file is caught
 # before it is committed); outside a git checkout, every file under the root except build
-# outputs. This script itself is skipped (it spells the patterns). Binary files are skipped.
+# outputs, this script included: its patterns and planted samples are spelt so that they do
+# not match themselves (a bracket class, a split string). Binary files are skipped.
 # First it checks the scanner on a planted file in a temporary folder, so the test can
 # fail. Prints "ok - ..." / "not ok - ..." lines and the offending lines; exits 1 on any.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SELF=tests/standalone_test.sh
 fails=0
 
 # one extended regular expression per kind of forbidden reference (matched without case)
 PATTERNS=(
-    '\.\./shared'            # a folder beside the repository
-    '/work/'                 # this machine's work folders
-    'shared/reference'       # the reference folder outside the repository
-    '\.mirror'               # local mirrors of other repositories
-    'issue #?[0-9]'          # "issue 5", "issue #9", "(issue 3)"
+    '\.\./share[d]'            # a folder beside the repository
+    '/wor[k]/'                 # this machine's work folders
+    'share[d]/reference'       # the reference folder outside the repository
+    '\.mirro[r]'               # local mirrors of other repositories
+    'issu[e] #?[0-9]'          # an issue number, with or without '#', any case
 )
 
 list_files() { # list_files DIR: the files to scan, relative to DIR, one per line
@@ -38,10 +38,10 @@ scan() { # scan DIR: print "path:line: text" for every forbidden reference; stat
     local dir=$1 args=() pat docs out
     for pat in "${PATTERNS[@]}"; do args+=(-e "$pat"); done
     docs=$(list_files "$dir" | grep -E '\.md$' | sed 's|.*/||' | sort -u)
-    out=$(list_files "$dir" | grep -vxF "$SELF" | (cd "$dir" && xargs -r -d '\n' grep -snHIiE "${args[@]}" --) |
+    out=$(list_files "$dir" | (cd "$dir" && xargs -r -d '\n' grep -snHIiE "${args[@]}" --) |
         cut -c1-200)
     # a Markdown document named here must be one of the repository's (by file name)
-    out+=$'\n'$(list_files "$dir" | grep -vxF "$SELF" |
+    out+=$'\n'$(list_files "$dir" |
         (cd "$dir" && xargs -r -d '\n' grep -snHIoE '[A-Za-z0-9_./-]+\.md\b' --) |
         awk -F: -v docs="$docs" 'BEGIN { n = split(docs, d, "\n"); for (i = 1; i <= n; i++) ok[d[i]] = 1 }
             { m = $3; sub(/.*\//, "", m); if (!(m in ok)) print $1 ":" $2 ": names " $3 ", not in the repository" }')
@@ -63,8 +63,8 @@ printf 'clean text, see README.md\n' >"$TMP/tree/src/a.c"
 printf '# readme\n' >"$TMP/tree/README.md"
 scan "$TMP/tree" >/dev/null
 report $? "scanner: a clean tree passes"
-for planted in 'see ../shared/reference/x.json' 'path /work/main/x' 'fixed in issue #12' 'as in Issue 4' \
-    'from the .mirror folder' 'see docs/NOTES.md'; do
+for planted in 'see ../sha''red/reference/x.json' 'path /wo''rk/main/x' 'fixed in iss''ue #12' 'as in Iss''ue 4' \
+    'from the .mir''ror folder' 'see docs/NOTES''.md'; do
     printf '%s\n' "$planted" >"$TMP/tree/src/b.lua"
     out=$(scan "$TMP/tree")
     st=$?
