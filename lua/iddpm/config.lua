@@ -415,8 +415,7 @@ end
 
 -- path: a directory to write into (created later by the command). Fails, naming the
 -- path and the reason, when it is a file, or when the nearest existing folder above
--- it cannot be written. Creates nothing. (A local helper: the run-directory file
--- module may take it over.)
+-- it cannot be written. Creates nothing but a probe file it removes again.
 function C.check_writable(path, what)
   what = what or "output directory"
   if path == nil or path == "" then C.error(what .. " is empty") end

@@ -81,13 +81,7 @@ local function fmt_num(v)
   return ("%.4f"):format(v):gsub("0+$", ""):gsub("%.$", "")
 end
 
-local function fmt_time(s)
-  if not s then return "?" end
-  s = math.floor(s + 0.5)
-  if s >= 3600 then return ("%dh %02dm"):format(s // 3600, s % 3600 // 60) end
-  if s >= 60 then return ("%dm %02ds"):format(s // 60, s % 60) end
-  return ("%ds"):format(s)
-end
+local function fmt_time(s) return require("iddpm.timefmt").duration(s, 0, " ") end
 
 -- the __metadata__ of a safetensors file, reading only its header
 function report.header(path)

@@ -42,12 +42,7 @@ local now = iddpm.wall_time or os.clock
 
 local function fail(msg) require("iddpm.config").error(msg) end
 
-local function fmt_time(s)
-  if s ~= s or s == math.huge then return "?" end
-  if s < 60 then return ("%.1fs"):format(s) end
-  if s < 3600 then return ("%dm%02ds"):format(s // 60, math.floor(s % 60)) end
-  return ("%dh%02dm"):format(s // 3600, math.floor(s % 3600 / 60))
-end
+local function fmt_time(s) return require("iddpm.timefmt").duration(s, 1) end
 S.fmt_time = fmt_time
 
 -- ---------------------------------------------------------------- files

@@ -63,13 +63,7 @@ train.ARCH_KEYS = {"image_size", "in_channels", "num_channels", "num_res_blocks"
 
 local function say(fmt, ...) io.stdout:write(fmt:format(...), "\n") io.stdout:flush() end
 
-local function fmt_time(s)
-  if s ~= s or s == math.huge then return "?" end
-  s = math.floor(s + 0.5)
-  if s >= 3600 then return ("%dh%02dm"):format(s // 3600, s % 3600 // 60) end
-  if s >= 60 then return ("%dm%02ds"):format(s // 60, s % 60) end
-  return ("%ds"):format(s)
-end
+local function fmt_time(s) return require("iddpm.timefmt").duration(s) end
 
 -- ---------------------------------------------------------------- construction
 

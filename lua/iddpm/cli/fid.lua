@@ -79,20 +79,10 @@ function F.parse(args, schema)
   return o, flags
 end
 
-local function fmt_time(s)
-  if s ~= s or s == math.huge then return "?" end
-  if s < 60 then return ("%.0fs"):format(s) end
-  if s < 3600 then return ("%dm%02ds"):format(s // 60, math.floor(s % 60)) end
-  return ("%dh%02dm"):format(s // 3600, math.floor(s % 3600 / 60))
-end
+local function fmt_time(s) return require("iddpm.timefmt").duration(s) end
 
-local function write_json(path, t)
-  local tmp = path .. ".tmp"
-  local f = assert(io.open(tmp, "wb"))
-  f:write(io_.json_encode(t), "\n")
-  f:close()
-  assert(os.rename(tmp, path))
-end
+-- a temporary file created exclusively, checked and renamed (iddpm.fs)
+local function write_json(path, t) require("iddpm.fs").write_atomic(path, io_.json_encode(t) .. "\n") end
 
 local function inception(o)
   if o.num_threads and o.num_threads > 0 then iddpm.num_threads(o.num_threads) end
